@@ -1,0 +1,269 @@
+"""The `ri-merge` command line: parsing and printing only.
+
+`ri-merge RECIPE -o OUT` is short for `ri-merge merge RECIPE -o OUT`. Exit codes: 0 success,
+2 bad input (one line on stderr, no traceback), 1 internal error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
+from rich.table import Table
+
+from . import __version__
+from .errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Merge fine-tuned experts of one base model into one multi-task model.")
+err = Console(stderr=True)
+out = Console(soft_wrap=True)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _guarded(body: Callable[[], Any], verbose: bool = False) -> None:
+    """Run a command body; map errors to exit codes and one-line messages."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        body()
+    except UserError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err.print("interrupted: no output was written", markup=False)
+        raise typer.Exit(130) from None
+    except typer.Exit:
+        raise
+    except Exception as exc:  # a bug in ri-merge: say so, keep it to one line unless -v
+        if verbose:
+            traceback.print_exc()
+        err.print(f"internal error: {type(exc).__name__}: {exc} (rerun with -v for a traceback)",
+                  markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _load_plan(recipe_path: Path, device: Optional[str]):
+    from .plan import build_plan
+    from .recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    if device is not None:
+        recipe = recipe.model_copy(update={"device": device})
+    return build_plan(recipe, recipe_path.resolve().parent)
+
+
+def _print_plan(plan, console: Console) -> None:
+    summary = plan.summary()
+    table = Table(title=f"Merge plan: {summary['method']}", show_header=False)
+    table.add_row("base", str(summary["base"]))
+    table.add_row("models", "\n".join(summary["models"]))
+    table.add_row("tensors", f"{summary['tensors']} ({summary['tensors_merged']} merged, {summary['tensors_copied']} copied)")
+    table.add_row("read", _human(summary["bytes_read"]))
+    table.add_row("write", _human(summary["bytes_written"]))
+    table.add_row("output shards", "\n".join(f"{s['file']}  {s['tensors']} tensors, {_human(s['bytes'])}" for s in summary["shards"]))
+    table.add_row("peak memory (est.)", _human(summary["peak_memory_estimate"]))
+    console.print(table)
+    for warning in summary["warnings"]:
+        console.print(f"warning: {warning}", markup=False)
+
+
+def _progress(quiet: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TimeRemainingColumn(), console=err, disable=quiet, transient=False,
+    )
+
+
+def merge_command(recipe: Path, output: Path, device: Optional[str], dry_run: bool, force: bool,
+                  quiet: bool, as_json: bool, verbose: bool, prefetch: int) -> None:
+    def body() -> None:
+        from .engine import run_merge, total_work_bytes
+
+        plan = _load_plan(recipe, device)
+        if dry_run:
+            if as_json:
+                print(json.dumps({"dry_run": True, **plan.summary()}, indent=2))
+            else:
+                _print_plan(plan, out)
+            return
+        if verbose and not quiet:
+            _print_plan(plan, err)
+        elif not quiet:
+            for warning in plan.warnings:
+                err.print(f"warning: {warning}", markup=False)
+        with _progress(quiet or not err.is_terminal and not verbose) as bar:
+            task = bar.add_task(f"merging ({plan.method.name})", total=total_work_bytes(plan))
+            result = run_merge(plan, output, device=device or plan.recipe.device, force=force,
+                               prefetch=prefetch, progress=lambda n: bar.advance(task, n))
+        summary = {
+            "output": str(result.out), "method": plan.method.name, "device": result.device,
+            "tensors": result.tensors, "shards": result.shards, "bytes_read": result.bytes_read,
+            "bytes_written": result.bytes_written, "seconds": round(result.seconds, 3), "files": result.files,
+        }
+        if as_json:
+            print(json.dumps(summary, indent=2))
+        elif not quiet:
+            out.print(f"merged {result.tensors} tensors ({_human(result.bytes_read)} read) with "
+                      f"{plan.method.name} on {result.device} in {result.seconds:.1f}s → {result.out}",
+                      markup=False, highlight=False)
+
+    _guarded(body, verbose)
+
+
+OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Output folder (created; must not exist or be empty unless --force).")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N (overrides the recipe).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print the plan, warnings and tracebacks of internal errors.")]
+
+
+@app.command("merge")
+def merge(
+    recipe: Annotated[Path, typer.Argument(help="The YAML recipe.")],
+    output: OutputOpt,
+    device: DeviceOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the plan; read no weight, write nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+    prefetch: Annotated[int, typer.Option("--prefetch", min=1, max=64, help="Tensors read ahead of the merge.")] = 2,
+) -> None:
+    """Merge the models of RECIPE into OUTPUT (`ri-merge RECIPE -o OUT` for short)."""
+    merge_command(recipe, output, device, dry_run, force, quiet, as_json, verbose, prefetch)
+
+
+@app.command("validate")
+def validate(
+    recipe: Annotated[Path, typer.Argument(help="The YAML recipe.")],
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Check a recipe and every input's headers, reading no weight."""
+    def body() -> None:
+        plan = _load_plan(recipe, None)
+        if as_json:
+            print(json.dumps({"valid": True, **plan.summary()}, indent=2))
+        elif not quiet:
+            out.print(f"{recipe}: valid — {len(plan.tasks)} tensors from {len(plan.experts)} model(s), "
+                      f"method {plan.method.name}", markup=False, highlight=False)
+            for warning in plan.warnings:
+                out.print(f"warning: {warning}", markup=False)
+
+    _guarded(body)
+
+
+@app.command("methods")
+def methods(as_json: JsonOpt = False) -> None:
+    """List the merge methods and their parameters."""
+    from .methods import all_methods
+
+    specs = all_methods()
+    if as_json:
+        print(json.dumps({name: {
+            "summary": s.summary, "needs_base": s.needs_base, "citation": s.citation,
+            "parameters": [{"name": p.name, "default": p.default, "per_model": p.per_model, "doc": p.doc,
+                            **({"choices": list(p.choices)} if p.choices else {})} for p in s.params],
+        } for name, s in specs.items()}, indent=2))
+        return
+    for name, spec in specs.items():
+        out.print(f"[bold]{name}[/bold] — {spec.summary}" + ("" if spec.needs_base else " (no base needed)"))
+        for p in spec.params:
+            scope = "per model" if p.per_model else "global"
+            out.print(f"    {p.name} = {p.default!r} ({scope}): {p.doc}", markup=False, highlight=False)
+        out.print(f"    [dim]{spec.citation}[/dim]")
+
+
+@app.command("demo")
+def demo(
+    folder: Annotated[Path, typer.Option("--dir", help="Where to write the demo checkpoints and the merge.")] = Path("ri-merge-demo"),
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate a tiny Llama-style base + 2 experts and merge them with configs/demo.yaml."""
+    def body() -> None:
+        from .synthetic import make_family
+
+        marker = folder / ".ri-merge-demo"
+        if folder.exists() and any(folder.iterdir()) and not marker.exists():
+            raise UserError(f"{folder} exists and is not a previous demo folder; pass --dir elsewhere")
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        marker.touch()
+        make_family(folder, ["expert_math", "expert_code"], shards=2)
+        recipe = folder / "recipe.yaml"
+        shutil.copyfile(demo_recipe_path(), recipe)
+        if not quiet and not as_json:
+            out.print(f"wrote a tiny base and 2 experts under {folder}/, recipe {recipe}", markup=False, highlight=False)
+        merge_command(recipe, folder / "merged", None, False, True, quiet or as_json, as_json, False, 2)
+        if not quiet and not as_json:
+            out.print(_check_loads(folder / "merged"), markup=False, highlight=False)
+
+    _guarded(body)
+
+
+def demo_recipe_path() -> Path:
+    """configs/demo.yaml: packaged in the wheel, or beside the package in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs" / "demo.yaml", here.parent / "configs" / "demo.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise UserError("configs/demo.yaml is missing from this installation")
+
+
+def _check_loads(folder: Path) -> str:
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return "(install transformers to check that the merged model loads)"
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    logits = model(torch.tensor([[1, 5, 9, 3]])).logits
+    return f"transformers loads {folder} as {type(model).__name__}; forward pass logits {tuple(logits.shape)}"
+
+
+@app.command("version")
+def version() -> None:
+    """Print the version."""
+    print(__version__)
+
+
+SUBCOMMANDS = {"merge", "validate", "methods", "demo", "version"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: a first argument that is not a subcommand or an option means `merge`."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] not in SUBCOMMANDS and not args[0].startswith("-"):
+        args.insert(0, "merge")
+    app(args, prog_name="ri-merge")
+
+
+if __name__ == "__main__":
+    main()

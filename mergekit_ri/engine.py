@@ -1,0 +1,194 @@
+"""Executes a `MergePlan`: read → compute → write, tensor by tensor, overlapped.
+
+Reader threads fetch the next tensors' bytes while the current one is merged; a writer thread
+puts finished tensors at their planned offsets. At most `prefetch` tensors wait in memory, so
+the peak is a few tensors' worth whatever the model's size. This is the only module that
+knows about threads and devices; the maths lives in `methods`, the files in `io`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .io.artifacts import copy_tokenizer, write_config, write_model_card
+from .io.output import check_target, make_staging, publish
+from .io.sources import ST_DTYPES, TensorReader
+from .io.writer import ShardWriter, write_index
+from .methods import TensorContext
+from .methods.select import BUCKETS, abs_bits, bits_to_float, bucket_of_kth
+from .plan import PREFETCH_DEFAULT, MergePlan, TensorTask
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    seconds: float
+    bytes_read: int
+    bytes_written: int
+    shards: int
+    tensors: int
+    device: str
+    files: list[str]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device '{name}' requested but no CUDA GPU is available; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device '{name}' does not exist: {torch.cuda.device_count()} GPU(s) visible")
+    return device
+
+
+def input_refs(plan: MergePlan, task: TensorTask) -> list:
+    """The tensors a task reads: base then experts, or just the reference for copied tensors."""
+    if not task.merge:
+        return [task.reference]
+    return ([task.base] if task.base is not None else []) + list(task.experts)
+
+
+def load_inputs(task: TensorTask, raws: list[torch.Tensor], has_base: bool,
+                device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """fp32 base and stacked experts [N, ...] on the device."""
+    base_raw, expert_raws = (raws[0], raws[1:]) if has_base else (None, raws)
+    experts = torch.empty((len(expert_raws), *task.shape), dtype=torch.float32, device=device)
+    for i, raw in enumerate(expert_raws):
+        experts[i].copy_(raw)
+    base = base_raw.to(device=device, dtype=torch.float32) if base_raw is not None else None
+    return base, experts
+
+
+def compute(plan: MergePlan, task: TensorTask, raws: list[torch.Tensor], device: torch.device,
+            thresholds: tuple[float, ...] | None) -> torch.Tensor:
+    """One output tensor, on the CPU in its output dtype."""
+    if not task.merge:
+        return raws[0]
+    base, experts = load_inputs(task, raws, plan.base is not None, device)
+    ctx = TensorContext(task.name, plan.recipe.seed, thresholds)
+    merged = plan.method.fn(base, experts, task.params, ctx)
+    return merged.to(ST_DTYPES[task.out_dtype]).cpu()
+
+
+def stream_inputs(plan: MergePlan, reader: TensorReader, pool: ThreadPoolExecutor, prefetch: int,
+                  tasks: list[TensorTask] | None = None) -> Iterator[tuple[TensorTask, list[torch.Tensor]]]:
+    """Yields each task with its raw input tensors, reading up to `prefetch` tasks ahead."""
+    pending: deque[tuple[TensorTask, Future]] = deque()
+    todo = iter(tasks if tasks is not None else plan.tasks)
+
+    def submit() -> None:
+        task = next(todo, None)
+        if task is not None:
+            pending.append((task, pool.submit(lambda t=task: [reader.read(r) for r in input_refs(plan, t)])))
+
+    for _ in range(max(prefetch, 1)):
+        submit()
+    while pending:
+        task, future = pending.popleft()
+        raws = future.result()
+        submit()
+        yield task, raws
+
+
+def model_thresholds(plan: MergePlan, reader: TensorReader, pool: ThreadPoolExecutor, device: torch.device,
+                     prefetch: int, progress: Progress) -> tuple[float, ...]:
+    """TIES `trim_scope: model`: each expert's exact k-th largest |τ| over all merged tensors.
+
+    Two streaming passes of a radix select (high then low 16 bits of the fp32 magnitude), so the
+    threshold equals that of a whole-model sort while memory stays at a few tensors.
+    """
+    tasks = [t for t in plan.tasks if t.merge]
+    densities = {tuple(t.params.per_model["density"]) for t in tasks}
+    if len(densities) != 1:
+        raise UserError("trim_scope: model needs one density per model for all tensors (no filters or gradients)")
+    density = next(iter(densities))
+    total = sum(t.reference.numel for t in tasks)
+    count = len(plan.experts)
+    keep = [int(d * total) for d in density]
+
+    def histograms(bucket: list[int] | None) -> torch.Tensor:
+        hist = torch.zeros((count, BUCKETS), dtype=torch.int64, device=device)
+        for task, raws in stream_inputs(plan, reader, pool, prefetch, tasks):
+            base, experts = load_inputs(task, raws, True, device)
+            for i in range(count):
+                bits = abs_bits(experts[i].sub_(base))
+                if bucket is None:
+                    hist[i] += torch.bincount(bits >> 16, minlength=BUCKETS)
+                elif keep[i] > 0:
+                    hist[i] += torch.bincount(bits[(bits >> 16) == bucket[i]] & 0xFFFF, minlength=BUCKETS)
+            progress(task.in_nbytes)
+        return hist
+
+    high_hist = histograms(None)
+    highs, ranks = zip(*(bucket_of_kth(high_hist[i], max(keep[i], 1)) for i in range(count)))
+    low_hist = histograms(list(highs))
+    thresholds = []
+    for i in range(count):
+        if keep[i] <= 0:
+            thresholds.append(float("inf"))
+        elif keep[i] >= total:
+            thresholds.append(0.0)
+        else:
+            low, _ = bucket_of_kth(low_hist[i], ranks[i])
+            thresholds.append(bits_to_float(highs[i], low))
+    return tuple(thresholds)
+
+
+def needs_model_prepass(plan: MergePlan) -> bool:
+    first = next((t for t in plan.tasks if t.merge), None)
+    return first is not None and first.params.globals.get("trim_scope") == "model"
+
+
+def total_work_bytes(plan: MergePlan) -> int:
+    """Bytes the progress bar will see: one read of everything, plus two for a model-wide pre-pass."""
+    prepass = 2 * sum(t.in_nbytes for t in plan.tasks if t.merge) if needs_model_prepass(plan) else 0
+    return plan.bytes_read + prepass
+
+
+def run_merge(plan: MergePlan, out: Path, *, device: str = "auto", force: bool = False,
+              prefetch: int = PREFETCH_DEFAULT, progress: Progress | None = None) -> MergeResult:
+    """Merge into a hidden staging folder, then rename it to `out`."""
+    started = time.perf_counter()
+    target = resolve_device(device if device != "auto" else plan.recipe.device)
+    inputs = [Path(m.folder or m.tensors[next(iter(m.tensors))].path) for m in ([plan.base] if plan.base else []) + plan.experts]
+    check_target(out, inputs, force)
+    advance = progress or (lambda n: None)
+    staging = make_staging(out)
+    try:
+        with TensorReader() as reader, ThreadPoolExecutor(2, "ri-read") as reads, \
+                ThreadPoolExecutor(1, "ri-write") as writes, ShardWriter(staging, plan) as writer:
+            thresholds = model_thresholds(plan, reader, reads, target, prefetch, advance) \
+                if needs_model_prepass(plan) else None
+            written: deque[Future] = deque()
+            for task, raws in stream_inputs(plan, reader, reads, prefetch):
+                result = compute(plan, task, raws, target, thresholds)
+                written.append(writes.submit(writer.write, task, result))
+                while len(written) > 2:
+                    written.popleft().result()
+                advance(task.in_nbytes)
+            for future in written:
+                future.result()
+        write_index(staging, plan)
+        write_config(staging, plan)
+        copy_tokenizer(staging, plan)
+        write_model_card(staging, plan)
+        files = sorted(p.name for p in staging.iterdir())
+        publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return MergeResult(out, time.perf_counter() - started, plan.bytes_read, plan.bytes_written,
+                       len(plan.shards), len(plan.tasks), str(target), files)

@@ -1,0 +1,20 @@
+"""User-facing errors.
+
+A `UserError` is a mistake in the recipe or the inputs: the CLI prints its one-line message and
+exits with code 2. Anything else that escapes is a bug in ri-merge (exit code 1).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, exit code 2, no traceback."""
+
+
+def closest(word: str, choices: Iterable[str]) -> str:
+    """A ' (did you mean 'x'?)' hint, or '' when nothing is close."""
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""

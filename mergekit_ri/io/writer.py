@@ -1,0 +1,76 @@
+"""Sharded safetensors output with every byte offset planned up front.
+
+Each shard file gets its final header and size when it is created; each merged tensor is then
+written straight to its place with a positioned write, in any order and from any thread. No
+output shard is ever held in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from ..plan import MergePlan, TensorTask
+
+
+def shard_header(tasks: list[TensorTask]) -> bytes:
+    """The safetensors header of one shard, padded with spaces to an 8-byte boundary."""
+    header: dict = {"__metadata__": {"format": "pt", "producer": "ri-merge"}}
+    for task in tasks:
+        header[task.name] = {
+            "dtype": task.out_dtype,
+            "shape": list(task.shape),
+            "data_offsets": [task.offset, task.offset + task.out_nbytes],
+        }
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8)
+
+
+class ShardWriter:
+    """Pre-sized shard files in `folder`; `write(task, tensor)` puts bytes at the planned offset."""
+
+    def __init__(self, folder: Path, plan: MergePlan) -> None:
+        self._fds: list[int] = []
+        self._data_start: list[int] = []
+        by_shard: list[list[TensorTask]] = [[] for _ in plan.shards]
+        for task in plan.tasks:
+            by_shard[task.shard].append(task)
+        for shard, tasks in zip(plan.shards, by_shard):
+            header = shard_header(tasks)
+            fd = os.open(folder / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            os.write(fd, struct.pack("<Q", len(header)) + header)
+            self._data_start.append(8 + len(header))
+            os.ftruncate(fd, 8 + len(header) + shard.data_bytes)
+
+    def write(self, task: TensorTask, tensor: torch.Tensor) -> None:
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+        if data.nbytes != task.out_nbytes:
+            raise AssertionError(f"{task.name}: {data.nbytes} bytes computed, {task.out_nbytes} planned")
+        view, done = memoryview(data), 0
+        position = self._data_start[task.shard] + task.offset
+        while done < data.nbytes:
+            done += os.pwrite(self._fds[task.shard], view[done:], position + done)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def write_index(folder: Path, plan: MergePlan) -> None:
+    index = {
+        "metadata": {"total_size": plan.bytes_written},
+        "weight_map": {t.name: plan.shards[t.shard].filename for t in sorted(plan.tasks, key=lambda t: t.name)},
+    }
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

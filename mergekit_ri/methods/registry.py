@@ -1,0 +1,112 @@
+"""The method registry: a name maps to its parameters and one pure tensor function.
+
+A method function receives, for one tensor, the base (fp32, or None), the experts stacked
+along a new first axis (fp32, [N, ...]; the function may overwrite it to save memory), the
+parameters resolved for this tensor (`TensorParams`) and a `TensorContext` (name, seed), and
+returns the merged fp32 tensor. It never touches files or devices: the engine does that, so
+the same function serves CPU and GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import UserError, closest
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: Any
+    per_model: bool
+    doc: str
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TensorParams:
+    """Parameters resolved for one tensor: per-model ones as [N] lists, global ones as scalars."""
+
+    per_model: dict[str, list[float]]
+    globals: dict[str, Any]
+
+    def vector(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """A per-model parameter as a [N, 1, 1, ...] tensor that broadcasts against `like`."""
+        values = torch.tensor(self.per_model[name], dtype=torch.float32, device=like.device)
+        return values.reshape(-1, *([1] * (like.dim() - 1)))
+
+    def __getitem__(self, name: str) -> Any:
+        return self.globals[name]
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    name: str
+    seed: int = 0
+    # per-expert magnitude thresholds from a whole-model pre-pass (TIES trim_scope: model)
+    thresholds: tuple[float, ...] | None = None
+
+
+MergeFn = Callable[[torch.Tensor | None, torch.Tensor, TensorParams, TensorContext], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    fn: MergeFn
+    params: tuple[Param, ...]
+    needs_base: bool
+    summary: str
+    citation: str = ""
+    aliases: tuple[str, ...] = field(default=())
+
+    def param(self, name: str) -> Param:
+        return next(p for p in self.params if p.name == name)
+
+    def check_parameters(self, recipe: Recipe, source: str) -> None:
+        """Refuse parameter names this method does not take, with the closest spelling."""
+        names = {p.name for p in self.params}
+        per_model = {p.name for p in self.params if p.per_model}
+        places = [("parameters", recipe.parameters, names)]
+        places += [(f"models[{i}].parameters", m.parameters, names) for i, m in enumerate(recipe.models)]
+        for where, values, allowed in places:
+            for key, value in values.items():
+                if key not in allowed:
+                    raise UserError(
+                        f"{source}: {where}: unknown parameter '{key}' for merge_method "
+                        f"'{self.name}'{closest(key, allowed)}; it takes: {', '.join(sorted(allowed)) or 'none'}"
+                    )
+                param = self.param(key)
+                if param.choices and value not in param.choices:
+                    raise UserError(
+                        f"{source}: {where}.{key}: '{value}' is not one of {', '.join(param.choices)}"
+                    )
+                if where.startswith("models") and key not in per_model:
+                    raise UserError(f"{source}: {where}: '{key}' is a global parameter; set it under top-level parameters")
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    for name in (spec.name, *spec.aliases):
+        _REGISTRY[name] = spec
+    return spec
+
+
+def get_method(name: str, source: str = "recipe") -> MethodSpec:
+    if name not in _REGISTRY:
+        raise UserError(f"{source}: unknown merge_method '{name}'{closest(name, _REGISTRY)}; "
+                        f"known: {', '.join(sorted(all_methods()))}")
+    return _REGISTRY[name]
+
+
+def all_methods() -> dict[str, MethodSpec]:
+    return {spec.name: spec for spec in _REGISTRY.values()}

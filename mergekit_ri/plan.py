@@ -1,0 +1,228 @@
+"""The merge plan: everything decided from headers alone, before any weight is read.
+
+Every input's headers are parsed and checked against the base (names, shapes, dtypes); every
+parameter is resolved per tensor; every output tensor gets its shard and byte offset. A bad
+recipe or input fails here, in seconds, not twenty minutes into a merge. `--dry-run` prints
+`MergePlan.summary()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .io.sources import FLOAT_CODES, ST_DTYPES, ModelSource, TensorRef, load_source
+from .methods import MethodSpec, TensorParams, get_method
+from .params import layer_depths, resolve
+from .recipe import Recipe
+
+PREFETCH_DEFAULT = 2
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """One output tensor: where its inputs are, how it is merged, where it goes."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: str
+    reference: TensorRef  # the base's tensor (or the first model's, for base-free methods)
+    base: TensorRef | None
+    experts: tuple[TensorRef, ...]
+    merge: bool  # False: copied from the reference (integer/bool buffers)
+    params: TensorParams | None
+    shard: int = 0
+    offset: int = 0
+
+    @property
+    def out_nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * ST_DTYPES[self.out_dtype].itemsize
+
+    @property
+    def in_nbytes(self) -> int:
+        refs = (self.base, *self.experts) if self.merge else (self.reference,)
+        return sum(r.nbytes for r in refs if r is not None)
+
+
+@dataclass
+class ShardPlan:
+    filename: str
+    tensors: list[str] = field(default_factory=list)
+    data_bytes: int = 0
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    method: MethodSpec
+    base: ModelSource | None
+    experts: list[ModelSource]
+    tasks: list[TensorTask]
+    shards: list[ShardPlan]
+    warnings: list[str]
+
+    @property
+    def reference(self) -> ModelSource:
+        return self.base or self.experts[0]
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(t.in_nbytes for t in self.tasks)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(t.out_nbytes for t in self.tasks)
+
+    def peak_memory_estimate(self, prefetch: int = PREFETCH_DEFAULT) -> int:
+        """Raw inputs of the tensors in flight + the fp32 working set of the largest one."""
+        largest = max(self.tasks, key=lambda t: t.reference.numel)
+        inputs = len(self.experts) + (self.base is not None)
+        raw = largest.in_nbytes * (prefetch + 1)
+        work = largest.reference.numel * 4 * (inputs + len(self.experts) + 2)
+        return raw + work + largest.out_nbytes * 2
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "method": self.method.name,
+            "base": self.base.reference if self.base else None,
+            "models": [m.reference for m in self.experts],
+            "tensors": len(self.tasks),
+            "tensors_merged": sum(t.merge for t in self.tasks),
+            "tensors_copied": sum(not t.merge for t in self.tasks),
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+            "shards": [{"file": s.filename, "tensors": len(s.tensors), "bytes": s.data_bytes} for s in self.shards],
+            "peak_memory_estimate": self.peak_memory_estimate(),
+            "warnings": self.warnings,
+        }
+
+
+def _label(reference: str, index: int, taken: set[str]) -> str:
+    name = Path(reference.partition("@")[0]).name or f"model{index}"
+    if name.endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    label = name if name not in taken else f"{name}-{index}"
+    taken.add(label)
+    return label
+
+
+def load_sources(recipe: Recipe, recipe_dir: Path | None) -> tuple[ModelSource | None, list[ModelSource]]:
+    taken = {"base"}
+    base = load_source(recipe.base_model, "base", recipe_dir) if recipe.base_model else None
+    experts = [load_source(m.model, _label(m.model, i, taken), recipe_dir) for i, m in enumerate(recipe.models)]
+    return base, experts
+
+
+def _vocab_hint(name: str, ref: tuple[int, ...], other: tuple[int, ...]) -> str:
+    looks_like_vocab = any(k in name for k in ("embed", "lm_head", "wte", "word_embeddings", "output.weight"))
+    if looks_like_vocab and len(ref) == len(other) and ref[0] != other[0] and ref[1:] == other[1:]:
+        return (f"; the vocabularies differ ({other[0]} vs {ref[0]} tokens): ri-merge does not resize "
+                "embeddings, so merge models that share the base's tokenizer")
+    return ""
+
+
+def check_compatible(reference: ModelSource, others: list[ModelSource], skip: set[str] = frozenset()) -> list[str]:
+    """Every model must have the reference's tensors with the same shapes; returns warnings."""
+    warnings = []
+    ref_label = "the base" if reference.label == "base" else f"model '{reference.label}'"
+    for model in others:
+        if model is reference:
+            continue
+        for name, ref in reference.tensors.items():
+            if name in skip:
+                continue
+            mine = model.tensors.get(name)
+            if mine is None:
+                raise UserError(f"model '{model.label}' ({model.reference}) lacks tensor '{name}' that {ref_label} has")
+            if mine.shape != ref.shape:
+                raise UserError(
+                    f"model '{model.label}': tensor '{name}' has shape {list(mine.shape)} but {ref_label} has "
+                    f"{list(ref.shape)}{_vocab_hint(name, ref.shape, mine.shape)}"
+                )
+            if (mine.dtype in FLOAT_CODES) != (ref.dtype in FLOAT_CODES):
+                raise UserError(f"model '{model.label}': tensor '{name}' is {mine.dtype} but {ref_label} has {ref.dtype}")
+        extra = sorted(set(model.tensors) - set(reference.tensors) - skip)
+        if extra:
+            warnings.append(f"model '{model.label}' has {len(extra)} tensor(s) the base lacks, ignored (e.g. '{extra[0]}')")
+        mixed = sorted({m.dtype for m in model.tensors.values()} - {r.dtype for r in reference.tensors.values()})
+        if mixed:
+            warnings.append(f"model '{model.label}' stores {', '.join(mixed)} tensors where the base differs; all maths is fp32")
+    return warnings
+
+
+def resolve_params(recipe: Recipe, method: MethodSpec, name: str, t: float) -> TensorParams:
+    """Every parameter of `method` for one tensor: per-model value, else global, else default."""
+    per_model: dict[str, list[float]] = {}
+    globals_: dict[str, Any] = {}
+    for param in method.params:
+        def value(model_params: dict) -> Any:
+            for source in (model_params, recipe.parameters):
+                if param.name in source:
+                    resolved = resolve(source[param.name], name, t)
+                    if resolved is not None:
+                        return resolved
+            return param.default
+
+        if param.per_model:
+            values = [value(m.parameters) for m in recipe.models]
+            for i, v in enumerate(values):
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise UserError(f"models[{i}].parameters.{param.name}: expected a number for tensor '{name}', got {v!r}")
+                if param.name == "density" and not 0 <= v <= 1:
+                    raise UserError(f"models[{i}].parameters.density: {v} for tensor '{name}' is outside [0, 1]")
+            per_model[param.name] = [float(v) for v in values]
+        else:
+            globals_[param.name] = value({})
+    return TensorParams(per_model, globals_)
+
+
+def assign_shards(tasks: list[TensorTask], shard_size: int) -> tuple[list[TensorTask], list[ShardPlan]]:
+    """Greedy, in input order: a new shard when the next tensor would overflow this one."""
+    groups: list[list[TensorTask]] = [[]]
+    used = 0
+    for task in tasks:
+        if groups[-1] and used + task.out_nbytes > shard_size:
+            groups.append([])
+            used = 0
+        groups[-1].append(task)
+        used += task.out_nbytes
+    total = len(groups)
+    placed, shards = [], []
+    for index, group in enumerate(groups):
+        shard = ShardPlan(f"model-{index + 1:05d}-of-{total:05d}.safetensors")
+        for task in group:
+            placed.append(replace(task, shard=index, offset=shard.data_bytes))
+            shard.tensors.append(task.name)
+            shard.data_bytes += task.out_nbytes
+        shards.append(shard)
+    return placed, shards
+
+
+def build_plan(recipe: Recipe, recipe_dir: Path | None = None) -> MergePlan:
+    method = get_method(recipe.merge_method)
+    base, experts = load_sources(recipe, recipe_dir)
+    reference = base or experts[0]
+    warnings = check_compatible(reference, experts)
+    out_code = recipe.output_dtype_code()
+    ordered = sorted(reference.tensors.items(), key=lambda item: (str(item[1].path), item[1].start))
+    depths = layer_depths(reference.tensors)
+    tasks = []
+    for name, ref in ordered:
+        merge = ref.dtype in FLOAT_CODES
+        tasks.append(TensorTask(
+            name=name,
+            shape=ref.shape,
+            out_dtype=(out_code or ref.dtype) if merge else ref.dtype,
+            reference=ref,
+            base=base.tensors[name] if base else None,
+            experts=tuple(m.tensors[name] for m in experts),
+            merge=merge,
+            params=resolve_params(recipe, method, name, depths[name]) if merge else None,
+        ))
+    tasks, shards = assign_shards(tasks, recipe.shard_size_bytes)
+    return MergePlan(recipe, method, base, experts, tasks, shards, warnings)

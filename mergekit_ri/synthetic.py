@@ -1,0 +1,115 @@
+"""Tiny Llama-style checkpoints with known task vectors, for the demo, tests and benchmarks.
+
+Written the way Hugging Face writes them (config.json + one or several safetensors shards with
+an index), so `transformers` loads them and every input path of ri-merge is exercised, without
+needing `transformers` to make them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    vocab: int = 256
+    hidden: int = 64
+    intermediate: int = 128
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        head_dim = self.hidden // self.heads
+        kv = self.kv_heads * head_dim
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab, self.hidden)}
+        for i in range(self.layers):
+            p = f"model.layers.{i}."
+            shapes.update({
+                p + "input_layernorm.weight": (self.hidden,),
+                p + "self_attn.q_proj.weight": (self.hidden, self.hidden),
+                p + "self_attn.k_proj.weight": (kv, self.hidden),
+                p + "self_attn.v_proj.weight": (kv, self.hidden),
+                p + "self_attn.o_proj.weight": (self.hidden, self.hidden),
+                p + "post_attention_layernorm.weight": (self.hidden,),
+                p + "mlp.gate_proj.weight": (self.intermediate, self.hidden),
+                p + "mlp.up_proj.weight": (self.intermediate, self.hidden),
+                p + "mlp.down_proj.weight": (self.hidden, self.intermediate),
+            })
+        shapes["model.norm.weight"] = (self.hidden,)
+        shapes["lm_head.weight"] = (self.vocab, self.hidden)
+        return shapes
+
+    def config(self, dtype: str) -> dict:
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": self.vocab, "hidden_size": self.hidden, "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads, "max_position_embeddings": 256,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu",
+            "torch_dtype": dtype, "bos_token_id": 1, "eos_token_id": 2,
+        }
+
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def base_weights(shape: LlamaShape, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, dims in shape.tensor_shapes().items():
+        if len(dims) == 1:
+            weights[name] = torch.ones(dims)
+        else:
+            weights[name] = torch.randn(dims, generator=generator) * 0.02
+    return weights
+
+
+def expert_weights(base: dict[str, torch.Tensor], seed: int, scale: float = 0.005) -> dict[str, torch.Tensor]:
+    """Base + a dense random task vector (heavy-tailed, so magnitudes differ as in real fine-tunes)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, tensor in base.items():
+        noise = torch.randn(tensor.shape, generator=generator)
+        out[name] = tensor + scale * noise * noise.abs()
+    return out
+
+
+def save_checkpoint(folder: Path, weights: dict[str, torch.Tensor], config: dict | None,
+                    dtype: str = "bfloat16", shards: int = 1) -> Path:
+    """Write `weights` as HF safetensors (sharded with an index when shards > 1)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cast = {k: v.to(TORCH_DTYPES[dtype]).contiguous() for k, v in weights.items()}
+    names = list(cast)
+    if shards <= 1:
+        save_file(cast, folder / "model.safetensors", metadata={"format": "pt"})
+    else:
+        per = -(-len(names) // shards)
+        weight_map = {}
+        for index in range(shards):
+            part = names[index * per:(index + 1) * per]
+            file = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
+            save_file({k: cast[k] for k in part}, folder / file, metadata={"format": "pt"})
+            weight_map.update({k: file for k in part})
+        total = sum(t.numel() * t.element_size() for t in cast.values())
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}, indent=2))
+    return folder
+
+
+def make_family(root: Path, names: list[str], shape: LlamaShape = LlamaShape(), dtype: str = "bfloat16",
+                shards: int = 1, seed: int = 0) -> dict[str, Path]:
+    """A base and one expert per name under `root`; returns their folders (key 'base' too)."""
+    base = base_weights(shape, seed)
+    config = shape.config(dtype)
+    folders = {"base": save_checkpoint(root / "base", base, config, dtype, shards)}
+    for i, name in enumerate(names):
+        folders[name] = save_checkpoint(root / name, expert_weights(base, seed + 1 + i), config, dtype, shards)
+    return folders
