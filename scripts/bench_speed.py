@@ -1,0 +1,466 @@
+#!/usr/bin/env python
+"""Wall time and peak memory of `ri-merge` against mergekit on synthetic Llama-style models.
+
+    python scripts/bench_speed.py [--params 250M] [--experts 3] [--methods ties,task_arithmetic]
+                                  [--reps 3] [--workdir bench-data] [--mergekit PATH] [--markdown] [--check]
+
+Generates (once, cached in the workdir) a bf16 base and N experts of about the requested size,
+writes one recipe per method that both tools accept, warms the page cache, then runs each tool
+`--reps` times, alternating which goes first, and reports the median wall time and the peak
+RSS of the child process. The "floor" is what no merge can beat: starting Python and importing
+torch, plus reading every input byte once from the page cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+
+from mergekit_ri.synthetic import LlamaShape, base_weights, expert_weights, save_checkpoint
+
+DTYPE = "bfloat16"
+VOCAB = 32000
+LAYERS = 16
+HIDDEN_LADDER = (128, 256, 512, 768, 1024, 1536, 2048, 2560, 3072, 4096)
+CHUNK = 16 * 1024 * 1024
+SHARDS = 2
+SEED = 0
+DONE_MARK = ".complete"
+
+
+# ---------------------------------------------------------------- sizes and shapes
+
+
+def parse_count(text: str) -> int:
+    """'250M' -> 250_000_000; also K, B and plain integers."""
+    text = text.strip().upper()
+    scale = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}.get(text[-1:], 1)
+    number = text[:-1] if scale != 1 else text
+    return int(float(number) * scale)
+
+
+def human_count(n: int) -> str:
+    """271_000_000 -> '271M'."""
+    for unit, scale in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def shape_params(shape: LlamaShape) -> int:
+    """Number of parameters of a LlamaShape."""
+    return sum(math.prod(dims) for dims in shape.tensor_shapes().values())
+
+
+def llama_shape(hidden: int) -> LlamaShape:
+    """A small-Llama shape: intermediate ~2.75x hidden, 64-wide heads, no GQA, untied lm_head."""
+    intermediate = round(hidden * 2.75 / 64) * 64
+    heads = max(1, hidden // 64)
+    return LlamaShape(vocab=VOCAB, hidden=hidden, intermediate=intermediate, layers=LAYERS,
+                      heads=heads, kv_heads=heads)
+
+
+def shape_for(params: int) -> LlamaShape:
+    """The ladder shape whose parameter count is closest to `params` (in ratio).
+
+    250M -> hidden 1024, intermediate 2816 (271M); 1B -> hidden 2048, intermediate 5632 (953M).
+    """
+    return min((llama_shape(h) for h in HIDDEN_LADDER),
+               key=lambda s: abs(math.log(shape_params(s) / params)))
+
+
+def shape_key(shape: LlamaShape) -> str:
+    """A folder name identifying a shape."""
+    return f"llama-h{shape.hidden}-i{shape.intermediate}-l{shape.layers}-v{shape.vocab}-kv{shape.kv_heads}"
+
+
+# ---------------------------------------------------------------- synthetic models
+
+
+def model_names(experts: int) -> list[str]:
+    """'base' followed by the expert folder names."""
+    return ["base"] + [f"expert{i + 1}" for i in range(experts)]
+
+
+def is_complete(folder: Path) -> bool:
+    """Whether a cached checkpoint was fully written."""
+    return (folder / DONE_MARK).exists()
+
+
+def write_model(folder: Path, weights: dict[str, torch.Tensor], shape: LlamaShape) -> None:
+    """Save one checkpoint and mark it complete."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    save_checkpoint(folder, weights, shape.config(DTYPE), DTYPE, shards=SHARDS)
+    (folder / DONE_MARK).touch()
+
+
+def ensure_models(root: Path, shape: LlamaShape, experts: int) -> dict[str, Path]:
+    """Generate whatever base/expert checkpoints are missing under `root`; return all folders.
+
+    The base is kept in float32 while the experts are made one at a time (peak ~10 GB at 1B).
+    """
+    folders = {name: root / name for name in model_names(experts)}
+    missing = [name for name, folder in folders.items() if not is_complete(folder)]
+    if not missing:
+        return folders
+    print(f"generating {', '.join(missing)} under {root} ...", file=sys.stderr, flush=True)
+    base = base_weights(shape, SEED)
+    for i, name in enumerate(model_names(experts)):
+        if name not in missing:
+            continue
+        weights = base if name == "base" else expert_weights(base, SEED + i)
+        write_model(folders[name], weights, shape)
+        del weights
+    return folders
+
+
+def input_files(folders: dict[str, Path]) -> list[Path]:
+    """Every safetensors file of the inputs."""
+    return sorted(f for folder in folders.values() for f in folder.glob("*.safetensors"))
+
+
+def count_params(folder: Path) -> int:
+    """Parameter count of one checkpoint, from its safetensors headers."""
+    total = 0
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as handle:
+            total += sum(math.prod(handle.get_slice(k).get_shape()) for k in handle.keys())
+    return total
+
+
+# ---------------------------------------------------------------- recipes and commands
+
+
+def recipe_for(method: str, folders: dict[str, Path]) -> dict:
+    """A recipe both ri-merge and mergekit accept."""
+    params: dict[str, float] = {"weight": 1.0}
+    if method in ("ties", "dare_ties", "dare_linear", "della", "breadcrumbs_ties"):
+        params["density"] = 0.2
+    return {
+        "merge_method": method,
+        "base_model": str(folders["base"].resolve()),
+        "models": [{"model": str(folder.resolve()), "parameters": dict(params)}
+                   for name, folder in folders.items() if name != "base"],
+        "dtype": DTYPE,
+    }
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    """Write a recipe as YAML."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def ri_merge_exe() -> list[str]:
+    """The ri-merge command: the one beside this Python, else on PATH, else via the module."""
+    beside = Path(sys.executable).parent / "ri-merge"
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("ri-merge")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "from mergekit_ri.cli import main; main()"]
+
+
+def find_mergekit(requested: str | None) -> str | None:
+    """The mergekit-yaml to use: --mergekit, the known venv, PATH, or None to skip."""
+    if requested:
+        return requested
+    default = Path("/work/mk-venv/bin/mergekit-yaml")
+    if default.exists():
+        return str(default)
+    return shutil.which("mergekit-yaml")
+
+
+def ri_command(recipe: Path, out: Path) -> list[str]:
+    """Command line of one ri-merge run."""
+    return [*ri_merge_exe(), str(recipe), "-o", str(out), "--force", "--quiet"]
+
+
+def mergekit_command(mergekit: str, recipe: Path, out: Path) -> list[str]:
+    """Command line of one mergekit run."""
+    return [mergekit, str(recipe), str(out), "--no-copy-tokenizer", "--random-seed", "0"]
+
+
+# ---------------------------------------------------------------- measuring
+
+
+Command = Callable[[Path, Path], list[str]]  # (recipe, output folder) -> argv
+
+
+@dataclass
+class Run:
+    """One child process: wall seconds, peak RSS in KiB, exit status."""
+
+    seconds: float
+    max_rss_kib: int
+    returncode: int
+    stderr_tail: str = ""
+
+
+def run_child(cmd: list[str], log: Path) -> Run:
+    """Run `cmd`, timing it and reading its own peak RSS with wait4."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as sink:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4; tell Popen
+    tail = "" if proc.returncode == 0 else log.read_text(errors="replace")[-2000:]
+    return Run(seconds, usage.ru_maxrss, proc.returncode, tail)
+
+
+def remove(path: Path) -> None:
+    """Delete an output folder and flush dirty pages, so the next run starts clean."""
+    shutil.rmtree(path, ignore_errors=True)
+    os.sync()
+
+
+def read_all(files: list[Path]) -> int:
+    """Read every byte of `files` once in 16 MiB chunks; return the byte count."""
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    total = 0
+    for file in files:
+        with open(file, "rb", buffering=0) as handle:
+            while (n := handle.readinto(view)):
+                total += n
+    return total
+
+
+def time_read(files: list[Path], reps: int) -> float:
+    """Median seconds to read every input byte from the page cache."""
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        read_all(files)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def time_import_torch(reps: int, log: Path) -> float:
+    """Median wall seconds of `python -c "import torch"`."""
+    runs = [run_child([sys.executable, "-c", "import torch"], log) for _ in range(reps)]
+    return statistics.median(r.seconds for r in runs)
+
+
+@dataclass
+class Result:
+    """All runs of one tool on one method."""
+
+    method: str
+    tool: str
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.runs) and all(r.returncode == 0 for r in self.runs)
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(r.seconds for r in self.runs)
+
+    @property
+    def rss_gib(self) -> float:
+        return max(r.max_rss_kib for r in self.runs) / 2**20
+
+
+def bench_method(method: str, recipe: Path, tools: dict[str, Command], reps: int, work: Path) -> list[Result]:
+    """Run every tool `reps` times on one recipe, alternating which goes first."""
+    results = {tool: Result(method, tool) for tool in tools}
+    names = list(tools)
+    for rep in range(reps):
+        order = names if rep % 2 == 0 else names[::-1]
+        for tool in order:
+            out = work / "out" / f"{method}-{tool}"
+            remove(out)
+            run = run_child(tools[tool](recipe, out), work / "logs" / f"{method}-{tool}-{rep}.log")
+            remove(out)
+            results[tool].runs.append(run)
+            status = "ok" if run.returncode == 0 else f"FAILED rc={run.returncode}"
+            print(f"  {method:<16} {tool:<9} rep {rep + 1}/{reps}: {run.seconds:7.2f}s "
+                  f"{run.max_rss_kib / 2**20:6.2f} GiB  {status}", file=sys.stderr, flush=True)
+            if run.returncode != 0:
+                print(run.stderr_tail, file=sys.stderr)
+    return list(results.values())
+
+
+# ---------------------------------------------------------------- the numeric check
+
+
+def tensor_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, over every shard of a checkpoint."""
+    where = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            where.update({k: file for k in handle.keys()})
+    return where
+
+
+def load_tensor(file: Path, name: str) -> torch.Tensor:
+    """One tensor as float32."""
+    with safe_open(str(file), framework="pt") as handle:
+        return handle.get_tensor(name).float()
+
+
+def compare_outputs(a: Path, b: Path) -> dict:
+    """Max abs diff between two checkpoints, and the tensors beyond a bf16 tolerance.
+
+    mergekit does the arithmetic in bf16 (rounding after each step) while ri-merge rounds once,
+    so the two differ by a few ulps of the largest magnitudes involved: a tensor passes when its
+    max abs diff is within 2 bf16 epsilons (2 * 2**-7) of its largest magnitude.
+    """
+    files_a, files_b = tensor_files(a), tensor_files(b)
+    report = {"only_in_ri": sorted(set(files_a) - set(files_b)),
+              "only_in_mergekit": sorted(set(files_b) - set(files_a)), "shape_mismatch": [],
+              "max_abs_diff": 0.0, "worst_tensor": None, "worst_diff_in_eps": 0.0,
+              "beyond_tol": [], "elements": 0, "elements_differing": 0}
+    for name in sorted(set(files_a) & set(files_b)):
+        x, y = load_tensor(files_a[name], name), load_tensor(files_b[name], name)
+        if x.shape != y.shape:
+            report["shape_mismatch"].append(name)
+            continue
+        diff = (x - y).abs()
+        worst = diff.max().item()
+        in_eps = worst / (2**-7 * max(x.abs().max().item(), y.abs().max().item(), 1e-12))
+        report["elements"] += x.numel()
+        report["elements_differing"] += int((diff > 0).sum())
+        if in_eps > 2:
+            report["beyond_tol"].append(name)
+        if worst > report["max_abs_diff"]:
+            report["max_abs_diff"], report["worst_tensor"] = worst, name
+        report["worst_diff_in_eps"] = max(report["worst_diff_in_eps"], round(in_eps, 3))
+    report["passed"] = not any(report[k] for k in ("only_in_ri", "only_in_mergekit", "shape_mismatch", "beyond_tol"))
+    return report
+
+
+def check_task_arithmetic(folders: dict[str, Path], mergekit: str, work: Path) -> dict:
+    """Merge task_arithmetic with both tools and compare the outputs."""
+    recipe = write_recipe(work / "recipes" / "check-task_arithmetic.yaml", recipe_for("task_arithmetic", folders))
+    outs = {"ri": work / "check" / "ri", "mergekit": work / "check" / "mergekit"}
+    for out in outs.values():
+        remove(out)
+    runs = [run_child(ri_command(recipe, outs["ri"]), work / "logs" / "check-ri.log"),
+            run_child(mergekit_command(mergekit, recipe, outs["mergekit"]), work / "logs" / "check-mergekit.log")]
+    if any(r.returncode for r in runs):
+        return {"passed": False, "error": " / ".join(r.stderr_tail for r in runs if r.returncode)}
+    return compare_outputs(outs["ri"], outs["mergekit"])
+
+
+# ---------------------------------------------------------------- the report
+
+
+def table_rows(results: list[Result], floor: float) -> list[list[str]]:
+    """method | tool | median wall s | peak RSS GiB | ratio vs mergekit | ratio vs floor."""
+    mergekit_time = {r.method: r.seconds for r in results if r.tool == "mergekit" and r.ok}
+    rows = []
+    for r in results:
+        if not r.ok:
+            rows.append([r.method, r.tool, "failed", "—", "—", "—"])
+            continue
+        vs_mk = f"{r.seconds / mergekit_time[r.method]:.2f}x" if r.method in mergekit_time else "—"
+        rows.append([r.method, r.tool, f"{r.seconds:.2f}", f"{r.rss_gib:.2f}", vs_mk, f"{r.seconds / floor:.2f}x"])
+    return rows
+
+
+HEADERS = ["method", "tool", "median wall s", "peak RSS GiB", "ratio vs mergekit (time)", "ratio vs floor"]
+
+
+def format_table(rows: list[list[str]], markdown: bool) -> str:
+    """Render rows as a Markdown or a plain aligned table."""
+    if markdown:
+        lines = ["| " + " | ".join(HEADERS) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * 4) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(HEADERS)]
+    line = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(HEADERS), line(["-" * w for w in widths])] + [line(row) for row in rows])
+
+
+def header_line(shape: LlamaShape, params: int, experts: int, input_bytes: int, reps: int) -> str:
+    """One line naming the model size and the setup."""
+    return (f"Llama-style {human_count(params)} params (hidden {shape.hidden}, intermediate {shape.intermediate}, "
+            f"{shape.layers} layers, vocab {shape.vocab}), {DTYPE}, base + {experts} experts, "
+            f"{input_bytes / 1e9:.2f} GB of inputs; median of {reps} run(s), {os.cpu_count()} CPU(s)")
+
+
+def floor_line(import_s: float, read_s: float, input_bytes: int) -> str:
+    """The floor and its two parts."""
+    return (f"floor = {import_s + read_s:.2f}s (python -c 'import torch' {import_s:.2f}s + reading "
+            f"{input_bytes / 1e9:.2f} GB from page cache {read_s:.2f}s, {input_bytes / 1e9 / read_s:.1f} GB/s)")
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default="250M", help="approximate parameters per model (e.g. 20M, 250M, 1B)")
+    parser.add_argument("--experts", type=int, default=3, help="number of experts besides the base")
+    parser.add_argument("--methods", default="ties,task_arithmetic", help="comma-separated merge methods")
+    parser.add_argument("--reps", type=int, default=3, help="runs per tool and method")
+    parser.add_argument("--workdir", type=Path, default=Path("bench-data"), help="cache of models, recipes, logs")
+    parser.add_argument("--mergekit", default=None, help="mergekit-yaml executable (default: /work/mk-venv, then PATH)")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--check", action="store_true", help="also compare task_arithmetic outputs of both tools")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    work = args.workdir.resolve()
+    shape = shape_for(parse_count(args.params))
+    folders = ensure_models(work / shape_key(shape), shape, args.experts)
+    files = input_files(folders)
+    params = count_params(folders["base"])
+
+    mergekit = find_mergekit(args.mergekit)
+    tools: dict[str, Command] = {"ri-merge": ri_command}
+    if mergekit:
+        tools["mergekit"] = lambda recipe, out: mergekit_command(mergekit, recipe, out)
+    else:
+        print("mergekit-yaml not found: benchmarking ri-merge alone", file=sys.stderr)
+
+    input_bytes = read_all(files)  # warms the page cache
+    import_s = time_import_torch(args.reps, work / "logs" / "import-torch.log")
+    read_s = time_read(files, args.reps)
+    floor = import_s + read_s
+
+    results: list[Result] = []
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        recipe = write_recipe(work / "recipes" / f"{method}.yaml", recipe_for(method, folders))
+        results += bench_method(method, recipe, tools, args.reps, work)
+
+    print(header_line(shape, params, args.experts, input_bytes, args.reps))
+    print(floor_line(import_s, read_s, input_bytes))
+    print()
+    print(format_table(table_rows(results, floor), args.markdown))
+
+    if args.check:
+        if not mergekit:
+            print("\ncheck skipped: mergekit-yaml not found")
+        else:
+            report = check_task_arithmetic(folders, mergekit, work)
+            print("\ntask_arithmetic check (ri-merge vs mergekit): " + ("PASS" if report["passed"] else "FAIL"))
+            print(json.dumps(report, indent=2))
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The command line as users run it: shorthand, dry run, JSON, validate, methods, demo,
+artifacts beside the weights, transformers loading the result, and interrupted merges."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from conftest import TINY, read_checkpoint, run_cli, write_recipe
+from mergekit_ri.synthetic import LlamaShape, make_family
+
+CLI = [sys.executable, "-m", "mergekit_ri.cli"]
+
+
+def test_shorthand_merge_with_json_summary(tmp_path, recipe_for):
+    recipe = recipe_for("ties")
+    proc = subprocess.run([*CLI, str(recipe), "-o", str(tmp_path / "out"), "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["method"] == "ties" and summary["tensors"] == len(TINY.tensor_shapes())
+    assert summary["bytes_read"] == sum(4 * 2 * n for n in map(lambda s: torch.Size(s).numel(), TINY.tensor_shapes().values()))
+    assert sorted(summary["files"]) == sorted(p.name for p in (tmp_path / "out").iterdir())
+
+
+def test_dry_run_prints_plan_and_writes_nothing(tmp_path, recipe_for):
+    out = tmp_path / "out"
+    result = run_cli("merge", recipe_for("ties"), "-o", out, "--dry-run", "--json")
+    assert result.code == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["dry_run"] and plan["tensors"] == len(TINY.tensor_shapes())
+    assert plan["bytes_written"] * 4 == plan["bytes_read"]  # bf16 in, bf16 out, base + 3 experts
+    assert plan["shards"][0]["file"] == "model-00001-of-00001.safetensors"
+    assert plan["peak_memory_estimate"] < plan["bytes_read"]
+    assert not out.exists()
+    human = run_cli("merge", recipe_for("ties"), "-o", out, "--dry-run")
+    assert human.code == 0 and "peak memory" in human.stdout and not out.exists()
+
+
+def test_out_shard_size_splits_output_and_index_is_consistent(tmp_path, recipe_for):
+    out = tmp_path / "out"
+    assert run_cli("merge", recipe_for("task_arithmetic", out_shard_size=4000), "-o", out, "-q").code == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    tensors = read_checkpoint(out)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def test_validate_and_methods(recipe_for):
+    ok = run_cli("validate", recipe_for("dare_ties"))
+    assert ok.code == 0 and "valid" in ok.stdout
+    listed = json.loads(run_cli("methods", "--json").stdout)
+    assert {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"} <= set(listed)
+    assert {p["name"] for p in listed["ties"]["parameters"]} >= {"weight", "density", "lambda", "normalize"}
+
+
+def test_artifacts_config_tokenizer_and_card(tmp_path, family):
+    (family["a"] / "tokenizer.json").write_text('{"from": "a"}')
+    (family["base"] / "tokenizer.json").write_text('{"from": "base"}')
+    (family["base"] / "generation_config.json").write_text('{"do_sample": false}')
+    for source, expected in [("base", "base"), (str(family["a"]), "a")]:
+        recipe = write_recipe(tmp_path / "r.yaml", merge_method="ties", base_model=str(family["base"]),
+                              models=[{"model": str(family["a"])}, {"model": str(family["b"])}],
+                              out_dtype="float16", tokenizer_source=source)
+        out = tmp_path / f"out-{expected}"
+        assert run_cli("merge", recipe, "-o", out, "-q").code == 0
+        assert json.loads((out / "tokenizer.json").read_text())["from"] == expected
+    config = json.loads((tmp_path / "out-base" / "config.json").read_text())
+    assert config["torch_dtype"] == "float16" and config["architectures"] == ["LlamaForCausalLM"]
+    assert (tmp_path / "out-base" / "generation_config.json").exists()
+    card = (tmp_path / "out-base" / "README.md").read_text()
+    assert "merge_method: ties" in card and "TIES-Merging" in card and str(family["a"]) in card
+
+
+def test_merged_checkpoint_loads_in_transformers_and_runs(tmp_path, recipe_for):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    assert run_cli("merge", recipe_for("ties", out_dtype="float32"), "-o", out, "-q").code == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    files = read_checkpoint(out)
+    state = model.state_dict()
+    for name, tensor in files.items():
+        assert torch.equal(state[name].float(), tensor.float()), name
+    logits = model(torch.tensor([[1, 2, 3, 4, 5]])).logits
+    assert logits.shape == (1, 5, TINY.vocab) and torch.isfinite(logits).all()
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    proc = subprocess.run([*CLI, "demo", "--dir", str(tmp_path / "demo")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "transformers loads" in proc.stdout
+    assert (tmp_path / "demo" / "merged" / "model.safetensors.index.json").exists()
+    again = subprocess.run([*CLI, "demo", "--dir", str(tmp_path / "demo"), "--quiet"], capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout == ""
+
+
+def _start_slow_merge(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    shape = LlamaShape(vocab=2048, hidden=384, intermediate=1024, layers=12, heads=4, kv_heads=4)
+    folders = make_family(tmp_path / "m", ["a", "b", "c"], shape=shape, dtype="float32", shards=3)
+    recipe = write_recipe(tmp_path / "r.yaml", merge_method="ties", base_model=str(folders["base"]),
+                          models=[{"model": str(folders[n])} for n in "abc"], parameters={"trim_scope": "model"})
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*CLI, str(recipe), "-o", str(out), "-q", "--prefetch", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".out.ri-merge-partial-*")) and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert proc.poll() is None, "the merge finished before it could be interrupted"
+    return proc, out
+
+
+def test_killed_merge_leaves_no_complete_looking_output(tmp_path):
+    proc, out = _start_slow_merge(tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    for partial in tmp_path.glob(".out.ri-merge-partial-*"):
+        assert not (partial / "model.safetensors.index.json").exists()
+
+
+def test_terminated_merge_cleans_up_and_exits_130(tmp_path):
+    proc, out = _start_slow_merge(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr
+    assert not out.exists() and not list(tmp_path.glob(".out.ri-merge-partial-*"))

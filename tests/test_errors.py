@@ -1,0 +1,196 @@
+"""Every kind of bad input: exit code 2, one line naming the culprit, no output folder."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import TINY, run_cli, write_recipe
+from mergekit_ri.synthetic import make_family
+
+
+def assert_bad_input(result, *needles: str, out: Path | None = None) -> None:
+    assert result.code == 2, (result.code, result.stdout, result.stderr)
+    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    if out is not None:
+        assert not out.exists()
+        assert not list(out.parent.glob(f".{out.name}.ri-merge-partial-*"))
+
+
+@pytest.fixture
+def models(tmp_path):
+    return make_family(tmp_path / "models", ["a", "b"], shape=TINY)
+
+
+def recipe(tmp_path, family_dirs, **override):
+    fields = {"merge_method": "ties", "base_model": str(family_dirs["base"]),
+              "models": [{"model": str(family_dirs["a"])}, {"model": str(family_dirs["b"])}]}
+    fields.update(override)
+    return write_recipe(tmp_path / "recipe.yaml", **fields)
+
+
+def test_malformed_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("merge_method: ties\nmodels: [unclosed\n")
+    assert_bad_input(run_cli("merge", path, "-o", tmp_path / "out"), "bad.yaml", "malformed YAML", "line", out=tmp_path / "out")
+
+
+def test_recipe_file_missing(tmp_path):
+    assert_bad_input(run_cli("merge", tmp_path / "nope.yaml", "-o", tmp_path / "out"), "nope.yaml", out=tmp_path / "out")
+
+
+def test_unknown_method_names_closest(tmp_path, models):
+    result = run_cli("merge", recipe(tmp_path, models, merge_method="tie"), "-o", tmp_path / "out")
+    assert_bad_input(result, "unknown merge_method 'tie'", "did you mean 'ties'", out=tmp_path / "out")
+
+
+def test_unknown_parameter_names_closest(tmp_path, models):
+    result = run_cli("merge", recipe(tmp_path, models, parameters={"densty": 0.3}), "-o", tmp_path / "out")
+    assert_bad_input(result, "unknown parameter 'densty'", "did you mean 'density'", out=tmp_path / "out")
+
+
+def test_unknown_per_model_parameter(tmp_path, models):
+    entries = [{"model": str(models["a"]), "parameters": {"wieght": 1}}, {"model": str(models["b"])}]
+    result = run_cli("merge", recipe(tmp_path, models, models=entries), "-o", tmp_path / "out")
+    assert_bad_input(result, "models[0].parameters", "'wieght'", "did you mean 'weight'", out=tmp_path / "out")
+
+
+def test_unknown_top_level_key(tmp_path, models):
+    result = run_cli("merge", recipe(tmp_path, models, out_dtpye="bfloat16"), "-o", tmp_path / "out")
+    assert_bad_input(result, "unknown key 'out_dtpye'", "did you mean 'out_dtype'", out=tmp_path / "out")
+
+
+def test_bad_field_value(tmp_path, models):
+    result = run_cli("merge", recipe(tmp_path, models, dtype="bfloat61"), "-o", tmp_path / "out")
+    assert_bad_input(result, "dtype", "bfloat61", out=tmp_path / "out")
+
+
+def test_density_out_of_range(tmp_path, models):
+    result = run_cli("merge", recipe(tmp_path, models, parameters={"density": 1.5}), "-o", tmp_path / "out")
+    assert_bad_input(result, "density", "1.5", out=tmp_path / "out")
+
+
+def test_missing_model_path(tmp_path, models):
+    entries = [{"model": str(tmp_path / "no-such-model")}, {"model": str(models["b"])}]
+    result = run_cli("merge", recipe(tmp_path, models, models=entries), "-o", tmp_path / "out")
+    assert_bad_input(result, "path not found", "no-such-model", out=tmp_path / "out")
+
+
+def test_shape_mismatch_names_model_tensor_and_shapes(tmp_path, models):
+    path = models["b"] / "model.safetensors"
+    from safetensors.torch import load_file
+
+    weights = load_file(path)
+    weights["model.layers.1.mlp.up_proj.weight"] = torch.zeros(41, 16, dtype=torch.bfloat16)
+    save_file(weights, path)
+    result = run_cli("merge", recipe(tmp_path, models), "-o", tmp_path / "out")
+    assert_bad_input(result, "'b'", "model.layers.1.mlp.up_proj.weight", "[41, 16]", "[40, 16]", out=tmp_path / "out")
+
+
+def test_vocab_mismatch_says_so(tmp_path, models):
+    path = models["a"] / "model.safetensors"
+    from safetensors.torch import load_file
+
+    weights = load_file(path)
+    weights["model.embed_tokens.weight"] = torch.zeros(65, 16, dtype=torch.bfloat16)
+    save_file(weights, path)
+    result = run_cli("merge", recipe(tmp_path, models), "-o", tmp_path / "out")
+    assert_bad_input(result, "model.embed_tokens.weight", "vocabularies differ", out=tmp_path / "out")
+
+
+def test_missing_tensor(tmp_path, models):
+    path = models["a"] / "model.safetensors"
+    from safetensors.torch import load_file
+
+    weights = load_file(path)
+    del weights["model.norm.weight"]
+    save_file(weights, path)
+    result = run_cli("merge", recipe(tmp_path, models), "-o", tmp_path / "out")
+    assert_bad_input(result, "'a'", "lacks tensor 'model.norm.weight'", out=tmp_path / "out")
+
+
+def test_truncated_shard(tmp_path, models):
+    path = models["b"] / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    result = run_cli("merge", recipe(tmp_path, models), "-o", tmp_path / "out")
+    assert_bad_input(result, str(path), "truncated", out=tmp_path / "out")
+
+
+def test_corrupt_header(tmp_path, models):
+    path = models["a"] / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    (length,) = struct.unpack("<Q", data[:8])
+    data[8:18] = b"#garbage!!"
+    path.write_bytes(bytes(data))
+    result = run_cli("merge", recipe(tmp_path, models), "-o", tmp_path / "out")
+    assert_bad_input(result, str(path), "corrupt safetensors header", out=tmp_path / "out")
+
+
+def test_header_length_beyond_file(tmp_path, models):
+    path = models["a"] / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[:8] = struct.pack("<Q", 10**12)
+    path.write_bytes(bytes(data))
+    assert_bad_input(run_cli("merge", recipe(tmp_path, models), "-o", tmp_path / "out"), str(path), "corrupt", out=tmp_path / "out")
+
+
+def test_index_lists_missing_shard(tmp_path):
+    folders = make_family(tmp_path / "m", ["a"], shape=TINY, shards=2)
+    (folders["a"] / "model-00002-of-00002.safetensors").unlink()
+    path = write_recipe(tmp_path / "r.yaml", merge_method="ties", base_model=str(folders["base"]), models=[{"model": str(folders["a"])}])
+    assert_bad_input(run_cli("merge", path, "-o", tmp_path / "out"), "model-00002-of-00002.safetensors", "missing", out=tmp_path / "out")
+
+
+def test_output_exists_and_not_empty(tmp_path, models):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    result = run_cli("merge", recipe(tmp_path, models), "-o", out)
+    assert_bad_input(result, str(out), "--force")
+    assert (out / "keep.txt").read_text() == "precious"
+    assert run_cli("merge", recipe(tmp_path, models), "-o", out, "--force", "-q").code == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").exists()
+
+
+def test_output_inside_an_input(tmp_path, models):
+    out = models["a"] / "merged"
+    before = sorted(p.name for p in models["a"].iterdir())
+    assert_bad_input(run_cli("merge", recipe(tmp_path, models), "-o", out), "inside input", out=out)
+    assert sorted(p.name for p in models["a"].iterdir()) == before
+
+
+def test_output_that_contains_an_input_is_refused_even_with_force(tmp_path, models):
+    result = run_cli("merge", recipe(tmp_path, models), "-o", tmp_path / "models", "--force")
+    assert_bad_input(result, "contains input")
+    assert (models["a"] / "model.safetensors").exists()
+
+
+def test_cuda_requested_without_gpu(tmp_path, models):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert_bad_input(run_cli("merge", recipe(tmp_path, models), "-o", tmp_path / "out", "--device", "cuda"), "cuda", out=tmp_path / "out")
+
+
+def test_hub_id_offline_without_cache(tmp_path, models, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    entries = [{"model": "some-org/not-cached-model@main"}, {"model": str(models["b"])}]
+    result = run_cli("merge", recipe(tmp_path, models, models=entries), "-o", tmp_path / "out")
+    assert_bad_input(result, "some-org/not-cached-model@main", "HF_HUB_OFFLINE", out=tmp_path / "out")
+
+
+def test_inputs_are_never_modified(tmp_path, models):
+    stamp = {p: (p.stat().st_mtime_ns, p.read_bytes()) for f in models.values() for p in f.iterdir()}
+    assert run_cli("merge", recipe(tmp_path, models), "-o", tmp_path / "out", "-q").code == 0
+    assert stamp == {p: (p.stat().st_mtime_ns, p.read_bytes()) for f in models.values() for p in f.iterdir()}

@@ -1,0 +1,237 @@
+"""Every method, merged through the CLI from files on disk, against an in-memory reference
+written here from the papers' formulas (methods.md), for bf16/fp16/fp32 and sharded inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import ODD, TINY, read_any, read_checkpoint, run_cli, write_recipe
+from mergekit_ri.methods.arithmetic import dare_mask, rng_seed
+from mergekit_ri.params import interpolate, layer_depths
+from mergekit_ri.synthetic import make_family
+
+NAMES = ["a", "b", "c"]
+
+
+# ---- references, straight from the formulas -------------------------------------------------
+
+def ref_task_arithmetic(base, experts, weights, lam=1.0):
+    return base + lam * sum(w * (e - base) for w, e in zip(weights, experts))
+
+
+def ref_linear(experts, weights):
+    return sum(w * e for w, e in zip(weights, experts)) / sum(weights)
+
+
+def ref_trim(tau, density):
+    """Keep every entry whose magnitude is >= the k-th largest (ties kept), k = floor(density*n)."""
+    flat = tau.flatten().abs()
+    k = int(density * flat.numel())
+    if k == 0:
+        return torch.zeros_like(tau)
+    threshold = torch.sort(flat, descending=True).values[k - 1]
+    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+
+
+def ref_disjoint_merge(taus, weights, normalize=True):
+    """TIES elect + disjoint (weighted) mean, the reference code's zero-sum rule."""
+    weighted = [w * t for w, t in zip(weights, taus)]
+    total = sum(weighted)
+    gamma = torch.sign(total)
+    majority = torch.sign(gamma.sum())
+    gamma[gamma == 0] = majority if majority != 0 else 1.0
+    numerator = torch.zeros_like(total)
+    count = torch.zeros_like(total)
+    for w, t in zip(weights, weighted):
+        agree = (torch.sign(t) == gamma).float()
+        numerator += t * agree
+        count += w * agree
+    if not normalize:
+        return numerator
+    return numerator / torch.where(count == 0, torch.ones_like(count), count)
+
+
+def ref_ties(base, experts, weights, densities, lam=1.0):
+    taus = [ref_trim(e - base, d) for e, d in zip(experts, densities)]
+    return base + lam * ref_disjoint_merge(taus, weights)
+
+
+def ref_dare(tau, keep, seed, name, index):
+    mask = dare_mask(tau.shape, keep, rng_seed(seed, name, index))
+    return tau * mask / keep
+
+
+def load_family(folders):
+    base = {k: v.float() for k, v in read_any(folders["base"]).items()}
+    experts = [{k: v.float() for k, v in read_any(folders[n]).items()} for n in NAMES]
+    return base, experts
+
+
+def merge_via_cli(tmp_path, folders, method, out_dtype="float32", **fields):
+    recipe = {"merge_method": method, "base_model": str(folders["base"]),
+              "models": [{"model": str(folders[n])} for n in NAMES], "out_dtype": out_dtype, **fields}
+    path = write_recipe(tmp_path / "recipe.yaml", **recipe)
+    result = run_cli("merge", path, "-o", tmp_path / "out", "--quiet")
+    assert result.code == 0, result.stderr
+    return read_checkpoint(tmp_path / "out")
+
+
+def assert_close(merged, expected, name, dtype=torch.float32):
+    exp = expected.to(dtype).float()
+    assert merged.dtype == dtype, name
+    torch.testing.assert_close(merged.float(), exp, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+# ---- the tests ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("shards", [1, 3])
+def test_task_arithmetic_matches_formula(tmp_path, dtype, shards):
+    folders = make_family(tmp_path / "m", NAMES, shape=ODD, dtype=dtype, shards=shards)
+    weights = [0.5, 1.0, -0.25]
+    merged = merge_via_cli(tmp_path, folders, "task_arithmetic", parameters={"lambda": 0.7},
+                           models=[{"model": str(folders[n]), "parameters": {"weight": w}} for n, w in zip(NAMES, weights)])
+    base, experts = load_family(folders)
+    assert set(merged) == set(base)
+    for name in base:
+        assert_close(merged[name], ref_task_arithmetic(base[name], [e[name] for e in experts], weights, 0.7), name)
+
+
+def test_linear_matches_model_soup_without_base(tmp_path):
+    folders = make_family(tmp_path / "m", NAMES, shape=TINY)
+    weights = [1.0, 2.0, 3.0]
+    recipe = write_recipe(tmp_path / "r.yaml", merge_method="linear",
+                          models=[{"model": str(folders[n]), "parameters": {"weight": w}} for n, w in zip(NAMES, weights)],
+                          out_dtype="float32")
+    assert run_cli("merge", recipe, "-o", tmp_path / "out", "-q").code == 0
+    merged = read_checkpoint(tmp_path / "out")
+    _, experts = load_family(folders)
+    for name in merged:
+        assert_close(merged[name], ref_linear([e[name] for e in experts], weights), name)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_ties_matches_paper_rule_with_ties_at_threshold(tmp_path, dtype):
+    folders = make_family(tmp_path / "m", NAMES, shape=ODD, dtype=dtype, shards=2)
+    densities = [0.2, 0.5, 0.1]
+    merged = merge_via_cli(tmp_path, folders, "ties",
+                           models=[{"model": str(folders[n]), "parameters": {"density": d}} for n, d in zip(NAMES, densities)])
+    base, experts = load_family(folders)
+    tied_somewhere = False
+    for name in base:
+        expected = ref_ties(base[name], [e[name] for e in experts], [1.0] * 3, densities)
+        assert_close(merged[name], expected, name)
+        tau = experts[0][name] - base[name]
+        k = int(0.2 * tau.numel())
+        if k > 0:
+            threshold = torch.sort(tau.abs().flatten(), descending=True).values[k - 1]
+            tied_somewhere |= int((tau.abs() >= threshold).sum()) > k
+    if dtype == "bfloat16":
+        assert tied_somewhere, "bf16 deltas should produce ties at the threshold; the test would not cover them"
+
+
+def test_ties_weights_lambda_and_no_normalize(tmp_path, family):
+    weights, densities = [1.0, 0.5, 2.0], [0.3, 0.3, 0.3]
+    merged = merge_via_cli(tmp_path, family, "ties",
+                           parameters={"lambda": 0.8, "normalize": False, "density": 0.3},
+                           models=[{"model": str(family[n]), "parameters": {"weight": w}} for n, w in zip(NAMES, weights)])
+    base, experts = load_family(family)
+    for name in base:
+        taus = [ref_trim(e[name] - base[name], d) for e, d in zip(experts, densities)]
+        expected = base[name] + 0.8 * ref_disjoint_merge(taus, weights, normalize=False)
+        assert_close(merged[name], expected, name)
+
+
+def test_ties_model_scope_uses_one_threshold_over_the_whole_model(tmp_path, family):
+    merged = merge_via_cli(tmp_path, family, "ties", parameters={"density": 0.25, "trim_scope": "model"})
+    base, experts = load_family(family)
+    names = sorted(base)
+    trimmed = []
+    for e in experts:
+        flat = torch.cat([(e[n] - base[n]).flatten() for n in names])
+        k = int(0.25 * flat.numel())
+        threshold = torch.sort(flat.abs(), descending=True).values[k - 1]
+        trimmed.append({n: torch.where((e[n] - base[n]).abs() >= threshold, e[n] - base[n], 0.0) for n in names})
+    per_tensor_differs = False
+    for n in names:
+        expected = base[n] + ref_disjoint_merge([t[n] for t in trimmed], [1.0] * 3)
+        assert_close(merged[n], expected, n)
+        per_tensor = ref_ties(base[n], [e[n] for e in experts], [1.0] * 3, [0.25] * 3)
+        per_tensor_differs |= not torch.allclose(per_tensor, expected)
+    assert per_tensor_differs
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_matches_formula_and_is_reproducible(tmp_path, family, method):
+    merged = merge_via_cli(tmp_path, family, method, parameters={"density": 0.4, "lambda": 1.0}, seed=7)
+    base, experts = load_family(family)
+    for name in base:
+        taus = [ref_dare(e[name] - base[name], 0.4, 7, name, i) for i, e in enumerate(experts)]
+        expected = base[name] + (sum(taus) if method == "dare_linear" else ref_disjoint_merge(taus, [1.0] * 3, normalize=False))
+        assert_close(merged[name], expected, name)
+    # the masks keep about `density` of the entries
+    mask = dare_mask((1000, 100), 0.4, rng_seed(7, "x", 0))
+    assert abs(mask.float().mean().item() - 0.4) < 0.01
+    # same recipe twice: identical bytes, whatever the read-ahead; another seed: different
+    again = tmp_path / "again"
+    recipe = tmp_path / "recipe.yaml"
+    assert run_cli("merge", recipe, "-o", again, "-q", "--prefetch", "7").code == 0
+    for name, tensor in read_checkpoint(again).items():
+        assert torch.equal(tensor, merged[name])
+    text = recipe.read_text().replace("seed: 7", "seed: 8")
+    recipe.write_text(text)
+    assert run_cli("merge", recipe, "-o", tmp_path / "seed8", "-q").code == 0
+    other = read_checkpoint(tmp_path / "seed8")
+    assert not torch.equal(other["model.layers.0.mlp.up_proj.weight"], merged["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_gradients_and_filters_resolve_per_tensor_like_mergekit(tmp_path, family):
+    weight = [{"filter": "self_attn", "value": [0.0, 1.0]}, {"filter": "mlp", "value": 0.25}]
+    merged = merge_via_cli(
+        tmp_path, family, "task_arithmetic",
+        parameters={"weight": weight},
+        models=[{"model": str(family["a"])}, {"model": str(family["b"]), "parameters": {"weight": 2.0}},
+                {"model": str(family["c"]), "parameters": {"weight": [{"filter": "nothing-matches", "value": 9.0}]}}],
+    )
+    base, experts = load_family(family)
+    depths = layer_depths(base)
+    for name in base:
+        if "self_attn" in name:
+            shared = interpolate([0.0, 1.0], depths[name])
+        elif "mlp" in name:
+            shared = 0.25
+        else:
+            shared = 1.0  # no filter matched: the method's default weight
+        weights = [shared, 2.0, shared]  # model c's filter never matches: falls back to the global value
+        assert_close(merged[name], ref_task_arithmetic(base[name], [e[name] for e in experts], weights), name)
+    assert depths["model.layers.0.self_attn.q_proj.weight"] == 0.0
+    assert depths["model.layers.1.self_attn.q_proj.weight"] == 0.5
+    assert depths["model.layers.2.self_attn.q_proj.weight"] == 1.0
+    assert depths["lm_head.weight"] == 0.0 and depths["model.embed_tokens.weight"] == 0.0
+
+
+def test_output_dtype_defaults_to_recipe_dtype_then_base(tmp_path, family):
+    for dtype, expected in [(None, torch.bfloat16), ("float16", torch.float16)]:
+        fields = {"merge_method": "task_arithmetic", "base_model": str(family["base"]),
+                  "models": [{"model": str(family["a"])}]}
+        if dtype:
+            fields["dtype"] = dtype
+        out = tmp_path / f"out-{dtype}"
+        assert run_cli("merge", write_recipe(tmp_path / "r.yaml", **fields), "-o", out, "-q").code == 0
+        merged = read_checkpoint(out)
+        assert {t.dtype for t in merged.values()} == {expected}
+
+
+def test_integer_buffers_are_copied_from_the_base(tmp_path):
+    from safetensors.torch import save_file
+
+    w = torch.randn(4, 4)
+    save_file({"w": w, "position_ids": torch.arange(10)}, tmp_path / "base.safetensors")
+    save_file({"w": w + 1, "position_ids": torch.zeros(10, dtype=torch.int64)}, tmp_path / "e.safetensors")
+    recipe = write_recipe(tmp_path / "r.yaml", merge_method="task_arithmetic", base_model=str(tmp_path / "base.safetensors"),
+                          models=[{"model": str(tmp_path / "e.safetensors")}])
+    assert run_cli("merge", recipe, "-o", tmp_path / "out", "-q").code == 0
+    merged = read_checkpoint(tmp_path / "out")
+    assert torch.equal(merged["position_ids"], torch.arange(10))
+    assert torch.allclose(merged["w"], w + 1)
