@@ -85,6 +85,11 @@ def _print_plan(plan, console: Console) -> None:
     table.add_row("write", _human(summary["bytes_written"]))
     table.add_row("output shards", "\n".join(f"{s['file']}  {s['tensors']} tensors, {_human(s['bytes'])}" for s in summary["shards"]))
     table.add_row("peak memory (est.)", _human(summary["peak_memory_estimate"]))
+    if summary["heads"]:
+        table.add_row("task heads", "\n".join(
+            f"{label}{' (default)' if label == summary['heads_default'] else ''}: "
+            + ", ".join(f"{n} {shape}" for n, shape in tensors.items())
+            for label, tensors in summary["heads"].items()))
     console.print(table)
     for warning in summary["warnings"]:
         console.print(f"warning: {warning}", markup=False)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .io.artifacts import copy_tokenizer, write_config, write_model_card
+from .io.artifacts import copy_tokenizer, write_config, write_heads, write_model_card
 from .io.output import check_target, make_staging, publish
 from .io.sources import ST_DTYPES, TensorReader
 from .io.writer import ShardWriter, write_index
@@ -181,6 +181,7 @@ def run_merge(plan: MergePlan, out: Path, *, device: str = "auto", force: bool =
                 advance(task.in_nbytes)
             for future in written:
                 future.result()
+            write_heads(staging, plan, reader)
         write_index(staging, plan)
         write_config(staging, plan)
         copy_tokenizer(staging, plan)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .heads import HeadSelector, head_selector, looks_like_head
 from .io.sources import FLOAT_CODES, ST_DTYPES, ModelSource, TensorRef, load_source
 from .methods import MethodSpec, TensorParams, get_method
 from .params import layer_depths, resolve
@@ -65,6 +66,15 @@ class MergePlan:
     tasks: list[TensorTask]
     shards: list[ShardPlan]
     warnings: list[str]
+    heads: dict[str, dict[str, TensorRef]] = field(default_factory=dict)  # expert label → head tensors
+    heads_default: str | None = None
+
+    @property
+    def config_source(self) -> ModelSource:
+        """Whose config.json the output carries: the default head's expert when there are heads."""
+        if self.heads_default is not None:
+            return next(m for m in self.experts if m.label == self.heads_default)
+        return self.reference
 
     @property
     def reference(self) -> ModelSource:
@@ -98,6 +108,8 @@ class MergePlan:
             "bytes_written": self.bytes_written,
             "shards": [{"file": s.filename, "tensors": len(s.tensors), "bytes": s.data_bytes} for s in self.shards],
             "peak_memory_estimate": self.peak_memory_estimate(),
+            "heads": {label: {n: list(r.shape) for n, r in refs.items()} for label, refs in self.heads.items()},
+            "heads_default": self.heads_default,
             "warnings": self.warnings,
         }
 
@@ -126,7 +138,7 @@ def _vocab_hint(name: str, ref: tuple[int, ...], other: tuple[int, ...]) -> str:
     return ""
 
 
-def check_compatible(reference: ModelSource, others: list[ModelSource], skip: set[str] = frozenset()) -> list[str]:
+def check_compatible(reference: ModelSource, others: list[ModelSource], skip: HeadSelector | None = None) -> list[str]:
     """Every model must have the reference's tensors with the same shapes; returns warnings."""
     warnings = []
     ref_label = "the base" if reference.label == "base" else f"model '{reference.label}'"
@@ -134,19 +146,20 @@ def check_compatible(reference: ModelSource, others: list[ModelSource], skip: se
         if model is reference:
             continue
         for name, ref in reference.tensors.items():
-            if name in skip:
+            if skip is not None and skip(name):
                 continue
             mine = model.tensors.get(name)
             if mine is None:
                 raise UserError(f"model '{model.label}' ({model.reference}) lacks tensor '{name}' that {ref_label} has")
             if mine.shape != ref.shape:
+                hint = "; these look like task heads: add `heads: auto` to the recipe" if looks_like_head(name) else ""
                 raise UserError(
                     f"model '{model.label}': tensor '{name}' has shape {list(mine.shape)} but {ref_label} has "
-                    f"{list(ref.shape)}{_vocab_hint(name, ref.shape, mine.shape)}"
+                    f"{list(ref.shape)}{_vocab_hint(name, ref.shape, mine.shape)}{hint}"
                 )
             if (mine.dtype in FLOAT_CODES) != (ref.dtype in FLOAT_CODES):
                 raise UserError(f"model '{model.label}': tensor '{name}' is {mine.dtype} but {ref_label} has {ref.dtype}")
-        extra = sorted(set(model.tensors) - set(reference.tensors) - skip)
+        extra = sorted(n for n in set(model.tensors) - set(reference.tensors) if skip is None or not skip(n))
         if extra:
             warnings.append(f"model '{model.label}' has {len(extra)} tensor(s) the base lacks, ignored (e.g. '{extra[0]}')")
         mixed = sorted({m.dtype for m in model.tensors.values()} - {r.dtype for r in reference.tensors.values()})
@@ -203,14 +216,36 @@ def assign_shards(tasks: list[TensorTask], shard_size: int) -> tuple[list[Tensor
     return placed, shards
 
 
+def find_heads(experts: list[ModelSource], is_head: HeadSelector, default: str | None,
+               source: str = "recipe") -> tuple[dict[str, dict[str, TensorRef]], str]:
+    """Each expert's head tensors, and which expert's head goes into the merged checkpoint."""
+    heads = {}
+    for model in experts:
+        refs = {name: ref for name, ref in model.tensors.items() if is_head(name)}
+        if not refs:
+            raise UserError(f"model '{model.label}' ({model.reference}) has no tensor matching the recipe's heads filter")
+        heads[model.label] = refs
+    labels = {m.label: m.label for m in experts} | {m.reference: m.label for m in experts}
+    if default is None:
+        return heads, experts[0].label
+    if default not in labels:
+        raise UserError(f"{source}: heads_default '{default}' is not one of the models: {', '.join(heads)}")
+    return heads, labels[default]
+
+
 def build_plan(recipe: Recipe, recipe_dir: Path | None = None) -> MergePlan:
     method = get_method(recipe.merge_method)
     base, experts = load_sources(recipe, recipe_dir)
     reference = base or experts[0]
-    warnings = check_compatible(reference, experts)
+    is_head = head_selector(recipe.heads, experts[0].config())  # experts are the classifiers
+    if recipe.heads_default is not None and is_head is None:
+        raise UserError("recipe: heads_default needs heads (e.g. heads: auto)")
+    heads, heads_default = find_heads(experts, is_head, recipe.heads_default) if is_head else ({}, None)
+    warnings = check_compatible(reference, experts, is_head)
     out_code = recipe.output_dtype_code()
-    ordered = sorted(reference.tensors.items(), key=lambda item: (str(item[1].path), item[1].start))
-    depths = layer_depths(reference.tensors)
+    backbone = {n: r for n, r in reference.tensors.items() if is_head is None or not is_head(n)}
+    ordered = sorted(backbone.items(), key=lambda item: (str(item[1].path), item[1].start))
+    depths = layer_depths(backbone)
     tasks = []
     for name, ref in ordered:
         merge = ref.dtype in FLOAT_CODES
@@ -224,5 +259,8 @@ def build_plan(recipe: Recipe, recipe_dir: Path | None = None) -> MergePlan:
             merge=merge,
             params=resolve_params(recipe, method, name, depths[name]) if merge else None,
         ))
+    if heads_default is not None:  # the default expert's head rides along, copied as it is
+        for name, ref in heads[heads_default].items():
+            tasks.append(TensorTask(name, ref.shape, ref.dtype, ref, None, (), False, None))
     tasks, shards = assign_shards(tasks, recipe.shard_size_bytes)
-    return MergePlan(recipe, method, base, experts, tasks, shards, warnings)
+    return MergePlan(recipe, method, base, experts, tasks, shards, warnings, heads, heads_default)

@@ -55,6 +55,9 @@ class Recipe(BaseModel):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = "base"
+    # task heads (classifier experts): kept per expert, never merged
+    heads: str | None = None
+    heads_default: str | None = None
     # ours, on top of mergekit's syntax
     device: str = "auto"
     seed: int = 0

@@ -6,8 +6,11 @@ import json
 import shutil
 from pathlib import Path
 
+from safetensors.torch import save_file
+
 from ..errors import UserError
-from ..io.sources import ModelSource
+from ..heads import HEAD_INDEX, head_entry
+from ..io.sources import ModelSource, TensorReader
 from ..plan import MergePlan
 
 TOKENIZER_FILES = (
@@ -20,7 +23,7 @@ DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "f
 
 def write_config(folder: Path, plan: MergePlan) -> bool:
     """config.json from the base, its dtype set to what was written. False if the base has none."""
-    config = plan.reference.config()
+    config = plan.config_source.config()
     if config is None:
         return False
     merged = [t.out_dtype for t in plan.tasks if t.merge]
@@ -58,6 +61,25 @@ def copy_tokenizer(folder: Path, plan: MergePlan) -> list[str]:
     return copied
 
 
+def _heads_section(plan: MergePlan) -> str:
+    if not plan.heads:
+        return ""
+    rows = "\n".join(f"| {label} | `heads/{label}.safetensors` | "
+                      f"{', '.join(f'{n} {list(r.shape)}' for n, r in refs.items())} |"
+                      for label, refs in plan.heads.items())
+    return f"""## Task heads
+
+The backbone is merged; each expert keeps its own head. The checkpoint carries
+**{plan.heads_default}**'s head and config; put another one in place with
+`mergekit_ri.heads.load_with_head(folder, expert, AutoModelFor...)`.
+
+| expert | file | tensors |
+|---|---|---|
+{rows}
+
+"""
+
+
 def write_model_card(folder: Path, plan: MergePlan) -> None:
     rows = []
     for model in ([plan.base] if plan.base else []) + plan.experts:
@@ -82,10 +104,27 @@ Method: {plan.method.citation}
 |---|---|---|---|
 {chr(10).join(rows)}
 
-## Recipe
+{_heads_section(plan)}## Recipe
 
 ```yaml
 {plan.recipe.to_yaml().rstrip()}
 ```
 """
     (folder / "README.md").write_text(card)
+
+
+def write_heads(folder: Path, plan: MergePlan, reader: TensorReader) -> None:
+    """heads/<expert>.safetensors (each expert's head, as stored) and heads/index.json."""
+    if not plan.heads:
+        return
+    (folder / "heads").mkdir()
+    entries = {}
+    for model in plan.experts:
+        refs = plan.heads[model.label]
+        file = f"{model.label}.safetensors"
+        save_file({name: reader.read(ref).clone() for name, ref in refs.items()}, folder / "heads" / file,
+                  metadata={"format": "pt", "expert": model.reference})
+        shapes = {name: list(ref.shape) for name, ref in refs.items()}
+        entries[model.label] = head_entry(model.label, model.reference, file, shapes, model.config())
+    index = {"default": plan.heads_default, "heads": entries}
+    (folder / "heads" / HEAD_INDEX).write_text(json.dumps(index, indent=2) + "\n")
