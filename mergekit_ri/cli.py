@@ -17,8 +17,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeRemainingColumn, TransferSpeedColumn)
 from rich.table import Table
 
 from . import __version__
@@ -65,14 +65,40 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _load_plan(recipe_path: Path, device: Optional[str]):
+def _load_plan(recipe_path: Path, device: Optional[str], *, dry_run: bool = False, quiet: bool = True):
+    """The merge plan, after RI adapted the experts (or, for a dry run, found what it would do)."""
     from .plan import build_plan
     from .recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
     if device is not None:
         recipe = recipe.model_copy(update={"device": device})
-    return build_plan(recipe, recipe_path.resolve().parent)
+    ri_status = None
+    if recipe.resolve_interference is not None:
+        from .engine import resolve_device
+        from .ri import resolve_interference
+
+        with _steps_progress(quiet) as bar:
+            recipe, ri_status = resolve_interference(recipe, recipe_path.resolve().parent, resolve_device(recipe.device),
+                                                     report=_ri_reporter(bar), dry_run=dry_run)
+    return build_plan(recipe, recipe_path.resolve().parent), ri_status
+
+
+def _steps_progress(quiet: bool) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), console=err, disable=quiet)
+
+
+def _ri_reporter(bar: Progress):
+    def start(label: str, steps: int):
+        task = bar.add_task(f"RI {label}", total=steps)
+
+        def report(step: int, l1: float, l2: float) -> None:
+            bar.update(task, completed=step, description=f"RI {label}  L1 {l1:.4f}  L2 {l2:.4f}")
+
+        return report
+
+    return start
 
 
 def _print_plan(plan, console: Console) -> None:
@@ -107,19 +133,24 @@ def merge_command(recipe: Path, output: Path, device: Optional[str], dry_run: bo
     def body() -> None:
         from .engine import run_merge, total_work_bytes
 
-        plan = _load_plan(recipe, device)
+        show_bars = not quiet and (err.is_terminal or verbose)
+        plan, ri_status = _load_plan(recipe, device, dry_run=dry_run, quiet=not show_bars)
+        ri_summary = {"ri": vars(ri_status)} if ri_status is not None else {}
         if dry_run:
             if as_json:
-                print(json.dumps({"dry_run": True, **plan.summary()}, indent=2))
+                print(json.dumps({"dry_run": True, **plan.summary(), **ri_summary}, indent=2))
             else:
                 _print_plan(plan, out)
+                if ri_status is not None:
+                    out.print(f"RI: {len(ri_status.cache_hits)} of {len(ri_status.adapted)} experts already adapted "
+                              f"in the cache; the others would be trained first", markup=False)
             return
         if verbose and not quiet:
             _print_plan(plan, err)
         elif not quiet:
             for warning in plan.warnings:
                 err.print(f"warning: {warning}", markup=False)
-        with _progress(quiet or not err.is_terminal and not verbose) as bar:
+        with _progress(not show_bars) as bar:
             task = bar.add_task(f"merging ({plan.method.name})", total=total_work_bytes(plan))
             result = run_merge(plan, output, device=device or plan.recipe.device, force=force,
                                prefetch=prefetch, progress=lambda n: bar.advance(task, n))
@@ -127,6 +158,7 @@ def merge_command(recipe: Path, output: Path, device: Optional[str], dry_run: bo
             "output": str(result.out), "method": plan.method.name, "device": result.device,
             "tensors": result.tensors, "shards": result.shards, "bytes_read": result.bytes_read,
             "bytes_written": result.bytes_written, "seconds": round(result.seconds, 3), "files": result.files,
+            **ri_summary,
         }
         if as_json:
             print(json.dumps(summary, indent=2))
@@ -169,7 +201,7 @@ def validate(
 ) -> None:
     """Check a recipe and every input's headers, reading no weight."""
     def body() -> None:
-        plan = _load_plan(recipe, None)
+        plan, _ = _load_plan(recipe, None, dry_run=True)
         if as_json:
             print(json.dumps({"valid": True, **plan.summary()}, indent=2))
         elif not quiet:

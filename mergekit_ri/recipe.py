@@ -45,6 +45,24 @@ DTYPES = {
 }
 
 
+class ResolveInterference(BaseModel):
+    """RI (Resolving Interference): adapt each expert on unlabeled auxiliary data before merging.
+
+    Defaults are the paper's (CLIP ViT scale); tiny models want a larger lr (see README).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    auxiliary_data: str  # a .safetensors file (key "inputs"), a .txt/.jsonl file, or "gaussian"
+    steps: int = Field(2500, ge=0)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1.0e-6, ge=0)
+    weight_decay: float = Field(1.0e-4, ge=0)
+    alpha: float = Field(1.0, ge=0)
+    heads: str | None = None  # default: the recipe's heads, else auto
+    max_length: int = Field(128, ge=1)  # text auxiliary data: tokens per example
+    cache_dir: str | None = None  # default: $RI_MERGE_CACHE or ~/.cache/ri-merge
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -58,6 +76,7 @@ class Recipe(BaseModel):
     # task heads (classifier experts): kept per expert, never merged
     heads: str | None = None
     heads_default: str | None = None
+    resolve_interference: ResolveInterference | None = None
     # ours, on top of mergekit's syntax
     device: str = "auto"
     seed: int = 0
@@ -150,6 +169,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     for i, entry in enumerate(data.get("models") or []):
         if isinstance(entry, dict):
             _check_keys(entry, ModelEntry, source, f"models[{i}].")
+    if isinstance(data.get("resolve_interference"), dict):
+        _check_keys(data["resolve_interference"], ResolveInterference, source, "resolve_interference.")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:

@@ -33,7 +33,7 @@ def bert(num_labels: int, seed: int):
     return transformers.BertForSequenceClassification(config)
 
 
-def make_classifiers(root: Path, build, label_counts: list[int]) -> dict[str, Path]:
+def make_classifiers(root: Path, build, label_counts: list[int], drift: float = 0.01) -> dict[str, Path]:
     """A base and experts whose backbones drift from it and whose heads have their own sizes."""
     base = build(2, 0)
     base.save_pretrained(root / "base")
@@ -44,7 +44,7 @@ def make_classifiers(root: Path, build, label_counts: list[int]) -> dict[str, Pa
         with torch.no_grad():
             for name, param in expert.named_parameters():
                 if not name.startswith("classifier"):
-                    param.add_(torch.randn_like(param) * 0.01)
+                    param.add_(torch.randn_like(param) * drift)
         expert.config.id2label = {j: f"task{i}-class{j}" for j in range(labels)}
         expert.config.label2id = {v: k for k, v in expert.config.id2label.items()}
         folders[f"e{i}"] = root / f"e{i}"

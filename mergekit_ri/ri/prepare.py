@@ -1,0 +1,190 @@
+"""RI in front of any merge: adapt every expert (or find it in the cache), then point the recipe
+at the adapted checkpoints so the streaming merge reads them like any expert.
+
+Adapted experts are cached under `cache_dir/<key>/<expert>/`, the key hashing everything the
+result depends on (all experts' and the base's bytes, the auxiliary data, the RI settings and
+seed), so merging again with another method does not retrain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..heads import head_selector
+from ..io.sources import ModelSource
+from ..plan import load_sources
+from ..recipe import ModelEntry, Recipe
+from .adapt import RISettings, StepReport, adapt_expert, head_module_name
+from .data import load_auxiliary
+
+RI_VERSION = "1"
+AUTO_CLASSES = {
+    "ForImageClassification": "AutoModelForImageClassification",
+    "ForSequenceClassification": "AutoModelForSequenceClassification",
+    "ForTokenClassification": "AutoModelForTokenClassification",
+    "ForAudioClassification": "AutoModelForAudioClassification",
+}
+
+ReportFactory = Callable[[str, int], StepReport]
+
+
+@dataclass
+class RIStatus:
+    """What RI did or would do, per expert (for --dry-run, -v and the JSON summary)."""
+
+    adapted: dict[str, str]  # expert label → cached folder
+    cache_hits: list[str]
+    trained: list[str]
+
+
+def cache_root(setting: str | None) -> Path:
+    root = setting or os.environ.get("RI_MERGE_CACHE") or Path.home() / ".cache" / "ri-merge"
+    return Path(root).expanduser() / "ri"
+
+
+def content_hash(source: ModelSource) -> str:
+    """sha256 over every byte of a model's safetensors files (RI depends on the weights, not just headers)."""
+    digest = hashlib.sha256()
+    for path in sorted({ref.path for ref in source.tensors.values()}):
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def auto_class(config: dict, label: str):
+    import transformers
+
+    for arch in config.get("architectures") or []:
+        for suffix, name in AUTO_CLASSES.items():
+            if arch.endswith(suffix):
+                return getattr(transformers, name)
+    raise UserError(f"RI needs classifier experts with per-task heads (*ForImageClassification, "
+                    f"*ForSequenceClassification, ...); model '{label}' is {config.get('architectures')}")
+
+
+def _require_config(source: ModelSource) -> dict:
+    config = source.config()
+    if config is None:
+        raise UserError(f"RI runs the models, so model '{source.label}' must be a folder with config.json ({source.reference})")
+    return config
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def resolve_interference(recipe: Recipe, recipe_dir: Path | None, device: torch.device,
+                         report: ReportFactory | None = None, dry_run: bool = False) -> tuple[Recipe, RIStatus]:
+    """The recipe with its models replaced by their RI-adapted versions (trained or cached)."""
+    settings_in = recipe.resolve_interference
+    assert settings_in is not None
+    if recipe.base_model is None:
+        raise UserError("resolve_interference needs base_model: experts are pulled toward it through the other heads")
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UserError("resolve_interference needs transformers: pip install 'mergekit-ri[ri]'") from None
+    _quiet_transformers()
+    base, experts = load_sources(recipe, recipe_dir)
+    configs = [_require_config(m) for m in experts]
+    _require_config(base)
+    if len(experts) < 2:
+        raise UserError("resolve_interference needs at least two experts (the others' heads define interference)")
+    heads = settings_in.heads or recipe.heads or "auto"
+    is_head = head_selector(heads, configs[0], "resolve_interference")
+    model_class = auto_class(configs[0], experts[0].label)
+    hf_config = transformers_config(experts[0].folder)
+    aux = load_auxiliary(settings_in.auxiliary_data, main_input_name(configs[0]), hf_config,
+                         base.folder, recipe_dir, settings_in.max_length)
+    settings = RISettings(settings_in.steps, settings_in.lr, settings_in.weight_decay, settings_in.alpha,
+                          settings_in.batch_size)
+    hashes = [content_hash(m) for m in experts]
+    base_hash = content_hash(base)
+    root = cache_root(settings_in.cache_dir)
+    folders, seeds = {}, {}
+    for model, own in zip(experts, hashes):
+        key = hashlib.sha256(json.dumps({
+            "version": RI_VERSION, "expert": own, "others": sorted(h for h in hashes if h != own), "base": base_hash,
+            "aux": aux.fingerprint, "settings": asdict(settings), "seed": recipe.seed, "heads": heads,
+        }, sort_keys=True).encode()).hexdigest()[:24]
+        folders[model.label] = root / key / model.label
+        seeds[model.label] = (recipe.seed * 1_000_003 + int(own[:8], 16)) % (1 << 62)
+    hits = [label for label, folder in folders.items() if (folder / "config.json").is_file()]
+    todo = [m for m in experts if m.label not in hits]
+    if todo and not dry_run:
+        _train(experts, base, todo, folders, seeds, model_class, is_head, aux, settings, device, report)
+    status = RIStatus({k: str(v) for k, v in folders.items()}, hits, [m.label for m in todo] if not dry_run else [])
+    if dry_run:  # plan over the original experts: the adapted ones have the same names and shapes
+        return recipe.model_copy(update={"heads": heads}), status
+    models = [ModelEntry(model=str(folders[m.label]), parameters=entry.parameters) for m, entry in zip(experts, recipe.models)]
+    return recipe.model_copy(update={"models": models, "heads": heads}), status
+
+
+def transformers_config(folder: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder)
+
+
+def main_input_name(config: dict) -> str:
+    """What the architecture's forward takes first (pixel_values, input_ids, ...)."""
+    import transformers
+
+    arch = getattr(transformers, (config.get("architectures") or [""])[0], None)
+    return getattr(arch, "main_input_name", "input_ids")
+
+
+def _train(experts: list[ModelSource], base: ModelSource, todo: list[ModelSource], folders: dict[str, Path],
+           seeds: dict[str, int], model_class, is_head, aux, settings: RISettings, device: torch.device,
+           report: ReportFactory | None) -> None:
+    models = [model_class.from_pretrained(m.folder).eval() for m in experts]
+    base_model = model_class.from_pretrained(base.folder, config=models[0].config, ignore_mismatched_sizes=True).eval()
+    head_name = head_module_name(models[0], is_head)
+    for model, source in zip(models, experts):
+        if source not in todo:
+            continue
+        index = experts.index(source)
+        others = [m.get_submodule(head_name) for j, m in enumerate(models) if j != index]
+        batches = aux.batches(settings.batch_size, settings.steps, seeds[source.label])
+        step_report = report(source.label, settings.steps) if report else None
+        adapted = adapt_expert(model, base_model, others, head_name, batches, settings, device, step_report)
+        _save(adapted, source, folders[source.label], is_head)
+        model.to("cpu")
+
+
+def _save(adapted, source: ModelSource, folder: Path, is_head) -> None:
+    """save_pretrained into a staging folder, check names and heads against the original, publish."""
+    from ..io.sources import TensorReader, load_source
+
+    staging = folder.parent / f".{folder.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    adapted.to("cpu").save_pretrained(staging)
+    saved = load_source(str(staging), source.label)
+    if set(saved.tensors) != set(source.tensors):
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RuntimeError(f"RI: transformers saved {source.label} under other tensor names than its checkpoint; "
+                           f"e.g. {sorted(set(saved.tensors) ^ set(source.tensors))[:3]}")
+    with TensorReader() as reader:
+        for name, ref in source.tensors.items():
+            if is_head(name) and not torch.equal(reader.read(ref), reader.read(saved.tensors[name])):
+                raise RuntimeError(f"RI changed head tensor {name} of {source.label}")
+    for name in os.listdir(source.folder):  # tokenizer/preprocessor files travel with the expert
+        if not (staging / name).exists() and not name.endswith(".safetensors") and name != "model.safetensors.index.json":
+            if (source.folder / name).is_file():
+                shutil.copyfile(source.folder / name, staging / name)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(staging, folder)
