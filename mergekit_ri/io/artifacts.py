@@ -100,7 +100,7 @@ Method: {plan.method.citation}
 
 ## Inputs
 
-| role | reference | revision | header fingerprint (sha256/16) |
+| role | reference | revision | safetensors header sha256/16 (names, shapes, dtypes) |
 |---|---|---|---|
 {chr(10).join(rows)}
 
