@@ -134,3 +134,15 @@ def test_terminated_merge_cleans_up_and_exits_130(tmp_path):
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr
     assert not out.exists() and not list(tmp_path.glob(".out.ri-merge-partial-*"))
+
+
+def test_example_recipes_in_configs_are_valid():
+    import yaml
+
+    from mergekit_ri.recipe import parse_recipe
+
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        recipe = parse_recipe(yaml.safe_load(path.read_text()), source=str(path))
+        assert recipe.models, path
