@@ -69,6 +69,7 @@ def load_inputs(task: TensorTask, raws: list[torch.Tensor], has_base: bool,
     for i, raw in enumerate(expert_raws):
         experts[i].copy_(raw)
     base = base_raw.to(device=device, dtype=torch.float32) if base_raw is not None else None
+    raws.clear()  # the raw buffers are not needed once converted: free them before the maths
     return base, experts
 
 
@@ -83,23 +84,28 @@ def compute(plan: MergePlan, task: TensorTask, raws: list[torch.Tensor], device:
     return merged.to(ST_DTYPES[task.out_dtype]).cpu()
 
 
+PREFETCH_BYTES = 256 * 2**20
+
+
 def stream_inputs(plan: MergePlan, reader: TensorReader, pool: ThreadPoolExecutor, prefetch: int,
                   tasks: list[TensorTask] | None = None) -> Iterator[tuple[TensorTask, list[torch.Tensor]]]:
-    """Yields each task with its raw input tensors, reading up to `prefetch` tasks ahead."""
+    """Yields each task with its raw input tensors, reading ahead up to `prefetch` tasks and
+    PREFETCH_BYTES bytes (always at least the next task), so huge tensors do not pile up."""
     pending: deque[tuple[TensorTask, Future]] = deque()
-    todo = iter(tasks if tasks is not None else plan.tasks)
+    todo = deque(tasks if tasks is not None else plan.tasks)
 
-    def submit() -> None:
-        task = next(todo, None)
-        if task is not None:
+    def fill() -> None:
+        in_flight = sum(t.in_nbytes for t, _ in pending)
+        while todo and len(pending) < max(prefetch, 1) and (not pending or in_flight + todo[0].in_nbytes <= PREFETCH_BYTES):
+            task = todo.popleft()
+            in_flight += task.in_nbytes
             pending.append((task, pool.submit(lambda t=task: [reader.read(r) for r in input_refs(plan, t)])))
 
-    for _ in range(max(prefetch, 1)):
-        submit()
+    fill()
     while pending:
         task, future = pending.popleft()
         raws = future.result()
-        submit()
+        fill()
         yield task, raws
 
 

@@ -65,15 +65,23 @@ def elect_and_merge(weighted: torch.Tensor, weights: torch.Tensor, normalize: bo
     """TIES steps 2-3: sign election by total mass, then the (weighted) disjoint mean.
 
     Where the mass sums to exactly 0 the elected sign is the tensor's majority sign (+1 if that
-    is 0 too), as in the reference code.
+    is 0 too), as in the reference code. Experts are visited one at a time so the temporaries
+    are a few single tensors, not N-stacked ones. Entry i agrees with the elected sign γ when
+    γ·wτ_i > 0 (zero entries never agree).
     """
     elected = torch.sign(weighted.sum(dim=0))
     majority = torch.sign(elected.sum())
-    elected = torch.where(elected == 0, majority if majority != 0 else torch.ones_like(majority), elected)
-    agree = torch.sign(weighted) == elected  # zero entries have sign 0: never agree
-    mixed = (weighted * agree).sum(dim=0)
-    if normalize:
-        mixed = mixed / _safe_divisor((weights * agree).sum(dim=0))
+    elected[elected == 0] = majority if majority != 0 else 1.0
+    mixed = torch.zeros_like(elected)
+    count = torch.zeros_like(elected) if normalize else None
+    agree = torch.empty(elected.shape, dtype=torch.bool, device=elected.device)
+    for i in range(weighted.shape[0]):
+        torch.gt(weighted[i] * elected, 0, out=agree)
+        mixed.add_(weighted[i].mul_(agree))  # weighted[i] is ours to overwrite
+        if count is not None:
+            count.add_(agree, alpha=float(weights.reshape(-1)[i]))
+    if count is not None:
+        mixed.div_(_safe_divisor(count))
     return mixed
 
 

@@ -41,10 +41,14 @@ def bits_to_float(high: int, low: int) -> float:
 
 def kth_largest_abs(x: torch.Tensor, k: int) -> float:
     """The k-th largest |x| (1-based), exactly. k must be in 1..numel."""
-    n = x.numel()
+    return kth_largest_magnitude(abs_bits(x), k)
+
+
+def kth_largest_magnitude(bits: torch.Tensor, k: int) -> float:
+    """The k-th largest of non-negative fp32 values given as int32 bit patterns."""
+    n = bits.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k={k} outside 1..{n}")
-    bits = abs_bits(x)
     high, rank = bucket_of_kth(high_histogram(bits), k)
     low, _ = bucket_of_kth(low_histogram(bits, high), rank)
     return bits_to_float(high, low)
@@ -58,4 +62,5 @@ def topk_mask(x: torch.Tensor, density: float) -> torch.Tensor:
         return torch.ones_like(x, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(x, dtype=torch.bool)
-    return x.abs() >= kth_largest_abs(x, k)
+    magnitude = x.detach().to(torch.float32).abs()
+    return magnitude >= kth_largest_magnitude(magnitude.reshape(-1).view(torch.int32), k)
