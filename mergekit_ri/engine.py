@@ -42,6 +42,37 @@ class MergeResult:
     files: list[str]
 
 
+CHUNK_ELEMENTS = 1 << 22  # rows per work unit of an elementwise method: ~4M elements per model
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """A whole tensor, or a block of its rows for methods that work element by element."""
+
+    task: TensorTask
+    rows: tuple[int, int] | None = None
+
+    @property
+    def in_nbytes(self) -> int:
+        if self.rows is None:
+            return self.task.in_nbytes
+        return self.task.in_nbytes // self.task.shape[0] * (self.rows[1] - self.rows[0])
+
+
+def work_units(plan: MergePlan, tasks: list[TensorTask] | None = None, chunk: int | None = None) -> list[WorkUnit]:
+    """Split big tensors of elementwise methods into row blocks so memory stays bounded."""
+    chunk = chunk or CHUNK_ELEMENTS
+    units = []
+    for task in plan.tasks if tasks is None else tasks:
+        numel = task.reference.numel
+        if task.merge and plan.method.elementwise and task.shape and numel > chunk:
+            step = max(1, chunk // max(1, numel // task.shape[0]))
+            units += [WorkUnit(task, (r, min(r + step, task.shape[0]))) for r in range(0, task.shape[0], step)]
+        else:
+            units.append(WorkUnit(task))
+    return units
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -65,7 +96,7 @@ def load_inputs(task: TensorTask, raws: list[torch.Tensor], has_base: bool,
                 device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
     """fp32 base and stacked experts [N, ...] on the device."""
     base_raw, expert_raws = (raws[0], raws[1:]) if has_base else (None, raws)
-    experts = torch.empty((len(expert_raws), *task.shape), dtype=torch.float32, device=device)
+    experts = torch.empty((len(expert_raws), *expert_raws[0].shape), dtype=torch.float32, device=device)
     for i, raw in enumerate(expert_raws):
         experts[i].copy_(raw)
     base = base_raw.to(device=device, dtype=torch.float32) if base_raw is not None else None
@@ -88,25 +119,28 @@ PREFETCH_BYTES = 256 * 2**20
 
 
 def stream_inputs(plan: MergePlan, reader: TensorReader, pool: ThreadPoolExecutor, prefetch: int,
-                  tasks: list[TensorTask] | None = None) -> Iterator[tuple[TensorTask, list[torch.Tensor]]]:
-    """Yields each task with its raw input tensors, reading ahead up to `prefetch` tasks and
-    PREFETCH_BYTES bytes (always at least the next task), so huge tensors do not pile up."""
-    pending: deque[tuple[TensorTask, Future]] = deque()
-    todo = deque(tasks if tasks is not None else plan.tasks)
+                  units: list[WorkUnit]) -> Iterator[tuple[WorkUnit, list[torch.Tensor]]]:
+    """Yields each work unit with its raw input tensors, reading ahead up to `prefetch` units and
+    PREFETCH_BYTES bytes (always at least the next unit), so huge tensors do not pile up."""
+    pending: deque[tuple[WorkUnit, Future]] = deque()
+    todo = deque(units)
+
+    def read(unit: WorkUnit) -> list[torch.Tensor]:
+        return [reader.read(ref, unit.rows) for ref in input_refs(plan, unit.task)]
 
     def fill() -> None:
-        in_flight = sum(t.in_nbytes for t, _ in pending)
+        in_flight = sum(u.in_nbytes for u, _ in pending)
         while todo and len(pending) < max(prefetch, 1) and (not pending or in_flight + todo[0].in_nbytes <= PREFETCH_BYTES):
-            task = todo.popleft()
-            in_flight += task.in_nbytes
-            pending.append((task, pool.submit(lambda t=task: [reader.read(r) for r in input_refs(plan, t)])))
+            unit = todo.popleft()
+            in_flight += unit.in_nbytes
+            pending.append((unit, pool.submit(read, unit)))
 
     fill()
     while pending:
-        task, future = pending.popleft()
+        unit, future = pending.popleft()
         raws = future.result()
         fill()
-        yield task, raws
+        yield unit, raws
 
 
 def model_thresholds(plan: MergePlan, reader: TensorReader, pool: ThreadPoolExecutor, device: torch.device,
@@ -127,7 +161,8 @@ def model_thresholds(plan: MergePlan, reader: TensorReader, pool: ThreadPoolExec
 
     def histograms(bucket: list[int] | None) -> torch.Tensor:
         hist = torch.zeros((count, BUCKETS), dtype=torch.int64, device=device)
-        for task, raws in stream_inputs(plan, reader, pool, prefetch, tasks):
+        for unit, raws in stream_inputs(plan, reader, pool, prefetch, work_units(plan, tasks)):
+            task = unit.task
             base, experts = load_inputs(task, raws, True, device)
             for i in range(count):
                 bits = abs_bits(experts[i].sub_(base))
@@ -179,12 +214,12 @@ def run_merge(plan: MergePlan, out: Path, *, device: str = "auto", force: bool =
             thresholds = model_thresholds(plan, reader, reads, target, prefetch, advance) \
                 if needs_model_prepass(plan) else None
             written: deque[Future] = deque()
-            for task, raws in stream_inputs(plan, reader, reads, prefetch):
-                result = compute(plan, task, raws, target, thresholds)
-                written.append(writes.submit(writer.write, task, result))
+            for unit, raws in stream_inputs(plan, reader, reads, prefetch, work_units(plan)):
+                result = compute(plan, unit.task, raws, target, thresholds)
+                written.append(writes.submit(writer.write, unit.task, result, unit.rows))
                 while len(written) > 2:
                     written.popleft().result()
-                advance(task.in_nbytes)
+                advance(unit.in_nbytes)
             for future in written:
                 future.result()
             write_heads(staging, plan, reader)

@@ -235,3 +235,26 @@ def test_integer_buffers_are_copied_from_the_base(tmp_path):
     merged = read_checkpoint(tmp_path / "out")
     assert torch.equal(merged["position_ids"], torch.arange(10))
     assert torch.allclose(merged["w"], w + 1)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear"])
+def test_row_chunked_merge_equals_whole_tensor_merge(tmp_path, monkeypatch, method):
+    import mergekit_ri.engine as engine
+    from mergekit_ri.methods import get_method
+
+    assert get_method(method).elementwise
+    from mergekit_ri.plan import build_plan
+    from mergekit_ri.recipe import load_recipe
+
+    folders = make_family(tmp_path / "m", NAMES, shape=ODD, dtype="bfloat16", shards=2)
+    params = {"parameters": {"lambda": 0.6}} if method != "linear" else {}
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "chunked").mkdir()
+    whole = merge_via_cli(tmp_path / "whole", folders, method, **params)
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 50)  # blocks of a few rows, some not dividing the row count
+    chunked = merge_via_cli(tmp_path / "chunked", folders, method, **params)
+    plan = build_plan(load_recipe(tmp_path / "chunked" / "recipe.yaml"))
+    assert len(engine.work_units(plan)) > 3 * len(plan.tasks)
+    assert set(whole) == set(chunked)
+    for name in whole:
+        assert torch.equal(whole[name], chunked[name]), name

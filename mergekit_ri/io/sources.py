@@ -196,7 +196,12 @@ class TensorReader:
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
 
-    def read(self, ref: TensorRef) -> torch.Tensor:
+    def read(self, ref: TensorRef, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The whole tensor, or rows [r0, r1) of its first axis (a contiguous byte range)."""
+        if rows is not None:
+            row_bytes = ref.nbytes // ref.shape[0]
+            ref = TensorRef(ref.path, ref.dtype, (rows[1] - rows[0], *ref.shape[1:]),
+                            ref.start + rows[0] * row_bytes, ref.start + rows[1] * row_bytes)
         with self._lock:  # reader threads share the descriptors
             fd = self._fds.get(ref.path)
             if fd is None:

@@ -47,12 +47,18 @@ class ShardWriter:
             self._data_start.append(8 + len(header))
             os.ftruncate(fd, 8 + len(header) + shard.data_bytes)
 
-    def write(self, task: TensorTask, tensor: torch.Tensor) -> None:
+    def write(self, task: TensorTask, tensor: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
+        """Put the whole tensor, or rows [r0, r1) of it, at the planned offset."""
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
-        if data.nbytes != task.out_nbytes:
-            raise AssertionError(f"{task.name}: {data.nbytes} bytes computed, {task.out_nbytes} planned")
-        view, done = memoryview(data), 0
         position = self._data_start[task.shard] + task.offset
+        expected = task.out_nbytes
+        if rows is not None:
+            row_bytes = task.out_nbytes // task.shape[0]
+            position += rows[0] * row_bytes
+            expected = (rows[1] - rows[0]) * row_bytes
+        if data.nbytes != expected:
+            raise AssertionError(f"{task.name}: {data.nbytes} bytes computed, {expected} planned")
+        view, done = memoryview(data), 0
         while done < data.nbytes:
             done += os.pwrite(self._fds[task.shard], view[done:], position + done)
 

@@ -138,12 +138,12 @@ TRIM_SCOPE = Param("trim_scope", "tensor", False,
 
 register(MethodSpec(
     "linear", linear, (WEIGHT, _normalize(True)), needs_base=False,
-    summary="weighted average of the models (model soup)",
+    summary="weighted average of the models (model soup)", elementwise=True,
     citation="Wortsman et al., Model soups, ICML 2022 (arXiv:2203.05482)",
 ))
 register(MethodSpec(
     "task_arithmetic", task_arithmetic, (WEIGHT, LAMBDA, _normalize(False)), needs_base=True,
-    summary="base + λ · weighted sum of task vectors",
+    summary="base + λ · weighted sum of task vectors", elementwise=True,
     citation="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv:2212.04089)",
 ))
 register(MethodSpec(

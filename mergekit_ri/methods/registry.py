@@ -66,6 +66,9 @@ class MethodSpec:
     summary: str
     citation: str = ""
     aliases: tuple[str, ...] = field(default=())
+    # True when each output entry depends only on the same entry of the inputs: the engine may
+    # then feed the function blocks of rows of big tensors instead of whole tensors
+    elementwise: bool = False
 
     def param(self, name: str) -> Param:
         return next(p for p in self.params if p.name == name)
