@@ -204,27 +204,46 @@ def mergekit_command(mergekit: str, recipe: Path, out: Path) -> list[str]:
 Command = Callable[[Path, Path], list[str]]  # (recipe, output folder) -> argv
 
 
+# Runs one command and writes its wall time and rusage as JSON to argv[1]. It runs in a fresh,
+# small interpreter because Linux carries the RSS high-water mark of the process that forks
+# (vfork) into the child's ru_maxrss: spawned from this script, every child would report at
+# least this script's own peak (several GiB after generating the models).
+TIMER = """
+import json, os, subprocess, sys, time
+start = time.perf_counter()
+proc = subprocess.Popen(sys.argv[2:], stdin=subprocess.DEVNULL)
+_, status, usage = os.wait4(proc.pid, 0)
+seconds = time.perf_counter() - start
+proc.returncode = os.waitstatus_to_exitcode(status)
+with open(sys.argv[1], "w") as sink:
+    json.dump({"seconds": seconds, "max_rss_kib": usage.ru_maxrss, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+               "returncode": proc.returncode}, sink)
+"""
+
+
 @dataclass
 class Run:
-    """One child process: wall seconds, peak RSS in KiB, exit status."""
+    """One child process: wall seconds, peak RSS in KiB, CPU seconds, exit status."""
 
     seconds: float
     max_rss_kib: int
+    cpu_seconds: float
     returncode: int
     stderr_tail: str = ""
 
 
 def run_child(cmd: list[str], log: Path) -> Run:
-    """Run `cmd`, timing it and reading its own peak RSS with wait4."""
+    """Run `cmd` under the TIMER helper (output to `log`); its own wall time, peak RSS and CPU time."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    measure = log.with_suffix(".json")
+    measure.unlink(missing_ok=True)
     with open(log, "wb") as sink:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4; tell Popen
-    tail = "" if proc.returncode == 0 else log.read_text(errors="replace")[-2000:]
-    return Run(seconds, usage.ru_maxrss, proc.returncode, tail)
+        subprocess.run([sys.executable, "-I", "-S", "-c", TIMER, str(measure), *cmd],
+                       stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, check=True)
+    run = Run(**json.loads(measure.read_text()))
+    if run.returncode != 0:
+        run.stderr_tail = log.read_text(errors="replace")[-2000:]
+    return run
 
 
 def remove(path: Path) -> None:
@@ -296,7 +315,7 @@ def bench_method(method: str, recipe: Path, tools: dict[str, Command], reps: int
             results[tool].runs.append(run)
             status = "ok" if run.returncode == 0 else f"FAILED rc={run.returncode}"
             print(f"  {method:<16} {tool:<9} rep {rep + 1}/{reps}: {run.seconds:7.2f}s "
-                  f"{run.max_rss_kib / 2**20:6.2f} GiB  {status}", file=sys.stderr, flush=True)
+                  f"{run.max_rss_kib / 2**20:6.2f} GiB  cpu {run.cpu_seconds:7.2f}s  {status}", file=sys.stderr, flush=True)
             if run.returncode != 0:
                 print(run.stderr_tail, file=sys.stderr)
     return list(results.values())
@@ -393,11 +412,12 @@ def format_table(rows: list[list[str]], markdown: bool) -> str:
     return "\n".join([line(HEADERS), line(["-" * w for w in widths])] + [line(row) for row in rows])
 
 
-def header_line(shape: LlamaShape, params: int, experts: int, input_bytes: int, reps: int) -> str:
+def header_line(shape: LlamaShape, params: int, experts: int, input_bytes: int, reps: int, load: float) -> str:
     """One line naming the model size and the setup."""
     return (f"Llama-style {human_count(params)} params (hidden {shape.hidden}, intermediate {shape.intermediate}, "
             f"{shape.layers} layers, vocab {shape.vocab}), {DTYPE}, base + {experts} experts, "
-            f"{input_bytes / 1e9:.2f} GB of inputs; median of {reps} run(s), {os.cpu_count()} CPU(s)")
+            f"{input_bytes / 1e9:.2f} GB of inputs; median of {reps} run(s), {os.cpu_count()} CPU(s), "
+            f"load average {load:.2f} at start")
 
 
 def floor_line(import_s: float, read_s: float, input_bytes: int) -> str:
@@ -407,6 +427,15 @@ def floor_line(import_s: float, read_s: float, input_bytes: int) -> str:
 
 
 # ---------------------------------------------------------------- main
+
+
+def warn_if_busy() -> float:
+    """The 1-minute load average; warn when other work would skew the timings."""
+    load = os.getloadavg()[0]
+    if load > 0.5 * (os.cpu_count() or 1):
+        print(f"warning: load average {load:.2f} on {os.cpu_count()} CPU(s); timings will be noisy",
+              file=sys.stderr)
+    return load
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -430,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     files = input_files(folders)
     params = count_params(folders["base"])
 
+    load = warn_if_busy()
     mergekit = find_mergekit(args.mergekit)
     tools: dict[str, Command] = {"ri-merge": ri_command}
     if mergekit:
@@ -447,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = write_recipe(work / "recipes" / f"{method}.yaml", recipe_for(method, folders))
         results += bench_method(method, recipe, tools, args.reps, work)
 
-    print(header_line(shape, params, args.experts, input_bytes, args.reps))
+    print(header_line(shape, params, args.experts, input_bytes, args.reps, load))
     print(floor_line(import_s, read_s, input_bytes))
     print()
     print(format_table(table_rows(results, floor), args.markdown))
