@@ -9,6 +9,9 @@ bucket that holds it. Two `bincount` passes instead of a sort: ~10x faster than
 
 from __future__ import annotations
 
+import sys
+
+import numpy as np
 import torch
 
 BUCKETS = 1 << 16
@@ -49,6 +52,8 @@ def kth_largest_magnitude(bits: torch.Tensor, k: int) -> float:
     n = bits.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k={k} outside 1..{n}")
+    if bits.device.type == "cpu" and sys.byteorder == "little":
+        return _kth_numpy(bits.reshape(-1).numpy(), k)
     high, rank = bucket_of_kth(high_histogram(bits), k)
     low, _ = bucket_of_kth(low_histogram(bits, high), rank)
     return bits_to_float(high, low)
@@ -64,3 +69,20 @@ def topk_mask(x: torch.Tensor, density: float) -> torch.Tensor:
         return torch.zeros_like(x, dtype=torch.bool)
     magnitude = x.detach().to(torch.float32).abs()
     return magnitude >= kth_largest_magnitude(magnitude.reshape(-1).view(torch.int32), k)
+
+
+def _bucket_of_kth_numpy(hist: np.ndarray, k: int) -> tuple[int, int]:
+    from_top = np.cumsum(hist[::-1])
+    pos = int(np.searchsorted(from_top, k))
+    above = int(from_top[pos - 1]) if pos > 0 else 0
+    return BUCKETS - 1 - pos, k - above
+
+
+def _kth_numpy(bits: np.ndarray, k: int) -> float:
+    """The CPU path: the 16-bit halves of each value are read in place (little-endian), so
+    neither pass allocates a shifted copy; numpy's bincount is the fastest histogram here."""
+    halves = bits.view(np.uint16)
+    high_halves = halves[1::2]
+    high, rank = _bucket_of_kth_numpy(np.bincount(high_halves, minlength=BUCKETS), k)
+    low, _ = _bucket_of_kth_numpy(np.bincount(halves[0::2][high_halves == high], minlength=BUCKETS), rank)
+    return bits_to_float(high, low)
