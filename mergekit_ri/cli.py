@@ -67,12 +67,16 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 def _load_plan(recipe_path: Path, device: Optional[str], *, dry_run: bool = False, quiet: bool = True):
     """The merge plan, after RI adapted the experts (or, for a dry run, found what it would do)."""
+    return _load_plan_and_recipe(recipe_path, device, dry_run=dry_run, quiet=quiet)[:2]
+
+
+def _load_plan_and_recipe(recipe_path: Path, device: Optional[str], *, dry_run: bool = False, quiet: bool = True):
     from .plan import build_plan
     from .recipe import load_recipe
 
-    recipe = load_recipe(recipe_path)
+    recipe = original = load_recipe(recipe_path)
     if device is not None:
-        recipe = recipe.model_copy(update={"device": device})
+        recipe = original = recipe.model_copy(update={"device": device})
     ri_status = None
     if recipe.resolve_interference is not None:
         from .engine import resolve_device
@@ -81,7 +85,27 @@ def _load_plan(recipe_path: Path, device: Optional[str], *, dry_run: bool = Fals
         with _steps_progress(quiet) as bar:
             recipe, ri_status = resolve_interference(recipe, recipe_path.resolve().parent, resolve_device(recipe.device),
                                                      report=_ri_reporter(bar), dry_run=dry_run)
-    return build_plan(recipe, recipe_path.resolve().parent), ri_status
+    return build_plan(recipe, recipe_path.resolve().parent), ri_status, original
+
+
+def _report_interference(original, recipe_dir: Path, merged: Path, device: str) -> dict[str, float]:
+    """ξ on the auxiliary data of this merge and of the same merge without RI (analysis only)."""
+    import tempfile
+
+    from .engine import resolve_device, run_merge
+    from .plan import build_plan
+    from .ri.interference import interference
+    from .ri.prepare import ri_context
+
+    ctx = ri_context(original, recipe_dir)
+    target = resolve_device(device)
+    plain = original.model_copy(update={"resolve_interference": None, "heads": ctx.heads})
+    with tempfile.TemporaryDirectory(prefix="ri-merge-xi-") as scratch:
+        without = Path(scratch) / "without-ri"
+        run_merge(build_plan(plain, recipe_dir), without, device=str(target))
+        before = interference(without, ctx.experts, ctx.model_class, ctx.aux, target)
+    after = interference(merged, ctx.experts, ctx.model_class, ctx.aux, target)
+    return {"without_ri": before, "with_ri": after}
 
 
 def _steps_progress(quiet: bool) -> Progress:
@@ -134,7 +158,7 @@ def merge_command(recipe: Path, output: Path, device: Optional[str], dry_run: bo
         from .engine import run_merge, total_work_bytes
 
         show_bars = not quiet and (err.is_terminal or verbose)
-        plan, ri_status = _load_plan(recipe, device, dry_run=dry_run, quiet=not show_bars)
+        plan, ri_status, original = _load_plan_and_recipe(recipe, device, dry_run=dry_run, quiet=not show_bars)
         ri_summary = {"ri": vars(ri_status)} if ri_status is not None else {}
         if dry_run:
             if as_json:
@@ -154,6 +178,11 @@ def merge_command(recipe: Path, output: Path, device: Optional[str], dry_run: bo
             task = bar.add_task(f"merging ({plan.method.name})", total=total_work_bytes(plan))
             result = run_merge(plan, output, device=device or plan.recipe.device, force=force,
                                prefetch=prefetch, progress=lambda n: bar.advance(task, n))
+        if ri_status is not None and verbose:
+            xi = _report_interference(original, recipe.resolve().parent, result.out, device or plan.recipe.device)
+            ri_summary["ri"]["interference"] = xi
+            err.print(f"interference ξ on the auxiliary data: {xi['without_ri']:.4f} without RI, "
+                      f"{xi['with_ri']:.4f} with RI (reported only; never used to tune the merge)", markup=False)
         summary = {
             "output": str(result.out), "method": plan.method.name, "device": result.device,
             "tensors": result.tensors, "shards": result.shards, "bytes_read": result.bytes_read,

@@ -147,3 +147,13 @@ def test_models_without_task_heads_are_refused_with_the_reason(tmp_path, recipe_
     recipe = recipe_for("ties", resolve_interference={"auxiliary_data": str(aux), "steps": 1})
     result = run_cli("merge", recipe, "-o", tmp_path / "out")
     assert result.code == 2 and "heads" in result.stderr, result.stderr
+
+
+def test_verbose_reports_interference_before_and_after_ri(tmp_path, vits, aux):
+    recipe = ri_recipe(tmp_path, vits, aux, method="task_arithmetic", steps=40)
+    result = run_cli("merge", recipe, "-o", tmp_path / "out", "-v", "--json")
+    assert result.code == 0, result.stderr
+    xi = json.loads(result.stdout)["ri"]["interference"]
+    assert xi["without_ri"] > 0 and xi["with_ri"] > 0
+    assert xi["with_ri"] < xi["without_ri"]  # RI pulls each expert toward the base through the other heads
+    assert "interference" in result.stderr

@@ -24,7 +24,7 @@ from ..io.sources import ModelSource
 from ..plan import load_sources
 from ..recipe import ModelEntry, Recipe
 from .adapt import RISettings, StepReport, adapt_expert, head_module_name
-from .data import load_auxiliary
+from .data import AuxiliaryData, load_auxiliary
 
 RI_VERSION = "1"
 AUTO_CLASSES = {
@@ -86,6 +86,34 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+@dataclass
+class RIContext:
+    """The inputs of RI, resolved and checked: sources, heads, model class, auxiliary data."""
+
+    base: ModelSource
+    experts: list[ModelSource]
+    heads: str
+    is_head: Callable[[str], bool]
+    model_class: object
+    aux: AuxiliaryData
+
+
+def ri_context(recipe: Recipe, recipe_dir: Path | None) -> RIContext:
+    settings = recipe.resolve_interference
+    _quiet_transformers()
+    base, experts = load_sources(recipe, recipe_dir)
+    configs = [_require_config(m) for m in experts]
+    _require_config(base)
+    if len(experts) < 2:
+        raise UserError("resolve_interference needs at least two experts (the others' heads define interference)")
+    heads = settings.heads or recipe.heads or "auto"
+    is_head = head_selector(heads, configs[0], "resolve_interference")
+    model_class = auto_class(configs[0], experts[0].label)
+    aux = load_auxiliary(settings.auxiliary_data, main_input_name(configs[0]), transformers_config(experts[0].folder),
+                         base.folder, recipe_dir, settings.max_length)
+    return RIContext(base, experts, heads, is_head, model_class, aux)
+
+
 def resolve_interference(recipe: Recipe, recipe_dir: Path | None, device: torch.device,
                          report: ReportFactory | None = None, dry_run: bool = False) -> tuple[Recipe, RIStatus]:
     """The recipe with its models replaced by their RI-adapted versions (trained or cached)."""
@@ -97,18 +125,9 @@ def resolve_interference(recipe: Recipe, recipe_dir: Path | None, device: torch.
         import transformers  # noqa: F401
     except ImportError:
         raise UserError("resolve_interference needs transformers: pip install 'mergekit-ri[ri]'") from None
-    _quiet_transformers()
-    base, experts = load_sources(recipe, recipe_dir)
-    configs = [_require_config(m) for m in experts]
-    _require_config(base)
-    if len(experts) < 2:
-        raise UserError("resolve_interference needs at least two experts (the others' heads define interference)")
-    heads = settings_in.heads or recipe.heads or "auto"
-    is_head = head_selector(heads, configs[0], "resolve_interference")
-    model_class = auto_class(configs[0], experts[0].label)
-    hf_config = transformers_config(experts[0].folder)
-    aux = load_auxiliary(settings_in.auxiliary_data, main_input_name(configs[0]), hf_config,
-                         base.folder, recipe_dir, settings_in.max_length)
+    ctx = ri_context(recipe, recipe_dir)
+    base, experts, heads, is_head, model_class, aux = (ctx.base, ctx.experts, ctx.heads, ctx.is_head,
+                                                        ctx.model_class, ctx.aux)
     settings = RISettings(settings_in.steps, settings_in.lr, settings_in.weight_decay, settings_in.alpha,
                           settings_in.batch_size)
     hashes = [content_hash(m) for m in experts]
