@@ -217,8 +217,13 @@ def merge(
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
     prefetch: Annotated[int, typer.Option("--prefetch", min=1, max=64, help="Tensors read ahead of the merge.")] = 2,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for the maths (default: all cores).")] = None,
 ) -> None:
     """Merge the models of RECIPE into OUTPUT (`ri-merge RECIPE -o OUT` for short)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     merge_command(recipe, output, device, dry_run, force, quiet, as_json, verbose, prefetch)
 
 
