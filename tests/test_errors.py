@@ -194,3 +194,11 @@ def test_inputs_are_never_modified(tmp_path, models):
     stamp = {p: (p.stat().st_mtime_ns, p.read_bytes()) for f in models.values() for p in f.iterdir()}
     assert run_cli("merge", recipe(tmp_path, models), "-o", tmp_path / "out", "-q").code == 0
     assert stamp == {p: (p.stat().st_mtime_ns, p.read_bytes()) for f in models.values() for p in f.iterdir()}
+
+
+def test_choice_parameters_are_checked_inside_filters(tmp_path, models):
+    scope = [{"filter": "self_attn", "value": "all_2d"}, {"value": "linaer"}]
+    result = run_cli("merge", recipe(tmp_path, models, merge_method="wudi", parameters={"scope": scope}), "-o", tmp_path / "out")
+    assert_bad_input(result, "scope", "'linaer'", out=tmp_path / "out")
+    scope[1]["value"] = "linear"
+    assert run_cli("merge", recipe(tmp_path, models, merge_method="wudi", parameters={"scope": scope}), "-o", tmp_path / "out", "-q").code == 0

@@ -87,12 +87,20 @@ class MethodSpec:
                         f"'{self.name}'{closest(key, allowed)}; it takes: {', '.join(sorted(allowed)) or 'none'}"
                     )
                 param = self.param(key)
-                if param.choices and value not in param.choices:
-                    raise UserError(
-                        f"{source}: {where}.{key}: '{value}' is not one of {', '.join(param.choices)}"
-                    )
+                for choice in _leaf_values(value) if param.choices else ():
+                    if choice not in param.choices:
+                        raise UserError(
+                            f"{source}: {where}.{key}: '{choice}' is not one of {', '.join(param.choices)}"
+                        )
                 if where.startswith("models") and key not in per_model:
                     raise UserError(f"{source}: {where}: '{key}' is a global parameter; set it under top-level parameters")
+
+
+def _leaf_values(value: Any) -> list[Any]:
+    """The values a parameter can take: itself, or each filtered entry's value."""
+    if isinstance(value, list):
+        return [leaf for entry in value for leaf in _leaf_values(getattr(entry, "value", entry))]
+    return [value]
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
