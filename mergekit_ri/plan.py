@@ -94,7 +94,8 @@ class MergePlan:
         inputs = len(self.experts) + (self.base is not None)
         raw = largest.in_nbytes * (prefetch + 1)
         work = largest.reference.numel * 4 * (inputs + len(self.experts) + 2)
-        return raw + work + largest.out_nbytes * 2
+        workspace = max((self.method.workspace(t.shape, len(self.experts)) for t in self.tasks if t.merge), default=0)
+        return raw + work + workspace + largest.out_nbytes * 2
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -69,6 +69,8 @@ class MethodSpec:
     # True when each output entry depends only on the same entry of the inputs: the engine may
     # then feed the function blocks of rows of big tensors instead of whole tensors
     elementwise: bool = False
+    # extra working memory (bytes) for one tensor of this shape with N experts, for --dry-run
+    workspace: Callable[[tuple[int, ...], int], int] = field(default=lambda shape, n: 0)
 
     def param(self, name: str) -> Param:
         return next(p for p in self.params if p.name == name)

@@ -106,21 +106,26 @@ def iso_cts(base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: Ten
     return merge_matrices(base, experts, p, ctx, lambda deltas: iso_cts_merge(deltas, p["common_space_fraction"]))
 
 
+def _svd_workspace(shape: tuple[int, ...], n: int) -> int:
+    """SVD factors of the N task vectors and of their concatenation."""
+    return 4 * 4 * (n + 2) * shape[0] * shape[-1] if len(shape) == 2 else 0
+
+
 register(MethodSpec(
-    "tsv", tsv, (ALPHA,), needs_base=True,
+    "tsv", tsv, (ALPHA,), needs_base=True, workspace=_svd_workspace,
     summary="TSV-M: top ⌊min(m,n)/N⌋ singular components per task, orthogonalised (data-free)",
     citation="Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, "
              "CVPR 2025 (arXiv:2412.00081)",
     aliases=("tsv_m",),
 ))
 register(MethodSpec(
-    "iso_c", iso_c, (ALPHA,), needs_base=True,
+    "iso_c", iso_c, (ALPHA,), needs_base=True, workspace=_svd_workspace,
     summary="Iso-C: singular vectors of Σ τ_i with a flat (isotropic) spectrum (data-free)",
     citation="Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and "
              "Task-Specific Subspaces, ICML 2025 (arXiv:2502.04959)",
 ))
 register(MethodSpec(
-    "iso_cts", iso_cts, (ALPHA, COMMON_SPACE_FRACTION), needs_base=True,
+    "iso_cts", iso_cts, (ALPHA, COMMON_SPACE_FRACTION), needs_base=True, workspace=_svd_workspace,
     summary="Iso-CTS: common subspace of Σ τ_i plus task-specific directions, isotropic spectrum (data-free)",
     citation="Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and "
              "Task-Specific Subspaces, ICML 2025 (arXiv:2502.04959)",

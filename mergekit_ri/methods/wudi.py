@@ -302,14 +302,19 @@ def _params(solver: str, lr: float) -> tuple[Param, ...]:
     )
 
 
+def _gram_workspace(shape: tuple[int, ...], n: int) -> int:
+    """G, its eigenvectors and the eigh workspace: a few in×in fp32 matrices."""
+    return 4 * 4 * shape[-1] ** 2 if len(shape) == 2 else 0
+
+
 register(MethodSpec(
-    "wudi", wudi, _params("aswudi", 1e-5), needs_base=True,
+    "wudi", wudi, _params("aswudi", 1e-5), needs_base=True, workspace=_gram_workspace,
     summary="WUDI: per linear layer, minimise Σ‖(M − τᵢ)τᵢᵀ‖²/‖τᵢ‖² (data-free); closed form or Adam",
     citation="Cheng et al., Whoever Started the Interference Should End It: Guiding Data-Free Model "
              "Merging via Task Vectors, ICML 2025 (arXiv:2503.08099)",
 ))
 register(MethodSpec(
-    "wudi2", wudi2, _params("sgd_spectral", 1e-4), needs_base=True,
+    "wudi2", wudi2, _params("sgd_spectral", 1e-4), needs_base=True, workspace=_gram_workspace,
     summary="OptMerge (WUDI v2): the WUDI loss on rank-⌊min(m,n)/N⌋ task vectors, from their mean",
     citation="Wei et al., Unifying Multimodal Large Language Model Capabilities and Modalities via "
              "Model Merging (OptMerge), 2025 (arXiv:2505.19892); Cheng et al., ICML 2025",
