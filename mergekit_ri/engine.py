@@ -24,7 +24,7 @@ from .io.output import check_target, make_staging, publish
 from .io.sources import ST_DTYPES, TensorReader
 from .io.writer import ShardWriter, write_index
 from .methods import TensorContext
-from .methods.select import BUCKETS, abs_bits, bits_to_float, bucket_of_kth
+from .methods.select import BUCKETS, abs_bits, bits_to_float, bucket_of_kth, high_histogram, low_histogram
 from .plan import PREFETCH_DEFAULT, MergePlan, TensorTask
 
 Progress = Callable[[int], None]
@@ -85,7 +85,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def input_refs(plan: MergePlan, task: TensorTask) -> list:
+def input_refs(task: TensorTask) -> list:
     """The tensors a task reads: base then experts, or just the reference for copied tensors."""
     if not task.merge:
         return [task.reference]
@@ -126,7 +126,7 @@ def stream_inputs(plan: MergePlan, reader: TensorReader, pool: ThreadPoolExecuto
     todo = deque(units)
 
     def read(unit: WorkUnit) -> list[torch.Tensor]:
-        return [reader.read(ref, unit.rows) for ref in input_refs(plan, unit.task)]
+        return [reader.read(ref, unit.rows) for ref in input_refs(unit.task)]
 
     def fill() -> None:
         in_flight = sum(u.in_nbytes for u, _ in pending)
@@ -167,10 +167,10 @@ def model_thresholds(plan: MergePlan, reader: TensorReader, pool: ThreadPoolExec
             for i in range(count):
                 bits = abs_bits(experts[i].sub_(base))
                 if bucket is None:
-                    hist[i] += torch.bincount(bits >> 16, minlength=BUCKETS)
+                    hist[i] += high_histogram(bits)
                 elif keep[i] > 0:
-                    hist[i] += torch.bincount(bits[(bits >> 16) == bucket[i]] & 0xFFFF, minlength=BUCKETS)
-            progress(task.in_nbytes)
+                    hist[i] += low_histogram(bits, bucket[i])
+            progress(unit.in_nbytes)
         return hist
 
     high_hist = histograms(None)
