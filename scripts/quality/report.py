@@ -112,7 +112,7 @@ def write_chart(path: Path, rows: list[Row], experts: dict[str, float], title: s
     except ImportError:
         return False
     groups = list(dict.fromkeys(r.group for r in rows))
-    fig, ax = plt.subplots(figsize=(7.5, 0.34 * len(groups) + 1.3), dpi=90)
+    fig, ax = plt.subplots(figsize=(7.5, 0.3 * len(groups) + 1.3), dpi=72)
     seen: set[str] = set()
     for line, group in enumerate(groups):
         members = [r for r in rows if r.group == group]
