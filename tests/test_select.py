@@ -23,8 +23,18 @@ CASES = {
 }
 
 
+@pytest.fixture(params=["selection", "radix"])
+def path(request, monkeypatch):
+    """Run each case through both code paths: kthvalue (small tensors) and the radix select."""
+    import mergekit_ri.methods.select as select
+
+    if request.param == "radix":
+        monkeypatch.setattr(select, "SMALL", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_kth_equals_sort_for_every_k(name):
+def test_kth_equals_sort_for_every_k(name, path):
     x = CASES[name]
     n = x.numel()
     for k in sorted({1, min(2, n), n // 3 or 1, n // 2 or 1, n - 1 or 1, n}):
@@ -32,7 +42,7 @@ def test_kth_equals_sort_for_every_k(name):
 
 
 @pytest.mark.parametrize("density", [0.0, 0.01, 0.2, 0.5, 0.999, 1.0])
-def test_mask_keeps_everything_tied_with_the_threshold(density):
+def test_mask_keeps_everything_tied_with_the_threshold(density, path):
     x = (torch.randn(129, 31) * 0.02).to(torch.bfloat16).float()
     mask = topk_mask(x, density)
     k = int(density * x.numel())
