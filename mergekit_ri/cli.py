@@ -66,11 +66,8 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 
 def _load_plan(recipe_path: Path, device: Optional[str], *, dry_run: bool = False, quiet: bool = True):
-    """The merge plan, after RI adapted the experts (or, for a dry run, found what it would do)."""
-    return _load_plan_and_recipe(recipe_path, device, dry_run=dry_run, quiet=quiet)[:2]
-
-
-def _load_plan_and_recipe(recipe_path: Path, device: Optional[str], *, dry_run: bool = False, quiet: bool = True):
+    """(plan, RI status, recipe as written): the plan is built after RI adapted the experts (or,
+    for a dry run, found what it would do)."""
     from .plan import build_plan
     from .recipe import load_recipe
 
@@ -158,7 +155,7 @@ def merge_command(recipe: Path, output: Path, device: Optional[str], dry_run: bo
         from .engine import run_merge, total_work_bytes
 
         show_bars = not quiet and (err.is_terminal or verbose)
-        plan, ri_status, original = _load_plan_and_recipe(recipe, device, dry_run=dry_run, quiet=not show_bars)
+        plan, ri_status, original = _load_plan(recipe, device, dry_run=dry_run, quiet=not show_bars)
         ri_summary = {"ri": vars(ri_status)} if ri_status is not None else {}
         if dry_run:
             if as_json:
@@ -235,7 +232,7 @@ def validate(
 ) -> None:
     """Check a recipe and every input's headers, reading no weight."""
     def body() -> None:
-        plan, _ = _load_plan(recipe, None, dry_run=True)
+        plan, _, _ = _load_plan(recipe, None, dry_run=True)
         if as_json:
             print(json.dumps({"valid": True, **plan.summary()}, indent=2))
         elif not quiet:

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import UserError
 from ..heads import head_selector
-from ..io.sources import ModelSource
+from ..io.sources import ModelSource, TensorReader, load_source
 from ..plan import load_sources
 from ..recipe import ModelEntry, Recipe
 from .adapt import RISettings, StepReport, adapt_expert, head_module_name
@@ -186,8 +186,6 @@ def _train(experts: list[ModelSource], base: ModelSource, todo: list[ModelSource
 
 def _save(adapted, source: ModelSource, folder: Path, is_head) -> None:
     """save_pretrained into a staging folder, check names and heads against the original, publish."""
-    from ..io.sources import TensorReader, load_source
-
     staging = folder.parent / f".{folder.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     adapted.to("cpu").save_pretrained(staging)
