@@ -52,7 +52,7 @@ class ResolveInterference(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
-    auxiliary_data: str  # a .safetensors file (key "inputs"), a .txt/.jsonl file, or "gaussian"
+    auxiliary_data: str  # a .safetensors file (key "inputs"), a folder of images, a .txt/.jsonl file, or "gaussian"
     steps: int = Field(2500, ge=0)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1.0e-6, ge=0)

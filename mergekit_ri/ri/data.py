@@ -1,15 +1,20 @@
-"""Unlabeled auxiliary data for RI: model-ready batches from a file, text, or Gaussian noise.
+"""Unlabeled auxiliary data for RI: model-ready batches from a file, a folder of images, text,
+or Gaussian noise.
 
 Sources: a `.safetensors` file with model-ready inputs under the key "inputs" (pixel values or
-token ids; an optional "attention_mask"), read a batch at a time; a `.txt` (one example a line)
-or `.jsonl` (objects with a "text" field) file tokenized with the base's tokenizer; or
-`gaussian`, noise of the model's input shape (the paper's weakest source, still a gain).
+token ids; an optional "attention_mask"), read a batch at a time; a folder of images (.png,
+.jpg, .jpeg, .bmp, .webp, searched recursively, sorted), preprocessed with the model's own image
+processor when its folder has `preprocessor_config.json`, else resized to `image_size` and
+normalised to [-1, 1]; a `.txt` (one example a line) or `.jsonl` (objects with a "text" field)
+file tokenized with the base's tokenizer; or `gaussian`, noise of the model's input shape (the
+paper's weakest source, still a gain).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +35,18 @@ class AuxiliaryData:
     file: Path | None = None  # lazily read (.safetensors)
     count: int = 0
     example_shape: tuple[int, ...] = ()  # gaussian
+    images: ImageFolder | None = None  # decoded a batch at a time (or all at once when small)
 
     def batches(self, batch_size: int, steps: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-        """`steps` batches; a seeded random contiguous window each step (no whole-file loads)."""
+        """`steps` batches; a seeded random contiguous window each step (no whole-file loads), or
+        for images a seeded random sample of the folder."""
         generator = torch.Generator().manual_seed(seed)
+        if self.images is not None:
+            size = min(batch_size, self.count)
+            for _ in range(steps):
+                picked = torch.randperm(self.count, generator=generator)[:size].sort().values.tolist()
+                yield {self.input_name: self.images.load(picked)}
+            return
         if self.example_shape:
             for _ in range(steps):
                 yield {self.input_name: torch.randn((batch_size, *self.example_shape), generator=generator)}
@@ -75,7 +88,10 @@ def _check_inputs(where: str, shape: tuple[int, ...], dtype: torch.dtype, input_
 
 
 def load_auxiliary(spec: str, input_name: str, config, tokenizer_folder: Path | None,
-                   relative_to: Path | None, max_length: int) -> AuxiliaryData:
+                   relative_to: Path | None, max_length: int,
+                   processor_folders: tuple[Path | None, ...] = ()) -> AuxiliaryData:
+    """The auxiliary source named by `spec`; `processor_folders` are searched in order for the
+    model's `preprocessor_config.json` (image folders)."""
     if spec == "gaussian":
         shape = expected_image_shape(config)
         if input_name != "pixel_values" or shape is None:
@@ -85,13 +101,16 @@ def load_auxiliary(spec: str, input_name: str, config, tokenizer_folder: Path | 
     path = Path(spec).expanduser()
     if not path.exists() and relative_to is not None and (relative_to / path).exists():
         path = relative_to / path
+    if path.is_dir():
+        return _from_images(path, input_name, config, processor_folders)
     if not path.is_file():
         raise UserError(f"auxiliary_data: file not found: {spec}")
     if path.suffix == ".safetensors":
         return _from_safetensors(path, input_name, config)
     if path.suffix in (".txt", ".jsonl"):
         return _from_text(path, input_name, tokenizer_folder, max_length)
-    raise UserError(f"auxiliary_data {path}: use a .safetensors file (key 'inputs'), a .txt/.jsonl text file, or 'gaussian'")
+    raise UserError(f"auxiliary_data {path}: use a .safetensors file (key 'inputs'), a folder of images, "
+                    "a .txt/.jsonl text file, or 'gaussian'")
 
 
 def _from_safetensors(path: Path, input_name: str, config) -> AuxiliaryData:
@@ -133,3 +152,100 @@ def _from_text(path: Path, input_name: str, tokenizer_folder: Path | None, max_l
     tensors = {"inputs": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
     fingerprint = hashlib.sha256(path.read_bytes() + str(max_length).encode()).hexdigest()
     return AuxiliaryData(input_name, fingerprint, tensors=tensors, count=len(lines))
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+PRELOAD_BYTES = 1 << 30  # decode a folder once and keep it when its float32 pixels fit in this
+
+
+class ImageFolder:
+    """Images of a folder turned into model-ready pixel_values, a batch of files at a time.
+
+    With a `preprocessor_config.json` the model's own image processor (AutoImageProcessor) does
+    the work; without one, each image is converted to the model's channels (L, RGB or RGBA),
+    resized to `image_size` (bilinear) and scaled to [0, 1], then normalised with mean = std = 0.5.
+    Folders whose pixels fit in `PRELOAD_BYTES` are decoded once and kept in memory.
+    """
+
+    def __init__(self, folder: Path, files: list[Path], shape: tuple[int, ...], processor_folder: Path | None) -> None:
+        self.folder, self.files, self.shape, self.processor_folder = folder, files, shape, processor_folder
+        self._processor = None
+        self._all: torch.Tensor | None = None
+
+    def __getstate__(self) -> dict:  # worker processes decode for themselves
+        return {**self.__dict__, "_processor": None, "_all": None}
+
+    def _mode(self) -> str:
+        modes = {1: "L", 3: "RGB", 4: "RGBA"}
+        return modes[self.shape[0]]
+
+    def _open(self, path: Path):
+        from PIL import Image
+
+        try:
+            with Image.open(path) as image:
+                return image.convert(self._mode())
+        except Exception as exc:  # PIL raises several types for damaged or foreign files
+            raise UserError(f"auxiliary image {path} cannot be read ({type(exc).__name__}: {exc})".replace("\n", " ")) from None
+
+    def decode(self, indices: list[int]) -> torch.Tensor:
+        images = [self._open(self.files[i]) for i in indices]
+        if self.processor_folder is not None:
+            if self._processor is None:
+                from transformers import AutoImageProcessor
+
+                self._processor = AutoImageProcessor.from_pretrained(self.processor_folder)
+            try:
+                pixels = self._processor(images=images, return_tensors="pt")["pixel_values"]
+            except Exception as exc:
+                raise UserError(f"auxiliary images in {self.folder}: the image processor of {self.processor_folder} "
+                                f"failed ({type(exc).__name__}: {exc})".replace("\n", " ")) from None
+            return pixels.float()
+        import numpy as np
+        from PIL import Image
+
+        height, width = self.shape[1:]
+        arrays = [np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32) for image in images]
+        pixels = torch.from_numpy(np.stack(arrays)).reshape(len(images), height, width, -1).permute(0, 3, 1, 2)
+        return (pixels / 255.0 - 0.5) / 0.5
+
+    def load(self, indices: list[int]) -> torch.Tensor:
+        if self._all is None and len(self.files) * math.prod(self.shape) * 4 <= PRELOAD_BYTES:
+            self._all = torch.cat([self.decode(list(range(i, min(i + 256, len(self.files)))))
+                                   for i in range(0, len(self.files), 256)])
+        if self._all is not None:
+            return self._all[indices]
+        return self.decode(indices)
+
+
+def _from_images(folder: Path, input_name: str, config, processor_folders: tuple[Path | None, ...]) -> AuxiliaryData:
+    if input_name != "pixel_values":
+        raise UserError(f"auxiliary data {folder}: a folder of images needs an image model, this one takes {input_name}")
+    shape = expected_image_shape(config)
+    if shape is None:
+        raise UserError(f"auxiliary data {folder}: images need image_size and num_channels in the model's config.json")
+    if shape[0] not in (1, 3, 4):
+        raise UserError(f"auxiliary data {folder}: the model takes {shape[0]}-channel images; "
+                        "give a .safetensors file of pixel_values instead")
+    files = sorted((p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+                   key=lambda p: p.relative_to(folder).as_posix())
+    if not files:
+        raise UserError(f"auxiliary data {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}, searched recursively)")
+    from PIL import Image
+
+    for path in files:  # headers only: a file that is not an image fails now, not mid-training
+        try:
+            with Image.open(path):
+                pass
+        except Exception as exc:
+            raise UserError(f"auxiliary image {path} cannot be read ({type(exc).__name__})") from None
+    processor = next((f for f in processor_folders if f is not None and (f / "preprocessor_config.json").is_file()), None)
+    images = ImageFolder(folder, files, shape, processor)
+    first = images.decode([0])
+    _check_inputs(f"{folder} (after preprocessing {files[0].name})", tuple(first.shape), first.dtype, input_name, config)
+    digest = hashlib.sha256(repr(shape).encode())
+    digest.update((processor / "preprocessor_config.json").read_bytes() if processor else b"resize, mean=std=0.5")
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(folder).as_posix()}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return AuxiliaryData(input_name, digest.hexdigest(), count=len(files), images=images)

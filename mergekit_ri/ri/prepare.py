@@ -110,7 +110,7 @@ def ri_context(recipe: Recipe, recipe_dir: Path | None) -> RIContext:
     is_head = head_selector(heads, configs[0], "resolve_interference")
     model_class = auto_class(configs[0], experts[0].label)
     aux = load_auxiliary(settings.auxiliary_data, main_input_name(configs[0]), transformers_config(experts[0].folder),
-                         base.folder, recipe_dir, settings.max_length)
+                         base.folder, recipe_dir, settings.max_length, processor_folders=(experts[0].folder, base.folder))
     return RIContext(base, experts, heads, is_head, model_class, aux)
 
 
