@@ -142,6 +142,28 @@ def _print_plan(plan, console: Console) -> None:
         console.print(f"warning: {warning}", markup=False)
 
 
+def _layer_reporter(bar: Progress, layers: dict[str, dict[str, float]], show: bool):
+    """-v: each solved layer's figures (WUDI: its loss before → after) into `layers`, and
+    printed as one line above the progress bar when `show`."""
+    def report(name: str, figures: dict[str, float]) -> None:
+        layers[name] = dict(figures)
+        if show:
+            bar.console.print(_layer_line(name, figures), markup=False, highlight=False, soft_wrap=True)
+
+    return report
+
+
+def _layer_line(name: str, figures: dict[str, float]) -> str:
+    parts = [f"  {name}"]
+    if "loss_before" in figures and "loss_after" in figures:
+        before, after = figures["loss_before"], figures["loss_after"]
+        relative = f" ({after / before:.3f}× the start)" if before > 0 else ""
+        parts.append(f"loss {before:.6g} → {after:.6g}{relative}")
+    if "directions" in figures:
+        parts.append(f"{int(figures['directions'])} directions")
+    return "  ".join(parts)
+
+
 def _progress(quiet: bool) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
@@ -171,10 +193,12 @@ def merge_command(recipe: Path, output: Path, device: Optional[str], dry_run: bo
         elif not quiet:
             for warning in plan.warnings:
                 err.print(f"warning: {warning}", markup=False)
+        layers: dict[str, dict[str, float]] = {}
         with _progress(not show_bars) as bar:
             task = bar.add_task(f"merging ({plan.method.name})", total=total_work_bytes(plan))
+            report = _layer_reporter(bar, layers, show=not quiet and not as_json) if verbose else None
             result = run_merge(plan, output, device=device or plan.recipe.device, force=force,
-                               prefetch=prefetch, progress=lambda n: bar.advance(task, n))
+                               prefetch=prefetch, progress=lambda n: bar.advance(task, n), report=report)
         if ri_status is not None and verbose:
             xi = _report_interference(original, recipe.resolve().parent, result.out, device or plan.recipe.device)
             ri_summary["ri"]["interference"] = xi
@@ -184,7 +208,7 @@ def merge_command(recipe: Path, output: Path, device: Optional[str], dry_run: bo
             "output": str(result.out), "method": plan.method.name, "device": result.device,
             "tensors": result.tensors, "shards": result.shards, "bytes_read": result.bytes_read,
             "bytes_written": result.bytes_written, "seconds": round(result.seconds, 3), "files": result.files,
-            **ri_summary,
+            **ri_summary, **({"layers": layers} if verbose else {}),
         }
         if as_json:
             print(json.dumps(summary, indent=2))
@@ -200,7 +224,7 @@ OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Output folder (
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N (overrides the recipe).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print the plan, warnings and tracebacks of internal errors.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print the plan, warnings, each solved layer's loss before → after (wudi, wudi2; with --json under \"layers\") and tracebacks of internal errors.")]
 
 
 @app.command("merge")

@@ -28,6 +28,7 @@ from .methods.select import BUCKETS, abs_bits, bits_to_float, bucket_of_kth, hig
 from .plan import PREFETCH_DEFAULT, MergePlan, TensorTask
 
 Progress = Callable[[int], None]
+LayerReport = Callable[[str, dict[str, float]], None]  # per solved layer: name, e.g. its loss before/after
 
 
 @dataclass
@@ -105,12 +106,12 @@ def load_inputs(task: TensorTask, raws: list[torch.Tensor], has_base: bool,
 
 
 def compute(plan: MergePlan, task: TensorTask, raws: list[torch.Tensor], device: torch.device,
-            thresholds: tuple[float, ...] | None) -> torch.Tensor:
+            thresholds: tuple[float, ...] | None, report: LayerReport | None = None) -> torch.Tensor:
     """One output tensor, on the CPU in its output dtype."""
     if not task.merge:
         return raws[0]
     base, experts = load_inputs(task, raws, plan.base is not None, device)
-    ctx = TensorContext(task.name, plan.recipe.seed, thresholds)
+    ctx = TensorContext(task.name, plan.recipe.seed, thresholds, report=report)
     merged = plan.method.fn(base, experts, task.params, ctx)
     return merged.to(ST_DTYPES[task.out_dtype]).cpu()
 
@@ -200,7 +201,8 @@ def total_work_bytes(plan: MergePlan) -> int:
 
 
 def run_merge(plan: MergePlan, out: Path, *, device: str = "auto", force: bool = False,
-              prefetch: int = PREFETCH_DEFAULT, progress: Progress | None = None) -> MergeResult:
+              prefetch: int = PREFETCH_DEFAULT, progress: Progress | None = None,
+              report: LayerReport | None = None) -> MergeResult:
     """Merge into a hidden staging folder, then rename it to `out`."""
     started = time.perf_counter()
     target = resolve_device(device if device != "auto" else plan.recipe.device)
@@ -215,7 +217,7 @@ def run_merge(plan: MergePlan, out: Path, *, device: str = "auto", force: bool =
                 if needs_model_prepass(plan) else None
             written: deque[Future] = deque()
             for unit, raws in stream_inputs(plan, reader, reads, prefetch, work_units(plan)):
-                result = compute(plan, unit.task, raws, target, thresholds)
+                result = compute(plan, unit.task, raws, target, thresholds, report)
                 written.append(writes.submit(writer.write, unit.task, result, unit.rows))
                 while len(written) > 2:
                     written.popleft().result()

@@ -2,9 +2,9 @@
 
 A method function receives, for one tensor, the base (fp32, or None), the experts stacked
 along a new first axis (fp32, [N, ...]; the function may overwrite it to save memory), the
-parameters resolved for this tensor (`TensorParams`) and a `TensorContext` (name, seed), and
-returns the merged fp32 tensor. It never touches files or devices: the engine does that, so
-the same function serves CPU and GPU.
+parameters resolved for this tensor (`TensorParams`) and a `TensorContext` (name, seed, an
+optional per-layer `report` callback), and returns the merged fp32 tensor. It never touches
+files or devices: the engine does that, so the same function serves CPU and GPU.
 """
 
 from __future__ import annotations
@@ -52,6 +52,9 @@ class TensorContext:
     seed: int = 0
     # per-expert magnitude thresholds from a whole-model pre-pass (TIES trim_scope: model)
     thresholds: tuple[float, ...] | None = None
+    # optional per-layer report (tensor name, figures such as the solver's loss before/after),
+    # called by methods that solve a problem per layer; None: nothing is computed for it
+    report: Callable[[str, dict[str, float]], None] | None = None
 
 
 MergeFn = Callable[[torch.Tensor | None, torch.Tensor, TensorParams, TensorContext], torch.Tensor]

@@ -87,23 +87,38 @@ def iso_cts_merge(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 def merge_matrices(base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: TensorContext,
-                   merge: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """θ0 + α·merge(τ) for projection-like 2-D weights, θ0 + α·mean(τ) for every other tensor."""
+                   merge: Callable[[torch.Tensor], torch.Tensor],
+                   directions: Callable[[int, int], int]) -> torch.Tensor:
+    """θ0 + α·merge(τ) for projection-like 2-D weights, θ0 + α·mean(τ) for every other tensor.
+
+    Each decomposed tensor is reported to `ctx.report` (if any) with the number of singular
+    directions the merge keeps, `directions(min(m, n), N)`: free, no extra decomposition."""
     deltas = task_vectors(base, experts)
-    merged = merge(deltas) if is_matrix(ctx.name, base) else deltas.mean(dim=0)
+    if not is_matrix(ctx.name, base):
+        return base + float(p["alpha"]) * deltas.mean(dim=0)
+    merged = merge(deltas)
+    if ctx.report is not None:
+        ctx.report(ctx.name, {"directions": float(directions(min(base.shape), deltas.shape[0]))})
     return base + float(p["alpha"]) * merged
 
 
 def tsv(base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: TensorContext) -> torch.Tensor:
-    return merge_matrices(base, experts, p, ctx, tsv_merge)
+    # N·⌊k/N⌋ singular directions; with ⌊k/N⌋ = 0 the tensor is the mean of τ_i (up to k)
+    return merge_matrices(base, experts, p, ctx, tsv_merge, lambda k, n: n * (k // n) if k >= n else k)
 
 
 def iso_c(base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: TensorContext) -> torch.Tensor:
-    return merge_matrices(base, experts, p, ctx, iso_c_merge)
+    return merge_matrices(base, experts, p, ctx, iso_c_merge, lambda k, n: k)
 
 
 def iso_cts(base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: TensorContext) -> torch.Tensor:
-    return merge_matrices(base, experts, p, ctx, lambda deltas: iso_cts_merge(deltas, p["common_space_fraction"]))
+    fraction = p["common_space_fraction"]
+
+    def directions(k: int, n: int) -> int:
+        common, per_task = common_space_size(k, n, fraction)
+        return common + n * per_task
+
+    return merge_matrices(base, experts, p, ctx, lambda deltas: iso_cts_merge(deltas, fraction), directions)
 
 
 def _svd_workspace(shape: tuple[int, ...], n: int) -> int:

@@ -51,6 +51,7 @@ from .registry import MethodSpec, Param, TensorContext, TensorParams, register
 from .spectral import top_components
 
 SOLVERS = ("aswudi", "swudi", "flow", "exact", "adam", "sgd", "sgd_spectral")
+ITERATIVE = ("adam", "sgd")
 FLOW_TIME = 300.0    # `flow`: methods.md's t ≈ 300 (85.1 on ViT-B/32, 8 tasks)
 SWUDI_TIME = 1300.0  # `swudi`: the time published with rank_ratio 0.65 (85.6 on ViT-B/32)
 
@@ -148,13 +149,18 @@ def spectrum(gram: torch.Tensor, dtype: torch.dtype = torch.float32) -> Spectrum
     return Spectrum(values.to(torch.float64), vectors.to(gram.dtype), tolerance)
 
 
-def apply_filter(problem: WudiProblem, spec: Spectrum, removed: torch.Tensor) -> torch.Tensor:
+def apply_filter(problem: WudiProblem, spec: Spectrum, removed: torch.Tensor,
+                 stats: dict[str, float] | None = None) -> torch.Tensor:
     """M0 + (B V diag(f/λ) − M0 V diag(f)) Vᵀ for a filter f that vanishes wherever λ ≤ 0.
 
     Every filter here is zero on a prefix of the ascending eigenvalues, so only the suffix of V
-    (a view, not a copy) enters the products.
+    (a view, not a copy) enters the products. With `stats`, also records `directions` (how many
+    eigenvectors have f ≠ 0) and `loss_change` = L(M) − L(M0) (see `filtered_loss_change`).
     """
     nonzero = torch.nonzero(removed).flatten()
+    if stats is not None:
+        stats["directions"] = float(nonzero.numel())
+        stats["loss_change"] = 0.0
     if nonzero.numel() == 0:
         return problem.init.clone()
     start = int(nonzero[0])
@@ -163,7 +169,23 @@ def apply_filter(problem: WudiProblem, spec: Spectrum, removed: torch.Tensor) ->
     dtype = problem.init.dtype
     coefficients = (problem.cross @ vectors) * (kept / spec.values[start:]).to(dtype)
     coefficients -= (problem.init @ vectors) * kept.to(dtype)
+    if stats is not None:
+        stats["loss_change"] = filtered_loss_change(coefficients, spec.values[start:], kept)
     return torch.addmm(problem.init, coefficients, vectors.T)
+
+
+def filtered_loss_change(coefficients: torch.Tensor, values: torch.Tensor, removed: torch.Tensor) -> float:
+    """L(M) − L(M0) for M = M0 + C Vᵀ, from the filter's coefficients C alone (O(out·K)).
+
+    In G's eigenbasis L separates over the columns of P = M V: L = Σ_j λ_j ‖P_j‖² − 2⟨P_j, Q_j⟩ + c
+    with Q = B V. The filter moves column j by C_j = −(f_j/λ_j) R_j, R = (M0 G − B) V, which
+    changes L by −f_j (2 − f_j) ‖R_j‖² / λ_j = −(2 − f_j) (λ_j / f_j) ‖C_j‖²: a decrease for any
+    0 < f_j < 2, and no out×in² product.
+    """
+    moved = removed != 0
+    squared = torch.linalg.vector_norm(coefficients[:, moved], dim=0, dtype=torch.float64).square()
+    f, lam = removed[moved].to(torch.float64), values[moved].to(torch.float64)
+    return -float(torch.sum((2 - f) * lam / f * squared.to(f.device)))
 
 
 def flow_filter(values: torch.Tensor, time: float) -> torch.Tensor:
@@ -230,15 +252,29 @@ def _time(p: TensorParams, default: float) -> float:
     return default if p["t"] is None else float(p["t"])
 
 
-def solve(problem: WudiProblem, p: TensorParams) -> torch.Tensor:
-    """M for one layer with the recipe's solver."""
+def solve(problem: WudiProblem, p: TensorParams, stats: dict[str, float] | None = None) -> torch.Tensor:
+    """M for one layer with the recipe's solver.
+
+    With `stats`, also records L at the start (`loss_before`, one out×in² product) and at the
+    result (`loss_after`: a second product for the iterative solvers, the O(out·K) change of
+    `filtered_loss_change` for the closed forms), plus the closed forms' `directions`.
+    """
     solver = p["solver"]
-    if solver == "adam":
-        return solve_adam(problem, int(p["iterations"]), float(p["lr"]))
-    if solver == "sgd":
-        return solve_sgd(problem, int(p["iterations"]), float(p["lr"]), float(p["momentum"]))
+    if stats is not None:
+        stats["loss_before"] = loss(problem, problem.init)
+    if solver in ITERATIVE:
+        if solver == "adam":
+            merged = solve_adam(problem, int(p["iterations"]), float(p["lr"]))
+        else:
+            merged = solve_sgd(problem, int(p["iterations"]), float(p["lr"]), float(p["momentum"]))
+        if stats is not None:
+            stats["loss_after"] = loss(problem, merged)
+        return merged
     spec = spectrum(problem.gram, getattr(torch, p["eigh_dtype"]))
-    return apply_filter(problem, spec, closed_form_filter(solver, spec, p))
+    merged = apply_filter(problem, spec, closed_form_filter(solver, spec, p), stats)
+    if stats is not None:
+        stats["loss_after"] = stats["loss_before"] + stats.pop("loss_change")
+    return merged
 
 
 # ---- the methods -------------------------------------------------------------------------------
@@ -252,21 +288,27 @@ def truncate(deltas: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def merge_layers(base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: TensorContext,
-                 solve_layer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                 solve_layer: Callable[[torch.Tensor, dict[str, float] | None], torch.Tensor]) -> torch.Tensor:
     """θ0 + λ·M: solved layers per `scope`, the rest kept at the base (`linear`) or the mean of
-    τ_i (`all_2d`: embeddings, heads and non-2-D tensors)."""
+    τ_i (`all_2d`: embeddings, heads and non-2-D tensors). Each solved layer's loss before and
+    after goes to `ctx.report` when there is one."""
     solved = is_projection(ctx.name, base) if p["scope"] == "linear" else is_matrix(ctx.name, base)
     if not solved and p["scope"] == "linear":
         return base
     deltas = task_vectors(base, experts)
-    merged = solve_layer(deltas) if solved else deltas.mean(dim=0)
+    if not solved:
+        return base + float(p["lambda"]) * deltas.mean(dim=0)
+    stats: dict[str, float] | None = {} if ctx.report is not None else None
+    merged = solve_layer(deltas, stats)
+    if ctx.report is not None:
+        ctx.report(ctx.name, stats)
     return base + float(p["lambda"]) * merged
 
 
 def wudi(base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: TensorContext) -> torch.Tensor:
     """WUDI-Merging: M minimises L from M0 = Σ τ_i."""
-    def solve_layer(deltas: torch.Tensor) -> torch.Tensor:
-        return solve(build_problem(deltas, task_weights(deltas), deltas.sum(dim=0)), p)
+    def solve_layer(deltas: torch.Tensor, stats: dict[str, float] | None) -> torch.Tensor:
+        return solve(build_problem(deltas, task_weights(deltas), deltas.sum(dim=0)), p, stats)
 
     return merge_layers(base, experts, p, ctx, solve_layer)
 
@@ -274,10 +316,10 @@ def wudi(base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: Tensor
 def wudi2(base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: TensorContext) -> torch.Tensor:
     """OptMerge: L on rank-⌊min(m,n)/N⌋ truncations of τ_i, weights 1/‖τ_i‖² of the full τ_i,
     from M0 = mean τ_i (whose part outside the truncated span every solver but Adam keeps)."""
-    def solve_layer(deltas: torch.Tensor) -> torch.Tensor:
+    def solve_layer(deltas: torch.Tensor, stats: dict[str, float] | None) -> torch.Tensor:
         weights, init = task_weights(deltas), deltas.mean(dim=0)
         truncated = truncate(deltas, min(deltas.shape[1:]) // deltas.shape[0])
-        return solve(build_problem(truncated, weights, init), p)
+        return solve(build_problem(truncated, weights, init), p, stats)
 
     return merge_layers(base, experts, p, ctx, solve_layer)
 
@@ -320,5 +362,6 @@ register(MethodSpec(
              "Model Merging (OptMerge), 2025 (arXiv:2505.19892); Cheng et al., ICML 2025",
 ))
 
-__all__ = ["Spectrum", "WudiProblem", "apply_filter", "build_problem", "closed_form_filter", "gradient", "loss", "participation_rank",
-           "solve", "solve_adam", "solve_sgd", "spectrum", "task_weights", "wudi", "wudi2"]
+__all__ = ["Spectrum", "WudiProblem", "apply_filter", "build_problem", "closed_form_filter", "filtered_loss_change",
+           "gradient", "loss", "participation_rank", "solve", "solve_adam", "solve_sgd", "spectrum", "task_weights",
+           "wudi", "wudi2"]
