@@ -3,7 +3,8 @@ at the adapted checkpoints so the streaming merge reads them like any expert.
 
 Adapted experts are cached under `cache_dir/<key>/<expert>/`, the key hashing everything the
 result depends on (all experts' and the base's bytes, the auxiliary data, the RI settings and
-seed), so merging again with another method does not retrain.
+seed), so merging again with another method does not retrain. Training and publishing an entry
+happen under a file lock on it (`train.py`): concurrent merges train each expert once.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,11 +20,12 @@ import torch
 
 from ..errors import UserError
 from ..heads import head_selector
-from ..io.sources import ModelSource, TensorReader, load_source
+from ..io.sources import ModelSource
 from ..plan import load_sources
 from ..recipe import ModelEntry, Recipe
-from .adapt import RISettings, StepReport, adapt_expert, head_module_name
+from .adapt import RISettings, StepReport
 from .data import AuxiliaryData, load_auxiliary
+from .train import TrainJob, is_cached, train_experts
 
 RI_VERSION = "1"
 AUTO_CLASSES = {
@@ -126,8 +127,7 @@ def resolve_interference(recipe: Recipe, recipe_dir: Path | None, device: torch.
     except ImportError:
         raise UserError("resolve_interference needs transformers: pip install 'mergekit-ri[ri]'") from None
     ctx = ri_context(recipe, recipe_dir)
-    base, experts, heads, is_head, model_class, aux = (ctx.base, ctx.experts, ctx.heads, ctx.is_head,
-                                                        ctx.model_class, ctx.aux)
+    base, experts, heads, model_class, aux = ctx.base, ctx.experts, ctx.heads, ctx.model_class, ctx.aux
     settings = RISettings(settings_in.steps, settings_in.lr, settings_in.weight_decay, settings_in.alpha,
                           settings_in.batch_size)
     hashes = [content_hash(m) for m in experts]
@@ -141,11 +141,15 @@ def resolve_interference(recipe: Recipe, recipe_dir: Path | None, device: torch.
         }, sort_keys=True).encode()).hexdigest()[:24]
         folders[model.label] = root / key / model.label
         seeds[model.label] = (recipe.seed * 1_000_003 + int(own[:8], 16)) % (1 << 62)
-    hits = [label for label, folder in folders.items() if (folder / "config.json").is_file()]
-    todo = [m for m in experts if m.label not in hits]
+    hits = [label for label, folder in folders.items() if is_cached(folder)]
+    todo = [m.label for m in experts if m.label not in hits]
+    trained = []
     if todo and not dry_run:
-        _train(experts, base, todo, folders, seeds, model_class, is_head, aux, settings, device, report)
-    status = RIStatus({k: str(v) for k, v in folders.items()}, hits, [m.label for m in todo] if not dry_run else [])
+        job = TrainJob(experts, base, model_class, heads, aux, settings, folders, seeds)
+        done = train_experts(job, todo, device, report)
+        trained = [label for label in todo if done[label]]
+        hits += [label for label in todo if not done[label]]  # another merge cached them while we waited
+    status = RIStatus({k: str(v) for k, v in folders.items()}, hits, trained)
     if dry_run:  # plan over the original experts: the adapted ones have the same names and shapes
         return recipe.model_copy(update={"heads": heads}), status
     models = [ModelEntry(model=str(folders[m.label]), parameters=entry.parameters) for m, entry in zip(experts, recipe.models)]
@@ -164,44 +168,3 @@ def main_input_name(config: dict) -> str:
 
     arch = getattr(transformers, (config.get("architectures") or [""])[0], None)
     return getattr(arch, "main_input_name", "input_ids")
-
-
-def _train(experts: list[ModelSource], base: ModelSource, todo: list[ModelSource], folders: dict[str, Path],
-           seeds: dict[str, int], model_class, is_head, aux, settings: RISettings, device: torch.device,
-           report: ReportFactory | None) -> None:
-    models = [model_class.from_pretrained(m.folder).eval() for m in experts]
-    base_model = model_class.from_pretrained(base.folder, config=models[0].config, ignore_mismatched_sizes=True).eval()
-    head_name = head_module_name(models[0], is_head)
-    for model, source in zip(models, experts):
-        if source not in todo:
-            continue
-        index = experts.index(source)
-        others = [m.get_submodule(head_name) for j, m in enumerate(models) if j != index]
-        batches = aux.batches(settings.batch_size, settings.steps, seeds[source.label])
-        step_report = report(source.label, settings.steps) if report else None
-        adapted = adapt_expert(model, base_model, others, head_name, batches, settings, device, step_report)
-        _save(adapted, source, folders[source.label], is_head)
-        model.to("cpu")
-
-
-def _save(adapted, source: ModelSource, folder: Path, is_head) -> None:
-    """save_pretrained into a staging folder, check names and heads against the original, publish."""
-    staging = folder.parent / f".{folder.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    adapted.to("cpu").save_pretrained(staging)
-    saved = load_source(str(staging), source.label)
-    if set(saved.tensors) != set(source.tensors):
-        shutil.rmtree(staging, ignore_errors=True)
-        raise RuntimeError(f"RI: transformers saved {source.label} under other tensor names than its checkpoint; "
-                           f"e.g. {sorted(set(saved.tensors) ^ set(source.tensors))[:3]}")
-    with TensorReader() as reader:
-        for name, ref in source.tensors.items():
-            if is_head(name) and not torch.equal(reader.read(ref), reader.read(saved.tensors[name])):
-                raise RuntimeError(f"RI changed head tensor {name} of {source.label}")
-    for name in os.listdir(source.folder):  # tokenizer/preprocessor files travel with the expert
-        if not (staging / name).exists() and not name.endswith(".safetensors") and name != "model.safetensors.index.json":
-            if (source.folder / name).is_file():
-                shutil.copyfile(source.folder / name, staging / name)
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(staging, folder)
