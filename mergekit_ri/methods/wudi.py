@@ -31,7 +31,8 @@ ViT-B/32, 8 tasks): G has many tiny eigenvalues whose 1/λ amplifies noise. Henc
             time: hyper-parameter-free and invariant to the scale of G.
 - `exact`:  f = 1 wherever λ exceeds the eigensolver's noise floor (pseudo-inverse).
 - `sgd_spectral`: f = 1 − r_k(λ), r_k the exact residual of k steps of torch's momentum SGD
-            on L: the same iterate as `sgd`, without the k matrix products.
+            on L: the same iterate as `sgd` (so the same merge, to rounding), without the k
+            matrix products. OptMerge's solver, offered by `wudi2` only (see WUDI_SOLVERS).
 The iterative `adam` (the paper's) and `sgd` (OptMerge's) solvers run the optimisers on the
 analytic gradient 2 (M G − B) — the same iterates as autograd through the paper's loss, with
 one out×in² product per step instead of N out²×in ones and no N×out×out intermediate.
@@ -50,7 +51,11 @@ from .layers import is_matrix, is_projection
 from .registry import MethodSpec, Param, TensorContext, TensorParams, register
 from .spectral import top_components
 
-SOLVERS = ("aswudi", "swudi", "flow", "exact", "adam", "sgd", "sgd_spectral")
+SOLVERS = ("aswudi", "swudi", "flow", "exact", "adam", "sgd", "sgd_spectral")  # wudi2 (OptMerge)
+# wudi: not OptMerge's sgd / sgd_spectral. Momentum SGD on L is the gradient flow of time
+# ≈ 2·iterations·lr/(1 − momentum): at WUDI's lr (1e-5, Adam's) t ≈ 0.06 against flow's 300, so it
+# barely leaves Σ τ_i (task arithmetic on the projections), and any larger lr is `flow` again.
+WUDI_SOLVERS = ("aswudi", "swudi", "flow", "exact", "adam")
 ITERATIVE = ("adam", "sgd")
 FLOW_TIME = 300.0    # `flow`: methods.md's t ≈ 300 (85.1 on ViT-B/32, 8 tasks)
 SWUDI_TIME = 1300.0  # `swudi`: the time published with rank_ratio 0.65 (85.6 on ViT-B/32)
@@ -324,14 +329,17 @@ def wudi2(base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: Tenso
     return merge_layers(base, experts, p, ctx, solve_layer)
 
 
-def _params(solver: str, lr: float) -> tuple[Param, ...]:
+def _params(solver: str, lr: float, solvers: tuple[str, ...]) -> tuple[Param, ...]:
+    sgd = "sgd" in solvers
+    closed = "/".join(s for s in solvers if s not in ITERATIVE)
+    steps = "adam / sgd / sgd_spectral" if sgd else "adam"
     return (
         Param("solver", solver, False,
-              "aswudi/swudi/flow/exact/sgd_spectral: closed forms from one eigh(G); adam (WUDI paper), "
-              "sgd (OptMerge): iterative", SOLVERS),
-        Param("iterations", 300, False, "steps of adam / sgd / sgd_spectral"),
-        Param("lr", lr, False, "learning rate of adam / sgd / sgd_spectral"),
-        Param("momentum", 0.9, False, "momentum of sgd / sgd_spectral"),
+              f"{closed}: closed forms from one eigh(G); adam (WUDI paper)"
+              + (", sgd (OptMerge)" if sgd else "") + ": iterative", solvers),
+        Param("iterations", 300, False, f"steps of {steps}"),
+        Param("lr", lr, False, f"learning rate of {steps}"),
+        *((Param("momentum", 0.9, False, "momentum of sgd / sgd_spectral"),) if sgd else ()),
         Param("t", None, False, f"gradient-flow time of flow (default {FLOW_TIME:g}) and swudi "
                                 f"(default {SWUDI_TIME:g}); flow of L/2, G has trace N"),
         Param("rank_ratio", 0.65, False, "swudi: share of G's eigen-directions kept"),
@@ -350,18 +358,18 @@ def _gram_workspace(shape: tuple[int, ...], n: int) -> int:
 
 
 register(MethodSpec(
-    "wudi", wudi, _params("aswudi", 1e-5), needs_base=True, workspace=_gram_workspace,
+    "wudi", wudi, _params("aswudi", 1e-5, WUDI_SOLVERS), needs_base=True, workspace=_gram_workspace,
     summary="WUDI: per linear layer, minimise Σ‖(M − τᵢ)τᵢᵀ‖²/‖τᵢ‖² (data-free); closed form or Adam",
     citation="Cheng et al., Whoever Started the Interference Should End It: Guiding Data-Free Model "
              "Merging via Task Vectors, ICML 2025 (arXiv:2503.08099)",
 ))
 register(MethodSpec(
-    "wudi2", wudi2, _params("sgd_spectral", 1e-4), needs_base=True, workspace=_gram_workspace,
+    "wudi2", wudi2, _params("sgd_spectral", 1e-4, SOLVERS), needs_base=True, workspace=_gram_workspace,
     summary="OptMerge (WUDI v2): the WUDI loss on rank-⌊min(m,n)/N⌋ task vectors, from their mean",
     citation="Wei et al., Unifying Multimodal Large Language Model Capabilities and Modalities via "
              "Model Merging (OptMerge), 2025 (arXiv:2505.19892); Cheng et al., ICML 2025",
 ))
 
-__all__ = ["Spectrum", "WudiProblem", "apply_filter", "build_problem", "closed_form_filter", "filtered_loss_change",
+__all__ = ["ITERATIVE", "SOLVERS", "WUDI_SOLVERS", "Spectrum", "WudiProblem", "apply_filter", "build_problem", "closed_form_filter", "filtered_loss_change",
            "gradient", "loss", "participation_rank", "solve", "solve_adam", "solve_sgd", "spectrum", "task_weights",
            "wudi", "wudi2"]
