@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from .errors import UserError, closest
 
@@ -61,6 +61,8 @@ class ResolveInterference(BaseModel):
     heads: str | None = None  # default: the recipe's heads, else auto
     max_length: int = Field(128, ge=1)  # text auxiliary data: tokens per example
     cache_dir: str | None = None  # default: $RI_MERGE_CACHE or ~/.cache/ri-merge
+    # set by mergekit_ri.ri once the experts are adapted (not a recipe key): what the model card reports
+    _applied: Any = PrivateAttr(default=None)
 
 
 class Recipe(BaseModel):

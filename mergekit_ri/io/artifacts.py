@@ -80,11 +80,44 @@ The backbone is merged; each expert keeps its own head. The checkpoint carries
 """
 
 
+def _ri_applied(plan: MergePlan):
+    ri = plan.recipe.resolve_interference
+    return getattr(ri, "_applied", None) if ri is not None else None
+
+
+def _ri_section(plan: MergePlan) -> str:
+    """What RI did: the original experts, the adapted checkpoints it merged, its settings."""
+    applied = _ri_applied(plan)
+    if applied is None:
+        return ""
+    ri = plan.recipe.resolve_interference
+    rows = "\n".join(f"| {label} | `{applied.references[label]}` | `{applied.adapted[label]}` |" for label in applied.adapted)
+    return f"""## Resolving Interference (RI)
+
+Before the merge, every expert was adapted by RI (Ramesh et al., 2026, "Resolving Interference";
+arXiv 2603.13467) on unlabeled auxiliary data, so that through its own head it still behaves like
+itself and through every other expert's head like the base; **{plan.method.name}** then merged the
+adapted experts. Settings: auxiliary data `{ri.auxiliary_data}` (fingerprint `{applied.aux_fingerprint[:16]}`),
+{ri.steps} steps, batch size {ri.batch_size}, AdamW lr {ri.lr:g}, weight decay {ri.weight_decay:g},
+α = {ri.alpha:g}, seed {plan.recipe.seed}. The adapted experts are cached under `{applied.cache_root}`.
+
+| expert | original checkpoint | adapted checkpoint (RI cache) |
+|---|---|---|
+{rows}
+
+"""
+
+
 def write_model_card(folder: Path, plan: MergePlan) -> None:
+    applied = _ri_applied(plan)
     rows = []
     for model in ([plan.base] if plan.base else []) + plan.experts:
         revision = model.revision or "local"
-        rows.append(f"| {model.label} | `{model.reference}` | {revision} | `{model.fingerprint}` |")
+        reference = f"`{model.reference}`"
+        if applied is not None and model is not plan.base and model.label in applied.references:
+            reference = f"`{applied.references[model.label]}`, adapted by RI (below)"
+        rows.append(f"| {model.label} | {reference} | {revision} | `{model.fingerprint}` |")
+    recipe = plan.recipe if applied is None else plan.recipe.model_copy(update={"models": applied.models})
     card = f"""---
 library_name: transformers
 tags:
@@ -104,10 +137,10 @@ Method: {plan.method.citation}
 |---|---|---|---|
 {chr(10).join(rows)}
 
-{_heads_section(plan)}## Recipe
+{_ri_section(plan)}{_heads_section(plan)}## Recipe
 
 ```yaml
-{plan.recipe.to_yaml().rstrip()}
+{recipe.to_yaml().rstrip()}
 ```
 """
     (folder / "README.md").write_text(card)

@@ -47,6 +47,17 @@ class RIStatus:
     trained: list[str]
 
 
+@dataclass
+class RIApplied:
+    """Attached to the rewritten recipe's RI section: the experts as the user gave them (model card)."""
+
+    models: list[ModelEntry]  # the recipe's models before RI pointed them at the cache
+    references: dict[str, str]  # expert label → its original reference
+    adapted: dict[str, str]  # expert label → adapted checkpoint (cache entry)
+    cache_root: str
+    aux_fingerprint: str
+
+
 def cache_root(setting: str | None) -> Path:
     root = setting or os.environ.get("RI_MERGE_CACHE") or Path.home() / ".cache" / "ri-merge"
     return Path(root).expanduser() / "ri"
@@ -153,7 +164,10 @@ def resolve_interference(recipe: Recipe, recipe_dir: Path | None, device: torch.
     if dry_run:  # plan over the original experts: the adapted ones have the same names and shapes
         return recipe.model_copy(update={"heads": heads}), status
     models = [ModelEntry(model=str(folders[m.label]), parameters=entry.parameters) for m, entry in zip(experts, recipe.models)]
-    return recipe.model_copy(update={"models": models, "heads": heads}), status
+    applied = settings_in.model_copy()
+    applied._applied = RIApplied(list(recipe.models), {m.label: m.reference for m in experts},
+                                 {k: str(v) for k, v in folders.items()}, str(root), aux.fingerprint)
+    return recipe.model_copy(update={"models": models, "heads": heads, "resolve_interference": applied}), status
 
 
 def transformers_config(folder: Path):
