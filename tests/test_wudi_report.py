@@ -8,14 +8,23 @@ import re
 
 import pytest
 import torch
-
 from conftest import run_cli
+from test_wudi import (
+    adam_loop,
+    load_family,
+    momentum_loop,
+    paper_loss,
+    paper_weights,
+    params,
+    problem,
+    random_taus,
+    ref_aswudi,
+)
+
 from mergekit_ri.methods import spectral as S
 from mergekit_ri.methods import wudi as W
 from mergekit_ri.methods.layers import is_matrix, is_projection
 from mergekit_ri.methods.registry import TensorContext, TensorParams
-from test_wudi import (adam_loop, load_family, momentum_loop, paper_loss, paper_weights, params, problem,
-                       random_taus, ref_aswudi)
 
 LINE = re.compile(r"^\s+(\S+)\s+loss (\S+) → (\S+) \((\S+)× the start\)\s+(\d+) directions$")
 
@@ -76,7 +85,9 @@ def test_nothing_is_computed_or_reported_without_a_callback(monkeypatch):
 
 def test_spectral_methods_report_the_directions_they_keep():
     seen = {}
-    ctx = lambda name: TensorContext(name, report=lambda n, figures: seen.setdefault(n, figures))  # noqa: E731
+    def ctx(name):
+        return TensorContext(name, report=lambda n, figures: seen.setdefault(n, figures))
+
     p = TensorParams({}, {"alpha": 1.0, "common_space_fraction": 0.8})
     base, experts = torch.zeros(9, 8), torch.randn(3, 9, 8)
     S.tsv(base, experts.clone(), p, ctx("tsv.q_proj.weight"))

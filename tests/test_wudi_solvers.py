@@ -8,11 +8,11 @@ import itertools
 
 import pytest
 import torch
-
 from conftest import read_checkpoint, run_cli
+from test_wudi import params, problem, random_taus
+
 from mergekit_ri.methods import get_method
 from mergekit_ri.methods import wudi as W
-from test_wudi import params, problem, random_taus
 
 # what each solver must call, and what it must not
 SIGNATURES = {
@@ -71,8 +71,7 @@ def test_solvers_differ_except_sgd_and_its_spectral_form():
     prob = problem(spread_taus())
     eigenvalues = torch.linalg.eigvalsh(prob.gram)
     assert eigenvalues[0] < 1e-3 and eigenvalues[-1] > 0.5
-    p = dict(iterations=300, lr=1e-3, t=None)
-    merged = {s: W.solve(prob, params(solver=s, **p)) for s in W.SOLVERS}
+    merged = {s: W.solve(prob, params(solver=s, iterations=300, lr=1e-3, t=None)) for s in W.SOLVERS}
     scale = prob.init.norm()
     for a, b in itertools.combinations(W.SOLVERS, 2):
         gap = float((merged[a] - merged[b]).norm() / scale)
@@ -127,7 +126,7 @@ def test_wudi2_sgd_routes_through_the_cli_are_separate_and_agree(tmp_path, recip
         recipe = recipe_for("wudi2", out_dtype="float32", parameters={"solver": name, "iterations": 30, "lr": 1e-2})
         with monkeypatch.context() as m:
             if name == solver:
-                m.setattr(W, forbidden, lambda *a, **k: (_ for _ in ()).throw(AssertionError(f"{name} ran {forbidden}")))
+                m.setattr(W, forbidden, lambda *a, _n=name, **k: (_ for _ in ()).throw(AssertionError(f"{_n} ran {forbidden}")))
             result = run_cli("merge", recipe, "-o", tmp_path / name, "-q")
         assert result.code == 0, result.stderr
         outputs[name] = read_checkpoint(tmp_path / name)
