@@ -61,6 +61,17 @@ class ResolveInterference(BaseModel):
     heads: str | None = None  # default: the recipe's heads, else auto
     max_length: int = Field(128, ge=1)  # text auxiliary data: tokens per example
     cache_dir: str | None = None  # default: $RI_MERGE_CACHE or ~/.cache/ri-merge
+    devices: list[str] | None = None  # adapt experts in parallel, one worker process per entry (default: every GPU)
+
+    @field_validator("devices")
+    @classmethod
+    def _known_devices(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+                raise ValueError(f"unknown device '{name}'; use cpu, cuda or cuda:N")
+        if value is not None and not value:
+            raise ValueError("give at least one device, or leave devices out")
+        return value
     # set by mergekit_ri.ri once the experts are adapted (not a recipe key): what the model card reports
     _applied: Any = PrivateAttr(default=None)
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from ..plan import load_sources
 from ..recipe import ModelEntry, Recipe
 from .adapt import RISettings, StepReport
 from .data import AuxiliaryData, load_auxiliary
-from .train import TrainJob, is_cached, train_experts
+from .train import TrainJob, is_cached, train_experts, train_parallel
 
 RI_VERSION = "1"
 AUTO_CLASSES = {
@@ -45,6 +45,7 @@ class RIStatus:
     adapted: dict[str, str]  # expert label → cached folder
     cache_hits: list[str]
     trained: list[str]
+    devices: list[str] = field(default_factory=list)  # where the experts were trained (one worker each if several)
 
 
 @dataclass
@@ -154,13 +155,19 @@ def resolve_interference(recipe: Recipe, recipe_dir: Path | None, device: torch.
         seeds[model.label] = (recipe.seed * 1_000_003 + int(own[:8], 16)) % (1 << 62)
     hits = [label for label, folder in folders.items() if is_cached(folder)]
     todo = [m.label for m in experts if m.label not in hits]
-    trained = []
+    trained, devices = [], []
     if todo and not dry_run:
         job = TrainJob(experts, base, model_class, heads, aux, settings, folders, seeds)
-        done = train_experts(job, todo, device, report)
+        devices = ri_devices(settings_in.devices, recipe.device, device)
+        if len(devices) > 1 and len(todo) > 1:
+            devices = devices[:len(todo)]
+            done = train_parallel(job, todo, devices, report)
+        else:
+            done = train_experts(job, todo, devices[0], report)
+            devices = devices[:1]
         trained = [label for label in todo if done[label]]
         hits += [label for label in todo if not done[label]]  # another merge cached them while we waited
-    status = RIStatus({k: str(v) for k, v in folders.items()}, hits, trained)
+    status = RIStatus({k: str(v) for k, v in folders.items()}, hits, trained, [str(d) for d in devices])
     if dry_run:  # plan over the original experts: the adapted ones have the same names and shapes
         return recipe.model_copy(update={"heads": heads}), status
     models = [ModelEntry(model=str(folders[m.label]), parameters=entry.parameters) for m, entry in zip(experts, recipe.models)]
@@ -168,6 +175,18 @@ def resolve_interference(recipe: Recipe, recipe_dir: Path | None, device: torch.
     applied._applied = RIApplied(list(recipe.models), {m.label: m.reference for m in experts},
                                  {k: str(v) for k, v in folders.items()}, str(root), aux.fingerprint)
     return recipe.model_copy(update={"models": models, "heads": heads, "resolve_interference": applied}), status
+
+
+def ri_devices(listed: list[str] | None, recipe_device: str, device: torch.device) -> list[torch.device]:
+    """Where to adapt: the RI section's `devices`, else every visible GPU when the recipe's device
+    is auto/cuda and there are several, else the one merge device (sequential)."""
+    from ..engine import resolve_device
+
+    if listed:
+        return [resolve_device(name) for name in listed]
+    if recipe_device in ("auto", "cuda") and device.type == "cuda" and torch.cuda.device_count() > 1:
+        return [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
+    return [device]
 
 
 def transformers_config(folder: Path):

@@ -133,3 +133,70 @@ def save_adapted(adapted, source: ModelSource, folder: Path, is_head) -> None:
         os.rename(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def train_parallel(job: TrainJob, labels: list[str], devices: list[torch.device],
+                   report: ReportFactory | None = None) -> dict[str, bool]:
+    """`train_experts` in one spawned worker process per device, experts dealt round-robin.
+
+    Each expert gets the same seed and batches as in the sequential run, so the results are the
+    same up to floating-point reduction order. Progress comes back through a queue and is
+    reported from this process; a worker's error (a UserError included) is raised here."""
+    import queue as queue_module
+    from concurrent.futures import ProcessPoolExecutor, wait
+
+    import torch.multiprocessing as torch_mp
+
+    groups = [(devices[i], labels[i::len(devices)]) for i in range(min(len(devices), len(labels)))]
+    context = torch_mp.get_context("spawn")
+    progress = context.Queue() if report is not None else None
+    threads = max(1, (os.cpu_count() or 1) // len(groups))
+    bars: dict[str, StepReport] = {}
+
+    def drain(timeout: float) -> None:
+        while progress is not None:
+            try:
+                label, steps, step, l1, l2 = progress.get(timeout=timeout)
+            except queue_module.Empty:
+                return
+            if label not in bars:
+                bars[label] = report(label, steps)
+            bars[label](step, l1, l2)
+            timeout = 0.0
+
+    with ProcessPoolExecutor(len(groups), mp_context=context, initializer=_worker_init,
+                             initargs=(progress, threads)) as pool:
+        futures = [pool.submit(_worker, job, group, str(device)) for device, group in groups]
+        pending = set(futures)
+        while pending:
+            pending = wait(pending, timeout=0.2).not_done
+            drain(0.0)
+        drain(0.5)  # the last steps' messages may trail the results
+    done: dict[str, bool] = {}
+    for future in futures:
+        done.update(future.result())  # re-raises a worker's exception
+    return done
+
+
+_PROGRESS = None
+
+
+def _worker_init(progress, threads: int) -> None:
+    global _PROGRESS
+    _PROGRESS = progress
+    torch.set_num_threads(threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _worker(job: TrainJob, labels: list[str], device: str) -> dict[str, bool]:
+    target = torch.device(device)
+    if target.type == "cuda":
+        torch.cuda.set_device(target)
+    return train_experts(job, labels, target, _queue_report if _PROGRESS is not None else None)
+
+
+def _queue_report(label: str, steps: int) -> StepReport:
+    return lambda step, l1, l2: _PROGRESS.put((label, steps, step, l1, l2))
