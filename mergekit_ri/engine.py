@@ -12,6 +12,7 @@ import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,8 @@ from .io.output import check_target, make_staging, publish
 from .io.sources import ST_DTYPES, TensorReader
 from .io.writer import ShardWriter, write_index
 from .methods import TensorContext
-from .methods.select import BUCKETS, abs_bits, bits_to_float, bucket_of_kth, high_histogram, low_histogram
+from .kernels.parallel import single_threaded_ops
+from .kernels.select import BUCKETS, abs_bits, bits_to_float, bucket_of_kth, high_histogram, low_histogram
 from .plan import PREFETCH_DEFAULT, MergePlan, TensorTask
 
 Progress = Callable[[int], None]
@@ -44,6 +46,7 @@ class MergeResult:
 
 
 CHUNK_ELEMENTS = 1 << 22  # rows per work unit of an elementwise method: ~4M elements per model
+GPU_CHUNK_FACTOR = 8
 
 
 @dataclass(frozen=True)
@@ -60,9 +63,11 @@ class WorkUnit:
         return self.task.in_nbytes // self.task.shape[0] * (self.rows[1] - self.rows[0])
 
 
-def work_units(plan: MergePlan, tasks: list[TensorTask] | None = None, chunk: int | None = None) -> list[WorkUnit]:
-    """Split big tensors of elementwise methods into row blocks so memory stays bounded."""
-    chunk = chunk or CHUNK_ELEMENTS
+def work_units(plan: MergePlan, tasks: list[TensorTask] | None = None, chunk: int | None = None,
+               device: torch.device | None = None) -> list[WorkUnit]:
+    """Split big tensors of elementwise methods into row blocks so memory stays bounded (bigger
+    blocks on a GPU, where each one costs a few kernel launches and a synchronisation)."""
+    chunk = chunk or (CHUNK_ELEMENTS * GPU_CHUNK_FACTOR if device is not None and device.type == "cuda" else CHUNK_ELEMENTS)
     units = []
     for task in plan.tasks if tasks is None else tasks:
         numel = task.reference.numel
@@ -86,32 +91,51 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def input_refs(task: TensorTask) -> list:
-    """The tensors a task reads: base then experts, or just the reference for copied tensors."""
+def read_unit(reader: TensorReader, unit: WorkUnit, pin: bool) -> list[torch.Tensor]:
+    """A unit's inputs in their file dtype: [tensor] for a copied one; [base, experts] for a merged
+    one, the experts read straight into one stacked [N, ...] buffer (page-locked when `pin`, so
+    the copy to the GPU is asynchronous). Experts of mixed dtypes are stacked as fp32."""
+    task = unit.task
     if not task.merge:
-        return [task.reference]
-    return ([task.base] if task.base is not None else []) + list(task.experts)
+        return [reader.read(task.reference, unit.rows)]
+    raws = [reader.read(task.base, unit.rows, pin=pin)] if task.base is not None else []
+    shape = task.experts[0].shape
+    if unit.rows is not None:
+        shape = (unit.rows[1] - unit.rows[0], *shape[1:])
+    dtypes = {ref.dtype for ref in task.experts}
+    dtype = ST_DTYPES[dtypes.pop()] if len(dtypes) == 1 else torch.float32
+    stack = torch.empty((len(task.experts), *shape), dtype=dtype, pin_memory=pin)
+    for i, ref in enumerate(task.experts):
+        if ST_DTYPES[ref.dtype] == dtype:
+            reader.read(ref, unit.rows, out=stack[i])
+        else:
+            stack[i].copy_(reader.read(ref, unit.rows))
+    raws.append(stack)
+    return raws
 
 
-def load_inputs(task: TensorTask, raws: list[torch.Tensor], has_base: bool,
-                device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """fp32 base and stacked experts [N, ...] on the device."""
-    base_raw, expert_raws = (raws[0], raws[1:]) if has_base else (None, raws)
-    experts = torch.empty((len(expert_raws), *expert_raws[0].shape), dtype=torch.float32, device=device)
-    for i, raw in enumerate(expert_raws):
-        experts[i].copy_(raw)
-    base = base_raw.to(device=device, dtype=torch.float32) if base_raw is not None else None
-    raws.clear()  # the raw buffers are not needed once converted: free them before the maths
+def load_inputs(raws: list[torch.Tensor], has_base: bool, device: torch.device,
+                fp32: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Base and stacked experts [N, ...] on the device, in fp32 or (for raw-input kernels) as read."""
+    non_blocking = device.type == "cuda"
+    experts = raws.pop().to(device, non_blocking=non_blocking)
+    base = raws.pop().to(device, non_blocking=non_blocking) if has_base else None
+    if fp32:
+        experts = experts.float()
+        base = base.float() if base is not None else None
     return base, experts
 
 
-def compute(plan: MergePlan, task: TensorTask, raws: list[torch.Tensor], device: torch.device,
+def compute(plan: MergePlan, unit: WorkUnit, raws: list[torch.Tensor], device: torch.device,
             thresholds: tuple[float, ...] | None, report: LayerReport | None = None) -> torch.Tensor:
-    """One output tensor, on the CPU in its output dtype."""
+    """One output tensor (or block of rows), on the CPU in its output dtype."""
+    task = unit.task
     if not task.merge:
         return raws[0]
-    base, experts = load_inputs(task, raws, plan.base is not None, device)
-    ctx = TensorContext(task.name, plan.recipe.seed, thresholds, report=report)
+    base, experts = load_inputs(raws, plan.base is not None, device, fp32=not plan.method.raw_inputs)
+    offset = unit.rows[0] * (task.reference.numel // task.shape[0]) if unit.rows else 0
+    ctx = TensorContext(task.name, plan.recipe.seed, thresholds, offset=offset, report=report,
+                        out_dtype=ST_DTYPES[task.out_dtype])
     merged = plan.method.fn(base, experts, task.params, ctx)
     return merged.to(ST_DTYPES[task.out_dtype]).cpu()
 
@@ -120,14 +144,14 @@ PREFETCH_BYTES = 256 * 2**20
 
 
 def stream_inputs(plan: MergePlan, reader: TensorReader, pool: ThreadPoolExecutor, prefetch: int,
-                  units: list[WorkUnit]) -> Iterator[tuple[WorkUnit, list[torch.Tensor]]]:
+                  units: list[WorkUnit], pin: bool = False) -> Iterator[tuple[WorkUnit, list[torch.Tensor]]]:
     """Yields each work unit with its raw input tensors, reading ahead up to `prefetch` units and
     PREFETCH_BYTES bytes (always at least the next unit), so huge tensors do not pile up."""
     pending: deque[tuple[WorkUnit, Future]] = deque()
     todo = deque(units)
 
     def read(unit: WorkUnit) -> list[torch.Tensor]:
-        return [reader.read(ref, unit.rows) for ref in input_refs(unit.task)]
+        return read_unit(reader, unit, pin)
 
     def fill() -> None:
         in_flight = sum(u.in_nbytes for u, _ in pending)
@@ -162,9 +186,9 @@ def model_thresholds(plan: MergePlan, reader: TensorReader, pool: ThreadPoolExec
 
     def histograms(bucket: list[int] | None) -> torch.Tensor:
         hist = torch.zeros((count, BUCKETS), dtype=torch.int64, device=device)
-        for unit, raws in stream_inputs(plan, reader, pool, prefetch, work_units(plan, tasks)):
-            task = unit.task
-            base, experts = load_inputs(task, raws, True, device)
+        pin = device.type == "cuda"
+        for unit, raws in stream_inputs(plan, reader, pool, prefetch, work_units(plan, tasks, device=device), pin):
+            base, experts = load_inputs(raws, True, device)
             for i in range(count):
                 bits = abs_bits(experts[i].sub_(base))
                 if bucket is None:
@@ -216,14 +240,17 @@ def run_merge(plan: MergePlan, out: Path, *, device: str = "auto", force: bool =
             thresholds = model_thresholds(plan, reader, reads, target, prefetch, advance) \
                 if needs_model_prepass(plan) else None
             written: deque[Future] = deque()
-            for unit, raws in stream_inputs(plan, reader, reads, prefetch, work_units(plan)):
-                result = compute(plan, unit.task, raws, target, thresholds, report)
-                written.append(writes.submit(writer.write, unit.task, result, unit.rows))
-                while len(written) > 2:
-                    written.popleft().result()
-                advance(unit.in_nbytes)
-            for future in written:
-                future.result()
+            units = work_units(plan, device=target)
+            blocked = plan.method.raw_inputs and target.type == "cpu"
+            with single_threaded_ops() if blocked else nullcontext():
+                for unit, raws in stream_inputs(plan, reader, reads, prefetch, units, target.type == "cuda"):
+                    result = compute(plan, unit, raws, target, thresholds, report)
+                    written.append(writes.submit(writer.write, unit.task, result, unit.rows))
+                    while len(written) > 2:
+                        written.popleft().result()
+                    advance(unit.in_nbytes)
+                for future in written:
+                    future.result()
             write_heads(staging, plan, reader)
         write_index(staging, plan)
         write_config(staging, plan)

@@ -188,14 +188,14 @@ def find_mergekit(requested: str | None) -> str | None:
     return shutil.which("mergekit-yaml")
 
 
-def ri_command(recipe: Path, out: Path) -> list[str]:
+def ri_command(recipe: Path, out: Path, device: str = "cpu") -> list[str]:
     """Command line of one ri-merge run."""
-    return [*ri_merge_exe(), str(recipe), "-o", str(out), "--force", "--quiet"]
+    return [*ri_merge_exe(), str(recipe), "-o", str(out), "--force", "--quiet", "--device", device]
 
 
-def mergekit_command(mergekit: str, recipe: Path, out: Path) -> list[str]:
-    """Command line of one mergekit run."""
-    return [mergekit, str(recipe), str(out), "--no-copy-tokenizer", "--random-seed", "0"]
+def mergekit_command(mergekit: str, recipe: Path, out: Path, cuda: bool = False) -> list[str]:
+    """Command line of one mergekit run (`--cuda` on a GPU box, as its users would)."""
+    return [mergekit, str(recipe), str(out), "--no-copy-tokenizer", "--random-seed", "0", *(["--cuda"] if cuda else [])]
 
 
 # ---------------------------------------------------------------- measuring
@@ -386,26 +386,28 @@ def check_task_arithmetic(folders: dict[str, Path], mergekit: str, work: Path) -
 # ---------------------------------------------------------------- the report
 
 
-def table_rows(results: list[Result], floor: float) -> list[list[str]]:
-    """method | tool | median wall s | peak RSS GiB | ratio vs mergekit | ratio vs floor."""
+def table_rows(results: list[Result], floor: float, input_bytes: int) -> list[list[str]]:
+    """method | tool | median wall s | GB/s of input | peak RSS GiB | ratio vs mergekit | ratio vs floor."""
     mergekit_time = {r.method: r.seconds for r in results if r.tool == "mergekit" and r.ok}
     rows = []
     for r in results:
         if not r.ok:
-            rows.append([r.method, r.tool, "failed", "—", "—", "—"])
+            rows.append([r.method, r.tool, "failed", "—", "—", "—", "—"])
             continue
         vs_mk = f"{r.seconds / mergekit_time[r.method]:.2f}x" if r.method in mergekit_time else "—"
-        rows.append([r.method, r.tool, f"{r.seconds:.2f}", f"{r.rss_gib:.2f}", vs_mk, f"{r.seconds / floor:.2f}x"])
+        rows.append([r.method, r.tool, f"{r.seconds:.2f}", f"{input_bytes / 1e9 / r.seconds:.2f}", f"{r.rss_gib:.2f}",
+                     vs_mk, f"{r.seconds / floor:.2f}x"])
     return rows
 
 
-HEADERS = ["method", "tool", "median wall s", "peak RSS GiB", "ratio vs mergekit (time)", "ratio vs floor"]
+HEADERS = ["method", "tool", "median wall s", "GB/s of input", "peak RSS GiB", "ratio vs mergekit (time)",
+           "ratio vs floor"]
 
 
 def format_table(rows: list[list[str]], markdown: bool) -> str:
     """Render rows as a Markdown or a plain aligned table."""
     if markdown:
-        lines = ["| " + " | ".join(HEADERS) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * 4) + "|"]
+        lines = ["| " + " | ".join(HEADERS) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * 5) + "|"]
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(HEADERS)]
     line = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
@@ -448,6 +450,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mergekit", default=None, help="mergekit-yaml executable (default: /work/mk-venv, then PATH)")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--check", action="store_true", help="also compare task_arithmetic outputs of both tools")
+    parser.add_argument("--no-mergekit", action="store_true", help="benchmark ri-merge alone")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: ri-merge --device, and mergekit --cuda")
+    parser.add_argument("--out", type=Path, default=None, help="also write the report to this file")
     return parser.parse_args(argv)
 
 
@@ -460,10 +465,11 @@ def main(argv: list[str] | None = None) -> int:
     params = count_params(folders["base"])
 
     load = warn_if_busy()
-    mergekit = find_mergekit(args.mergekit)
-    tools: dict[str, Command] = {"ri-merge": ri_command}
+    mergekit = None if args.no_mergekit else find_mergekit(args.mergekit)
+    cuda = args.device.startswith("cuda")
+    tools: dict[str, Command] = {"ri-merge": lambda recipe, out: ri_command(recipe, out, args.device)}
     if mergekit:
-        tools["mergekit"] = lambda recipe, out: mergekit_command(mergekit, recipe, out)
+        tools["mergekit"] = lambda recipe, out: mergekit_command(mergekit, recipe, out, cuda)
     else:
         print("mergekit-yaml not found: benchmarking ri-merge alone", file=sys.stderr)
 
@@ -477,10 +483,12 @@ def main(argv: list[str] | None = None) -> int:
         recipe = write_recipe(work / "recipes" / f"{method}.yaml", recipe_for(method, folders))
         results += bench_method(method, recipe, tools, args.reps, work)
 
-    print(header_line(shape, params, args.experts, input_bytes, args.reps, load))
-    print(floor_line(import_s, read_s, input_bytes))
-    print()
-    print(format_table(table_rows(results, floor), args.markdown))
+    report = "\n".join([header_line(shape, params, args.experts, input_bytes, args.reps, load) + f", device {args.device}",
+                        floor_line(import_s, read_s, input_bytes), "",
+                        format_table(table_rows(results, floor, input_bytes), args.markdown)])
+    print(report)
+    if args.out:
+        args.out.write_text(report + "\n")
 
     if args.check:
         if not mergekit:

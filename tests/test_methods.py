@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import ODD, TINY, read_any, read_checkpoint, run_cli, write_recipe
-from mergekit_ri.methods.arithmetic import dare_mask, rng_seed
+from mergekit_ri.kernels.rng import keep_mask, rng_key
 from mergekit_ri.params import interpolate, layer_depths
 from mergekit_ri.synthetic import make_family
 
@@ -58,7 +58,8 @@ def ref_ties(base, experts, weights, densities, lam=1.0):
 
 
 def ref_dare(tau, keep, seed, name, index):
-    mask = dare_mask(tau.shape, keep, rng_seed(seed, name, index))
+    """Drop with the counter-based generator (tested against a numpy uint32 hash in test_kernels)."""
+    mask = keep_mask(0, tau.numel(), keep, rng_key(seed, name, index)).reshape(tau.shape)
     return tau * mask / keep
 
 
@@ -171,7 +172,7 @@ def test_dare_matches_formula_and_is_reproducible(tmp_path, family, method):
         expected = base[name] + (sum(taus) if method == "dare_linear" else ref_disjoint_merge(taus, [1.0] * 3, normalize=False))
         assert_close(merged[name], expected, name)
     # the masks keep about `density` of the entries
-    mask = dare_mask((1000, 100), 0.4, rng_seed(7, "x", 0))
+    mask = keep_mask(0, 100_000, 0.4, rng_key(7, "x", 0))
     assert abs(mask.float().mean().item() - 0.4) < 0.01
     # same recipe twice: identical bytes, whatever the read-ahead; another seed: different
     again = tmp_path / "again"
@@ -237,7 +238,7 @@ def test_integer_buffers_are_copied_from_the_base(tmp_path):
     assert torch.allclose(merged["w"], w + 1)
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "linear"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear", "dare_linear"])
 def test_row_chunked_merge_equals_whole_tensor_merge(tmp_path, monkeypatch, method):
     import mergekit_ri.engine as engine
     from mergekit_ri.methods import get_method

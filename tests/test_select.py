@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergekit_ri.methods.select import kth_largest_abs, topk_mask
+from mergekit_ri.kernels.select import kth_largest_abs, topk_mask
 
 
 def sorted_kth(x: torch.Tensor, k: int) -> float:
@@ -26,7 +26,7 @@ CASES = {
 @pytest.fixture(params=["selection", "radix"])
 def path(request, monkeypatch):
     """Run each case through both code paths: kthvalue (small tensors) and the radix select."""
-    import mergekit_ri.methods.select as select
+    import mergekit_ri.kernels.select as select
 
     if request.param == "radix":
         monkeypatch.setattr(select, "SMALL", 0)

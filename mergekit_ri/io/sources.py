@@ -9,6 +9,7 @@ memory maps: mapped pages of an open file count in RSS as the merge moves on, bu
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -196,8 +197,13 @@ class TensorReader:
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
 
-    def read(self, ref: TensorRef, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The whole tensor, or rows [r0, r1) of its first axis (a contiguous byte range)."""
+    def read(self, ref: TensorRef, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None,
+             pin: bool = False) -> torch.Tensor:
+        """The whole tensor, or rows [r0, r1) of its first axis (a contiguous byte range).
+
+        With `out` (a contiguous CPU tensor of the right size, e.g. one row of a stacked buffer)
+        the bytes land there directly; `pin` reads into page-locked memory for fast, asynchronous
+        copies to a GPU."""
         if rows is not None:
             row_bytes = ref.nbytes // ref.shape[0]
             ref = TensorRef(ref.path, ref.dtype, (rows[1] - rows[0], *ref.shape[1:]),
@@ -209,14 +215,23 @@ class TensorReader:
                     fd = self._fds[ref.path] = os.open(ref.path, os.O_RDONLY)
                 except OSError as exc:
                     raise UserError(f"{ref.path}: cannot open: {exc.strerror}") from None
-        buffer = bytearray(ref.nbytes)
-        view, done = memoryview(buffer), 0
+        dtype = ST_DTYPES[ref.dtype]
+        if out is None and pin and ref.nbytes > 0:
+            out = torch.empty(ref.shape, dtype=dtype, pin_memory=True)
+        if out is not None:
+            if out.dtype != dtype or out.numel() != ref.numel or not out.is_contiguous() or out.device.type != "cpu":
+                raise ValueError(f"read into a buffer of the wrong kind for {ref.path}")
+            buffer = (ctypes.c_char * ref.nbytes).from_address(out.data_ptr()) if ref.nbytes else bytearray()
+        else:
+            buffer = bytearray(ref.nbytes)
+        view, done = memoryview(buffer).cast("B"), 0
         while done < ref.nbytes:
             got = os.preadv(fd, [view[done:]], ref.start + done)
             if got <= 0:
                 raise UserError(f"{ref.path}: truncated while reading (file changed during the merge?)")
             done += got
-        dtype = ST_DTYPES[ref.dtype]
+        if out is not None:
+            return out.view(ref.shape)
         if ref.nbytes == 0:
             return torch.empty(ref.shape, dtype=dtype)
         return torch.frombuffer(buffer, dtype=dtype).reshape(ref.shape)

@@ -52,6 +52,10 @@ class TensorContext:
     seed: int = 0
     # per-expert magnitude thresholds from a whole-model pre-pass (TIES trim_scope: model)
     thresholds: tuple[float, ...] | None = None
+    # flat index of the first entry when the engine passes a block of rows (DARE's counters)
+    offset: int = 0
+    # dtype the output will be saved in: raw-input kernels may store it directly (one rounding)
+    out_dtype: torch.dtype = torch.float32
     # optional per-layer report (tensor name, figures such as the solver's loss before/after),
     # called by methods that solve a problem per layer; None: nothing is computed for it
     report: Callable[[str, dict[str, float]], None] | None = None
@@ -74,6 +78,9 @@ class MethodSpec:
     elementwise: bool = False
     # extra working memory (bytes) for one tensor of this shape with N experts, for --dry-run
     workspace: Callable[[tuple[int, ...], int], int] = field(default=lambda shape, n: 0)
+    # True when the function takes the inputs in their file dtype (bf16/fp16/fp32) and upcasts
+    # itself, block by block (the kernels in `mergekit_ri.kernels`); False: fp32 inputs
+    raw_inputs: bool = False
 
     def param(self, name: str) -> Param:
         return next(p for p in self.params if p.name == name)

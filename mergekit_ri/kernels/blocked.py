@@ -1,0 +1,294 @@
+"""Plain-torch merge kernels over raw (bf16/fp16/fp32) stacked inputs, block by block.
+
+Each function takes the base as a flat tensor [n] and the experts as [N, n] in their file dtype
+and returns the merged [n] in `out_dtype` (fp32 maths, one rounding on the store). On the CPU the entries are walked in blocks of BLOCK so the
+N fp32 task-vector rows of a block stay in L2 while the half-dozen passes of a method run over
+them (twice as fast as whole-tensor passes through DRAM, and no N×fp32 copy of a tensor is ever
+held); on a GPU one block is the whole tensor. Upcasting happens inside each block's subtraction,
+so nothing is converted twice. These are also the references the Triton kernels are tested
+against.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+import torch.nn.functional as F
+
+T = TypeVar("T")
+
+from .parallel import run_blocks
+from .select import SMALL, kth_largest_magnitude
+from .rng import keep_mask, keep_mask_at, keep_threshold
+
+BLOCK = 1 << 18  # entries per block on the CPU: 3 experts × 1 MiB of fp32 fits a 2 MiB L2
+
+
+def spans(numel: int, device: torch.device, block: int | None = None) -> list[tuple[int, int]]:
+    step = numel if device.type != "cpu" else (block or BLOCK)
+    return [(start, min(start + step, numel)) for start in range(0, numel, max(step, 1))]
+
+
+def for_blocks(numel: int, device: torch.device, fn: Callable[[int, int], T]) -> list[T]:
+    """fn(start, stop) over the blocks of a tensor, in order; on the CPU the blocks are shared
+    among `workers()` threads (see `parallel`), each running its torch ops single-threaded."""
+    return run_blocks(fn, spans(numel, device)) if device.type == "cpu" else [fn(a, b) for a, b in spans(numel, device)]
+
+
+def task_vectors(base: torch.Tensor, experts: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """τ_i = θ_i − θ0 for entries [start, stop), in fp32, in one pass."""
+    return torch.sub(experts[:, start:stop], base[start:stop].float(), out=torch.empty(
+        (experts.shape[0], stop - start), dtype=torch.float32, device=experts.device))
+
+
+def column(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=like.device).reshape(-1, 1)
+
+
+def safe_divisor(total: torch.Tensor) -> torch.Tensor:
+    return torch.where(total.abs() < 1e-8, torch.ones_like(total), total)
+
+
+def weighted_sum(experts: torch.Tensor, weights: list[float], normalize: bool,
+                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Σ w_i θ_i (/ Σ w_i): model soup, no base."""
+    out = torch.empty(experts.shape[1], dtype=out_dtype, device=experts.device)
+    w = column(weights, experts)
+    scale = 1.0 / float(safe_divisor(w.sum())) if normalize else 1.0
+
+    def block(start: int, stop: int) -> None:
+        torch.mul(experts[:, start:stop].float().mul_(w).sum(dim=0), scale, out=out[start:stop])
+
+    for_blocks(out.numel(), experts.device, block)
+    return out
+
+
+def task_arithmetic(base: torch.Tensor, experts: torch.Tensor, weights: list[float], lam: float,
+                    normalize: bool, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """θ0 + λ Σ w_i τ_i (/ Σ w_i)."""
+    out = torch.empty(base.shape[0], dtype=out_dtype, device=base.device)
+    w = column(weights, experts)
+    scale = lam / float(safe_divisor(w.sum())) if normalize else lam
+
+    def block(start: int, stop: int) -> None:
+        mixed = task_vectors(base, experts, start, stop).mul_(w).sum(dim=0)
+        torch.add(base[start:stop], mixed, alpha=scale, out=out[start:stop])
+
+    for_blocks(out.numel(), base.device, block)
+    return out
+
+
+def disjoint_merge(weighted: torch.Tensor, gamma: torch.Tensor, weights: torch.Tensor,
+                   normalize: bool) -> torch.Tensor:
+    """TIES step 3 on [N, m] weighted task vectors (overwritten) and elected signs γ = ±1: the
+    (weighted) mean of the entries that agree with γ (γ·wτ_i > 0; zero entries never agree).
+
+    Written as γ · Σ relu(γ·wτ_i) so that no boolean tensor is made: on the CPU, float ops
+    vectorise and bool ones do not (this is 5x faster than masks)."""
+    agreeing = weighted.mul_(gamma).relu_()
+    mixed = agreeing.sum(dim=0)
+    if normalize:
+        count = agreeing.sign_().mul_(weights.reshape(-1, 1)).sum(dim=0)
+        # with weights >= 1e-8 a count below 1e-8 is an exact 0 where the merge is 0 too, so a
+        # clamp gives what the reference's "divide by 1 there" gives, without a select
+        mixed.div_(count.clamp_(min=1e-8) if float(weights.min()) >= 1e-8 else safe_divisor(count))
+    return mixed.mul_(gamma)
+
+
+def count_nonzero(x: torch.Tensor) -> int:
+    """Non-zero entries of a float tensor; sign() of |x| summed, which vectorises on the CPU
+    where `count_nonzero` branches per entry (5x slower on sparse data)."""
+    return int(x.abs().sign_().sum(dtype=torch.float64))
+
+
+class Election:
+    """TIES sign election over a tensor merged block by block.
+
+    γ = sign(Σ_i w_i τ_i). Where that sum is exactly 0 but some τ_i is not, the reference code
+    uses the majority sign of γ over the *whole tensor* (+1 if that is 0 too), which a block
+    cannot know yet: such entries are merged with +1, remembered, and redone with −1 in `finish`
+    if the majority turns out negative. They are rare (exact cancellations), so this costs nothing.
+    """
+
+    def __init__(self, weights: torch.Tensor, normalize: bool) -> None:
+        self.weights, self.normalize = weights, normalize
+        self.balance = 0  # Σ sign(Σ_i w_i τ_i) over the tensor so far
+        self.undecided: list[torch.Tensor] = []
+        self._lock = threading.Lock()  # blocks are merged by several threads
+
+    def merge(self, weighted: torch.Tensor, start: int) -> torch.Tensor:
+        total = weighted.sum(dim=0)
+        nonzero = count_nonzero(total)
+        total.add_(0.0)  # −0 → +0, so that zero sums get γ = +1 below
+        gamma = torch.ones_like(total).copysign_(total)
+        balance = int(gamma.sum(dtype=torch.float64)) - (total.numel() - nonzero)
+        mixed = disjoint_merge(weighted, gamma, self.weights, self.normalize)
+        # where the sum is non-zero some entry agrees, so the merge is non-zero: any other
+        # non-zero merged entry had a zero sum with non-zero entries, i.e. an undecided sign
+        undecided = ((total == 0) & (mixed != 0)).nonzero().reshape(-1) + start \
+            if count_nonzero(mixed) > nonzero else None
+        with self._lock:
+            self.balance += balance
+            if undecided is not None:
+                self.undecided.append(undecided)
+        return mixed
+
+    def finish(self, out: torch.Tensor, base: torch.Tensor, lam: float,
+               weighted_at: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Redo the undecided entries with γ = −1 if the tensor's majority sign is negative;
+        `weighted_at(indices)` recomputes the weighted task vectors [N, k] at those entries."""
+        if self.balance < 0:
+            for where in self.undecided:
+                gamma = torch.full(where.shape, -1.0, device=out.device)
+                mixed = disjoint_merge(weighted_at(where), gamma, self.weights, self.normalize)
+                out[where] = base[where].float().add_(mixed, alpha=lam).to(out.dtype)
+        return out
+
+
+def trim(tau: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
+    """TIES step 1 on [N, m]: keep τ_i entries with |τ_i| >= t_i, zero the rest (float ops only:
+    `threshold` keeps |τ| > the float just below t, `copysign` restores the signs)."""
+    magnitude = tau.abs()
+    for i, t in enumerate(thresholds):
+        F.threshold(magnitude[i], float_below(t), 0.0, inplace=True)
+    return magnitude.copysign_(tau)
+
+
+def float_below(value: float) -> float:
+    """The largest fp32 below `value` (for value > 0): `x > float_below(t)` ⟺ `x >= t` in fp32."""
+    if value <= 0.0 or math.isinf(value):
+        return value if value <= 0.0 else torch.finfo(torch.float32).max
+    t = torch.tensor(value, dtype=torch.float32)
+    return float(torch.nextafter(t, torch.zeros_like(t)))
+
+
+def ties_apply(base: torch.Tensor, experts: torch.Tensor, thresholds: list[float], weights: list[float],
+               lam: float, normalize: bool, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """TIES with known per-expert magnitude thresholds: keep |τ_i| >= t_i, elect, disjoint mean."""
+    out = torch.empty(base.shape[0], dtype=out_dtype, device=base.device)
+    w = column(weights, experts)
+    election = Election(w, normalize)
+
+    def block(start: int, stop: int) -> None:
+        tau = trim(task_vectors(base, experts, start, stop), thresholds).mul_(w)
+        torch.add(base[start:stop], election.merge(tau, start), alpha=lam, out=out[start:stop])
+
+    for_blocks(out.numel(), base.device, block)
+
+    def weighted_at(where: torch.Tensor) -> torch.Tensor:
+        tau = torch.sub(experts[:, where], base[where].float())
+        return trim(tau, thresholds).mul_(w)
+
+    return election.finish(out, base, lam, weighted_at)
+
+
+SAMPLE = 1 << 16  # entries per expert sampled to bracket the threshold
+
+
+def magnitude_thresholds(base: torch.Tensor, experts: torch.Tensor, densities: list[float]) -> list[float]:
+    """Each expert's exact k-th largest |τ_i| (k = ⌊density·n⌋; inf keeps nothing, 0 keeps all).
+
+    A strided sample brackets the k-th value in a narrow band [lo, hi); one blocked pass counts
+    the entries >= hi and collects those inside the band, and the exact k-th value is selected
+    among those few. If the bracket misses (odd value distributions), the two-pass radix select
+    over the whole task vector gives the answer instead. Either way the result equals `kthvalue`.
+    """
+    count, numel = experts.shape[0], base.shape[0]
+    keeps = [int(d * numel) for d in densities]
+    result: list[float | None] = [float("inf") if k <= 0 else 0.0 if k >= numel else None for k in keeps]
+    todo = [i for i in range(count) if result[i] is None]
+    if not todo:
+        return [float(r) for r in result]
+    if numel <= SMALL:
+        tau = task_vectors(base, experts, 0, numel).abs_()
+        for i in todo:
+            result[i] = kth_largest_magnitude(tau[i].view(torch.int32), keeps[i])
+        return [float(r) for r in result]
+    stride = max(1, numel // SAMPLE)
+    sample = torch.sub(experts[:, ::stride], base[::stride].float()).abs_().sort(dim=1, descending=True).values
+    size = sample.shape[1]
+    lo, hi = {}, {}
+    for i in todo:
+        q = keeps[i] / numel
+        rank = q * size
+        margin = 6.0 * (rank * (1 - q)) ** 0.5 + 8
+        hi[i] = float(sample[i, max(0, int(rank - margin))]) if rank - margin >= 1 else float("inf")
+        lo[i] = float(sample[i, min(size - 1, int(rank + margin))])
+    limit = numel // 8  # a band wider than this is not worth collecting: select over everything
+
+    def block(start: int, stop: int) -> list[tuple[int, torch.Tensor]]:
+        tau = task_vectors(base, experts, start, stop).abs_()
+        found = []
+        for i in todo:
+            row = tau[i]
+            inside = row[(row >= lo[i]) & (row < hi[i])]
+            found.append((int(torch.count_nonzero(row >= hi[i])), inside if inside.numel() <= limit else None))
+        return found
+
+    per_block = for_blocks(numel, base.device, block)
+    above = {i: sum(b[j][0] for b in per_block) for j, i in enumerate(todo)}
+    bands = {i: [b[j][1] for b in per_block] for j, i in enumerate(todo)}
+    band_size = {i: -1 if any(x is None for x in bands[i]) else sum(x.numel() for x in bands[i]) for i in todo}
+    band = {i: bands[i] if band_size[i] <= limit else [] for i in todo}
+    band_size = {i: n if n <= limit else -1 for i, n in band_size.items()}
+    for i in todo:
+        rank = keeps[i] - above[i]
+        if band_size[i] >= 0 and 0 < rank <= band_size[i]:
+            values = torch.cat(band[i])
+            result[i] = float(values.kthvalue(values.numel() - rank + 1).values)
+        else:
+            tau = task_vectors(base, experts[i:i + 1], 0, numel)[0].abs_()
+            result[i] = kth_largest_magnitude(tau.view(torch.int32), keeps[i])
+    return [float(r) for r in result]
+
+
+def dare_drop(tau: torch.Tensor, start: int, densities: list[float], keys: list[tuple[int, int]],
+              rescale: bool) -> torch.Tensor:
+    """DARE in place on a block of [N, m] task vectors whose first entry is flat index `start`."""
+    for i, keep in enumerate(densities):
+        if keep >= 1.0:
+            continue
+        tau[i].mul_(keep_mask(start, tau.shape[1], keep, keys[i], tau.device))
+        if rescale and keep > 0:
+            tau[i].div_(keep)
+    return tau
+
+
+def dare(base: torch.Tensor, experts: torch.Tensor, offset: int, densities: list[float],
+         keys: list[tuple[int, int]], weights: list[float], lam: float, normalize: bool, rescale: bool,
+         elect: bool, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """DARE drop-and-rescale, then a weighted sum (dare_linear) or TIES election (dare_ties)."""
+    out = torch.empty(base.shape[0], dtype=out_dtype, device=base.device)
+    w = column(weights, experts)
+    election = Election(w, normalize)
+
+    def block(start: int, stop: int) -> None:
+        tau = dare_drop(task_vectors(base, experts, start, stop), offset + start, densities, keys, rescale).mul_(w)
+        if elect:
+            mixed = election.merge(tau, start)
+        else:
+            mixed = tau.sum(dim=0)
+            if normalize:
+                mixed /= safe_divisor(w.sum())
+        torch.add(base[start:stop], mixed, alpha=lam, out=out[start:stop])
+
+    for_blocks(out.numel(), base.device, block)
+
+    def weighted_at(where: torch.Tensor) -> torch.Tensor:
+        tau = torch.sub(experts[:, where], base[where].float())
+        for i, keep in enumerate(densities):
+            if keep < 1.0:
+                tau[i].mul_(keep_mask_at(where + offset, keep, keys[i]))
+                if rescale and keep > 0:
+                    tau[i].div_(keep)
+        return tau.mul_(w)
+
+    return election.finish(out, base, lam, weighted_at) if elect else out
+
+
+__all__ = ["BLOCK", "magnitude_thresholds", "dare", "dare_drop", "Election", "disjoint_merge", "keep_threshold", "spans", "task_arithmetic",
+           "task_vectors", "ties_apply", "weighted_sum"]
