@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """Time RI's adaptation of one expert: seconds per step, extrapolated to a full run.
 
     python scripts/bench_ri.py --device cuda --out bench-ri.md          # ~1 min on one modern GPU

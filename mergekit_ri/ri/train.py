@@ -193,7 +193,7 @@ def _worker_init(progress, threads: int) -> None:
 
 def _worker(job: TrainJob, labels: list[str], device: str) -> dict[str, bool]:
     target = torch.device(device)
-    if target.type == "cuda":
+    if target.type == "cuda" and target.index is not None:
         torch.cuda.set_device(target)
     return train_experts(job, labels, target, _queue_report if _PROGRESS is not None else None)
 
