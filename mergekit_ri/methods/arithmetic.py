@@ -47,8 +47,8 @@ def ties(base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: Tensor
     elect signs by total mass, disjoint mean; θ0 + λ τ_m."""
     b, e = _flat(base, experts)
     thresholds = ctx.thresholds or kernels.magnitude_thresholds(b, e, p.per_model["density"])
-    return kernels.ties_apply(b, e, list(thresholds), p.per_model["weight"], p["lambda"],
-                              p["normalize"], ctx.out_dtype).reshape(base.shape)
+    return kernels.ties(b, e, list(thresholds), p.per_model["weight"], p["lambda"],
+                        p["normalize"], ctx.out_dtype).reshape(base.shape)
 
 
 def _dare(base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: TensorContext, elect: bool) -> torch.Tensor:
