@@ -166,6 +166,7 @@ def interpreted():
 
 
 SHAPES = [1, 7, 1023, 1025, 4099]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU, interpreted here
 
 
 @pytest.mark.parametrize("n", SHAPES)
@@ -183,12 +184,13 @@ def test_fused_ties_equals_the_torch_kernel(interpreted, monkeypatch, n, dtype):
     undecided_ref = int(((total == 0) & (tau > 0).any(0)).sum())
     for normalize in (True, False):
         expected = blocked.ties_apply(base, experts, thresholds, weights, 0.9, normalize)
-        got = kernels.ties(base, experts, thresholds, weights, 0.9, normalize, torch.float32)
+        got = kernels.ties(base.to(DEVICE), experts.to(DEVICE), thresholds, weights, 0.9, normalize, torch.float32).cpu()
         # same kept entries and signs; only the last rounding of θ0 + λ·τ may differ (FMA or not)
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
         stored, balance, undecided = interpreted.fused_merge(
-            base, experts, mode=interpreted.MODE_TIES, elect=True, weights=weights, lam=0.9,
+            base.to(DEVICE), experts.to(DEVICE), mode=interpreted.MODE_TIES, elect=True, weights=weights, lam=0.9,
             normalize=normalize, out_dtype=torch.bfloat16, thresholds=thresholds)
+        stored = stored.cpu()
         assert stored.dtype == torch.bfloat16
         assert balance == int(torch.sign(total).sum()) and undecided == undecided_ref
         if not (undecided and balance < 0):
@@ -204,14 +206,14 @@ def test_fused_dare_draws_the_same_masks_as_the_torch_kernel(interpreted, monkey
     args = (12345, [0.3, 1.0, 0.6], keys, [1.0, 1.0, 0.5], 0.6, False, True, elect)
     expected = blocked.dare(base, experts, *args)
     monkeypatch.setattr(interpreted, "enabled", lambda tensor: True)
-    got = kernels.dare(base, experts, *args, torch.float32)
+    got = kernels.dare(base.to(DEVICE), experts.to(DEVICE), *args, torch.float32).cpu()
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
-    fused, _, _ = interpreted.fused_merge(base, experts, mode=interpreted.MODE_DARE, elect=False, weights=args[3],
+    fused, _, _ = interpreted.fused_merge(base.to(DEVICE), experts.to(DEVICE), mode=interpreted.MODE_DARE, elect=False, weights=args[3],
                                           lam=0.6, normalize=False, out_dtype=torch.float32, keys=keys,
                                           densities=args[1], offset=12345)
     # the kept entries are exactly those of the torch generator: compare the drop pattern itself
     dropped = blocked.dare(base, experts, 12345, args[1], keys, [1.0, 1.0, 0.5], 0.6, False, True, False)
-    torch.testing.assert_close(fused, dropped, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fused.cpu(), dropped, rtol=1e-6, atol=1e-7)
 
 
 def test_fused_ties_reports_undecided_entries_and_the_dispatch_redoes_them(interpreted, monkeypatch):
@@ -219,10 +221,10 @@ def test_fused_ties_reports_undecided_entries_and_the_dispatch_redoes_them(inter
     monkeypatch.setattr(interpreted, "enabled", lambda tensor: True)
     base, experts = cancelling_inputs(3000)
     thresholds = [0.0, 0.0, 0.0]
-    _, balance, undecided = interpreted.fused_merge(base, experts, mode=interpreted.MODE_TIES, elect=True,
+    _, balance, undecided = interpreted.fused_merge(base.to(DEVICE), experts.to(DEVICE), mode=interpreted.MODE_TIES, elect=True,
                                                     weights=[1.0] * 3, lam=1.0, normalize=True,
                                                     out_dtype=torch.float32, thresholds=thresholds)
     assert undecided > 0 and balance < 0
-    got = kernels.ties(base, experts, thresholds, [1.0] * 3, 1.0, True, torch.float32)
+    got = kernels.ties(base.to(DEVICE), experts.to(DEVICE), thresholds, [1.0] * 3, 1.0, True, torch.float32).cpu()
     expected = base + ref_disjoint_merge([e - base for e in experts], [1.0] * 3)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
