@@ -26,6 +26,7 @@ from .io.sources import ST_DTYPES, TensorReader
 from .io.writer import ShardWriter, write_index
 from .methods import TensorContext
 from .kernels.parallel import single_threaded_ops
+from .kernels.source import Source
 from .kernels.select import BUCKETS, abs_bits, bits_to_float, bucket_of_kth, high_histogram, low_histogram
 from .plan import PREFETCH_DEFAULT, MergePlan, TensorTask
 
@@ -55,6 +56,12 @@ class WorkUnit:
 
     task: TensorTask
     rows: tuple[int, int] | None = None
+    streamed: bool = False  # a huge tensor the method reads itself, by row chunks (RowSource)
+
+    @property
+    def held_nbytes(self) -> int:
+        """Bytes its read-ahead holds in memory: none for a streamed unit, which reads lazily."""
+        return 0 if self.streamed else self.in_nbytes
 
     @property
     def in_nbytes(self) -> int:
@@ -64,16 +71,18 @@ class WorkUnit:
 
 
 def work_units(plan: MergePlan, tasks: list[TensorTask] | None = None, chunk: int | None = None,
-               device: torch.device | None = None) -> list[WorkUnit]:
+               device: torch.device | None = None, rows_for_all: bool = False) -> list[WorkUnit]:
     """Split big tensors of elementwise methods into row blocks so memory stays bounded (bigger
     blocks on a GPU, where each one costs a few kernel launches and a synchronisation)."""
     chunk = chunk or (CHUNK_ELEMENTS * GPU_CHUNK_FACTOR if device is not None and device.type == "cuda" else CHUNK_ELEMENTS)
     units = []
     for task in plan.tasks if tasks is None else tasks:
         numel = task.reference.numel
-        if task.merge and plan.method.elementwise and task.shape and numel > chunk:
+        if task.merge and (plan.method.elementwise or rows_for_all) and task.shape and numel > chunk:
             step = max(1, chunk // max(1, numel // task.shape[0]))
             units += [WorkUnit(task, (r, min(r + step, task.shape[0]))) for r in range(0, task.shape[0], step)]
+        elif task.merge and plan.method.streams and task.base is not None and task.shape and numel > chunk:
+            units.append(WorkUnit(task, streamed=True))
         else:
             units.append(WorkUnit(task))
     return units
@@ -96,6 +105,8 @@ def read_unit(reader: TensorReader, unit: WorkUnit, pin: bool) -> list[torch.Ten
     one, the experts read straight into one stacked [N, ...] buffer (page-locked when `pin`, so
     the copy to the GPU is asynchronous). Experts of mixed dtypes are stacked as fp32."""
     task = unit.task
+    if unit.streamed:
+        return []
     if not task.merge:
         return [reader.read(task.reference, unit.rows)]
     raws = [reader.read(task.base, unit.rows, pin=pin)] if task.base is not None else []
@@ -126,16 +137,71 @@ def load_inputs(raws: list[torch.Tensor], has_base: bool, device: torch.device,
     return base, experts
 
 
+class RowSource(Source):
+    """A huge tensor's base and experts, read from the files a chunk of rows at a time (about
+    CHUNK_ELEMENTS entries each, the next chunk read while this one is merged)."""
+
+    SEGMENTS = 64  # the sample is read as this many evenly spaced runs of rows
+
+    def __init__(self, reader: TensorReader, task: TensorTask, device: torch.device) -> None:
+        self.reader, self.task, self.device = reader, task, device
+        self.shape = tuple(task.shape)
+        self.numel, self.count = task.reference.numel, len(task.experts)
+        self.rows = task.shape[0]
+        self.row_numel = self.numel // self.rows
+        self.pin = device.type == "cuda"
+
+    def _read(self, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raws = read_unit(self.reader, WorkUnit(self.task, (first, last)), self.pin)
+        base, experts = load_inputs(raws, True, self.device, fp32=False)
+        return base.reshape(-1), experts.reshape(self.count, -1)
+
+    def chunks(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        step = max(1, CHUNK_ELEMENTS // self.row_numel)
+        spans = [(r, min(r + step, self.rows)) for r in range(0, self.rows, step)]
+        with ThreadPoolExecutor(1, "ri-rows") as ahead:
+            future = ahead.submit(self._read, *spans[0])
+            for i, (first, _) in enumerate(spans):
+                base, experts = future.result()
+                if i + 1 < len(spans):
+                    future = ahead.submit(self._read, *spans[i + 1])
+                yield first * self.row_numel, base, experts
+
+    def sample(self, target: int) -> tuple[torch.Tensor, torch.Tensor]:
+        run = max(1, -(-target // (self.SEGMENTS * self.row_numel)))
+        starts = sorted({int(i * (self.rows - run) / max(self.SEGMENTS - 1, 1)) for i in range(self.SEGMENTS)})
+        parts = [self._read(r, min(r + run, self.rows)) for r in starts]
+        return torch.cat([b for b, _ in parts]), torch.cat([e for _, e in parts], dim=1)
+
+    def gather(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        base = torch.empty(index.numel(), dtype=torch.float32, device=self.device)
+        experts = torch.empty((self.count, index.numel()), dtype=torch.float32, device=self.device)
+        rows = index // self.row_numel
+        for row in torch.unique(rows).tolist():
+            at = (rows == row).nonzero().reshape(-1)
+            row_base, row_experts = self._read(row, row + 1)
+            cols = index[at] - row * self.row_numel
+            base[at] = row_base[cols].float()
+            experts[:, at] = row_experts[:, cols].float()
+        return base, experts
+
+
 def compute(plan: MergePlan, unit: WorkUnit, raws: list[torch.Tensor], device: torch.device,
-            thresholds: tuple[float, ...] | None, report: LayerReport | None = None) -> torch.Tensor:
+            thresholds: tuple[float, ...] | None, report: LayerReport | None = None,
+            reader: TensorReader | None = None) -> torch.Tensor:
     """One output tensor (or block of rows), on the CPU in its output dtype."""
     task = unit.task
     if not task.merge:
         return raws[0]
-    base, experts = load_inputs(raws, plan.base is not None, device, fp32=not plan.method.raw_inputs)
+    source = None
+    if unit.streamed:
+        base = experts = None
+        source = RowSource(reader, task, device)
+    else:
+        base, experts = load_inputs(raws, plan.base is not None, device, fp32=not plan.method.raw_inputs)
     offset = unit.rows[0] * (task.reference.numel // task.shape[0]) if unit.rows else 0
     ctx = TensorContext(task.name, plan.recipe.seed, thresholds, offset=offset, report=report,
-                        out_dtype=ST_DTYPES[task.out_dtype])
+                        out_dtype=ST_DTYPES[task.out_dtype], source=source)
     merged = plan.method.fn(base, experts, task.params, ctx)
     return merged.to(ST_DTYPES[task.out_dtype]).cpu()
 
@@ -154,10 +220,10 @@ def stream_inputs(plan: MergePlan, reader: TensorReader, pool: ThreadPoolExecuto
         return read_unit(reader, unit, pin)
 
     def fill() -> None:
-        in_flight = sum(u.in_nbytes for u, _ in pending)
-        while todo and len(pending) < max(prefetch, 1) and (not pending or in_flight + todo[0].in_nbytes <= PREFETCH_BYTES):
+        in_flight = sum(u.held_nbytes for u, _ in pending)
+        while todo and len(pending) < max(prefetch, 1) and (not pending or in_flight + todo[0].held_nbytes <= PREFETCH_BYTES):
             unit = todo.popleft()
-            in_flight += unit.in_nbytes
+            in_flight += unit.held_nbytes
             pending.append((unit, pool.submit(read, unit)))
 
     fill()
@@ -187,7 +253,7 @@ def model_thresholds(plan: MergePlan, reader: TensorReader, pool: ThreadPoolExec
     def histograms(bucket: list[int] | None) -> torch.Tensor:
         hist = torch.zeros((count, BUCKETS), dtype=torch.int64, device=device)
         pin = device.type == "cuda"
-        for unit, raws in stream_inputs(plan, reader, pool, prefetch, work_units(plan, tasks, device=device), pin):
+        for unit, raws in stream_inputs(plan, reader, pool, prefetch, work_units(plan, tasks, device=device, rows_for_all=True), pin):
             base, experts = load_inputs(raws, True, device)
             for i in range(count):
                 bits = abs_bits(experts[i].sub_(base))
@@ -244,7 +310,7 @@ def run_merge(plan: MergePlan, out: Path, *, device: str = "auto", force: bool =
             blocked = plan.method.raw_inputs and target.type == "cpu"
             with single_threaded_ops() if blocked else nullcontext():
                 for unit, raws in stream_inputs(plan, reader, reads, prefetch, units, target.type == "cuda"):
-                    result = compute(plan, unit, raws, target, thresholds, report)
+                    result = compute(plan, unit, raws, target, thresholds, report, reader)
                     written.append(writes.submit(writer.write, unit.task, result, unit.rows))
                     while len(written) > 2:
                         written.popleft().result()

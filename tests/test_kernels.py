@@ -173,7 +173,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_ties_equals_the_torch_kernel(interpreted, monkeypatch, n, dtype):
     from mergekit_ri import kernels
-    monkeypatch.setattr(interpreted, "enabled", lambda tensor: True)
+    monkeypatch.setattr(interpreted, "enabled", lambda device: True)
     base, experts = awkward_inputs("ties", n)  # magnitudes tied at the threshold, exact cancellations
     base, experts = base.to(dtype), experts.to(dtype)
     experts[:, : n // 3] = base[: n // 3]  # an all-zero stretch of task vectors
@@ -184,7 +184,7 @@ def test_fused_ties_equals_the_torch_kernel(interpreted, monkeypatch, n, dtype):
     undecided_ref = int(((total == 0) & (tau > 0).any(0)).sum())
     for normalize in (True, False):
         expected = blocked.ties_apply(base, experts, thresholds, weights, 0.9, normalize)
-        got = kernels.ties(base.to(DEVICE), experts.to(DEVICE), thresholds, weights, 0.9, normalize, torch.float32).cpu()
+        got = kernels.ties(kernels.TensorSource(base.to(DEVICE), experts.to(DEVICE)), thresholds, weights, 0.9, normalize, torch.float32).cpu()
         # same kept entries and signs; only the last rounding of θ0 + λ·τ may differ (FMA or not)
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
         stored, balance, undecided = interpreted.fused_merge(
@@ -205,8 +205,8 @@ def test_fused_dare_draws_the_same_masks_as_the_torch_kernel(interpreted, monkey
     keys = [rng_key(9, "x", i) for i in range(3)]
     args = (12345, [0.3, 1.0, 0.6], keys, [1.0, 1.0, 0.5], 0.6, False, True, elect)
     expected = blocked.dare(base, experts, *args)
-    monkeypatch.setattr(interpreted, "enabled", lambda tensor: True)
-    got = kernels.dare(base.to(DEVICE), experts.to(DEVICE), *args, torch.float32).cpu()
+    monkeypatch.setattr(interpreted, "enabled", lambda device: True)
+    got = kernels.dare(kernels.TensorSource(base.to(DEVICE), experts.to(DEVICE)), *args, torch.float32).cpu()
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
     fused, _, _ = interpreted.fused_merge(base.to(DEVICE), experts.to(DEVICE), mode=interpreted.MODE_DARE, elect=False, weights=args[3],
                                           lam=0.6, normalize=False, out_dtype=torch.float32, keys=keys,
@@ -218,13 +218,13 @@ def test_fused_dare_draws_the_same_masks_as_the_torch_kernel(interpreted, monkey
 
 def test_fused_ties_reports_undecided_entries_and_the_dispatch_redoes_them(interpreted, monkeypatch):
     from mergekit_ri import kernels
-    monkeypatch.setattr(interpreted, "enabled", lambda tensor: True)
+    monkeypatch.setattr(interpreted, "enabled", lambda device: True)
     base, experts = cancelling_inputs(3000)
     thresholds = [0.0, 0.0, 0.0]
     _, balance, undecided = interpreted.fused_merge(base.to(DEVICE), experts.to(DEVICE), mode=interpreted.MODE_TIES, elect=True,
                                                     weights=[1.0] * 3, lam=1.0, normalize=True,
                                                     out_dtype=torch.float32, thresholds=thresholds)
     assert undecided > 0 and balance < 0
-    got = kernels.ties(base.to(DEVICE), experts.to(DEVICE), thresholds, [1.0] * 3, 1.0, True, torch.float32).cpu()
+    got = kernels.ties(kernels.TensorSource(base.to(DEVICE), experts.to(DEVICE)), thresholds, [1.0] * 3, 1.0, True, torch.float32).cpu()
     expected = base + ref_disjoint_merge([e - base for e in experts], [1.0] * 3)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

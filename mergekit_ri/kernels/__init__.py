@@ -12,33 +12,54 @@ from __future__ import annotations
 import torch
 
 from . import fused
-from .blocked import dare as dare_blocked
-from .blocked import magnitude_thresholds, task_arithmetic, task_vectors, ties_apply, weighted_sum
+from .blocked import (
+    dare_source,
+    magnitude_thresholds,
+    magnitude_thresholds_source,
+    task_arithmetic,
+    task_vectors,
+    ties_source,
+    weighted_sum,
+)
+from .source import Source, TensorSource
 
 
-def ties(base: torch.Tensor, experts: torch.Tensor, thresholds: list[float], weights: list[float], lam: float,
-         normalize: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    """TIES with known thresholds on flat inputs: the fused kernel where it runs, else torch."""
-    if fused.enabled(experts):
-        out, balance, undecided = fused.fused_merge(base, experts, mode=fused.MODE_TIES, elect=True, weights=weights,
-                                                    lam=lam, normalize=normalize, out_dtype=out_dtype,
-                                                    thresholds=thresholds)
-        if not (undecided and balance < 0):  # else: zero-sum entries need the −1 majority sign
+def ties(src: Source, thresholds: list[float], weights: list[float], lam: float, normalize: bool,
+         out_dtype: torch.dtype) -> torch.Tensor:
+    """TIES with known thresholds: the fused kernel chunk by chunk where it runs, else torch."""
+    if fused.enabled(src.device):
+        out = _fused_chunks(src, mode=fused.MODE_TIES, elect=True, weights=weights, lam=lam,
+                            normalize=normalize, out_dtype=out_dtype, thresholds=thresholds)
+        if out is not None:
             return out
-    return ties_apply(base, experts, thresholds, weights, lam, normalize, out_dtype)
+    return ties_source(src, thresholds, weights, lam, normalize, out_dtype)
 
 
-def dare(base: torch.Tensor, experts: torch.Tensor, offset: int, densities: list[float],
-         keys: list[tuple[int, int]], weights: list[float], lam: float, normalize: bool, rescale: bool,
-         elect: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    """DARE (then sum or TIES election) on flat inputs: fused where it runs, else torch."""
-    if fused.enabled(experts):
-        out, balance, undecided = fused.fused_merge(base, experts, mode=fused.MODE_DARE, elect=elect, weights=weights,
-                                                    lam=lam, normalize=normalize, out_dtype=out_dtype, keys=keys,
-                                                    densities=densities, rescale=rescale, offset=offset)
-        if not (elect and undecided and balance < 0):
+def dare(src: Source, offset: int, densities: list[float], keys: list[tuple[int, int]], weights: list[float],
+         lam: float, normalize: bool, rescale: bool, elect: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """DARE (then sum or TIES election): fused where it runs, else torch."""
+    if fused.enabled(src.device):
+        out = _fused_chunks(src, mode=fused.MODE_DARE, elect=elect, weights=weights, lam=lam,
+                            normalize=normalize, out_dtype=out_dtype, keys=keys, densities=densities,
+                            rescale=rescale, offset=offset)
+        if out is not None:
             return out
-    return dare_blocked(base, experts, offset, densities, keys, weights, lam, normalize, rescale, elect, out_dtype)
+    return dare_source(src, offset, densities, keys, weights, lam, normalize, rescale, elect, out_dtype)
 
 
-__all__ = ["dare", "magnitude_thresholds", "task_arithmetic", "task_vectors", "ties", "weighted_sum"]
+def _fused_chunks(src: Source, **kwargs) -> torch.Tensor | None:
+    """The fused kernel over each chunk; None when zero-sum entries need the −1 majority sign
+    (known only once every chunk is merged), which the torch path then handles exactly."""
+    out = torch.empty(src.numel, dtype=kwargs["out_dtype"], device=src.device)
+    balance = undecided = 0
+    offset = kwargs.pop("offset", 0)
+    for first, base, experts in src.chunks():
+        extra = {"offset": offset + first} if kwargs["mode"] == fused.MODE_DARE else {}
+        part, chunk_balance, chunk_undecided = fused.fused_merge(base, experts, **kwargs, **extra)
+        out[first:first + part.shape[0]] = part
+        balance, undecided = balance + chunk_balance, undecided + chunk_undecided
+    return None if kwargs["elect"] and undecided and balance < 0 else out
+
+
+__all__ = ["Source", "TensorSource", "dare", "magnitude_thresholds", "magnitude_thresholds_source", "task_arithmetic",
+           "task_vectors", "ties", "weighted_sum"]

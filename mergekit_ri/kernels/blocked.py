@@ -23,6 +23,7 @@ T = TypeVar("T")
 
 from .parallel import run_blocks
 from .select import SMALL, kth_largest_magnitude
+from .source import Source, TensorSource
 from .rng import keep_mask, keep_mask_at, keep_threshold
 
 BLOCK = 1 << 18  # entries per block on the CPU: 3 experts × 1 MiB of fp32 fits a 2 MiB L2
@@ -137,15 +138,16 @@ class Election:
                 self.undecided.append(undecided)
         return mixed
 
-    def finish(self, out: torch.Tensor, base: torch.Tensor, lam: float,
-               weighted_at: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def finish(self, out: torch.Tensor, lam: float,
+               redo: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Redo the undecided entries with γ = −1 if the tensor's majority sign is negative;
-        `weighted_at(indices)` recomputes the weighted task vectors [N, k] at those entries."""
+        `redo(indices)` gives the base (fp32) and the weighted task vectors [N, k] there."""
         if self.balance < 0:
             for where in self.undecided:
+                base, weighted = redo(where)
                 gamma = torch.full(where.shape, -1.0, device=out.device)
-                mixed = disjoint_merge(weighted_at(where), gamma, self.weights, self.normalize)
-                out[where] = base[where].float().add_(mixed, alpha=lam).to(out.dtype)
+                mixed = disjoint_merge(weighted, gamma, self.weights, self.normalize)
+                out[where] = base.add_(mixed, alpha=lam).to(out.dtype)
         return out
 
 
@@ -169,27 +171,40 @@ def float_below(value: float) -> float:
 def ties_apply(base: torch.Tensor, experts: torch.Tensor, thresholds: list[float], weights: list[float],
                lam: float, normalize: bool, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """TIES with known per-expert magnitude thresholds: keep |τ_i| >= t_i, elect, disjoint mean."""
-    out = torch.empty(base.shape[0], dtype=out_dtype, device=base.device)
-    w = column(weights, experts)
+    return ties_source(TensorSource(base, experts), thresholds, weights, lam, normalize, out_dtype)
+
+
+def ties_source(src: Source, thresholds: list[float], weights: list[float], lam: float, normalize: bool,
+                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`ties_apply` over a `Source`, chunk by chunk, block by block."""
+    out = torch.empty(src.numel, dtype=out_dtype, device=src.device)
+    w = column(weights, out)
     election = Election(w, normalize)
+    for first, base, experts in src.chunks():
+        def block(start: int, stop: int) -> None:
+            tau = trim(task_vectors(base, experts, start, stop), thresholds).mul_(w)
+            torch.add(base[start:stop], election.merge(tau, first + start), alpha=lam,
+                      out=out[first + start:first + stop])
 
-    def block(start: int, stop: int) -> None:
-        tau = trim(task_vectors(base, experts, start, stop), thresholds).mul_(w)
-        torch.add(base[start:stop], election.merge(tau, start), alpha=lam, out=out[start:stop])
+        for_blocks(base.shape[0], src.device, block)
 
-    for_blocks(out.numel(), base.device, block)
+    def redo(where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        base, experts = src.gather(where)
+        base = base.float()
+        return base, trim(torch.sub(experts, base), thresholds).mul_(w)
 
-    def weighted_at(where: torch.Tensor) -> torch.Tensor:
-        tau = torch.sub(experts[:, where], base[where].float())
-        return trim(tau, thresholds).mul_(w)
-
-    return election.finish(out, base, lam, weighted_at)
+    return election.finish(out, lam, redo)
 
 
 SAMPLE = 1 << 16  # entries per expert sampled to bracket the threshold
 
 
 def magnitude_thresholds(base: torch.Tensor, experts: torch.Tensor, densities: list[float]) -> list[float]:
+    """`magnitude_thresholds_source` of tensors in memory."""
+    return magnitude_thresholds_source(TensorSource(base, experts), densities)
+
+
+def magnitude_thresholds_source(src: Source, densities: list[float]) -> list[float]:
     """Each expert's exact k-th largest |τ_i| (k = ⌊density·n⌋; inf keeps nothing, 0 keeps all).
 
     A strided sample brackets the k-th value in a narrow band [lo, hi); one blocked pass counts
@@ -197,19 +212,19 @@ def magnitude_thresholds(base: torch.Tensor, experts: torch.Tensor, densities: l
     among those few. If the bracket misses (odd value distributions), the two-pass radix select
     over the whole task vector gives the answer instead. Either way the result equals `kthvalue`.
     """
-    count, numel = experts.shape[0], base.shape[0]
+    count, numel = src.count, src.numel
     keeps = [int(d * numel) for d in densities]
     result: list[float | None] = [float("inf") if k <= 0 else 0.0 if k >= numel else None for k in keeps]
     todo = [i for i in range(count) if result[i] is None]
     if not todo:
         return [float(r) for r in result]
     if numel <= SMALL:
-        tau = task_vectors(base, experts, 0, numel).abs_()
+        tau = torch.cat([task_vectors(b, e, 0, b.shape[0]) for _, b, e in src.chunks()], dim=1).abs_()
         for i in todo:
             result[i] = kth_largest_magnitude(tau[i].view(torch.int32), keeps[i])
         return [float(r) for r in result]
-    stride = max(1, numel // SAMPLE)
-    sample = torch.sub(experts[:, ::stride], base[::stride].float()).abs_().sort(dim=1, descending=True).values
+    sample_base, sample_experts = src.sample(SAMPLE)
+    sample = torch.sub(sample_experts, sample_base.float()).abs_().sort(dim=1, descending=True).values
     size = sample.shape[1]
     lo, hi = {}, {}
     for i in todo:
@@ -220,16 +235,18 @@ def magnitude_thresholds(base: torch.Tensor, experts: torch.Tensor, densities: l
         lo[i] = float(sample[i, min(size - 1, int(rank + margin))])
     limit = numel // 8  # a band wider than this is not worth collecting: select over everything
 
-    def block(start: int, stop: int) -> list[tuple[int, torch.Tensor]]:
-        tau = task_vectors(base, experts, start, stop).abs_()
-        found = []
-        for i in todo:
-            row = tau[i]
-            inside = row[(row >= lo[i]) & (row < hi[i])]
-            found.append((int(torch.count_nonzero(row >= hi[i])), inside if inside.numel() <= limit else None))
-        return found
+    per_block: list[list[tuple[int, torch.Tensor | None]]] = []
+    for _, base, experts in src.chunks():
+        def block(start: int, stop: int) -> list[tuple[int, torch.Tensor | None]]:
+            tau = task_vectors(base, experts, start, stop).abs_()
+            found = []
+            for i in todo:
+                row = tau[i]
+                inside = row[(row >= lo[i]) & (row < hi[i])]
+                found.append((int(torch.count_nonzero(row >= hi[i])), inside if inside.numel() <= limit else None))
+            return found
 
-    per_block = for_blocks(numel, base.device, block)
+        per_block += for_blocks(base.shape[0], src.device, block)
     above = {i: sum(b[j][0] for b in per_block) for j, i in enumerate(todo)}
     bands = {i: [b[j][1] for b in per_block] for j, i in enumerate(todo)}
     band_size = {i: -1 if any(x is None for x in bands[i]) else sum(x.numel() for x in bands[i]) for i in todo}
@@ -240,10 +257,16 @@ def magnitude_thresholds(base: torch.Tensor, experts: torch.Tensor, densities: l
         if band_size[i] >= 0 and 0 < rank <= band_size[i]:
             values = torch.cat(band[i])
             result[i] = float(values.kthvalue(values.numel() - rank + 1).values)
-        else:
-            tau = task_vectors(base, experts[i:i + 1], 0, numel)[0].abs_()
+        else:  # the bracket missed: an exact radix select over this expert's whole |τ_i|
+            tau = torch.cat([task_vectors(b, e[i:i + 1], 0, b.shape[0])[0] for _, b, e in src.chunks()]).abs_()
             result[i] = kth_largest_magnitude(tau.view(torch.int32), keeps[i])
     return [float(r) for r in result]
+
+
+def rescale_factor(keep: float) -> float:
+    """1/keep rounded to fp32: DARE multiplies by it everywhere, since CUDA's division by a scalar
+    is itself a multiplication by the reciprocal, and one rule keeps every device bit-identical."""
+    return float(torch.tensor(1.0 / keep, dtype=torch.float32))
 
 
 def dare_drop(tau: torch.Tensor, start: int, densities: list[float], keys: list[tuple[int, int]],
@@ -254,7 +277,7 @@ def dare_drop(tau: torch.Tensor, start: int, densities: list[float], keys: list[
             continue
         tau[i].mul_(keep_mask(start, tau.shape[1], keep, keys[i], tau.device))
         if rescale and keep > 0:
-            tau[i].div_(keep)
+            tau[i].mul_(rescale_factor(keep))
     return tau
 
 
@@ -262,33 +285,44 @@ def dare(base: torch.Tensor, experts: torch.Tensor, offset: int, densities: list
          keys: list[tuple[int, int]], weights: list[float], lam: float, normalize: bool, rescale: bool,
          elect: bool, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """DARE drop-and-rescale, then a weighted sum (dare_linear) or TIES election (dare_ties)."""
-    out = torch.empty(base.shape[0], dtype=out_dtype, device=base.device)
-    w = column(weights, experts)
+    return dare_source(TensorSource(base, experts), offset, densities, keys, weights, lam, normalize, rescale,
+                       elect, out_dtype)
+
+
+def dare_source(src: Source, offset: int, densities: list[float], keys: list[tuple[int, int]],
+                weights: list[float], lam: float, normalize: bool, rescale: bool, elect: bool,
+                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`dare` over a `Source`; `offset` is the flat index of the source's first entry."""
+    out = torch.empty(src.numel, dtype=out_dtype, device=src.device)
+    w = column(weights, out)
     election = Election(w, normalize)
+    for first, base, experts in src.chunks():
+        def block(start: int, stop: int) -> None:
+            tau = dare_drop(task_vectors(base, experts, start, stop), offset + first + start, densities, keys,
+                            rescale).mul_(w)
+            if elect:
+                mixed = election.merge(tau, first + start)
+            else:
+                mixed = tau.sum(dim=0)
+                if normalize:
+                    mixed /= safe_divisor(w.sum())
+            torch.add(base[start:stop], mixed, alpha=lam, out=out[first + start:first + stop])
 
-    def block(start: int, stop: int) -> None:
-        tau = dare_drop(task_vectors(base, experts, start, stop), offset + start, densities, keys, rescale).mul_(w)
-        if elect:
-            mixed = election.merge(tau, start)
-        else:
-            mixed = tau.sum(dim=0)
-            if normalize:
-                mixed /= safe_divisor(w.sum())
-        torch.add(base[start:stop], mixed, alpha=lam, out=out[start:stop])
+        for_blocks(base.shape[0], src.device, block)
 
-    for_blocks(out.numel(), base.device, block)
-
-    def weighted_at(where: torch.Tensor) -> torch.Tensor:
-        tau = torch.sub(experts[:, where], base[where].float())
+    def redo(where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        base, experts = src.gather(where)
+        base = base.float()
+        tau = torch.sub(experts, base)
         for i, keep in enumerate(densities):
             if keep < 1.0:
                 tau[i].mul_(keep_mask_at(where + offset, keep, keys[i]))
                 if rescale and keep > 0:
-                    tau[i].div_(keep)
-        return tau.mul_(w)
+                    tau[i].mul_(rescale_factor(keep))
+        return base, tau.mul_(w)
 
-    return election.finish(out, base, lam, weighted_at) if elect else out
+    return election.finish(out, lam, redo) if elect else out
 
 
-__all__ = ["BLOCK", "magnitude_thresholds", "dare", "dare_drop", "Election", "disjoint_merge", "keep_threshold", "spans", "task_arithmetic",
+__all__ = ["BLOCK", "magnitude_thresholds", "magnitude_thresholds_source", "ties_source", "dare_source", "dare", "dare_drop", "Election", "disjoint_merge", "keep_threshold", "spans", "task_arithmetic",
            "task_vectors", "ties_apply", "weighted_sum"]

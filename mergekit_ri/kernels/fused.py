@@ -21,16 +21,18 @@ import os
 
 import torch
 
+from .blocked import rescale_factor
 from .rng import keep_threshold
 
 BLOCK = 1024
 MODE_TIES, MODE_DARE = 1, 2
 
 
-def enabled(tensor: torch.Tensor) -> bool:
+def enabled(device: torch.device | torch.Tensor) -> bool:
     """Whether the fused kernels run for this tensor: on CUDA when Triton imports, unless
     RI_MERGE_KERNELS=torch. (The tests call `fused_merge` on CPU tensors under TRITON_INTERPRET=1.)"""
-    if os.environ.get("RI_MERGE_KERNELS", "auto") == "torch" or tensor.device.type != "cuda":
+    device = device.device if isinstance(device, torch.Tensor) else device
+    if os.environ.get("RI_MERGE_KERNELS", "auto") == "torch" or device.type != "cuda":
         return False
     try:
         import triton  # noqa: F401
@@ -64,6 +66,7 @@ def fused_merge(base: torch.Tensor, experts: torch.Tensor, *, mode: int, elect: 
     weight_t = torch.tensor(weights, **f32)
     threshold_t = torch.tensor(thresholds if thresholds is not None else [0.0] * count, **f32)
     keep_t = torch.tensor(densities if densities is not None else [1.0] * count, **f32)
+    inverse_t = torch.tensor([rescale_factor(d) if d > 0 else 0.0 for d in (densities or [1.0] * count)], **f32)
     key_t = torch.tensor([k for pair in (keys or [(0, 0)] * count) for k in pair], dtype=torch.int64, device=device)
     below_t = torch.tensor([keep_threshold(d) for d in (densities or [1.0] * count)], dtype=torch.int64, device=device)
     sum_scale = 1.0
@@ -73,7 +76,7 @@ def fused_merge(base: torch.Tensor, experts: torch.Tensor, *, mode: int, elect: 
     if numel:
         grid = (triton.cdiv(numel, BLOCK),)
         _merge_kernel()[grid](base, experts, out, stats, numel, offset, float(lam), float(sum_scale),
-                              threshold_t, weight_t, key_t, below_t, keep_t,
+                              threshold_t, weight_t, key_t, below_t, keep_t, inverse_t,
                               N=count, MODE=mode, ELECT=elect, NORMALIZE=normalize, RESCALE=rescale, BLOCK=BLOCK)
     balance, undecided = (int(v) for v in stats.tolist())
     return out, balance, undecided

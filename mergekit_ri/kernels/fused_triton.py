@@ -19,7 +19,7 @@ def mix32(x):
 
 @triton.jit
 def weighted_tau(base, experts_ptr, i, n, offs, mask, offset, thresholds_ptr, weights_ptr, keys_ptr,
-                 below_ptr, keep_ptr, MODE: tl.constexpr, RESCALE: tl.constexpr):
+                 below_ptr, keep_ptr, inverse_ptr, MODE: tl.constexpr, RESCALE: tl.constexpr):
     """w_i · τ_i after TIES trimming (MODE 1) or DARE dropping (MODE 2)."""
     e = tl.load(experts_ptr + i * n + offs, mask=mask, other=0.0).to(tl.float32)
     tau = e - base
@@ -35,12 +35,12 @@ def weighted_tau(base, experts_ptr, i, n, offs, mask, offset, thresholds_ptr, we
             tau = tl.where((h >> 8) < tl.load(below_ptr + i).to(tl.uint32), tau, 0.0)
             if RESCALE:
                 if keep > 0.0:
-                    tau = tau / keep
+                    tau = tau * tl.load(inverse_ptr + i)
     return tau * tl.load(weights_ptr + i)
 
 @triton.jit
 def merge(base_ptr, experts_ptr, out_ptr, stats_ptr, n, offset, lam, sum_scale,
-          thresholds_ptr, weights_ptr, keys_ptr, below_ptr, keep_ptr,
+          thresholds_ptr, weights_ptr, keys_ptr, below_ptr, keep_ptr, inverse_ptr,
           N: tl.constexpr, MODE: tl.constexpr, ELECT: tl.constexpr, NORMALIZE: tl.constexpr,
           RESCALE: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -49,14 +49,14 @@ def merge(base_ptr, experts_ptr, out_ptr, stats_ptr, n, offset, lam, sum_scale,
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for i in tl.static_range(N):
         total += weighted_tau(base, experts_ptr, i, n, offs, mask, offset, thresholds_ptr, weights_ptr,
-                              keys_ptr, below_ptr, keep_ptr, MODE, RESCALE)
+                              keys_ptr, below_ptr, keep_ptr, inverse_ptr, MODE, RESCALE)
     if ELECT:
         gamma = tl.where(total < 0.0, -1.0, 1.0)
         mixed = tl.zeros([BLOCK], dtype=tl.float32)
         count = tl.zeros([BLOCK], dtype=tl.float32)
         for i in tl.static_range(N):  # the second read of each block comes from cache
             wt = weighted_tau(base, experts_ptr, i, n, offs, mask, offset, thresholds_ptr, weights_ptr,
-                              keys_ptr, below_ptr, keep_ptr, MODE, RESCALE)
+                              keys_ptr, below_ptr, keep_ptr, inverse_ptr, MODE, RESCALE)
             agree = (wt * gamma) > 0.0
             mixed += tl.where(agree, wt, 0.0)
             count += tl.where(agree, tl.load(weights_ptr + i), 0.0)

@@ -42,22 +42,28 @@ def task_arithmetic(base: torch.Tensor, experts: torch.Tensor, p: TensorParams, 
     return kernels.task_arithmetic(b, e, p.per_model["weight"], p["lambda"], p["normalize"], ctx.out_dtype).reshape(base.shape)
 
 
-def ties(base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: TensorContext) -> torch.Tensor:
+def _source(base: torch.Tensor | None, experts: torch.Tensor | None, ctx: TensorContext) -> kernels.Source:
+    """The inputs: tensors in memory, or (for huge tensors) the engine's row reader in ctx.source."""
+    return ctx.source if ctx.source is not None else kernels.TensorSource(base, experts)
+
+
+def ties(base: torch.Tensor | None, experts: torch.Tensor | None, p: TensorParams, ctx: TensorContext) -> torch.Tensor:
     """TIES-Merging (Yadav et al.): trim to the top-k magnitudes (ties at the threshold kept),
     elect signs by total mass, disjoint mean; θ0 + λ τ_m."""
-    b, e = _flat(base, experts)
-    thresholds = ctx.thresholds or kernels.magnitude_thresholds(b, e, p.per_model["density"])
-    return kernels.ties(b, e, list(thresholds), p.per_model["weight"], p["lambda"],
-                        p["normalize"], ctx.out_dtype).reshape(base.shape)
+    src = _source(base, experts, ctx)
+    thresholds = ctx.thresholds or kernels.magnitude_thresholds_source(src, p.per_model["density"])
+    return kernels.ties(src, list(thresholds), p.per_model["weight"], p["lambda"], p["normalize"],
+                        ctx.out_dtype).reshape(src.shape)
 
 
-def _dare(base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: TensorContext, elect: bool) -> torch.Tensor:
+def _dare(base: torch.Tensor | None, experts: torch.Tensor | None, p: TensorParams, ctx: TensorContext,
+          elect: bool) -> torch.Tensor:
     """DARE (Yu et al.): drop each τ entry with probability 1 − density (a counter-based draw keyed
     by seed, tensor, expert and entry index), rescale by 1/density, then sum or TIES-elect."""
-    b, e = _flat(base, experts)
-    keys = [rng_key(ctx.seed, ctx.name, i) for i in range(e.shape[0])]
-    return kernels.dare(b, e, ctx.offset, p.per_model["density"], keys, p.per_model["weight"], p["lambda"],
-                        p["normalize"], p["rescale"], elect, ctx.out_dtype).reshape(base.shape)
+    src = _source(base, experts, ctx)
+    keys = [rng_key(ctx.seed, ctx.name, i) for i in range(src.count)]
+    return kernels.dare(src, ctx.offset, p.per_model["density"], keys, p.per_model["weight"], p["lambda"],
+                        p["normalize"], p["rescale"], elect, ctx.out_dtype).reshape(src.shape)
 
 
 def dare_linear(base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: TensorContext) -> torch.Tensor:
@@ -85,7 +91,7 @@ register(MethodSpec(
 ))
 register(MethodSpec(
     "ties", ties, (WEIGHT, DENSITY, LAMBDA, _normalize(True), TRIM_SCOPE), needs_base=True,
-    summary="trim to the top-density magnitudes, elect signs, disjoint mean", raw_inputs=True,
+    summary="trim to the top-density magnitudes, elect signs, disjoint mean", raw_inputs=True, streams=True,
     citation="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023 (arXiv:2306.01708)",
 ))
 register(MethodSpec(
@@ -96,6 +102,7 @@ register(MethodSpec(
 register(MethodSpec(
     "dare_ties", dare_ties, (WEIGHT, DENSITY, LAMBDA, _normalize(False), RESCALE), needs_base=True,
     summary="random drop + rescale (DARE), then TIES sign election and disjoint mean", raw_inputs=True,
+    streams=True,
     citation="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv:2311.03099); "
              "Yadav et al., TIES-Merging, NeurIPS 2023",
 ))

@@ -56,6 +56,8 @@ class TensorContext:
     offset: int = 0
     # dtype the output will be saved in: raw-input kernels may store it directly (one rounding)
     out_dtype: torch.dtype = torch.float32
+    # the inputs read on demand, for methods that stream (see MethodSpec.streams); None: in memory
+    source: Any = None
     # optional per-layer report (tensor name, figures such as the solver's loss before/after),
     # called by methods that solve a problem per layer; None: nothing is computed for it
     report: Callable[[str, dict[str, float]], None] | None = None
@@ -81,6 +83,9 @@ class MethodSpec:
     # True when the function takes the inputs in their file dtype (bf16/fp16/fp32) and upcasts
     # itself, block by block (the kernels in `mergekit_ri.kernels`); False: fp32 inputs
     raw_inputs: bool = False
+    # True when, for tensors too big to hold N+1 times, the function can take its inputs from
+    # ctx.source (a `kernels.Source` reading rows on demand) with base and experts None
+    streams: bool = False
 
     def param(self, name: str) -> Param:
         return next(p for p in self.params if p.name == name)
