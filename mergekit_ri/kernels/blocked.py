@@ -177,21 +177,37 @@ def ties_apply(base: torch.Tensor, experts: torch.Tensor, thresholds: list[float
 def ties_source(src: Source, thresholds: list[float], weights: list[float], lam: float, normalize: bool,
                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """`ties_apply` over a `Source`, chunk by chunk, block by block."""
+    w = column(weights, torch.empty(0, device=src.device))
+    return merge_blocks(src, lambda tau, at: trim(tau, thresholds).mul_(w), w, lam, normalize, True, out_dtype)
+
+
+def merge_blocks(src: Source, weighted_tau: Callable[[torch.Tensor, int | torch.Tensor], torch.Tensor],
+                 w: torch.Tensor, lam: float, normalize: bool, elect: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """θ0 + λ · merge of w_i τ_i over a source, block by block: a TIES election (elect) or a sum.
+
+    `weighted_tau(tau, at)` trims or drops and weighs fp32 task vectors [N, m] in place; `at` is
+    the flat index of their first entry (a block) or the indices of each entry (a re-do)."""
     out = torch.empty(src.numel, dtype=out_dtype, device=src.device)
-    w = column(weights, out)
     election = Election(w, normalize)
     for first, base, experts in src.chunks():
         def block(start: int, stop: int) -> None:
-            tau = trim(task_vectors(base, experts, start, stop), thresholds).mul_(w)
-            torch.add(base[start:stop], election.merge(tau, first + start), alpha=lam,
-                      out=out[first + start:first + stop])
+            tau = weighted_tau(task_vectors(base, experts, start, stop), first + start)
+            if elect:
+                mixed = election.merge(tau, first + start)
+            else:
+                mixed = tau.sum(dim=0)
+                if normalize:
+                    mixed /= safe_divisor(w.sum())
+            torch.add(base[start:stop], mixed, alpha=lam, out=out[first + start:first + stop])
 
         for_blocks(base.shape[0], src.device, block)
+    if not elect:
+        return out
 
     def redo(where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         base, experts = src.gather(where)
         base = base.float()
-        return base, trim(torch.sub(experts, base), thresholds).mul_(w)
+        return base, weighted_tau(torch.sub(experts, base), where)
 
     return election.finish(out, lam, redo)
 
@@ -269,13 +285,17 @@ def rescale_factor(keep: float) -> float:
     return float(torch.tensor(1.0 / keep, dtype=torch.float32))
 
 
-def dare_drop(tau: torch.Tensor, start: int, densities: list[float], keys: list[tuple[int, int]],
+def dare_drop(tau: torch.Tensor, at: int | torch.Tensor, densities: list[float], keys: list[tuple[int, int]],
               rescale: bool) -> torch.Tensor:
-    """DARE in place on a block of [N, m] task vectors whose first entry is flat index `start`."""
+    """DARE in place on [N, m] task vectors at flat entries `at` (a first index, or each index)."""
     for i, keep in enumerate(densities):
         if keep >= 1.0:
             continue
-        tau[i].mul_(keep_mask(start, tau.shape[1], keep, keys[i], tau.device))
+        if isinstance(at, int):
+            mask = keep_mask(at, tau.shape[1], keep, keys[i], tau.device)
+        else:
+            mask = keep_mask_at(at, keep, keys[i])
+        tau[i].mul_(mask)
         if rescale and keep > 0:
             tau[i].mul_(rescale_factor(keep))
     return tau
@@ -293,36 +313,13 @@ def dare_source(src: Source, offset: int, densities: list[float], keys: list[tup
                 weights: list[float], lam: float, normalize: bool, rescale: bool, elect: bool,
                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """`dare` over a `Source`; `offset` is the flat index of the source's first entry."""
-    out = torch.empty(src.numel, dtype=out_dtype, device=src.device)
-    w = column(weights, out)
-    election = Election(w, normalize)
-    for first, base, experts in src.chunks():
-        def block(start: int, stop: int) -> None:
-            tau = dare_drop(task_vectors(base, experts, start, stop), offset + first + start, densities, keys,
-                            rescale).mul_(w)
-            if elect:
-                mixed = election.merge(tau, first + start)
-            else:
-                mixed = tau.sum(dim=0)
-                if normalize:
-                    mixed /= safe_divisor(w.sum())
-            torch.add(base[start:stop], mixed, alpha=lam, out=out[first + start:first + stop])
+    w = column(weights, torch.empty(0, device=src.device))
 
-        for_blocks(base.shape[0], src.device, block)
+    def weighted_tau(tau: torch.Tensor, at: int | torch.Tensor) -> torch.Tensor:
+        return dare_drop(tau, at + offset, densities, keys, rescale).mul_(w)
 
-    def redo(where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        base, experts = src.gather(where)
-        base = base.float()
-        tau = torch.sub(experts, base)
-        for i, keep in enumerate(densities):
-            if keep < 1.0:
-                tau[i].mul_(keep_mask_at(where + offset, keep, keys[i]))
-                if rescale and keep > 0:
-                    tau[i].mul_(rescale_factor(keep))
-        return base, tau.mul_(w)
-
-    return election.finish(out, lam, redo) if elect else out
+    return merge_blocks(src, weighted_tau, w, lam, normalize, elect, out_dtype)
 
 
-__all__ = ["BLOCK", "magnitude_thresholds", "magnitude_thresholds_source", "ties_source", "dare_source", "dare", "dare_drop", "Election", "disjoint_merge", "keep_threshold", "spans", "task_arithmetic",
+__all__ = ["BLOCK", "merge_blocks", "magnitude_thresholds", "magnitude_thresholds_source", "ties_source", "dare_source", "dare", "dare_drop", "Election", "disjoint_merge", "keep_threshold", "spans", "task_arithmetic",
            "task_vectors", "ties_apply", "weighted_sum"]
