@@ -48,6 +48,10 @@ class MergeResult:
 
 CHUNK_ELEMENTS = 1 << 22  # rows per work unit of an elementwise method: ~4M elements per model
 GPU_CHUNK_FACTOR = 8
+# TIES-like methods read a tensor by row chunks (twice) rather than whole once it would take more
+# than this with all its inputs: memory then stays flat as models grow, for a re-read of a few
+# big tensors from the page cache
+STREAM_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,8 @@ def work_units(plan: MergePlan, tasks: list[TensorTask] | None = None, chunk: in
         if task.merge and (plan.method.elementwise or rows_for_all) and task.shape and numel > chunk:
             step = max(1, chunk // max(1, numel // task.shape[0]))
             units += [WorkUnit(task, (r, min(r + step, task.shape[0]))) for r in range(0, task.shape[0], step)]
-        elif task.merge and plan.method.streams and task.base is not None and task.shape and numel > chunk:
+        elif task.merge and plan.method.streams and task.base is not None and task.shape and \
+                (numel > chunk or task.in_nbytes > STREAM_BYTES):
             units.append(WorkUnit(task, streamed=True))
         else:
             units.append(WorkUnit(task))
@@ -143,8 +148,9 @@ class RowSource(Source):
 
     SEGMENTS = 64  # the sample is read as this many evenly spaced runs of rows
 
-    def __init__(self, reader: TensorReader, task: TensorTask, device: torch.device) -> None:
-        self.reader, self.task, self.device = reader, task, device
+    def __init__(self, reader: TensorReader, task: TensorTask, device: torch.device,
+                 pool: ThreadPoolExecutor) -> None:
+        self.reader, self.task, self.device, self.pool = reader, task, device, pool
         self.shape = tuple(task.shape)
         self.numel, self.count = task.reference.numel, len(task.experts)
         self.rows = task.shape[0]
@@ -159,13 +165,12 @@ class RowSource(Source):
     def chunks(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         step = max(1, CHUNK_ELEMENTS // self.row_numel)
         spans = [(r, min(r + step, self.rows)) for r in range(0, self.rows, step)]
-        with ThreadPoolExecutor(1, "ri-rows") as ahead:
-            future = ahead.submit(self._read, *spans[0])
-            for i, (first, _) in enumerate(spans):
-                base, experts = future.result()
-                if i + 1 < len(spans):
-                    future = ahead.submit(self._read, *spans[i + 1])
-                yield first * self.row_numel, base, experts
+        future = self.pool.submit(self._read, *spans[0])  # the engine's reader threads: no new
+        for i, (first, _) in enumerate(spans):               # threads (and malloc arenas) per tensor
+            base, experts = future.result()
+            if i + 1 < len(spans):
+                future = self.pool.submit(self._read, *spans[i + 1])
+            yield first * self.row_numel, base, experts
 
     def sample(self, target: int) -> tuple[torch.Tensor, torch.Tensor]:
         run = max(1, -(-target // (self.SEGMENTS * self.row_numel)))
@@ -188,7 +193,7 @@ class RowSource(Source):
 
 def compute(plan: MergePlan, unit: WorkUnit, raws: list[torch.Tensor], device: torch.device,
             thresholds: tuple[float, ...] | None, report: LayerReport | None = None,
-            reader: TensorReader | None = None) -> torch.Tensor:
+            reader: TensorReader | None = None, pool: ThreadPoolExecutor | None = None) -> torch.Tensor:
     """One output tensor (or block of rows), on the CPU in its output dtype."""
     task = unit.task
     if not task.merge:
@@ -196,7 +201,7 @@ def compute(plan: MergePlan, unit: WorkUnit, raws: list[torch.Tensor], device: t
     source = None
     if unit.streamed:
         base = experts = None
-        source = RowSource(reader, task, device)
+        source = RowSource(reader, task, device, pool)
     else:
         base, experts = load_inputs(raws, plan.base is not None, device, fp32=not plan.method.raw_inputs)
     offset = unit.rows[0] * (task.reference.numel // task.shape[0]) if unit.rows else 0
@@ -310,7 +315,7 @@ def run_merge(plan: MergePlan, out: Path, *, device: str = "auto", force: bool =
             blocked = plan.method.raw_inputs and target.type == "cpu"
             with single_threaded_ops() if blocked else nullcontext():
                 for unit, raws in stream_inputs(plan, reader, reads, prefetch, units, target.type == "cuda"):
-                    result = compute(plan, unit, raws, target, thresholds, report, reader)
+                    result = compute(plan, unit, raws, target, thresholds, report, reader, reads)
                     written.append(writes.submit(writer.write, unit.task, result, unit.rows))
                     while len(written) > 2:
                         written.popleft().result()
