@@ -182,7 +182,14 @@ class RowSource(Source):
         base = torch.empty(index.numel(), dtype=torch.float32, device=self.device)
         experts = torch.empty((self.count, index.numel()), dtype=torch.float32, device=self.device)
         rows = index // self.row_numel
-        for row in torch.unique(rows).tolist():
+        unique = torch.unique(rows)
+        if unique.numel() > self.SEGMENTS:  # entries all over the tensor: one more pass of chunks
+            for first, chunk_base, chunk_experts in self.chunks():
+                at = ((index >= first) & (index < first + chunk_base.shape[0])).nonzero().reshape(-1)
+                base[at] = chunk_base[index[at] - first].float()
+                experts[:, at] = chunk_experts[:, index[at] - first].float()
+            return base, experts
+        for row in unique.tolist():
             at = (rows == row).nonzero().reshape(-1)
             row_base, row_experts = self._read(row, row + 1)
             cols = index[at] - row * self.row_numel

@@ -228,3 +228,37 @@ def test_fused_ties_reports_undecided_entries_and_the_dispatch_redoes_them(inter
     got = kernels.ties(kernels.TensorSource(base.to(DEVICE), experts.to(DEVICE)), thresholds, [1.0] * 3, 1.0, True, torch.float32).cpu()
     expected = base + ref_disjoint_merge([e - base for e in experts], [1.0] * 3)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_row_source_reads_chunks_samples_and_gathers_like_the_tensors(tmp_path, monkeypatch):
+    """The engine's on-demand row reader gives the same entries as the tensors in memory."""
+    import mergekit_ri.engine as engine
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import read_any
+    from mergekit_ri.io.sources import TensorReader
+    from mergekit_ri.plan import build_plan
+    from mergekit_ri.recipe import parse_recipe
+    from mergekit_ri.synthetic import LlamaShape, make_family
+
+    folders = make_family(tmp_path, ["a", "b"], shape=LlamaShape(vocab=97, hidden=24, intermediate=40, layers=1,
+                                                                 heads=2, kv_heads=1), dtype="bfloat16", shards=2)
+    plan = build_plan(parse_recipe({"merge_method": "ties", "base_model": str(folders["base"]),
+                                    "models": [{"model": str(folders[n])} for n in ("a", "b")]}))
+    task = next(t for t in plan.tasks if t.name == "model.embed_tokens.weight")
+    base = read_any(folders["base"])[task.name].reshape(-1)
+    experts = torch.stack([read_any(folders[n])[task.name].reshape(-1) for n in ("a", "b")])
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 100)  # chunks of 4 rows
+    with TensorReader() as reader, ThreadPoolExecutor(2) as pool:
+        src = engine.RowSource(reader, task, torch.device("cpu"), pool)
+        chunks = list(src.chunks())
+        assert len(chunks) > 10
+        assert torch.equal(torch.cat([b for _, b, _ in chunks]), base)
+        assert torch.equal(torch.cat([e for _, _, e in chunks], dim=1), experts)
+        sample_base, sample_experts = src.sample(200)
+        assert sample_base.numel() >= 200 and sample_experts.shape == (2, sample_base.numel())
+        for count in (5, 300):  # a few rows (row by row) and entries all over (a pass of chunks)
+            index = torch.randperm(base.numel())[:count]
+            got_base, got_experts = src.gather(index)
+            assert torch.equal(got_base, base[index].float())
+            assert torch.equal(got_experts, experts[:, index].float())

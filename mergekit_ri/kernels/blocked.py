@@ -142,8 +142,8 @@ class Election:
                redo: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Redo the undecided entries with γ = −1 if the tensor's majority sign is negative;
         `redo(indices)` gives the base (fp32) and the weighted task vectors [N, k] there."""
-        if self.balance < 0:
-            for where in self.undecided:
+        if self.balance < 0 and self.undecided:
+            for where in [torch.cat(self.undecided)]:  # one re-read for all of them
                 base, weighted = redo(where)
                 gamma = torch.full(where.shape, -1.0, device=out.device)
                 mixed = disjoint_merge(weighted, gamma, self.weights, self.normalize)
@@ -240,15 +240,20 @@ def magnitude_thresholds_source(src: Source, densities: list[float]) -> list[flo
             result[i] = kth_largest_magnitude(tau[i].view(torch.int32), keeps[i])
         return [float(r) for r in result]
     sample_base, sample_experts = src.sample(SAMPLE)
-    sample = torch.sub(sample_experts, sample_base.float()).abs_().sort(dim=1, descending=True).values
+    sample = torch.sub(sample_experts, sample_base.float()).abs_()
     size = sample.shape[1]
+
+    def largest(i: int, position: int) -> float:
+        """The (position+1)-th largest sampled |τ_i| (two selections per expert, no sort)."""
+        return float(sample[i].kthvalue(size - position).values)
+
     lo, hi = {}, {}
     for i in todo:
         q = keeps[i] / numel
         rank = q * size
         margin = 6.0 * (rank * (1 - q)) ** 0.5 + 8
-        hi[i] = float(sample[i, max(0, int(rank - margin))]) if rank - margin >= 1 else float("inf")
-        lo[i] = float(sample[i, min(size - 1, int(rank + margin))])
+        hi[i] = largest(i, max(0, int(rank - margin))) if rank - margin >= 1 else float("inf")
+        lo[i] = largest(i, min(size - 1, int(rank + margin)))
     limit = numel // 8  # a band wider than this is not worth collecting: select over everything
 
     per_block: list[list[tuple[int, torch.Tensor | None]]] = []
@@ -258,8 +263,9 @@ def magnitude_thresholds_source(src: Source, densities: list[float]) -> list[flo
             found = []
             for i in todo:
                 row = tau[i]
-                inside = row[(row >= lo[i]) & (row < hi[i])]
-                found.append((int(torch.count_nonzero(row >= hi[i])), inside if inside.numel() <= limit else None))
+                high = row >= hi[i]
+                inside = row[(row >= lo[i]) ^ high]  # lo <= |τ| < hi, as hi >= lo
+                found.append((int(high.sum()), inside if inside.numel() <= limit else None))
             return found
 
         per_block += for_blocks(base.shape[0], src.device, block)
