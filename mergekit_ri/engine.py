@@ -1,9 +1,9 @@
 """Executes a `MergePlan`: read → compute → write, tensor by tensor, overlapped.
 
-Reader threads fetch the next tensors' bytes while the current one is merged; a writer thread
-puts finished tensors at their planned offsets. At most `prefetch` tensors wait in memory, so
-the peak is a few tensors' worth whatever the model's size. This is the only module that
-knows about threads and devices; the maths lives in `methods`, the files in `io`.
+Reader threads (`reading`) fetch the next tensors' bytes while the current one is merged; a
+writer thread puts finished tensors at their planned offsets. At most `prefetch` tensors wait in
+memory, so the peak is a few tensors' worth whatever the model's size. The maths lives in
+`methods` and `kernels`, the files in `io`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,9 +26,9 @@ from .io.sources import ST_DTYPES, TensorReader
 from .io.writer import ShardWriter, write_index
 from .methods import TensorContext
 from .kernels.parallel import single_threaded_ops
-from .kernels.source import Source
 from .kernels.select import BUCKETS, abs_bits, bits_to_float, bucket_of_kth, high_histogram, low_histogram
-from .plan import PREFETCH_DEFAULT, MergePlan, TensorTask
+from .plan import PREFETCH_DEFAULT, MergePlan
+from .reading import RowSource, WorkUnit, load_inputs, stream_inputs, work_units
 
 Progress = Callable[[int], None]
 LayerReport = Callable[[str, dict[str, float]], None]  # per solved layer: name, e.g. its loss before/after
@@ -46,53 +46,6 @@ class MergeResult:
     files: list[str]
 
 
-CHUNK_ELEMENTS = 1 << 22  # rows per work unit of an elementwise method: ~4M elements per model
-GPU_CHUNK_FACTOR = 8
-# TIES-like methods read a tensor by row chunks (twice) rather than whole once it would take more
-# than this with all its inputs: memory then stays flat as models grow, for a re-read of a few
-# big tensors from the page cache
-STREAM_BYTES = 64 * 2**20
-
-
-@dataclass(frozen=True)
-class WorkUnit:
-    """A whole tensor, or a block of its rows for methods that work element by element."""
-
-    task: TensorTask
-    rows: tuple[int, int] | None = None
-    streamed: bool = False  # a huge tensor the method reads itself, by row chunks (RowSource)
-
-    @property
-    def held_nbytes(self) -> int:
-        """Bytes its read-ahead holds in memory: none for a streamed unit, which reads lazily."""
-        return 0 if self.streamed else self.in_nbytes
-
-    @property
-    def in_nbytes(self) -> int:
-        if self.rows is None:
-            return self.task.in_nbytes
-        return self.task.in_nbytes // self.task.shape[0] * (self.rows[1] - self.rows[0])
-
-
-def work_units(plan: MergePlan, tasks: list[TensorTask] | None = None, chunk: int | None = None,
-               device: torch.device | None = None, rows_for_all: bool = False) -> list[WorkUnit]:
-    """Split big tensors of elementwise methods into row blocks so memory stays bounded (bigger
-    blocks on a GPU, where each one costs a few kernel launches and a synchronisation)."""
-    chunk = chunk or (CHUNK_ELEMENTS * GPU_CHUNK_FACTOR if device is not None and device.type == "cuda" else CHUNK_ELEMENTS)
-    units = []
-    for task in plan.tasks if tasks is None else tasks:
-        numel = task.reference.numel
-        if task.merge and (plan.method.elementwise or rows_for_all) and task.shape and numel > chunk:
-            step = max(1, chunk // max(1, numel // task.shape[0]))
-            units += [WorkUnit(task, (r, min(r + step, task.shape[0]))) for r in range(0, task.shape[0], step)]
-        elif task.merge and plan.method.streams and task.base is not None and task.shape and \
-                (numel > chunk or task.in_nbytes > STREAM_BYTES):
-            units.append(WorkUnit(task, streamed=True))
-        else:
-            units.append(WorkUnit(task))
-    return units
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -103,99 +56,6 @@ def resolve_device(name: str) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"device '{name}' does not exist: {torch.cuda.device_count()} GPU(s) visible")
     return device
-
-
-def read_unit(reader: TensorReader, unit: WorkUnit, pin: bool) -> list[torch.Tensor]:
-    """A unit's inputs in their file dtype: [tensor] for a copied one; [base, experts] for a merged
-    one, the experts read straight into one stacked [N, ...] buffer (page-locked when `pin`, so
-    the copy to the GPU is asynchronous). Experts of mixed dtypes are stacked as fp32."""
-    task = unit.task
-    if unit.streamed:
-        return []
-    if not task.merge:
-        return [reader.read(task.reference, unit.rows)]
-    raws = [reader.read(task.base, unit.rows, pin=pin)] if task.base is not None else []
-    shape = task.experts[0].shape
-    if unit.rows is not None:
-        shape = (unit.rows[1] - unit.rows[0], *shape[1:])
-    dtypes = {ref.dtype for ref in task.experts}
-    dtype = ST_DTYPES[dtypes.pop()] if len(dtypes) == 1 else torch.float32
-    stack = torch.empty((len(task.experts), *shape), dtype=dtype, pin_memory=pin)
-    for i, ref in enumerate(task.experts):
-        if ST_DTYPES[ref.dtype] == dtype:
-            reader.read(ref, unit.rows, out=stack[i])
-        else:
-            stack[i].copy_(reader.read(ref, unit.rows))
-    raws.append(stack)
-    return raws
-
-
-def load_inputs(raws: list[torch.Tensor], has_base: bool, device: torch.device,
-                fp32: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Base and stacked experts [N, ...] on the device, in fp32 or (for raw-input kernels) as read."""
-    non_blocking = device.type == "cuda"
-    experts = raws.pop().to(device, non_blocking=non_blocking)
-    base = raws.pop().to(device, non_blocking=non_blocking) if has_base else None
-    if fp32:
-        experts = experts.float()
-        base = base.float() if base is not None else None
-    return base, experts
-
-
-class RowSource(Source):
-    """A huge tensor's base and experts, read from the files a chunk of rows at a time (about
-    CHUNK_ELEMENTS entries each, the next chunk read while this one is merged)."""
-
-    SEGMENTS = 64  # the sample is read as this many evenly spaced runs of rows
-
-    def __init__(self, reader: TensorReader, task: TensorTask, device: torch.device,
-                 pool: ThreadPoolExecutor) -> None:
-        self.reader, self.task, self.device, self.pool = reader, task, device, pool
-        self.shape = tuple(task.shape)
-        self.numel, self.count = task.reference.numel, len(task.experts)
-        self.rows = task.shape[0]
-        self.row_numel = self.numel // self.rows
-        self.pin = device.type == "cuda"
-
-    def _read(self, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
-        raws = read_unit(self.reader, WorkUnit(self.task, (first, last)), self.pin)
-        base, experts = load_inputs(raws, True, self.device, fp32=False)
-        return base.reshape(-1), experts.reshape(self.count, -1)
-
-    def chunks(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        step = max(1, CHUNK_ELEMENTS // self.row_numel)
-        spans = [(r, min(r + step, self.rows)) for r in range(0, self.rows, step)]
-        future = self.pool.submit(self._read, *spans[0])  # the engine's reader threads: no new
-        for i, (first, _) in enumerate(spans):               # threads (and malloc arenas) per tensor
-            base, experts = future.result()
-            if i + 1 < len(spans):
-                future = self.pool.submit(self._read, *spans[i + 1])
-            yield first * self.row_numel, base, experts
-
-    def sample(self, target: int) -> tuple[torch.Tensor, torch.Tensor]:
-        run = max(1, -(-target // (self.SEGMENTS * self.row_numel)))
-        starts = sorted({int(i * (self.rows - run) / max(self.SEGMENTS - 1, 1)) for i in range(self.SEGMENTS)})
-        parts = [self._read(r, min(r + run, self.rows)) for r in starts]
-        return torch.cat([b for b, _ in parts]), torch.cat([e for _, e in parts], dim=1)
-
-    def gather(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        base = torch.empty(index.numel(), dtype=torch.float32, device=self.device)
-        experts = torch.empty((self.count, index.numel()), dtype=torch.float32, device=self.device)
-        rows = index // self.row_numel
-        unique = torch.unique(rows)
-        if unique.numel() > self.SEGMENTS:  # entries all over the tensor: one more pass of chunks
-            for first, chunk_base, chunk_experts in self.chunks():
-                at = ((index >= first) & (index < first + chunk_base.shape[0])).nonzero().reshape(-1)
-                base[at] = chunk_base[index[at] - first].float()
-                experts[:, at] = chunk_experts[:, index[at] - first].float()
-            return base, experts
-        for row in unique.tolist():
-            at = (rows == row).nonzero().reshape(-1)
-            row_base, row_experts = self._read(row, row + 1)
-            cols = index[at] - row * self.row_numel
-            base[at] = row_base[cols].float()
-            experts[:, at] = row_experts[:, cols].float()
-        return base, experts
 
 
 def compute(plan: MergePlan, unit: WorkUnit, raws: list[torch.Tensor], device: torch.device,
@@ -216,34 +76,6 @@ def compute(plan: MergePlan, unit: WorkUnit, raws: list[torch.Tensor], device: t
                         out_dtype=ST_DTYPES[task.out_dtype], source=source)
     merged = plan.method.fn(base, experts, task.params, ctx)
     return merged.to(ST_DTYPES[task.out_dtype]).cpu()
-
-
-PREFETCH_BYTES = 256 * 2**20
-
-
-def stream_inputs(plan: MergePlan, reader: TensorReader, pool: ThreadPoolExecutor, prefetch: int,
-                  units: list[WorkUnit], pin: bool = False) -> Iterator[tuple[WorkUnit, list[torch.Tensor]]]:
-    """Yields each work unit with its raw input tensors, reading ahead up to `prefetch` units and
-    PREFETCH_BYTES bytes (always at least the next unit), so huge tensors do not pile up."""
-    pending: deque[tuple[WorkUnit, Future]] = deque()
-    todo = deque(units)
-
-    def read(unit: WorkUnit) -> list[torch.Tensor]:
-        return read_unit(reader, unit, pin)
-
-    def fill() -> None:
-        in_flight = sum(u.held_nbytes for u, _ in pending)
-        while todo and len(pending) < max(prefetch, 1) and (not pending or in_flight + todo[0].held_nbytes <= PREFETCH_BYTES):
-            unit = todo.popleft()
-            in_flight += unit.held_nbytes
-            pending.append((unit, pool.submit(read, unit)))
-
-    fill()
-    while pending:
-        unit, future = pending.popleft()
-        raws = future.result()
-        fill()
-        yield unit, raws
 
 
 def model_thresholds(plan: MergePlan, reader: TensorReader, pool: ThreadPoolExecutor, device: torch.device,

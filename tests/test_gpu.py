@@ -75,7 +75,7 @@ def test_solver_methods_agree_on_cpu_and_gpu(tmp_path, family, method):
 
 
 def test_pinned_reads_land_in_page_locked_memory(family):
-    from mergekit_ri.engine import WorkUnit, read_unit
+    from mergekit_ri.reading import WorkUnit, read_unit
     from mergekit_ri.io.sources import TensorReader
     from mergekit_ri.plan import build_plan
     from mergekit_ri.recipe import parse_recipe

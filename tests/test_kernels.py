@@ -232,7 +232,7 @@ def test_fused_ties_reports_undecided_entries_and_the_dispatch_redoes_them(inter
 
 def test_row_source_reads_chunks_samples_and_gathers_like_the_tensors(tmp_path, monkeypatch):
     """The engine's on-demand row reader gives the same entries as the tensors in memory."""
-    import mergekit_ri.engine as engine
+    import mergekit_ri.reading as engine
     from concurrent.futures import ThreadPoolExecutor
 
     from conftest import read_any

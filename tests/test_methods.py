@@ -240,7 +240,7 @@ def test_integer_buffers_are_copied_from_the_base(tmp_path):
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "linear", "dare_linear"])
 def test_row_chunked_merge_equals_whole_tensor_merge(tmp_path, monkeypatch, method):
-    import mergekit_ri.engine as engine
+    import mergekit_ri.reading as engine
     from mergekit_ri.methods import get_method
 
     assert get_method(method).elementwise
@@ -269,7 +269,7 @@ def test_row_chunked_merge_equals_whole_tensor_merge(tmp_path, monkeypatch, meth
 def test_huge_tensors_streamed_by_rows_merge_like_whole_tensors(tmp_path, monkeypatch, method, fields):
     """TIES/DARE-TIES read tensors above CHUNK_ELEMENTS row chunk by row chunk (thresholds from a
     row sample + exact band, one majority sign per tensor): the bytes must not change."""
-    import mergekit_ri.engine as engine
+    import mergekit_ri.reading as engine
 
     folders = make_family(tmp_path / "m", NAMES, shape=ODD, dtype="bfloat16", shards=2)
     (tmp_path / "whole").mkdir()

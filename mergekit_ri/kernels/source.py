@@ -4,7 +4,7 @@ TIES and DARE-TIES need the whole tensor twice (a k-th magnitude, a majority sig
 entry can be written, so a kernel cannot just be handed row blocks like task arithmetic. A
 `Source` lets it walk the tensor in row chunks as often as it needs instead: `TensorSource`
 wraps tensors in memory (one chunk, no copies), and the engine's row reader (`RowSource` in
-`engine.py`) reads each chunk from the files when asked, so a 500M-entry embedding costs a few
+`reading.py`) reads each chunk from the files when asked, so a 500M-entry embedding costs a few
 MB of inputs at a time, not N+1 full copies.
 """
 
