@@ -24,13 +24,14 @@ T = TypeVar("T")
 from .parallel import run_blocks
 from .select import SMALL, kth_largest_magnitude
 from .source import Source, TensorSource
-from .rng import keep_mask, keep_mask_at, keep_threshold
+from .rng import keep_mask, keep_mask_at
 
 BLOCK = 1 << 18  # entries per block on the CPU: 3 experts × 1 MiB of fp32 fits a 2 MiB L2
 
 
-def spans(numel: int, device: torch.device, block: int | None = None) -> list[tuple[int, int]]:
-    step = numel if device.type != "cpu" else (block or BLOCK)
+def spans(numel: int, device: torch.device) -> list[tuple[int, int]]:
+    """Blocks of BLOCK entries on the CPU; the whole tensor as one block elsewhere."""
+    step = numel if device.type != "cpu" else BLOCK
     return [(start, min(start + step, numel)) for start in range(0, numel, max(step, 1))]
 
 
@@ -341,5 +342,6 @@ def dare_source(src: Source, offset: int, densities: list[float], keys: list[tup
     return merge_blocks(src, weighted_tau, w, lam, normalize, elect, out_dtype)
 
 
-__all__ = ["BLOCK", "merge_blocks", "magnitude_thresholds", "magnitude_thresholds_source", "ties_source", "dare_source", "dare", "dare_drop", "Election", "disjoint_merge", "keep_threshold", "spans", "task_arithmetic",
-           "task_vectors", "ties_apply", "weighted_sum"]
+__all__ = ["BLOCK", "Election", "dare", "dare_drop", "dare_source", "disjoint_merge", "magnitude_thresholds",
+           "magnitude_thresholds_source", "merge_blocks", "spans", "task_arithmetic", "task_vectors", "ties_apply",
+           "ties_source", "weighted_sum"]
