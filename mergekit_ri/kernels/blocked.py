@@ -51,6 +51,16 @@ def column(values: list[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=like.device).reshape(-1, 1)
 
 
+def weigh(x: torch.Tensor, w: torch.Tensor, unit: bool) -> torch.Tensor:
+    """x · w per row, in place; skipped when every weight is 1, the usual case (exact: x · 1 = x,
+    and a third of task arithmetic's time)."""
+    return x if unit else x.mul_(w)
+
+
+def all_ones(values: list[float]) -> bool:
+    return all(v == 1.0 for v in values)
+
+
 def safe_divisor(total: torch.Tensor) -> torch.Tensor:
     return torch.where(total.abs() < 1e-8, torch.ones_like(total), total)
 
@@ -59,11 +69,11 @@ def weighted_sum(experts: torch.Tensor, weights: list[float], normalize: bool,
                  out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Σ w_i θ_i (/ Σ w_i): model soup, no base."""
     out = torch.empty(experts.shape[1], dtype=out_dtype, device=experts.device)
-    w = column(weights, experts)
+    w, unit = column(weights, experts), all_ones(weights)
     scale = 1.0 / float(safe_divisor(w.sum())) if normalize else 1.0
 
     def block(start: int, stop: int) -> None:
-        torch.mul(rows_sum(experts[:, start:stop].float().mul_(w)), scale, out=out[start:stop])
+        torch.mul(rows_sum(weigh(experts[:, start:stop].float(), w, unit)), scale, out=out[start:stop])
 
     for_blocks(out.numel(), experts.device, block)
     return out
@@ -73,11 +83,11 @@ def task_arithmetic(base: torch.Tensor, experts: torch.Tensor, weights: list[flo
                     normalize: bool, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """θ0 + λ Σ w_i τ_i (/ Σ w_i)."""
     out = torch.empty(base.shape[0], dtype=out_dtype, device=base.device)
-    w = column(weights, experts)
+    w, unit = column(weights, experts), all_ones(weights)
     scale = lam / float(safe_divisor(w.sum())) if normalize else lam
 
     def block(start: int, stop: int) -> None:
-        mixed = rows_sum(task_vectors(base, experts, start, stop).mul_(w))
+        mixed = rows_sum(weigh(task_vectors(base, experts, start, stop), w, unit))
         torch.add(base[start:stop], mixed, alpha=scale, out=out[start:stop])
 
     for_blocks(out.numel(), base.device, block)
@@ -85,7 +95,7 @@ def task_arithmetic(base: torch.Tensor, experts: torch.Tensor, weights: list[flo
 
 
 def disjoint_merge(weighted: torch.Tensor, gamma: torch.Tensor, weights: torch.Tensor,
-                   normalize: bool) -> torch.Tensor:
+                   normalize: bool, unit: bool = False) -> torch.Tensor:
     """TIES step 3 on [N, m] weighted task vectors (overwritten) and elected signs γ = ±1: the
     (weighted) mean of the entries that agree with γ (γ·wτ_i > 0; zero entries never agree).
 
@@ -94,10 +104,10 @@ def disjoint_merge(weighted: torch.Tensor, gamma: torch.Tensor, weights: torch.T
     agreeing = weighted.mul_(gamma).relu_()
     mixed = rows_sum(agreeing)
     if normalize:
-        count = rows_sum(agreeing.sign_().mul_(weights.reshape(-1, 1)))
+        count = rows_sum(weigh(agreeing.sign_(), weights.reshape(-1, 1), unit))
         # with weights >= 1e-8 a count below 1e-8 is an exact 0 where the merge is 0 too, so a
         # clamp gives what the reference's "divide by 1 there" gives, without a select
-        mixed.div_(count.clamp_(min=1e-8) if float(weights.min()) >= 1e-8 else safe_divisor(count))
+        mixed.div_(count.clamp_(min=1e-8) if unit or float(weights.min()) >= 1e-8 else safe_divisor(count))
     return mixed.mul_(gamma)
 
 
@@ -132,6 +142,7 @@ class Election:
 
     def __init__(self, weights: torch.Tensor, normalize: bool) -> None:
         self.weights, self.normalize = weights, normalize
+        self.unit = bool((weights == 1.0).all())
         self.balance = 0  # Σ sign(Σ_i w_i τ_i) over the tensor so far
         self.undecided: list[torch.Tensor] = []
         self._lock = threading.Lock()  # blocks are merged by several threads
@@ -142,7 +153,7 @@ class Election:
         total.add_(0.0)  # −0 → +0, so that zero sums get γ = +1 below
         gamma = torch.ones_like(total).copysign_(total)
         balance = int(exact_sum(gamma)) - (total.numel() - nonzero)
-        mixed = disjoint_merge(weighted, gamma, self.weights, self.normalize)
+        mixed = disjoint_merge(weighted, gamma, self.weights, self.normalize, self.unit)
         # where the sum is non-zero some entry agrees, so the merge is non-zero: any other
         # non-zero merged entry had a zero sum with non-zero entries, i.e. an undecided sign
         undecided = ((total == 0) & (mixed != 0)).nonzero().reshape(-1) + start \
@@ -161,7 +172,7 @@ class Election:
             for where in [torch.cat(self.undecided)]:  # one re-read for all of them
                 base, weighted = redo(where)
                 gamma = torch.full(where.shape, -1.0, device=out.device)
-                mixed = disjoint_merge(weighted, gamma, self.weights, self.normalize)
+                mixed = disjoint_merge(weighted, gamma, self.weights, self.normalize, self.unit)
                 out[where] = base.add_(mixed, alpha=lam).to(out.dtype)
         return out
 
@@ -192,8 +203,8 @@ def ties_apply(base: torch.Tensor, experts: torch.Tensor, thresholds: list[float
 def ties_source(src: Source, thresholds: list[float], weights: list[float], lam: float, normalize: bool,
                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """`ties_apply` over a `Source`, chunk by chunk, block by block."""
-    w = column(weights, torch.empty(0, device=src.device))
-    return merge_blocks(src, lambda tau, at: trim(tau, thresholds).mul_(w), w, lam, normalize, True, out_dtype)
+    w, unit = column(weights, torch.empty(0, device=src.device)), all_ones(weights)
+    return merge_blocks(src, lambda tau, at: weigh(trim(tau, thresholds), w, unit), w, lam, normalize, True, out_dtype)
 
 
 def merge_blocks(src: Source, weighted_tau: Callable[[torch.Tensor, int | torch.Tensor], torch.Tensor],
@@ -334,10 +345,10 @@ def dare_source(src: Source, offset: int, densities: list[float], keys: list[tup
                 weights: list[float], lam: float, normalize: bool, rescale: bool, elect: bool,
                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """`dare` over a `Source`; `offset` is the flat index of the source's first entry."""
-    w = column(weights, torch.empty(0, device=src.device))
+    w, unit = column(weights, torch.empty(0, device=src.device)), all_ones(weights)
 
     def weighted_tau(tau: torch.Tensor, at: int | torch.Tensor) -> torch.Tensor:
-        return dare_drop(tau, at + offset, densities, keys, rescale).mul_(w)
+        return weigh(dare_drop(tau, at + offset, densities, keys, rescale), w, unit)
 
     return merge_blocks(src, weighted_tau, w, lam, normalize, elect, out_dtype)
 
