@@ -12,15 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import fused
-from .blocked import (
-    dare_source,
-    magnitude_thresholds,
-    magnitude_thresholds_source,
-    task_arithmetic,
-    task_vectors,
-    ties_source,
-    weighted_sum,
-)
+from .blocked import dare_source, magnitude_thresholds_source, task_arithmetic, ties_source, weighted_sum
 from .source import Source, TensorSource
 
 
@@ -53,13 +45,11 @@ def _fused_chunks(src: Source, **kwargs) -> torch.Tensor | None:
     out = torch.empty(src.numel, dtype=kwargs["out_dtype"], device=src.device)
     balance = undecided = 0
     offset = kwargs.pop("offset", 0)
-    for first, base, experts in src.chunks():
-        extra = {"offset": offset + first} if kwargs["mode"] == fused.MODE_DARE else {}
-        part, chunk_balance, chunk_undecided = fused.fused_merge(base, experts, **kwargs, **extra)
+    for first, base, experts in src.chunks():  # (TIES ignores the offset: it draws nothing)
+        part, chunk_balance, chunk_undecided = fused.fused_merge(base, experts, **kwargs, offset=offset + first)
         out[first:first + part.shape[0]] = part
         balance, undecided = balance + chunk_balance, undecided + chunk_undecided
     return None if kwargs["elect"] and undecided and balance < 0 else out
 
 
-__all__ = ["Source", "TensorSource", "dare", "magnitude_thresholds", "magnitude_thresholds_source", "task_arithmetic",
-           "task_vectors", "ties", "weighted_sum"]
+__all__ = ["Source", "TensorSource", "dare", "magnitude_thresholds_source", "task_arithmetic", "ties", "weighted_sum"]

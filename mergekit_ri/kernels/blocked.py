@@ -169,11 +169,11 @@ class Election:
         """Redo the undecided entries with γ = −1 if the tensor's majority sign is negative;
         `redo(indices)` gives the base (fp32) and the weighted task vectors [N, k] there."""
         if self.balance < 0 and self.undecided:
-            for where in [torch.cat(self.undecided)]:  # one re-read for all of them
-                base, weighted = redo(where)
-                gamma = torch.full(where.shape, -1.0, device=out.device)
-                mixed = disjoint_merge(weighted, gamma, self.weights, self.normalize, self.unit)
-                out[where] = base.add_(mixed, alpha=lam).to(out.dtype)
+            where = torch.cat(self.undecided)  # one re-read for all of them
+            base, weighted = redo(where)
+            gamma = torch.full(where.shape, -1.0, device=out.device)
+            mixed = disjoint_merge(weighted, gamma, self.weights, self.normalize, self.unit)
+            out[where] = base.add_(mixed, alpha=lam).to(out.dtype)
         return out
 
 

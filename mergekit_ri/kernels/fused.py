@@ -28,10 +28,9 @@ BLOCK = 1024
 MODE_TIES, MODE_DARE = 1, 2
 
 
-def enabled(device: torch.device | torch.Tensor) -> bool:
-    """Whether the fused kernels run for this tensor: on CUDA when Triton imports, unless
+def enabled(device: torch.device) -> bool:
+    """Whether the fused kernels run on this device: CUDA when Triton imports, unless
     RI_MERGE_KERNELS=torch. (The tests call `fused_merge` on CPU tensors under TRITON_INTERPRET=1.)"""
-    device = device.device if isinstance(device, torch.Tensor) else device
     if os.environ.get("RI_MERGE_KERNELS", "auto") == "torch" or device.type != "cuda":
         return False
     try:
@@ -65,10 +64,11 @@ def fused_merge(base: torch.Tensor, experts: torch.Tensor, *, mode: int, elect: 
     f32 = dict(dtype=torch.float32, device=device)
     weight_t = torch.tensor(weights, **f32)
     threshold_t = torch.tensor(thresholds if thresholds is not None else [0.0] * count, **f32)
-    keep_t = torch.tensor(densities if densities is not None else [1.0] * count, **f32)
-    inverse_t = torch.tensor([rescale_factor(d) if d > 0 else 0.0 for d in (densities or [1.0] * count)], **f32)
+    keeps = densities if densities is not None else [1.0] * count
+    keep_t = torch.tensor(keeps, **f32)
+    inverse_t = torch.tensor([rescale_factor(d) if d > 0 else 0.0 for d in keeps], **f32)
     key_t = torch.tensor([k for pair in (keys or [(0, 0)] * count) for k in pair], dtype=torch.int64, device=device)
-    below_t = torch.tensor([keep_threshold(d) for d in (densities or [1.0] * count)], dtype=torch.int64, device=device)
+    below_t = torch.tensor([keep_threshold(d) for d in keeps], dtype=torch.int64, device=device)
     sum_scale = 1.0
     if not elect and normalize:
         total = sum(weights)
