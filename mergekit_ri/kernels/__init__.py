@@ -1,55 +1,115 @@
 """Merge kernels: the hot loops of the element-wise methods.
 
-`blocked` holds the plain-torch implementations (the reference, and the CPU path: it walks
-tensors in cache-sized blocks so the half-dozen passes per entry hit L2, not DRAM); `rng` the
-counter-based random numbers DARE draws, identical on every device; `fused` (Triton) fused single-pass
-GPU versions, used when Triton and a CUDA device are present and checked against `blocked` in
-the tests (under TRITON_INTERPRET=1 on CPU). The functions below pick one.
+`blocked` holds the plain-torch implementations (the reference, and the fallback everywhere: it
+walks tensors in cache-sized blocks so the half-dozen passes per entry hit L2, not DRAM); `rng`
+the counter-based random numbers DARE draws, identical on every device; `native` fused C kernels
+for the CPU (compiled on first use) and `fused` fused Triton kernels for CUDA, each a single pass
+with the maths of `blocked`, against which the tests hold them bit for bit (Triton under
+TRITON_INTERPRET=1 on CPU). The functions below pick one; RI_MERGE_KERNELS=torch forces torch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from . import fused
-from .blocked import dare_source, magnitude_thresholds_source, task_arithmetic, ties_source, weighted_sum
+from . import blocked, fused, native
 from .source import Source, TensorSource
+
+FusedMerge = Callable[..., tuple[torch.Tensor, int, int]]
+
+
+def _backend(src: Source, out_dtype: torch.dtype) -> FusedMerge | None:
+    """The fused single-pass kernel for this source's device and dtypes, if there is one."""
+    if fused.enabled(src.device):
+        return fused.fused_merge
+    if src.device.type == "cpu" and out_dtype in native.DTYPES and native.library() is not None:
+        return native.merge
+    return None
+
+
+def task_arithmetic(base: torch.Tensor, experts: torch.Tensor, weights: list[float], lam: float, normalize: bool,
+                    out_dtype: torch.dtype) -> torch.Tensor:
+    """θ0 + λ Σ w_i τ_i (/ Σ w_i): the C kernel on CPU where it runs, else torch."""
+    if native.usable(base.device, base, experts, out_dtype=out_dtype):
+        return native.task_arithmetic(base, experts, weights, lam, normalize, out_dtype)
+    return blocked.task_arithmetic(base, experts, weights, lam, normalize, out_dtype)
+
+
+def weighted_sum(experts: torch.Tensor, weights: list[float], normalize: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """Σ w_i θ_i (/ Σ w_i): the C kernel on CPU where it runs, else torch."""
+    if native.usable(experts.device, experts, out_dtype=out_dtype):
+        return native.weighted_sum(experts, weights, normalize, out_dtype)
+    return blocked.weighted_sum(experts, weights, normalize, out_dtype)
+
+
+def magnitude_thresholds_source(src: Source, densities: list[float]) -> list[float]:
+    """Each expert's exact k-th largest |τ_i|: counting pass and selections in C on CPU where that
+    runs (chunk by chunk: a chunk of dtypes C does not know is counted by torch)."""
+    if src.device.type != "cpu" or native.library() is None:
+        return blocked.magnitude_thresholds_source(src, densities)
+
+    def band(base: torch.Tensor, experts: torch.Tensor, lo: list[float], hi: list[float], limit: int):
+        if native.usable(base.device, base, experts):
+            return native.band(base, experts, lo, hi, limit)
+        return blocked.band_counts(base, experts, lo, hi, limit)
+
+    return blocked.magnitude_thresholds_source(src, densities, blocked.SelectOps(band, native.kth_largest))
 
 
 def ties(src: Source, thresholds: list[float], weights: list[float], lam: float, normalize: bool,
          out_dtype: torch.dtype) -> torch.Tensor:
-    """TIES with known thresholds: the fused kernel chunk by chunk where it runs, else torch."""
-    if fused.enabled(src.device):
-        out = _fused_chunks(src, mode=fused.MODE_TIES, elect=True, weights=weights, lam=lam,
-                            normalize=normalize, out_dtype=out_dtype, thresholds=thresholds)
-        if out is not None:
-            return out
-    return ties_source(src, thresholds, weights, lam, normalize, out_dtype)
+    """TIES with known thresholds: a fused kernel chunk by chunk where one runs, else torch."""
+    weighting = blocked.ties_weighting(thresholds, weights, src.device)
+    out = _fused_chunks(src, weighting, mode=fused.MODE_TIES, elect=True, weights=weights, lam=lam,
+                        normalize=normalize, out_dtype=out_dtype, thresholds=thresholds)
+    return out if out is not None else blocked.ties_source(src, thresholds, weights, lam, normalize, out_dtype)
 
 
 def dare(src: Source, offset: int, densities: list[float], keys: list[tuple[int, int]], weights: list[float],
          lam: float, normalize: bool, rescale: bool, elect: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    """DARE (then sum or TIES election): fused where it runs, else torch."""
-    if fused.enabled(src.device):
-        out = _fused_chunks(src, mode=fused.MODE_DARE, elect=elect, weights=weights, lam=lam,
-                            normalize=normalize, out_dtype=out_dtype, keys=keys, densities=densities,
-                            rescale=rescale, offset=offset)
-        if out is not None:
-            return out
-    return dare_source(src, offset, densities, keys, weights, lam, normalize, rescale, elect, out_dtype)
+    """DARE (then sum or TIES election): a fused kernel where one runs, else torch."""
+    weighting = blocked.dare_weighting(offset, densities, keys, weights, rescale, src.device)
+    out = _fused_chunks(src, weighting, mode=fused.MODE_DARE, elect=elect, weights=weights, lam=lam,
+                        normalize=normalize, out_dtype=out_dtype, keys=keys, densities=densities, rescale=rescale,
+                        offset=offset)
+    if out is not None:
+        return out
+    return blocked.dare_source(src, offset, densities, keys, weights, lam, normalize, rescale, elect, out_dtype)
 
 
-def _fused_chunks(src: Source, **kwargs) -> torch.Tensor | None:
-    """The fused kernel over each chunk; None when zero-sum entries need the −1 majority sign
-    (known only once every chunk is merged), which the torch path then handles exactly."""
+def _fused_chunks(src: Source, weighting: blocked.WeightedTau, **kwargs) -> torch.Tensor | None:
+    """The fused kernel over each chunk, or None where there is none for these inputs.
+
+    TIES's zero-sum rule needs the tensor's majority sign, known once every chunk is merged: the C
+    kernel lists the entries it merged with +1 and `Election.finish` redoes them if the majority is
+    negative; the Triton kernel only counts them, and then the torch path redoes the tensor."""
+    kernel = _backend(src, kwargs["out_dtype"])
+    if kernel is None:
+        return None
     out = torch.empty(src.numel, dtype=kwargs["out_dtype"], device=src.device)
-    balance = undecided = 0
+    balance, counted, listed = 0, 0, []
     offset = kwargs.pop("offset", 0)
     for first, base, experts in src.chunks():  # (TIES ignores the offset: it draws nothing)
-        part, chunk_balance, chunk_undecided = fused.fused_merge(base, experts, **kwargs, offset=offset + first)
-        out[first:first + part.shape[0]] = part
-        balance, undecided = balance + chunk_balance, undecided + chunk_undecided
-    return None if kwargs["elect"] and undecided and balance < 0 else out
+        if kernel is native.merge:
+            if not native.usable(base.device, base, experts):
+                return None
+            _, chunk_balance, where = native.merge(base, experts, **kwargs, offset=offset + first,
+                                                   out=out[first:first + base.shape[0]])
+            listed.append(where + first)
+        else:
+            part, chunk_balance, chunk_undecided = kernel(base, experts, **kwargs, offset=offset + first)
+            out[first:first + part.shape[0]] = part
+            counted += chunk_undecided
+        balance += chunk_balance
+    if not kwargs["elect"] or balance >= 0:
+        return out
+    if counted:
+        return None
+    election = blocked.Election(blocked.column(kwargs["weights"], out), kwargs["normalize"])
+    election.balance, election.undecided = balance, [w for w in listed if w.numel()]
+    return election.finish(out, kwargs["lam"], blocked.regather(src, weighting))
 
 
 __all__ = ["Source", "TensorSource", "dare", "magnitude_thresholds_source", "task_arithmetic", "ties", "weighted_sum"]

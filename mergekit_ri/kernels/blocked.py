@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -73,7 +74,8 @@ def weighted_sum(experts: torch.Tensor, weights: list[float], normalize: bool,
     scale = 1.0 / float(safe_divisor(w.sum())) if normalize else 1.0
 
     def block(start: int, stop: int) -> None:
-        torch.mul(rows_sum(weigh(experts[:, start:stop].float(), w, unit)), scale, out=out[start:stop])
+        rows = experts[:, start:stop].to(torch.float32, copy=True)  # weigh() works in place: never on the input
+        torch.mul(rows_sum(weigh(rows, w, unit)), scale, out=out[start:stop])
 
     for_blocks(out.numel(), experts.device, block)
     return out
@@ -200,20 +202,37 @@ def ties_apply(base: torch.Tensor, experts: torch.Tensor, thresholds: list[float
     return ties_source(TensorSource(base, experts), thresholds, weights, lam, normalize, out_dtype)
 
 
+WeightedTau = Callable[[torch.Tensor, "int | torch.Tensor"], torch.Tensor]
+
+
+def ties_weighting(thresholds: list[float], weights: list[float], device: torch.device) -> WeightedTau:
+    """TIES's trim then weights, in place on fp32 task vectors [N, m]."""
+    w, unit = column(weights, torch.empty(0, device=device)), all_ones(weights)
+    return lambda tau, at: weigh(trim(tau, thresholds), w, unit)
+
+
+def dare_weighting(offset: int, densities: list[float], keys: list[tuple[int, int]], weights: list[float],
+                   rescale: bool, device: torch.device) -> WeightedTau:
+    """DARE's drop-and-rescale then weights, in place on fp32 task vectors [N, m] whose entries
+    sit at `at` (a first index or each index) in a source starting at flat index `offset`."""
+    w, unit = column(weights, torch.empty(0, device=device)), all_ones(weights)
+    return lambda tau, at: weigh(dare_drop(tau, at + offset, densities, keys, rescale), w, unit)
+
+
 def ties_source(src: Source, thresholds: list[float], weights: list[float], lam: float, normalize: bool,
                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """`ties_apply` over a `Source`, chunk by chunk, block by block."""
-    w, unit = column(weights, torch.empty(0, device=src.device)), all_ones(weights)
-    return merge_blocks(src, lambda tau, at: weigh(trim(tau, thresholds), w, unit), w, lam, normalize, True, out_dtype)
+    return merge_blocks(src, ties_weighting(thresholds, weights, src.device), weights, lam, normalize, True, out_dtype)
 
 
-def merge_blocks(src: Source, weighted_tau: Callable[[torch.Tensor, int | torch.Tensor], torch.Tensor],
-                 w: torch.Tensor, lam: float, normalize: bool, elect: bool, out_dtype: torch.dtype) -> torch.Tensor:
+def merge_blocks(src: Source, weighted_tau: WeightedTau, weights: list[float], lam: float, normalize: bool,
+                 elect: bool, out_dtype: torch.dtype) -> torch.Tensor:
     """θ0 + λ · merge of w_i τ_i over a source, block by block: a TIES election (elect) or a sum.
 
     `weighted_tau(tau, at)` trims or drops and weighs fp32 task vectors [N, m] in place; `at` is
     the flat index of their first entry (a block) or the indices of each entry (a re-do)."""
     out = torch.empty(src.numel, dtype=out_dtype, device=src.device)
+    w = column(weights, torch.empty(0, device=src.device))
     election = Election(w, normalize)
     for first, base, experts in src.chunks():
         def block(start: int, stop: int) -> None:
@@ -227,15 +246,17 @@ def merge_blocks(src: Source, weighted_tau: Callable[[torch.Tensor, int | torch.
             torch.add(base[start:stop], mixed, alpha=lam, out=out[first + start:first + stop])
 
         for_blocks(base.shape[0], src.device, block)
-    if not elect:
-        return out
+    return election.finish(out, lam, regather(src, weighted_tau)) if elect else out
 
+
+def regather(src: Source, weighted_tau: WeightedTau) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """`Election.finish`'s re-read: base (fp32) and weighted task vectors at given entries."""
     def redo(where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         base, experts = src.gather(where)
         base = base.float()
         return base, weighted_tau(torch.sub(experts, base), where)
 
-    return election.finish(out, lam, redo)
+    return redo
 
 
 SAMPLE = 1 << 15  # entries per expert sampled to bracket the threshold
@@ -246,14 +267,16 @@ def magnitude_thresholds(base: torch.Tensor, experts: torch.Tensor, densities: l
     return magnitude_thresholds_source(TensorSource(base, experts), densities)
 
 
-def magnitude_thresholds_source(src: Source, densities: list[float]) -> list[float]:
+def magnitude_thresholds_source(src: Source, densities: list[float], ops: SelectOps | None = None) -> list[float]:
     """Each expert's exact k-th largest |τ_i| (k = ⌊density·n⌋; inf keeps nothing, 0 keeps all).
 
     A strided sample brackets the k-th value in a narrow band [lo, hi); one blocked pass counts
     the entries >= hi and collects those inside the band, and the exact k-th value is selected
-    among those few. If the bracket misses (odd value distributions), the two-pass radix select
-    over the whole task vector gives the answer instead. Either way the result equals `kthvalue`.
+    among those few. If the bracket misses (odd value distributions), a radix select over the
+    whole task vector gives the answer instead. Either way the result equals `kthvalue`. `ops`
+    holds the counting pass and the selection (torch's here, or the C kernels').
     """
+    ops = ops or TORCH_SELECT
     count, numel = src.count, src.numel
     keeps = [int(d * numel) for d in densities]
     result: list[float | None] = [float("inf") if k <= 0 else 0.0 if k >= numel else None for k in keeps]
@@ -263,52 +286,71 @@ def magnitude_thresholds_source(src: Source, densities: list[float]) -> list[flo
     if numel <= SMALL:
         tau = torch.cat([task_vectors(b, e, 0, b.shape[0]) for _, b, e in src.chunks()], dim=1).abs_()
         for i in todo:
-            result[i] = kth_largest_magnitude(tau[i].view(torch.int32), keeps[i])
+            result[i] = ops.kth_largest(tau[i], keeps[i])
         return [float(r) for r in result]
     sample_base, sample_experts = src.sample(SAMPLE)
     sample = torch.sub(sample_experts, sample_base.float()).abs_()
     size = sample.shape[1]
-
-    def largest(i: int, position: int) -> float:
-        """The (position+1)-th largest sampled |τ_i| (two selections per expert, no sort)."""
-        return float(sample[i].kthvalue(size - position).values)
-
-    lo, hi = {}, {}
+    lo, hi = [float("inf")] * count, [float("inf")] * count  # experts not to do: an empty band
     for i in todo:
         q = keeps[i] / numel
         rank = q * size
         margin = 6.0 * (rank * (1 - q)) ** 0.5 + 8
-        hi[i] = largest(i, max(0, int(rank - margin))) if rank - margin >= 1 else float("inf")
-        lo[i] = largest(i, min(size - 1, int(rank + margin)))
+        # the (position+1)-th largest sampled |τ_i| on either side of the expected rank
+        hi[i] = ops.kth_largest(sample[i], max(0, int(rank - margin)) + 1) if rank - margin >= 1 else float("inf")
+        lo[i] = ops.kth_largest(sample[i], min(size - 1, int(rank + margin)) + 1)
     limit = numel // 8  # a band wider than this is not worth collecting: select over everything
-
-    per_block: list[list[tuple[int, torch.Tensor | None]]] = []
-    for _, base, experts in src.chunks():
-        def block(start: int, stop: int) -> list[tuple[int, torch.Tensor | None]]:
-            tau = task_vectors(base, experts, start, stop).abs_()
-            found = []
-            for i in todo:
-                row = tau[i]
-                high = row >= hi[i]
-                inside = row[(row >= lo[i]) ^ high]  # lo <= |τ| < hi, as hi >= lo
-                found.append((int(high.sum()), inside if inside.numel() <= limit else None))
-            return found
-
-        per_block += for_blocks(base.shape[0], src.device, block)
-    above = {i: sum(b[j][0] for b in per_block) for j, i in enumerate(todo)}
-    bands = {i: [b[j][1] for b in per_block] for j, i in enumerate(todo)}
-    band_size = {i: -1 if any(x is None for x in bands[i]) else sum(x.numel() for x in bands[i]) for i in todo}
-    band = {i: bands[i] if band_size[i] <= limit else [] for i in todo}
-    band_size = {i: n if n <= limit else -1 for i, n in band_size.items()}
+    per_chunk = [ops.band(base, experts, lo, hi, limit) for _, base, experts in src.chunks()]
     for i in todo:
-        rank = keeps[i] - above[i]
-        if band_size[i] >= 0 and 0 < rank <= band_size[i]:
-            values = torch.cat(band[i])
-            result[i] = float(values.kthvalue(values.numel() - rank + 1).values)
+        rank = keeps[i] - sum(above[i] for above, _ in per_chunk)
+        parts = [bands[i] for _, bands in per_chunk]
+        band_size = -1 if any(p is None for p in parts) else sum(p.numel() for p in parts)
+        if 0 <= band_size <= limit and 0 < rank <= band_size:
+            result[i] = ops.kth_largest(torch.cat(parts), rank)
         else:  # the bracket missed: an exact radix select over this expert's whole |τ_i|
             tau = torch.cat([task_vectors(b, e[i:i + 1], 0, b.shape[0])[0] for _, b, e in src.chunks()]).abs_()
-            result[i] = kth_largest_magnitude(tau.view(torch.int32), keeps[i])
+            result[i] = ops.kth_largest(tau, keeps[i])
     return [float(r) for r in result]
+
+
+BandCounter = Callable[[torch.Tensor, torch.Tensor, list[float], list[float], int],
+                       tuple[list[int], list[torch.Tensor | None]]]
+
+
+@dataclass(frozen=True)
+class SelectOps:
+    """The threshold search's two primitives: the counting pass over a chunk (`band_counts`), and
+    the k-th largest (1-based) of a 1-D tensor of non-negative values."""
+
+    band: BandCounter
+    kth_largest: Callable[[torch.Tensor, int], float]
+
+
+def band_counts(base: torch.Tensor, experts: torch.Tensor, lo: list[float], hi: list[float], limit: int
+                ) -> tuple[list[int], list[torch.Tensor | None]]:
+    """The threshold search's counting pass over flat base [n] and experts [N, n]: per expert, the
+    number of |τ_i| >= hi_i and the values with lo_i <= |τ_i| < hi_i (None if more than `limit`)."""
+    def block(start: int, stop: int) -> list[tuple[int, torch.Tensor]]:
+        tau = task_vectors(base, experts, start, stop).abs_()
+        found = []
+        for i, row in enumerate(tau):
+            high = row >= hi[i]
+            found.append((int(high.sum()), row[(row >= lo[i]) ^ high]))  # lo <= |τ| < hi, as hi >= lo
+        return found
+
+    per_block = for_blocks(base.shape[0], base.device, block)
+    above = [sum(b[i][0] for b in per_block) for i in range(experts.shape[0])]
+    sizes = [sum(b[i][1].numel() for b in per_block) for i in range(experts.shape[0])]
+    bands = [torch.cat([b[i][1] for b in per_block]) if sizes[i] <= limit else None for i in range(experts.shape[0])]
+    return above, bands
+
+
+def kth_largest(values: torch.Tensor, k: int) -> float:
+    """The k-th largest (1-based) of non-negative values: torch's selection, or radix when big."""
+    return kth_largest_magnitude(values.to(torch.float32).reshape(-1).view(torch.int32), k)
+
+
+TORCH_SELECT = SelectOps(band_counts, kth_largest)
 
 
 def rescale_factor(keep: float) -> float:
@@ -345,14 +387,11 @@ def dare_source(src: Source, offset: int, densities: list[float], keys: list[tup
                 weights: list[float], lam: float, normalize: bool, rescale: bool, elect: bool,
                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """`dare` over a `Source`; `offset` is the flat index of the source's first entry."""
-    w, unit = column(weights, torch.empty(0, device=src.device)), all_ones(weights)
-
-    def weighted_tau(tau: torch.Tensor, at: int | torch.Tensor) -> torch.Tensor:
-        return weigh(dare_drop(tau, at + offset, densities, keys, rescale), w, unit)
-
-    return merge_blocks(src, weighted_tau, w, lam, normalize, elect, out_dtype)
+    weighted_tau = dare_weighting(offset, densities, keys, weights, rescale, src.device)
+    return merge_blocks(src, weighted_tau, weights, lam, normalize, elect, out_dtype)
 
 
-__all__ = ["BLOCK", "Election", "dare", "dare_drop", "dare_source", "disjoint_merge", "magnitude_thresholds",
+__all__ = ["BLOCK", "Election", "dare", "dare_drop", "dare_source", "dare_weighting", "disjoint_merge",
+           "magnitude_thresholds", "regather", "ties_weighting",
            "magnitude_thresholds_source", "merge_blocks", "spans", "task_arithmetic", "task_vectors", "ties_apply",
            "ties_source", "weighted_sum"]
