@@ -176,6 +176,34 @@ static int64_t elect(const Params *p, float *tau, float *gamma, float *mixed, fl
     return balance;
 }
 
+/* Append at + j for the j in [0, n) with a zero elected sum but a non-zero merge to out[found..cap)
+ * (counting past cap); returns the new count. Eight entries are tested at a time. */
+static int64_t list_undecided(const float *zero, const float *mixed, int n, int64_t at, int64_t *out,
+                              int64_t found, int64_t cap) {
+    int j = 0;
+#ifdef __AVX2__
+    const __m256 none = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) {
+        unsigned hits = (unsigned)_mm256_movemask_ps(_mm256_and_ps(
+            _mm256_cmp_ps(_mm256_loadu_ps(zero + j), none, _CMP_NEQ_UQ),
+            _mm256_cmp_ps(_mm256_loadu_ps(mixed + j), none, _CMP_NEQ_UQ)));
+        while (hits) {
+            int b = __builtin_ctz(hits);
+            if (found < cap) out[found] = at + j + b;
+            found++;
+            hits &= hits - 1;
+        }
+    }
+#endif
+    for (; j < n; j++) {
+        if (zero[j] != 0.0f && mixed[j] != 0.0f) {
+            if (found < cap) out[found] = at + j;
+            found++;
+        }
+    }
+    return found;
+}
+
 /* Merge entries [start, stop) of a tensor into out. Returns Σ sign(Σ_i w_i τ_i) over them (TIES),
  * or INT64_MIN if memory ran out. Entries merged with γ = +1 for a zero elected sum although
  * some τ_i is non-zero ("undecided": the caller redoes them if the tensor's majority is negative)
@@ -204,16 +232,7 @@ int64_t ri_merge(const Params *p, const void *base, const void *experts, void *o
             continue;
         }
         balance += elect(p, tau, gamma, mixed, zero, n);
-        int odd = 0;
-        for (int j = 0; j < n; j++) odd += (zero[j] != 0.0f) & (mixed[j] != 0.0f);
-        if (odd) {
-            for (int j = 0; j < n; j++) {
-                if (zero[j] != 0.0f && mixed[j] != 0.0f) {
-                    if (found < cap) undecided[found] = at + j;
-                    found++;
-                }
-            }
-        }
+        found = list_undecided(zero, mixed, n, at, undecided, found, cap);
         for (int j = 0; j < n; j++) b[j] = fmaf(mixed[j], p->lam, b[j]);
         store(out, b, p->out_dtype, at, n);
     }

@@ -33,7 +33,7 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 MODE_SUM, MODE_TIES, MODE_DARE = 0, 1, 2
 DARE_SKIP = 0xFFFFFFFF
 BLOCK = 1 << 19  # entries per call: big enough that ctypes' ~20 µs per call is noise
-UNDECIDED = 1024  # room for undecided entries per call before a rerun with more
+UNDECIDED = 1024  # room for undecided entries per call (at least; 1/16 of the block) before a rerun
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -180,7 +180,7 @@ def merge(base: torch.Tensor | None, experts: torch.Tensor, *, mode: int, elect:
     pointers = (base.data_ptr() if base is not None else None, experts.data_ptr(), out.data_ptr())
 
     def block(start: int, stop: int) -> tuple[int, torch.Tensor]:
-        found, cap = ctypes.c_int64(0), UNDECIDED
+        found, cap = ctypes.c_int64(0), max(UNDECIDED, (stop - start) // 16)
         while True:  # undecided entries are rare: a small buffer, and a rerun with one big enough if not
             where = torch.empty(cap, dtype=torch.int64)
             balance = lib.ri_merge(ctypes.byref(params), *pointers, start, stop, where.data_ptr(), cap,
