@@ -82,33 +82,31 @@ def dare(src: Source, offset: int, densities: list[float], keys: list[tuple[int,
 def _fused_chunks(src: Source, weighting: blocked.WeightedTau, **kwargs) -> torch.Tensor | None:
     """The fused kernel over each chunk, or None where there is none for these inputs.
 
-    TIES's zero-sum rule needs the tensor's majority sign, known once every chunk is merged: the C
-    kernel lists the entries it merged with +1 and `Election.finish` redoes them if the majority is
-    negative; the Triton kernel only counts them, and then the torch path redoes the tensor."""
+    TIES's zero-sum rule needs the tensor's majority sign, known once every chunk is merged: the
+    kernels list the entries they merged with +1, and `Election.finish` redoes them with −1 if the
+    majority turns out negative."""
     kernel = _backend(src, kwargs["out_dtype"])
     if kernel is None:
         return None
     out = torch.empty(src.numel, dtype=kwargs["out_dtype"], device=src.device)
-    balance, counted, listed = 0, 0, []
+    balance, undecided = 0, []
     offset = kwargs.pop("offset", 0)
     for first, base, experts in src.chunks():  # (TIES ignores the offset: it draws nothing)
+        part = out[first:first + base.shape[0]]
         if kernel is native.merge:
             if not native.usable(base.device, base, experts):
                 return None
-            _, chunk_balance, where = native.merge(base, experts, **kwargs, offset=offset + first,
-                                                   out=out[first:first + base.shape[0]])
-            listed.append(where + first)
+            _, chunk_balance, where = native.merge(base, experts, **kwargs, offset=offset + first, out=part)
         else:
-            part, chunk_balance, chunk_undecided = kernel(base, experts, **kwargs, offset=offset + first)
-            out[first:first + part.shape[0]] = part
-            counted += chunk_undecided
+            merged, chunk_balance, where = kernel(base, experts, **kwargs, offset=offset + first)
+            part.copy_(merged)
         balance += chunk_balance
-    if not kwargs["elect"] or balance >= 0:
+        if where.numel():
+            undecided.append(where + first)
+    if not kwargs["elect"]:
         return out
-    if counted:
-        return None
     election = blocked.Election(blocked.column(kwargs["weights"], out), kwargs["normalize"])
-    election.balance, election.undecided = balance, [w for w in listed if w.numel()]
+    election.balance, election.undecided = balance, undecided
     return election.finish(out, kwargs["lam"], blocked.regather(src, weighting))
 
 

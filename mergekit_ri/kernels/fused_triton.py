@@ -39,7 +39,7 @@ def weighted_tau(base, experts_ptr, i, n, offs, mask, offset, thresholds_ptr, we
     return tau * tl.load(weights_ptr + i)
 
 @triton.jit
-def merge(base_ptr, experts_ptr, out_ptr, stats_ptr, n, offset, lam, sum_scale,
+def merge(base_ptr, experts_ptr, out_ptr, stats_ptr, flags_ptr, n, offset, lam, sum_scale,
           thresholds_ptr, weights_ptr, keys_ptr, below_ptr, keep_ptr, inverse_ptr,
           N: tl.constexpr, MODE: tl.constexpr, ELECT: tl.constexpr, NORMALIZE: tl.constexpr,
           RESCALE: tl.constexpr, BLOCK: tl.constexpr):
@@ -66,6 +66,7 @@ def merge(base_ptr, experts_ptr, out_ptr, stats_ptr, n, offset, lam, sum_scale,
         tl.atomic_add(stats_ptr, tl.sum(tl.where(mask, signs, 0), axis=0))
         undecided = mask & (total == 0.0) & (mixed != 0.0)
         tl.atomic_add(stats_ptr + 1, tl.sum(undecided.to(tl.int32), axis=0))
+        tl.store(flags_ptr + offs, undecided.to(tl.int8), mask=mask)
     else:
         mixed = total * sum_scale
     merged = base + lam * mixed
