@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import signal
@@ -350,11 +351,20 @@ SUBCOMMANDS = {"merge", "validate", "methods", "demo", "version"}
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: a first argument that is not a subcommand or an option means `merge`."""
+    """Entry point: a first argument that is not a subcommand or an option means `merge`.
+
+    The cyclic garbage collector runs 70x less often than Python's default: importing torch
+    allocates ~10^6 objects, and the default thresholds rescanned them all three times (0.15 s,
+    10% of a small merge); what is alive at the end is frozen, so the exit does not scan it again
+    (0.1 s). Cycles are still collected, just in bigger batches."""
+    gc.set_threshold(50_000, 20, 20)
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] not in SUBCOMMANDS and not args[0].startswith("-"):
         args.insert(0, "merge")
-    app(args, prog_name="ri-merge")
+    try:
+        app(args, prog_name="ri-merge")
+    finally:
+        gc.freeze()
 
 
 if __name__ == "__main__":
