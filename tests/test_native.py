@@ -145,6 +145,18 @@ def test_library_is_built_once_into_the_cache_and_reused(tmp_path, monkeypatch):
     assert native.library() is not None and built[0].stat().st_mtime_ns == stamp
 
 
+def test_a_read_only_cache_still_builds_into_a_temporary_folder(tmp_path, monkeypatch):
+    blocked_cache = tmp_path / "file-not-folder"
+    blocked_cache.write_text("")  # the cache folder cannot be created under a file
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked_cache))
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_failure", None)
+    assert native.library() is not None, native.failure()
+    base, experts = inputs(1000, 2, torch.bfloat16)
+    assert_same(native.task_arithmetic(base, experts, [1.0, 1.0], 0.5, False, torch.bfloat16),
+                blocked.task_arithmetic(base, experts, [1.0, 1.0], 0.5, False, torch.bfloat16))
+
+
 def test_without_a_compiler_the_torch_kernels_run(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))

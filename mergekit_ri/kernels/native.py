@@ -70,18 +70,31 @@ def _cpu_features() -> str:
 
 
 def _build(compiler: str) -> Path:
+    """The cached library, compiled first if needed; into a temporary folder (once per process)
+    where the cache cannot be written (a read-only home)."""
     digest = hashlib.sha256()
     for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(), _cpu_features().encode(),
                  platform.machine().encode()):
         digest.update(part)
-    target = _cache_dir() / f"native-{digest.hexdigest()[:16]}.so"
+    name = f"native-{digest.hexdigest()[:16]}.so"
+    target = _cache_dir() / name
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], check=True, capture_output=True, timeout=120)
-        os.replace(built, target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(dir=target.parent))
+    except OSError:
+        target, folder = None, Path(tempfile.mkdtemp(prefix="mergekit-ri-native-"))
+    built = folder / name
+    try:
+        subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], check=True, capture_output=True,
+                       timeout=120)
+        if target is None:
+            return built  # stays in the temporary folder: it is loaded from there
+        os.replace(built, target)  # atomic: a concurrent merge loads this file or its own, never half of one
+    finally:
+        if target is not None:
+            shutil.rmtree(folder, ignore_errors=True)
     return target
 
 
