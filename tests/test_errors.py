@@ -49,35 +49,19 @@ def test_recipe_file_missing(tmp_path):
     assert_bad_input(run_cli("merge", tmp_path / "nope.yaml", "-o", tmp_path / "out"), "nope.yaml", out=tmp_path / "out")
 
 
-def test_unknown_method_names_closest(tmp_path, models):
-    result = run_cli("merge", recipe(tmp_path, models, merge_method="tie"), "-o", tmp_path / "out")
-    assert_bad_input(result, "unknown merge_method 'tie'", "did you mean 'ties'", out=tmp_path / "out")
-
-
-def test_unknown_parameter_names_closest(tmp_path, models):
-    result = run_cli("merge", recipe(tmp_path, models, parameters={"densty": 0.3}), "-o", tmp_path / "out")
-    assert_bad_input(result, "unknown parameter 'densty'", "did you mean 'density'", out=tmp_path / "out")
-
-
-def test_unknown_per_model_parameter(tmp_path, models):
-    entries = [{"model": str(models["a"]), "parameters": {"wieght": 1}}, {"model": str(models["b"])}]
-    result = run_cli("merge", recipe(tmp_path, models, models=entries), "-o", tmp_path / "out")
-    assert_bad_input(result, "models[0].parameters", "'wieght'", "did you mean 'weight'", out=tmp_path / "out")
-
-
-def test_unknown_top_level_key(tmp_path, models):
-    result = run_cli("merge", recipe(tmp_path, models, out_dtpye="bfloat16"), "-o", tmp_path / "out")
-    assert_bad_input(result, "unknown key 'out_dtpye'", "did you mean 'out_dtype'", out=tmp_path / "out")
-
-
-def test_bad_field_value(tmp_path, models):
-    result = run_cli("merge", recipe(tmp_path, models, dtype="bfloat61"), "-o", tmp_path / "out")
-    assert_bad_input(result, "dtype", "bfloat61", out=tmp_path / "out")
-
-
-def test_density_out_of_range(tmp_path, models):
-    result = run_cli("merge", recipe(tmp_path, models, parameters={"density": 1.5}), "-o", tmp_path / "out")
-    assert_bad_input(result, "density", "1.5", out=tmp_path / "out")
+@pytest.mark.parametrize("fields,expected", [
+    (lambda m: {"merge_method": "tie"}, ["unknown merge_method 'tie'", "did you mean 'ties'"]),
+    (lambda m: {"parameters": {"densty": 0.3}}, ["unknown parameter 'densty'", "did you mean 'density'"]),
+    (lambda m: {"models": [{"model": str(m["a"]), "parameters": {"wieght": 1}}, {"model": str(m["b"])}]},
+     ["models[0].parameters", "'wieght'", "did you mean 'weight'"]),
+    (lambda m: {"out_dtpye": "bfloat16"}, ["unknown key 'out_dtpye'", "did you mean 'out_dtype'"]),
+    (lambda m: {"dtype": "bfloat61"}, ["dtype", "bfloat61"]),
+    (lambda m: {"parameters": {"density": 1.5}}, ["density", "1.5"]),
+], ids=["method", "parameter", "per-model-parameter", "top-level-key", "field-value", "density-range"])
+def test_bad_recipe_fields_are_named(tmp_path, models, fields, expected):
+    """A misspelt or out-of-range field: one line naming it (and the closest spelling), exit 2."""
+    result = run_cli("merge", recipe(tmp_path, models, **fields(models)), "-o", tmp_path / "out")
+    assert_bad_input(result, *expected, out=tmp_path / "out")
 
 
 def test_missing_model_path(tmp_path, models):
