@@ -224,6 +224,10 @@ def merge_command(recipe: Path, output: Path, device: Optional[str], dry_run: bo
             return
         if verbose and not quiet:
             _print_plan(plan, err)
+            if plan.method.raw_inputs:
+                from .kernels import native
+
+                err.print(f"CPU kernels: {native.describe()}", markup=False, highlight=False, soft_wrap=True)
         elif not quiet:
             for warning in plan.warnings:
                 err.print(f"warning: {warning}", markup=False)

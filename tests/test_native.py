@@ -196,3 +196,12 @@ def test_cli_merges_with_and_without_the_c_kernels_are_identical(tmp_path, recip
     assert native_out.keys() == torch_out.keys()
     for name in native_out:
         assert_same(native_out[name], torch_out[name])
+
+
+def test_verbose_merge_names_the_cpu_kernels(tmp_path, recipe_for, monkeypatch):
+    recipe = recipe_for("ties")
+    result = run_cli("merge", recipe, "-o", tmp_path / "a", "-v")
+    assert result.code == 0 and "CPU kernels: C (" in result.stderr
+    monkeypatch.setenv("RI_MERGE_KERNELS", "torch")
+    result = run_cli("merge", recipe, "-o", tmp_path / "b", "-v")
+    assert result.code == 0 and "CPU kernels: torch (RI_MERGE_KERNELS=torch)" in result.stderr

@@ -128,6 +128,14 @@ def failure() -> str | None:
     return _failure
 
 
+def describe() -> str:
+    """One line for `-v`: which CPU kernels run, and why not the C ones."""
+    if os.environ.get("RI_MERGE_KERNELS", "auto") == "torch":
+        return "torch (RI_MERGE_KERNELS=torch)"
+    lib = library()
+    return f"C ({lib._name})" if lib is not None else f"torch (no C kernels: {_failure})"
+
+
 def usable(device: torch.device, *tensors: torch.Tensor | None, out_dtype: torch.dtype | None = None) -> bool:
     """Whether the C kernels can merge these CPU tensors (dtypes they know, unit-stride rows)."""
     if device.type != "cpu" or (out_dtype is not None and out_dtype not in DTYPES):
