@@ -89,13 +89,10 @@ class MergePlan:
         return sum(t.out_nbytes for t in self.tasks)
 
     def peak_memory_estimate(self, prefetch: int = PREFETCH_DEFAULT) -> int:
-        """Raw inputs of the tensors in flight + the fp32 working set of the largest one."""
-        largest = max(self.tasks, key=lambda t: t.reference.numel)
-        inputs = len(self.experts) + (self.base is not None)
-        raw = largest.in_nbytes * (prefetch + 1)
-        work = largest.reference.numel * 4 * (inputs + len(self.experts) + 2)
-        workspace = max((self.method.workspace(t.shape, len(self.experts)) for t in self.tasks if t.merge), default=0)
-        return raw + work + workspace + largest.out_nbytes * 2
+        """Peak resident bytes of the merge on a CPU (see `reading.peak_memory_estimate`)."""
+        from .reading import peak_memory_estimate  # reading builds on plan: imported when asked
+
+        return peak_memory_estimate(self, prefetch)
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -160,6 +160,30 @@ class RowSource(Source):
 
 
 PREFETCH_BYTES = 256 * 2**20
+RUNTIME_BYTES = 400 * 2**20  # Python, torch, their libraries and thread arenas (imports alone: 0.24 GB)
+
+
+def unit_out_nbytes(unit: WorkUnit) -> int:
+    task = unit.task
+    return task.out_nbytes if unit.rows is None else task.out_nbytes // task.shape[0] * (unit.rows[1] - unit.rows[0])
+
+
+def peak_memory_estimate(plan: MergePlan, prefetch: int) -> int:
+    """What a CPU merge holds at its peak, from the same work units the engine uses: the runtime;
+    the read-ahead (up to PREFETCH_BYTES, or the one next unit if bigger) and the unit being
+    merged; its result and two waiting for the writer; for a tensor read by rows, two chunks of
+    inputs and its whole result; for the methods that take fp32 copies, those and their workspace."""
+    units = work_units(plan)
+    held = max((u.held_nbytes for u in units), default=0)
+    ahead = max(min(PREFETCH_BYTES, prefetch * held), held)
+    results = 3 * max((unit_out_nbytes(u) for u in units), default=0)
+    inputs = len(plan.experts) + (plan.base is not None)
+    streamed = max((2 * CHUNK_ELEMENTS * u.task.in_nbytes // max(u.task.reference.numel, 1) + u.task.out_nbytes
+                    for u in units if u.streamed), default=0)
+    copies = 0 if plan.method.raw_inputs else max(
+        (u.task.reference.numel * 4 * (inputs + len(plan.experts) + 2) for u in units if u.task.merge), default=0)
+    workspace = max((plan.method.workspace(t.shape, len(plan.experts)) for t in plan.tasks if t.merge), default=0)
+    return RUNTIME_BYTES + ahead + held + results + streamed + copies + workspace
 
 
 def stream_inputs(plan: MergePlan, reader: TensorReader, pool: ThreadPoolExecutor, prefetch: int,
