@@ -26,7 +26,8 @@ from .io.sources import ST_DTYPES, TensorReader
 from .io.writer import ShardWriter, write_index
 from .methods import TensorContext
 from .kernels.parallel import single_threaded_ops
-from .kernels.select import BUCKETS, abs_bits, bits_to_float, bucket_of_kth, high_histogram, low_histogram
+from . import kernels
+from .kernels.select import BUCKETS, bits_to_float, bucket_of_kth
 from .plan import PREFETCH_DEFAULT, MergePlan
 from .reading import RowSource, WorkUnit, load_inputs, stream_inputs, work_units
 
@@ -98,13 +99,9 @@ def model_thresholds(plan: MergePlan, reader: TensorReader, pool: ThreadPoolExec
         hist = torch.zeros((count, BUCKETS), dtype=torch.int64, device=device)
         pin = device.type == "cuda"
         for unit, raws in stream_inputs(plan, reader, pool, prefetch, work_units(plan, tasks, device=device, rows_for_all=True), pin):
-            base, experts = load_inputs(raws, True, device)
-            for i in range(count):
-                bits = abs_bits(experts[i].sub_(base))
-                if bucket is None:
-                    hist[i] += high_histogram(bits)
-                elif keep[i] > 0:
-                    hist[i] += low_histogram(bits, bucket[i])
+            base, experts = load_inputs(raws, True, device, fp32=False)
+            wanted = None if bucket is None else [b if keep[i] > 0 else None for i, b in enumerate(bucket)]
+            hist += kernels.magnitude_histograms(base.reshape(-1), experts.reshape(count, -1), wanted)
             progress(unit.in_nbytes)
         return hist
 
@@ -147,12 +144,12 @@ def run_merge(plan: MergePlan, out: Path, *, device: str = "auto", force: bool =
     try:
         with TensorReader() as reader, ThreadPoolExecutor(2, "ri-read") as reads, \
                 ThreadPoolExecutor(1, "ri-write") as writes, ShardWriter(staging, plan) as writer:
-            thresholds = model_thresholds(plan, reader, reads, target, prefetch, advance) \
-                if needs_model_prepass(plan) else None
-            written: deque[Future] = deque()
-            units = work_units(plan, device=target)
             blocked = plan.method.raw_inputs and target.type == "cpu"
             with single_threaded_ops() if blocked else nullcontext():
+                thresholds = model_thresholds(plan, reader, reads, target, prefetch, advance) \
+                    if needs_model_prepass(plan) else None
+                written: deque[Future] = deque()
+                units = work_units(plan, device=target)
                 for unit, raws in stream_inputs(plan, reader, reads, prefetch, units, target.type == "cuda"):
                     result = compute(plan, unit, raws, target, thresholds, report, reader, reads)
                     written.append(writes.submit(writer.write, unit.task, result, unit.rows))

@@ -205,3 +205,19 @@ def test_verbose_merge_names_the_cpu_kernels(tmp_path, recipe_for, monkeypatch):
     monkeypatch.setenv("RI_MERGE_KERNELS", "torch")
     result = run_cli("merge", recipe, "-o", tmp_path / "b", "-v")
     assert result.code == 0 and "CPU kernels: torch (RI_MERGE_KERNELS=torch)" in result.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_native_histograms_equal_torch(dtype):
+    from mergekit_ri.kernels import select
+
+    base, experts = awkward_inputs("heavy", 100_003)
+    base, experts = base.to(dtype), experts.to(dtype)
+    with single_threaded_ops(2):
+        high = native.histograms(base, experts, None)
+        assert torch.equal(high, select.magnitude_histograms(base, experts, None))
+        assert int(high.sum()) == 3 * 100_003
+        buckets = [int(high[0].argmax()), None, int(high[2].nonzero()[-1])]
+        low = native.histograms(base, experts, buckets)
+        assert torch.equal(low, select.magnitude_histograms(base, experts, buckets))
+        assert int(low[1].sum()) == 0 and int(low[0].sum()) == int(high[0].max())

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import blocked, fused, native
+from . import blocked, fused, native, select
 from .source import Source, TensorSource
 
 FusedMerge = Callable[..., tuple[torch.Tensor, int, int]]
@@ -56,6 +56,13 @@ def magnitude_thresholds_source(src: Source, densities: list[float]) -> list[flo
         return blocked.band_counts(base, experts, lo, hi, limit)
 
     return blocked.magnitude_thresholds_source(src, densities, blocked.SelectOps(band, native.kth_largest))
+
+
+def magnitude_histograms(base: torch.Tensor, experts: torch.Tensor, buckets: list[int | None] | None) -> torch.Tensor:
+    """`select.magnitude_histograms`: in C on CPU where that runs, else torch."""
+    if native.usable(base.device, base, experts):
+        return native.histograms(base, experts, buckets)
+    return select.magnitude_histograms(base, experts, buckets)
 
 
 def ties(src: Source, thresholds: list[float], weights: list[float], lam: float, normalize: bool,
@@ -110,4 +117,5 @@ def _fused_chunks(src: Source, weighting: blocked.WeightedTau, **kwargs) -> torc
     return election.finish(out, kwargs["lam"], blocked.regather(src, weighting))
 
 
-__all__ = ["Source", "TensorSource", "dare", "magnitude_thresholds_source", "task_arithmetic", "ties", "weighted_sum"]
+__all__ = ["Source", "TensorSource", "dare", "magnitude_histograms", "magnitude_thresholds_source", "task_arithmetic",
+           "ties", "weighted_sum"]

@@ -334,3 +334,36 @@ float ri_kth_largest(float *a, int64_t n, int64_t k) {
         n = m;
     }
 }
+
+/* Histograms of the fp32 bit patterns of |τ_i| over entries [start, stop), per expert, into
+ * counts[i·65536 + ·] (added to): of the high 16 bits where bucket[i] < 0, else of the low 16
+ * bits of the entries whose high bits equal bucket[i]; nothing where bucket[i] == SKIP_BUCKET.
+ * The two passes of the whole-model radix select (TIES trim_scope: model). Returns 0, or -1 if
+ * memory ran out. */
+#define SKIP_BUCKET (-2)
+int ri_histogram(const Params *p, const void *base, const void *experts, int64_t start, int64_t stop,
+                 const int32_t *bucket, int64_t *counts) {
+    float *buf = (float *)malloc(sizeof(float) * TILE * 2);
+    if (!buf) return -1;
+    float *b = buf, *t = buf + TILE;
+    uint32_t *bits = (uint32_t *)t;
+    for (int64_t at = start; at < stop; at += TILE) {
+        const int n = (int)((stop - at) < TILE ? (stop - at) : TILE);
+        load(b, base, p->base_dtype, at, n);
+        for (int i = 0; i < p->count; i++) {
+            if (bucket[i] == SKIP_BUCKET) continue;
+            load(t, experts, p->expert_dtype, (int64_t)i * p->expert_stride + at, n);
+            for (int j = 0; j < n; j++) t[j] = fabsf(t[j] - b[j]);
+            int64_t *c = counts + (size_t)i * 65536;
+            if (bucket[i] < 0) {
+                for (int j = 0; j < n; j++) c[bits[j] >> 16]++;
+            } else {
+                const uint32_t high = (uint32_t)bucket[i];
+                for (int j = 0; j < n; j++)
+                    if ((bits[j] >> 16) == high) c[bits[j] & 0xFFFF]++;
+            }
+        }
+    }
+    free(buf);
+    return 0;
+}

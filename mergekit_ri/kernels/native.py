@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .blocked import column, float_below, rescale_factor, safe_divisor
-from .parallel import run_blocks
+from .parallel import run_blocks, workers
 from .rng import keep_threshold
 
 SOURCE = Path(__file__).with_name("native.c")
@@ -116,6 +116,9 @@ def library() -> ctypes.CDLL | None:
                 lib.ri_band.restype = ctypes.c_int
                 lib.ri_band.argtypes = [ctypes.POINTER(Params), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                         ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2
+                lib.ri_histogram.restype = ctypes.c_int
+                lib.ri_histogram.argtypes = [ctypes.POINTER(Params), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                             ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
                 lib.ri_kth_largest.restype = ctypes.c_float
                 lib.ri_kth_largest.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
                 _library = lib
@@ -272,3 +275,30 @@ def kth_largest(values: torch.Tensor, k: int) -> float:
     assert lib is not None and 1 <= k <= values.numel()
     scratch = values.to(torch.float32, copy=True).contiguous()
     return float(lib.ri_kth_largest(scratch.data_ptr(), scratch.numel(), k))
+
+
+SKIP_BUCKET = -2
+
+
+def histograms(base: torch.Tensor, experts: torch.Tensor, buckets: list[int | None] | None) -> torch.Tensor:
+    """`select.magnitude_histograms` in C: [N, 65536] counts of |τ_i|'s high 16 bits (buckets None),
+    or of the low 16 bits inside bucket[i] (None: that expert skipped)."""
+    lib = library()
+    assert lib is not None
+    count, numel = experts.shape
+    params, keep_alive = _params(experts, base, torch.float32, mode=MODE_SUM, elect=False, weights=[1.0] * count,
+                                 lam=1.0, normalize=False)
+    wanted = torch.tensor([-1] * count if buckets is None else [SKIP_BUCKET if b is None else b for b in buckets],
+                          dtype=torch.int32)
+    per_call = -(-numel // max(1, workers()))  # one call per worker: one counts array each
+
+    def block(start: int, stop: int) -> torch.Tensor:
+        counts = torch.zeros((count, 1 << 16), dtype=torch.int64)
+        if lib.ri_histogram(ctypes.byref(params), base.data_ptr(), experts.data_ptr(), start, stop,
+                            wanted.data_ptr(), counts.data_ptr()):
+            raise MemoryError("native histogram kernel: out of memory")
+        return counts
+
+    parts = run_blocks(block, [(a, min(a + per_call, numel)) for a in range(0, numel, per_call)])
+    del keep_alive
+    return torch.stack(parts).sum(0) if parts else torch.zeros((count, 1 << 16), dtype=torch.int64)

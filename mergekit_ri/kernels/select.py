@@ -31,6 +31,19 @@ def low_histogram(bits: torch.Tensor, bucket: int) -> torch.Tensor:
     return torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=BUCKETS)
 
 
+def magnitude_histograms(base: torch.Tensor, experts: torch.Tensor, buckets: list[int | None] | None) -> torch.Tensor:
+    """[N, BUCKETS] histograms of |τ_i| = |θ_i − θ0| (fp32 bit patterns) for flat base [n] and
+    experts [N, n]: of the high 16 bits (buckets None), or of the low 16 bits of the entries in
+    bucket[i] (a None bucket: that row stays 0). The passes of a streaming radix select."""
+    hist = torch.zeros((experts.shape[0], BUCKETS), dtype=torch.int64, device=experts.device)
+    for i, row in enumerate(experts):
+        if buckets is not None and buckets[i] is None:
+            continue
+        bits = abs_bits(row.float() - base.float())
+        hist[i] = high_histogram(bits) if buckets is None else low_histogram(bits, buckets[i])
+    return hist
+
+
 def bucket_of_kth(hist: torch.Tensor, k: int) -> tuple[int, int]:
     """(bucket holding the k-th largest entry, rank of that entry inside the bucket)."""
     from_top = hist.flip(0).cumsum(0)
