@@ -221,3 +221,16 @@ def test_native_histograms_equal_torch(dtype):
         low = native.histograms(base, experts, buckets)
         assert torch.equal(low, select.magnitude_histograms(base, experts, buckets))
         assert int(low[1].sum()) == 0 and int(low[0].sum()) == int(high[0].max())
+
+
+def test_native_kernels_take_empty_tensors():
+    base, experts = torch.zeros(0, dtype=torch.bfloat16), torch.zeros(3, 0, dtype=torch.bfloat16)
+    src = kernels.TensorSource(base, experts)
+    assert native.task_arithmetic(base, experts, [1.0] * 3, 1.0, False, torch.bfloat16).numel() == 0
+    assert native.weighted_sum(experts, [1.0] * 3, True, torch.bfloat16).numel() == 0
+    assert kernels.magnitude_thresholds_source(src, [0.2] * 3) == [float("inf")] * 3
+    assert kernels.ties(src, [1.0] * 3, [1.0] * 3, 1.0, True, torch.bfloat16).numel() == 0
+    assert kernels.dare(src, 0, [0.5] * 3, [(1, 2)] * 3, [1.0] * 3, 1.0, True, True, True, torch.bfloat16).numel() == 0
+    assert int(native.histograms(base, experts, None).sum()) == 0
+    above, bands = native.band(base, experts, [0.1] * 3, [0.2] * 3, 10)
+    assert above == [0, 0, 0] and all(b.numel() == 0 for b in bands)

@@ -264,7 +264,7 @@ def band(base: torch.Tensor, experts: torch.Tensor, lo: list[float], hi: list[fl
         if sum(sizes) > limit:
             bands.append(None)
         else:
-            bands.append(torch.cat([r[0][i, :s] for r, s in zip(results, sizes)]))
+            bands.append(torch.cat([r[0][i, :s] for r, s in zip(results, sizes)] or [torch.empty(0)]))
     return above, bands
 
 
@@ -290,7 +290,7 @@ def histograms(base: torch.Tensor, experts: torch.Tensor, buckets: list[int | No
                                  lam=1.0, normalize=False)
     wanted = torch.tensor([-1] * count if buckets is None else [SKIP_BUCKET if b is None else b for b in buckets],
                           dtype=torch.int32)
-    per_call = -(-numel // max(1, workers()))  # one call per worker: one counts array each
+    per_call = max(1, -(-numel // max(1, workers())))  # one call per worker: one counts array each
 
     def block(start: int, stop: int) -> torch.Tensor:
         counts = torch.zeros((count, 1 << 16), dtype=torch.int64)
