@@ -157,6 +157,22 @@ def test_a_read_only_cache_still_builds_into_a_temporary_folder(tmp_path, monkey
                 blocked.task_arithmetic(base, experts, [1.0, 1.0], 0.5, False, torch.bfloat16))
 
 
+def test_a_compiler_without_march_native_builds_portably(tmp_path, monkeypatch):
+    import shutil
+
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = -march=native ] && "
+                    "{ echo \"unknown option -march=native\" >&2; exit 1; }; done\n"
+                    f"exec {shutil.which('cc') or shutil.which('gcc')} \"$@\"\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_failure", None)
+    assert native.library() is not None, native.failure()
+    assert len(list((tmp_path / "cache").rglob("native-*.so"))) == 1
+
+
 def test_without_a_compiler_the_torch_kernels_run(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))

@@ -69,15 +69,15 @@ def _cpu_features() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, flags: list[str]) -> Path:
     """The cached library, compiled first if needed; into a temporary folder (once per process)
     where the cache cannot be written (a read-only home)."""
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(), _cpu_features().encode(),
+    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), compiler.encode(), _cpu_features().encode(),
                  platform.machine().encode()):
         digest.update(part)
     name = f"native-{digest.hexdigest()[:16]}.so"
-    target = _cache_dir() / name
+    target: Path | None = _cache_dir() / name
     if target.exists():
         return target
     try:
@@ -87,8 +87,11 @@ def _build(compiler: str) -> Path:
         target, folder = None, Path(tempfile.mkdtemp(prefix="mergekit-ri-native-"))
     built = folder / name
     try:
-        subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], check=True, capture_output=True,
-                       timeout=120)
+        done = subprocess.run([compiler, *flags, "-o", str(built), str(SOURCE)], capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode != 0:
+            detail = (done.stderr.strip().splitlines() or ["no message"])[0]
+            raise OSError(f"{Path(compiler).name} {' '.join(flags)} failed: {detail}")
         if target is None:
             return built  # stays in the temporary folder: it is loaded from there
         os.replace(built, target)  # atomic: a concurrent merge loads this file or its own, never half of one
@@ -96,6 +99,14 @@ def _build(compiler: str) -> Path:
         if target is not None:
             shutil.rmtree(folder, ignore_errors=True)
     return target
+
+
+def _compile(compiler: str) -> Path:
+    """Built for this CPU, or portably where the compiler knows no -march=native."""
+    try:
+        return _build(compiler, FLAGS)
+    except OSError:
+        return _build(compiler, [f for f in FLAGS if f != "-march=native"])
 
 
 def library() -> ctypes.CDLL | None:
@@ -109,7 +120,7 @@ def library() -> ctypes.CDLL | None:
             try:
                 if compiler is None:
                     raise FileNotFoundError("no C compiler (cc/gcc) on PATH")
-                lib = ctypes.CDLL(str(_build(compiler)))
+                lib = ctypes.CDLL(str(_compile(compiler)))
                 lib.ri_merge.restype = ctypes.c_int64
                 lib.ri_merge.argtypes = [ctypes.POINTER(Params)] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [
                     ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
