@@ -392,18 +392,16 @@ def main(argv: list[str] | None = None) -> None:
 
     The cyclic garbage collector runs 70x less often than Python's default: importing torch
     allocates ~10^6 objects, and the default thresholds rescanned them all three times (0.15 s,
-    10% of a small merge); what is alive at the end is frozen, so the exit does not scan it again
-    (0.1 s). Cycles are still collected, just in bigger batches. numpy's OpenBLAS (which no
-    merge uses) gets one thread: its idle workers otherwise spin for 0.1 s of CPU at import."""
+    10% of a small merge). Cycles are still collected, just in bigger batches. (Freezing what is
+    alive at exit would save 0.1 s more, but then triton's nanobind bindings report "leaks" on
+    stderr.) numpy's OpenBLAS (which no merge uses) gets one thread: its idle workers otherwise
+    spin for 0.1 s of CPU at import."""
     gc.set_threshold(50_000, 20, 20)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] not in SUBCOMMANDS and not args[0].startswith("-"):
         args.insert(0, "merge")
-    try:
-        app(args, prog_name="ri-merge")
-    finally:
-        gc.freeze()
+    app(args, prog_name="ri-merge")
 
 
 if __name__ == "__main__":

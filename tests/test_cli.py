@@ -100,9 +100,10 @@ def test_demo_runs_end_to_end(tmp_path):
     proc = subprocess.run([*CLI, "demo", "--dir", str(tmp_path / "demo")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "transformers loads" in proc.stdout
+    assert proc.stderr == ""  # no warnings, no exit noise (e.g. bindings reporting objects alive at exit)
     assert (tmp_path / "demo" / "merged" / "model.safetensors.index.json").exists()
     again = subprocess.run([*CLI, "demo", "--dir", str(tmp_path / "demo"), "--quiet"], capture_output=True, text=True)
-    assert again.returncode == 0 and again.stdout == ""
+    assert again.returncode == 0 and again.stdout == "" and again.stderr == ""  # --quiet: nothing, not even exit noise
 
 
 def _start_slow_merge(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
