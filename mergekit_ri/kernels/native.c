@@ -93,80 +93,89 @@ static inline uint32_t mix32(uint32_t x) {
     return x ^ (x >> 16);
 }
 
-/* dst = Σ_i rows[i] as blocked.rows_sum adds them: row 0 + row 1, then the others in order. */
-static void rows_sum(float *dst, const float *rows, int count, int n) {
-    if (count == 1) {
-        memcpy(dst, rows, sizeof(float) * (size_t)n);
-        return;
-    }
-    for (int j = 0; j < n; j++) dst[j] = rows[j] + rows[TILE + j];
-    for (int i = 2; i < count; i++) {
-        const float *t = rows + (size_t)i * TILE;
-        for (int j = 0; j < n; j++) dst[j] += t[j];
+/* t[0..n) = expert entries [at, at + n) − b, in fp32 (one loop per input dtype). */
+static void task_vector(float *t, const void *src, int dtype, int64_t at, int n, const float *b) {
+    if (dtype == BF16) {
+        const uint16_t *s = (const uint16_t *)src + at;
+        for (int j = 0; j < n; j++) t[j] = bf16_to_f32(s[j]) - b[j];
+    } else if (dtype == F16) {
+        const _Float16 *s = (const _Float16 *)src + at;
+        for (int j = 0; j < n; j++) t[j] = (float)s[j] - b[j];
+    } else {
+        const float *s = (const float *)src + at;
+        for (int j = 0; j < n; j++) t[j] = s[j] - b[j];
     }
 }
 
-/* Task vectors of one tile, trimmed (TIES) or dropped (DARE), and weighed: tau[i][0..n). */
-static void weighted_tau(const Params *p, const void *experts, const float *b, float *tau, int64_t at, int n) {
+/* total[j] (+)= t[j]: row 0 is copied, the others added in order, as blocked.rows_sum adds. */
+static inline void accumulate(float *total, const float *t, int i, int n) {
+    if (i == 0) memcpy(total, t, sizeof(float) * (size_t)n);
+    else for (int j = 0; j < n; j++) total[j] += t[j];
+}
+
+/* The weighted task vectors of one tile, trimmed (TIES) or dropped (DARE): tau[i][0..n), and
+ * their sum over i into total. Each step multiplies in blocked's order (mask, then 1/density,
+ * then the weight); a factor of 1 where blocked skips the multiplication changes no bit. */
+static void weighted_tau(const Params *p, const void *experts, const float *b, float *tau, float *total,
+                         int64_t at, int n) {
     for (int i = 0; i < p->count; i++) {
         float *t = tau + (size_t)i * TILE;
-        load(t, experts, p->expert_dtype, (int64_t)i * p->expert_stride + at, n);
-        if (p->subtract_base)
-            for (int j = 0; j < n; j++) t[j] = t[j] - b[j];
+        task_vector(t, experts, p->expert_dtype, (int64_t)i * p->expert_stride + at, n, b);
+        const float w = p->unit ? 1.0f : p->weights[i];
         if (p->mode == MODE_TIES) {
             const float below = p->below[i];
             for (int j = 0; j < n; j++) {
                 float m = fabsf(t[j]);
-                t[j] = copysignf(m > below ? m : 0.0f, t[j]);
+                t[j] = copysignf(m > below ? m : 0.0f, t[j]) * w;
             }
         } else if (p->mode == MODE_DARE && p->keep_below[i] != DARE_SKIP) {
             const uint32_t k0 = p->keys[2 * i], k1 = p->keys[2 * i + 1], keep = p->keep_below[i];
             const uint32_t first = (uint32_t)(p->offset + at);
+            const float r = p->rescale && p->inverse[i] != 0.0f ? p->inverse[i] : 1.0f;
             for (int j = 0; j < n; j++) {
                 uint32_t h = mix32(mix32((first + (uint32_t)j) ^ k0) ^ k1);
-                t[j] = t[j] * ((h >> 8) < keep ? 1.0f : 0.0f);
+                t[j] = t[j] * ((h >> 8) < keep ? 1.0f : 0.0f) * r * w;
             }
-            if (p->rescale && p->inverse[i] != 0.0f) {
-                const float r = p->inverse[i];
-                for (int j = 0; j < n; j++) t[j] = t[j] * r;
-            }
-        }
-        if (!p->unit) {
-            const float w = p->weights[i];
+        } else if (!p->unit) {
             for (int j = 0; j < n; j++) t[j] = t[j] * w;
         }
+        accumulate(total, t, i, n);
     }
 }
 
 /* TIES election and disjoint mean of one tile (Election.merge + disjoint_merge): mixed[0..n)
- * from the weighted task vectors (overwritten). zero[j] is set to 1 where the elected sum is
- * exactly 0; returns Σ sign of the sums. */
-static int64_t elect(const Params *p, float *tau, float *gamma, float *mixed, float *zero, int n) {
+ * from the weighted task vectors (overwritten) and their sum `total` (overwritten by γ).
+ * zero[j] is set to 1 where the sum is exactly 0; returns Σ sign of the sums. */
+static int64_t elect(const Params *p, float *tau, float *total, float *mixed, float *zero, int n) {
     const int N = p->count;
+    float *gamma = total, *count = tau + (size_t)N * TILE; /* the spare row */
     int64_t balance = 0;
-    rows_sum(gamma, tau, N, n);
     for (int j = 0; j < n; j++) {
-        float s = gamma[j] + 0.0f; /* −0 → +0: zero sums get γ = +1 */
+        float s = total[j] + 0.0f; /* −0 → +0: zero sums get γ = +1 */
         balance += (s > 0.0f) - (s < 0.0f);
         zero[j] = s == 0.0f ? 1.0f : 0.0f;
         gamma[j] = copysignf(1.0f, s);
     }
-    for (int i = 0; i < N; i++) {
-        float *t = tau + (size_t)i * TILE;
-        for (int j = 0; j < n; j++) {
-            float a = t[j] * gamma[j];
-            t[j] = a > 0.0f ? a : 0.0f;
+    for (int i = 0; i < N; i++) { /* agreeing entries relu(γ·wτ_i), summed (and counted) in order */
+        const float *t = tau + (size_t)i * TILE;
+        const float w = p->unit ? 1.0f : p->weights[i];
+        if (i == 0) {
+            for (int j = 0; j < n; j++) {
+                float a = t[j] * gamma[j];
+                a = a > 0.0f ? a : 0.0f;
+                mixed[j] = a;
+                count[j] = a > 0.0f ? w : 0.0f;
+            }
+        } else {
+            for (int j = 0; j < n; j++) {
+                float a = t[j] * gamma[j];
+                a = a > 0.0f ? a : 0.0f;
+                mixed[j] += a;
+                count[j] += a > 0.0f ? w : 0.0f;
+            }
         }
     }
-    rows_sum(mixed, tau, N, n);
     if (p->normalize) {
-        for (int i = 0; i < N; i++) {
-            float *t = tau + (size_t)i * TILE;
-            const float w = p->unit ? 1.0f : p->weights[i];
-            for (int j = 0; j < n; j++) t[j] = t[j] > 0.0f ? w : 0.0f;
-        }
-        float *count = tau + (size_t)N * TILE; /* the spare row */
-        rows_sum(count, tau, N, n);
         if (p->clamp_count)
             for (int j = 0; j < n; j++) mixed[j] = mixed[j] / (count[j] < 1e-8f ? 1e-8f : count[j]);
         else
@@ -211,27 +220,26 @@ static int64_t list_undecided(const float *zero, const float *mixed, int n, int6
 int64_t ri_merge(const Params *p, const void *base, const void *experts, void *out, int64_t start, int64_t stop,
                  int64_t *undecided, int64_t cap, int64_t *n_undecided) {
     const int N = p->count;
-    float *buf = (float *)malloc(sizeof(float) * TILE * (size_t)(N + 5));
+    float *buf = (float *)calloc((size_t)TILE * (size_t)(N + 5), sizeof(float));
     if (!buf) return INT64_MIN;
-    float *b = buf, *gamma = buf + TILE, *mixed = buf + 2 * TILE, *zero = buf + 3 * TILE, *tau = buf + 4 * TILE;
+    float *b = buf, *total = buf + TILE, *mixed = buf + 2 * TILE, *zero = buf + 3 * TILE, *tau = buf + 4 * TILE;
     int64_t balance = 0, found = 0;
     for (int64_t at = start; at < stop; at += TILE) {
         const int n = (int)((stop - at) < TILE ? (stop - at) : TILE);
-        if (p->subtract_base) load(b, base, p->base_dtype, at, n);
-        weighted_tau(p, experts, b, tau, at, n);
+        if (p->subtract_base) load(b, base, p->base_dtype, at, n); /* else b stays 0: τ = θ − 0 = θ */
+        weighted_tau(p, experts, b, tau, total, at, n);
         if (!p->elect) {
-            rows_sum(mixed, tau, N, n);
             if (!p->subtract_base) {
-                for (int j = 0; j < n; j++) mixed[j] = mixed[j] * p->out_scale;
+                for (int j = 0; j < n; j++) total[j] = total[j] * p->out_scale;
             } else {
                 if (p->normalize)
-                    for (int j = 0; j < n; j++) mixed[j] = mixed[j] / p->divisor;
-                for (int j = 0; j < n; j++) mixed[j] = fmaf(mixed[j], p->lam, b[j]);
+                    for (int j = 0; j < n; j++) total[j] = total[j] / p->divisor;
+                for (int j = 0; j < n; j++) total[j] = fmaf(total[j], p->lam, b[j]);
             }
-            store(out, mixed, p->out_dtype, at, n);
+            store(out, total, p->out_dtype, at, n);
             continue;
         }
-        balance += elect(p, tau, gamma, mixed, zero, n);
+        balance += elect(p, tau, total, mixed, zero, n);
         found = list_undecided(zero, mixed, n, at, undecided, found, cap);
         for (int j = 0; j < n; j++) b[j] = fmaf(mixed[j], p->lam, b[j]);
         store(out, b, p->out_dtype, at, n);
