@@ -19,6 +19,17 @@ from mergekit_ri.synthetic import LlamaShape, make_family
 CLI = [sys.executable, "-m", "mergekit_ri.cli"]
 
 
+def test_the_command_keeps_its_exit_codes_and_output_through_the_fast_exit(tmp_path, recipe_for):
+    """`ri-merge` ends with os._exit after flushing: exit codes and every printed line survive."""
+    bad = subprocess.run([*CLI, str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "x")], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
+    assert subprocess.run([*CLI, "merge", "--no-such-flag"], capture_output=True, text=True).returncode == 2
+    version = subprocess.run([*CLI, "version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.strip() == __import__("mergekit_ri").__version__
+    big = subprocess.run([*CLI, "methods", "--json"], capture_output=True, text=True)  # a long stdout, fully flushed
+    assert big.returncode == 0 and "ties" in json.loads(big.stdout)
+
+
 def test_shorthand_merge_with_json_summary(tmp_path, recipe_for):
     recipe = recipe_for("ties")
     proc = subprocess.run([*CLI, str(recipe), "-o", str(tmp_path / "out"), "--json"], capture_output=True, text=True)
