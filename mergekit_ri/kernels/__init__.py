@@ -17,15 +17,16 @@ import torch
 from . import blocked, fused, native, select
 from .source import Source, TensorSource
 
-FusedMerge = Callable[..., tuple[torch.Tensor, int, int]]
+FusedMerge = Callable[..., tuple[torch.Tensor, int, torch.Tensor]]
 
 
-def _backend(src: Source, out_dtype: torch.dtype) -> FusedMerge | None:
-    """The fused single-pass kernel for this source's device and dtypes, if there is one."""
+def _backend(src: Source, out_dtype: torch.dtype) -> tuple[FusedMerge, Callable[..., bool]] | None:
+    """The fused single-pass kernel for this source's device and output dtype, if there is one,
+    with the test a chunk's inputs must pass for it."""
     if fused.enabled(src.device):
-        return fused.fused_merge
+        return fused.fused_merge, lambda base, experts: True
     if src.device.type == "cpu" and out_dtype in native.DTYPES and native.library() is not None:
-        return native.merge
+        return native.merge, lambda base, experts: native.usable(base.device, base, experts)
     return None
 
 
@@ -92,21 +93,18 @@ def _fused_chunks(src: Source, weighting: blocked.WeightedTau, **kwargs) -> torc
     TIES's zero-sum rule needs the tensor's majority sign, known once every chunk is merged: the
     kernels list the entries they merged with +1, and `Election.finish` redoes them with −1 if the
     majority turns out negative."""
-    kernel = _backend(src, kwargs["out_dtype"])
-    if kernel is None:
+    backend = _backend(src, kwargs["out_dtype"])
+    if backend is None:
         return None
+    kernel, supports = backend
     out = torch.empty(src.numel, dtype=kwargs["out_dtype"], device=src.device)
     balance, undecided = 0, []
     offset = kwargs.pop("offset", 0)
     for first, base, experts in src.chunks():  # (TIES ignores the offset: it draws nothing)
-        part = out[first:first + base.shape[0]]
-        if kernel is native.merge:
-            if not native.usable(base.device, base, experts):
-                return None
-            _, chunk_balance, where = native.merge(base, experts, **kwargs, offset=offset + first, out=part)
-        else:
-            merged, chunk_balance, where = kernel(base, experts, **kwargs, offset=offset + first)
-            part.copy_(merged)
+        if not supports(base, experts):
+            return None
+        _, chunk_balance, where = kernel(base, experts, **kwargs, offset=offset + first,
+                                         out=out[first:first + base.shape[0]])
         balance += chunk_balance
         if where.numel():
             undecided.append(where + first)

@@ -50,8 +50,10 @@ def _merge_kernel():
 def fused_merge(base: torch.Tensor, experts: torch.Tensor, *, mode: int, elect: bool, weights: list[float],
                 lam: float, normalize: bool, out_dtype: torch.dtype, thresholds: list[float] | None = None,
                 keys: list[tuple[int, int]] | None = None, densities: list[float] | None = None,
-                rescale: bool = True, offset: int = 0) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """One pass of TIES (mode 1) or DARE (mode 2) over flat base [n] and experts [N, n].
+                rescale: bool = True, offset: int = 0, out: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """One pass of TIES (mode 1) or DARE (mode 2) over flat base [n] and experts [N, n], into
+    `out` (contiguous [n], out_dtype) when given.
 
     Returns (merged [n] in out_dtype, Σ sign of the elected sums, indices of the undecided entries)."""
     import triton
@@ -59,7 +61,7 @@ def fused_merge(base: torch.Tensor, experts: torch.Tensor, *, mode: int, elect: 
     count, numel = experts.shape
     device = experts.device
     base, experts = base.contiguous(), experts.contiguous()
-    out = torch.empty(numel, dtype=out_dtype, device=device)
+    out = torch.empty(numel, dtype=out_dtype, device=device) if out is None else out
     stats = torch.zeros(2, dtype=torch.int32, device=device)
     flags = torch.empty(numel if elect else 1, dtype=torch.int8, device=device)
     f32 = dict(dtype=torch.float32, device=device)
