@@ -42,9 +42,15 @@ class WorkUnit:
 
     @property
     def in_nbytes(self) -> int:
-        if self.rows is None:
-            return self.task.in_nbytes
-        return self.task.in_nbytes // self.task.shape[0] * (self.rows[1] - self.rows[0])
+        return self._share(self.task.in_nbytes)
+
+    @property
+    def out_nbytes(self) -> int:
+        return self._share(self.task.out_nbytes)
+
+    def _share(self, nbytes: int) -> int:
+        """The part of a tensor's bytes in this unit's rows."""
+        return nbytes if self.rows is None else nbytes // self.task.shape[0] * (self.rows[1] - self.rows[0])
 
 
 def work_units(plan: MergePlan, tasks: list[TensorTask] | None = None, chunk: int | None = None,
@@ -163,11 +169,6 @@ PREFETCH_BYTES = 256 * 2**20
 RUNTIME_BYTES = 400 * 2**20  # Python, torch, their libraries and thread arenas (imports alone: 0.24 GB)
 
 
-def unit_out_nbytes(unit: WorkUnit) -> int:
-    task = unit.task
-    return task.out_nbytes if unit.rows is None else task.out_nbytes // task.shape[0] * (unit.rows[1] - unit.rows[0])
-
-
 def peak_memory_estimate(plan: MergePlan, prefetch: int) -> int:
     """What a CPU merge holds at its peak, from the same work units the engine uses: the runtime;
     the read-ahead (up to PREFETCH_BYTES, or the one next unit if bigger) and the unit being
@@ -176,7 +177,7 @@ def peak_memory_estimate(plan: MergePlan, prefetch: int) -> int:
     units = work_units(plan)
     held = max((u.held_nbytes for u in units), default=0)
     ahead = max(min(PREFETCH_BYTES, prefetch * held), held)
-    results = 3 * max((unit_out_nbytes(u) for u in units), default=0)
+    results = 3 * max((u.out_nbytes for u in units), default=0)
     inputs = len(plan.experts) + (plan.base is not None)
     streamed = max((2 * CHUNK_ELEMENTS * u.task.in_nbytes // max(u.task.reference.numel, 1) + u.task.out_nbytes
                     for u in units if u.streamed), default=0)
