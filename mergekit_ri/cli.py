@@ -392,10 +392,9 @@ def main(argv: list[str] | None = None) -> None:
 
     The cyclic garbage collector runs 70x less often than Python's default: importing torch
     allocates ~10^6 objects, and the default thresholds rescanned them all three times (0.15 s,
-    10% of a small merge). Cycles are still collected, just in bigger batches. (Freezing what is
-    alive at exit would save 0.1 s more, but then triton's nanobind bindings report "leaks" on
-    stderr.) numpy's OpenBLAS (which no merge uses) gets one thread: its idle workers otherwise
-    spin for 0.1 s of CPU at import."""
+    10% of a small merge). Cycles are still collected, just in bigger batches. numpy's OpenBLAS
+    (which no merge uses) gets one thread: its idle workers otherwise spin for 0.1 s of CPU at
+    import."""
     gc.set_threshold(50_000, 20, 20)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     args = list(sys.argv[1:] if argv is None else argv)
@@ -408,10 +407,11 @@ def entry() -> None:
     """The `ri-merge` command (and `python -m mergekit_ri.cli`): `main`, then a fast exit.
 
     By the time `main` returns or exits, every output is written, closed and renamed into place
-    and every worker pool is shut down; what is left is the interpreter tearing down torch's ~10^6
-    objects, which takes a second on a small machine (a third of a 250M-parameter merge), so the
-    process ends right there with the same exit code. An unexpected exception takes the normal way
-    out, with its traceback."""
+    (or its staging folder removed) and the engine's reader and writer threads are joined; what is
+    left is the interpreter tearing down torch's ~10^6 objects, which takes a second on a small
+    machine (a third of a 250M-parameter merge), so the process ends right there with the same
+    exit code, its output streams flushed. An unexpected exception takes the normal way out, with
+    its traceback. (`main` itself returns normally, for callers in the same process.)"""
     try:
         main()
         code = 0
