@@ -192,6 +192,12 @@ def _params(experts: torch.Tensor, base: torch.Tensor | None, out_dtype: torch.d
     return p, [weight_t, below_t, key_t, keep_t, inverse_t]
 
 
+def _input_params(base: torch.Tensor, experts: torch.Tensor) -> tuple[Params, list]:
+    """The struct for the kernels that only read inputs (band, histograms): dtypes and strides."""
+    return _params(experts, base, torch.float32, mode=MODE_SUM, elect=False, weights=[1.0] * experts.shape[0],
+                   lam=1.0, normalize=False)
+
+
 def merge(base: torch.Tensor | None, experts: torch.Tensor, *, mode: int, elect: bool, weights: list[float],
           lam: float, normalize: bool, out_dtype: torch.dtype, thresholds: list[float] | None = None,
           keys: list[tuple[int, int]] | None = None, densities: list[float] | None = None, rescale: bool = True,
@@ -253,8 +259,7 @@ def band(base: torch.Tensor, experts: torch.Tensor, lo: list[float], hi: list[fl
     lib = library()
     assert lib is not None
     count, numel = experts.shape
-    params, keep_alive = _params(experts, base, torch.float32, mode=MODE_SUM, elect=False, weights=[1.0] * count,
-                                 lam=1.0, normalize=False)
+    params, keep_alive = _input_params(base, experts)
     lo_t, hi_t = _floats(lo), _floats(hi)
 
     def block(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -297,8 +302,7 @@ def histograms(base: torch.Tensor, experts: torch.Tensor, buckets: list[int | No
     lib = library()
     assert lib is not None
     count, numel = experts.shape
-    params, keep_alive = _params(experts, base, torch.float32, mode=MODE_SUM, elect=False, weights=[1.0] * count,
-                                 lam=1.0, normalize=False)
+    params, keep_alive = _input_params(base, experts)
     wanted = torch.tensor([-1] * count if buckets is None else [SKIP_BUCKET if b is None else b for b in buckets],
                           dtype=torch.int32)
     per_call = max(1, -(-numel // max(1, workers())))  # one call per worker: one counts array each
