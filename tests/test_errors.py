@@ -70,26 +70,19 @@ def test_missing_model_path(tmp_path, models):
     assert_bad_input(result, "path not found", "no-such-model", out=tmp_path / "out")
 
 
-def test_shape_mismatch_names_model_tensor_and_shapes(tmp_path, models):
-    path = models["b"] / "model.safetensors"
+@pytest.mark.parametrize("model,name,shape,expected", [
+    ("b", "model.layers.1.mlp.up_proj.weight", (41, 16), ["'b'", "model.layers.1.mlp.up_proj.weight", "[41, 16]", "[40, 16]"]),
+    ("a", "model.embed_tokens.weight", (65, 16), ["model.embed_tokens.weight", "vocabularies differ"]),
+], ids=["shape-mismatch", "vocab-mismatch"])
+def test_a_mismatched_tensor_is_named_with_both_shapes(tmp_path, models, model, name, shape, expected):
     from safetensors.torch import load_file
 
+    path = models[model] / "model.safetensors"
     weights = load_file(path)
-    weights["model.layers.1.mlp.up_proj.weight"] = torch.zeros(41, 16, dtype=torch.bfloat16)
+    weights[name] = torch.zeros(*shape, dtype=torch.bfloat16)
     save_file(weights, path)
     result = run_cli("merge", recipe(tmp_path, models), "-o", tmp_path / "out")
-    assert_bad_input(result, "'b'", "model.layers.1.mlp.up_proj.weight", "[41, 16]", "[40, 16]", out=tmp_path / "out")
-
-
-def test_vocab_mismatch_says_so(tmp_path, models):
-    path = models["a"] / "model.safetensors"
-    from safetensors.torch import load_file
-
-    weights = load_file(path)
-    weights["model.embed_tokens.weight"] = torch.zeros(65, 16, dtype=torch.bfloat16)
-    save_file(weights, path)
-    result = run_cli("merge", recipe(tmp_path, models), "-o", tmp_path / "out")
-    assert_bad_input(result, "model.embed_tokens.weight", "vocabularies differ", out=tmp_path / "out")
+    assert_bad_input(result, *expected, out=tmp_path / "out")
 
 
 def test_missing_tensor(tmp_path, models):
