@@ -187,7 +187,7 @@ def test_fused_ties_equals_the_torch_kernel(interpreted, monkeypatch, n, dtype):
         got = kernels.ties(kernels.TensorSource(base.to(DEVICE), experts.to(DEVICE)), thresholds, weights, 0.9, normalize, torch.float32).cpu()
         # same kept entries and signs; only the last rounding of θ0 + λ·τ may differ (FMA or not)
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
-        stored, balance, undecided = interpreted.fused_merge(
+        stored, balance, undecided, _ = interpreted.fused_merge(
             base.to(DEVICE), experts.to(DEVICE), mode=interpreted.MODE_TIES, elect=True, weights=weights, lam=0.9,
             normalize=normalize, out_dtype=torch.bfloat16, thresholds=thresholds)
         stored = stored.cpu()
@@ -209,7 +209,7 @@ def test_fused_dare_draws_the_same_masks_as_the_torch_kernel(interpreted, monkey
     monkeypatch.setattr(interpreted, "enabled", lambda device: True)
     got = kernels.dare(kernels.TensorSource(base.to(DEVICE), experts.to(DEVICE)), *args, torch.float32).cpu()
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
-    fused, _, _ = interpreted.fused_merge(base.to(DEVICE), experts.to(DEVICE), mode=interpreted.MODE_DARE, elect=False, weights=args[3],
+    fused, _, _, _ = interpreted.fused_merge(base.to(DEVICE), experts.to(DEVICE), mode=interpreted.MODE_DARE, elect=False, weights=args[3],
                                           lam=0.6, normalize=False, out_dtype=torch.float32, keys=keys,
                                           densities=args[1], offset=12345)
     # the kept entries are exactly those of the torch generator: compare the drop pattern itself
@@ -222,7 +222,7 @@ def test_fused_ties_reports_undecided_entries_and_the_dispatch_redoes_them(inter
     monkeypatch.setattr(interpreted, "enabled", lambda device: True)
     base, experts = cancelling_inputs(3000)
     thresholds = [0.0, 0.0, 0.0]
-    _, balance, undecided = interpreted.fused_merge(base.to(DEVICE), experts.to(DEVICE), mode=interpreted.MODE_TIES, elect=True,
+    _, balance, undecided, _ = interpreted.fused_merge(base.to(DEVICE), experts.to(DEVICE), mode=interpreted.MODE_TIES, elect=True,
                                                     weights=[1.0] * 3, lam=1.0, normalize=True,
                                                     out_dtype=torch.float32, thresholds=thresholds)
     assert undecided.numel() > 0 and balance < 0

@@ -73,7 +73,7 @@ def test_native_ties_redoes_undecided_entries_with_the_negative_majority(normali
     base, experts = cancelling_inputs(70_001)
     src = kernels.TensorSource(base, experts)
     thresholds = blocked.magnitude_thresholds(base, experts, [1.0] * 3)
-    _, balance, undecided = native.merge(base, experts, mode=native.MODE_TIES, elect=True, weights=[1.0, 1.0, 2.0],
+    _, balance, undecided, _ = native.merge(base, experts, mode=native.MODE_TIES, elect=True, weights=[1.0, 1.0, 2.0],
                                          lam=0.7, normalize=normalize, out_dtype=torch.float32, thresholds=thresholds)
     assert balance < 0 and undecided.numel() > 1000  # the case this test is about
     assert_same(kernels.ties(src, thresholds, [1.0, 1.0, 2.0], 0.7, normalize, torch.float32),
@@ -86,7 +86,7 @@ def test_native_merge_lists_every_undecided_entry_past_its_first_buffer(monkeypa
     tau = experts - base
     total = tau.sum(0)
     expected = ((total == 0) & (tau != 0).any(0)).nonzero().reshape(-1)
-    _, _, undecided = native.merge(base, experts, mode=native.MODE_TIES, elect=True, weights=[1.0] * 3, lam=1.0,
+    _, _, undecided, _ = native.merge(base, experts, mode=native.MODE_TIES, elect=True, weights=[1.0] * 3, lam=1.0,
                                    normalize=True, out_dtype=torch.float32, thresholds=[0.0] * 3)
     assert torch.equal(undecided, expected)
 

@@ -17,7 +17,7 @@ import torch
 from . import blocked, fused, native, select
 from .source import Source, TensorSource
 
-FusedMerge = Callable[..., tuple[torch.Tensor, int, torch.Tensor]]
+FusedMerge = Callable[..., tuple[torch.Tensor, int, torch.Tensor, torch.Tensor | None]]
 
 
 def _backend(src: Source, out_dtype: torch.dtype) -> tuple[FusedMerge, Callable[..., bool]] | None:
@@ -91,24 +91,29 @@ def _fused_chunks(src: Source, weighting: blocked.WeightedTau, **kwargs) -> torc
     """The fused kernel over each chunk, or None where there is none for these inputs.
 
     TIES's zero-sum rule needs the tensor's majority sign, known once every chunk is merged: the
-    kernels list the entries they merged with +1, and `Election.finish` redoes them with −1 if the
-    majority turns out negative."""
+    kernels list the entries they merged with +1; if the majority is negative those get the −1
+    merge, which the C kernel has already computed, and `Election.finish` recomputes from a
+    re-read after the Triton one."""
     backend = _backend(src, kwargs["out_dtype"])
     if backend is None:
         return None
     kernel, supports = backend
     out = torch.empty(src.numel, dtype=kwargs["out_dtype"], device=src.device)
-    balance, undecided = 0, []
+    balance, undecided, minus = 0, [], []
     offset = kwargs.pop("offset", 0)
     for first, base, experts in src.chunks():  # (TIES ignores the offset: it draws nothing)
         if not supports(base, experts):
             return None
-        _, chunk_balance, where = kernel(base, experts, **kwargs, offset=offset + first,
-                                         out=out[first:first + base.shape[0]])
+        _, chunk_balance, where, chunk_minus = kernel(base, experts, **kwargs, offset=offset + first,
+                                                      out=out[first:first + base.shape[0]])
         balance += chunk_balance
         if where.numel():
             undecided.append(where + first)
-    if not kwargs["elect"]:
+            minus.append(chunk_minus)
+    if not kwargs["elect"] or balance >= 0 or not undecided:
+        return out
+    if all(m is not None for m in minus):
+        out[torch.cat(undecided)] = torch.cat(minus).to(out.dtype)
         return out
     election = blocked.Election(blocked.column(kwargs["weights"], out), kwargs["normalize"])
     election.balance, election.undecided = balance, undecided

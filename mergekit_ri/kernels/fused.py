@@ -51,11 +51,13 @@ def fused_merge(base: torch.Tensor, experts: torch.Tensor, *, mode: int, elect: 
                 lam: float, normalize: bool, out_dtype: torch.dtype, thresholds: list[float] | None = None,
                 keys: list[tuple[int, int]] | None = None, densities: list[float] | None = None,
                 rescale: bool = True, offset: int = 0, out: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, int, torch.Tensor]:
+                ) -> tuple[torch.Tensor, int, torch.Tensor, None]:
     """One pass of TIES (mode 1) or DARE (mode 2) over flat base [n] and experts [N, n], into
     `out` (contiguous [n], out_dtype) when given.
 
-    Returns (merged [n] in out_dtype, Σ sign of the elected sums, indices of the undecided entries)."""
+    Returns (merged [n] in out_dtype, Σ sign of the elected sums, indices of the undecided entries,
+    None: unlike the C kernel this one does not compute their values with γ = −1, so the caller
+    re-reads them if the majority is negative)."""
     import triton
 
     count, numel = experts.shape
@@ -83,4 +85,4 @@ def fused_merge(base: torch.Tensor, experts: torch.Tensor, *, mode: int, elect: 
                               N=count, MODE=mode, ELECT=elect, NORMALIZE=normalize, RESCALE=rescale, BLOCK=BLOCK)
     balance, undecided = (int(v) for v in stats.tolist())
     where = flags.nonzero().reshape(-1) if undecided else torch.empty(0, dtype=torch.int64, device=device)
-    return out, balance, where
+    return out, balance, where, None

@@ -145,8 +145,11 @@ static void weighted_tau(const Params *p, const void *experts, const float *b, f
 
 /* TIES election and disjoint mean of one tile (Election.merge + disjoint_merge): mixed[0..n)
  * from the weighted task vectors (overwritten) and their sum `total` (overwritten by γ).
- * zero[j] is set to 1 where the sum is exactly 0; returns Σ sign of the sums. */
-static int64_t elect(const Params *p, float *tau, float *total, float *mixed, float *zero, int n) {
+ * zero[j] is set to 1 where the sum is exactly 0. For those entries γ = +1 is provisional (the
+ * tensor's majority decides), so the sum and count of the entries agreeing with γ = −1 are kept
+ * in alt and alt_count for every entry (a few more operations than a re-read). Returns Σ sign. */
+static int64_t elect(const Params *p, float *tau, float *total, float *mixed, float *zero, float *alt,
+                     float *alt_count, int n) {
     const int N = p->count;
     float *gamma = total, *count = tau + (size_t)N * TILE; /* the spare row */
     int64_t balance = 0;
@@ -161,17 +164,23 @@ static int64_t elect(const Params *p, float *tau, float *total, float *mixed, fl
         const float w = p->unit ? 1.0f : p->weights[i];
         if (i == 0) {
             for (int j = 0; j < n; j++) {
-                float a = t[j] * gamma[j];
+                float a = t[j] * gamma[j], b = t[j] * -1.0f;
                 a = a > 0.0f ? a : 0.0f;
+                b = b > 0.0f ? b : 0.0f;
                 mixed[j] = a;
                 count[j] = a > 0.0f ? w : 0.0f;
+                alt[j] = b;
+                alt_count[j] = b > 0.0f ? w : 0.0f;
             }
         } else {
             for (int j = 0; j < n; j++) {
-                float a = t[j] * gamma[j];
+                float a = t[j] * gamma[j], b = t[j] * -1.0f;
                 a = a > 0.0f ? a : 0.0f;
+                b = b > 0.0f ? b : 0.0f;
                 mixed[j] += a;
                 count[j] += a > 0.0f ? w : 0.0f;
+                alt[j] += b;
+                alt_count[j] += b > 0.0f ? w : 0.0f;
             }
         }
     }
@@ -185,10 +194,24 @@ static int64_t elect(const Params *p, float *tau, float *total, float *mixed, fl
     return balance;
 }
 
-/* Append at + j for the j in [0, n) with a zero elected sum but a non-zero merge to out[found..cap)
- * (counting past cap); returns the new count. Eight entries are tested at a time. */
-static int64_t list_undecided(const float *zero, const float *mixed, int n, int64_t at, int64_t *out,
-                              int64_t found, int64_t cap) {
+/* The merged value of entry j with γ = −1 (disjoint_merge's steps on alt, alt_count), before the
+ * rounding to the output dtype. */
+static inline float merged_with_minus(const Params *p, const float *alt, const float *alt_count, const float *b,
+                                      int j) {
+    float m = alt[j];
+    if (p->normalize) {
+        float c = alt_count[j];
+        m = m / (p->clamp_count ? (c < 1e-8f ? 1e-8f : c) : (fabsf(c) < 1e-8f ? 1.0f : c));
+    }
+    return fmaf(m * -1.0f, p->lam, b[j]);
+}
+
+/* Append at + j for the j in [0, n) with a zero elected sum but a non-zero merge to out[found..cap),
+ * with their value merged with γ = −1 in minus[found..cap) (counting past cap); returns the new
+ * count. Eight entries are tested at a time. */
+static int64_t list_undecided(const Params *p, const float *zero, const float *mixed, const float *alt,
+                              const float *alt_count, const float *b, int n, int64_t at, int64_t *out,
+                              float *minus, int64_t found, int64_t cap) {
     int j = 0;
 #ifdef __AVX2__
     const __m256 none = _mm256_setzero_ps();
@@ -197,8 +220,11 @@ static int64_t list_undecided(const float *zero, const float *mixed, int n, int6
             _mm256_cmp_ps(_mm256_loadu_ps(zero + j), none, _CMP_NEQ_UQ),
             _mm256_cmp_ps(_mm256_loadu_ps(mixed + j), none, _CMP_NEQ_UQ)));
         while (hits) {
-            int b = __builtin_ctz(hits);
-            if (found < cap) out[found] = at + j + b;
+            int k = j + __builtin_ctz(hits);
+            if (found < cap) {
+                out[found] = at + k;
+                minus[found] = merged_with_minus(p, alt, alt_count, b, k);
+            }
             found++;
             hits &= hits - 1;
         }
@@ -206,7 +232,10 @@ static int64_t list_undecided(const float *zero, const float *mixed, int n, int6
 #endif
     for (; j < n; j++) {
         if (zero[j] != 0.0f && mixed[j] != 0.0f) {
-            if (found < cap) out[found] = at + j;
+            if (found < cap) {
+                out[found] = at + j;
+                minus[found] = merged_with_minus(p, alt, alt_count, b, j);
+            }
             found++;
         }
     }
@@ -215,14 +244,16 @@ static int64_t list_undecided(const float *zero, const float *mixed, int n, int6
 
 /* Merge entries [start, stop) of a tensor into out. Returns Σ sign(Σ_i w_i τ_i) over them (TIES),
  * or INT64_MIN if memory ran out. Entries merged with γ = +1 for a zero elected sum although
- * some τ_i is non-zero ("undecided": the caller redoes them if the tensor's majority is negative)
- * are written to undecided[0..cap) and all counted in *n_undecided. */
+ * some τ_i is non-zero ("undecided": the tensor's majority decides, known to the caller only at
+ * the end) are written to undecided[0..cap), with their value merged with γ = −1 (fp32, before
+ * the output rounding) in minus[0..cap), and all counted in *n_undecided. */
 int64_t ri_merge(const Params *p, const void *base, const void *experts, void *out, int64_t start, int64_t stop,
-                 int64_t *undecided, int64_t cap, int64_t *n_undecided) {
+                 int64_t *undecided, float *minus, int64_t cap, int64_t *n_undecided) {
     const int N = p->count;
-    float *buf = (float *)calloc((size_t)TILE * (size_t)(N + 5), sizeof(float));
+    float *buf = (float *)calloc((size_t)TILE * (size_t)(N + 7), sizeof(float));
     if (!buf) return INT64_MIN;
-    float *b = buf, *total = buf + TILE, *mixed = buf + 2 * TILE, *zero = buf + 3 * TILE, *tau = buf + 4 * TILE;
+    float *b = buf, *total = buf + TILE, *mixed = buf + 2 * TILE, *zero = buf + 3 * TILE, *alt = buf + 4 * TILE,
+          *alt_count = buf + 5 * TILE, *tau = buf + 6 * TILE;
     int64_t balance = 0, found = 0;
     for (int64_t at = start; at < stop; at += TILE) {
         const int n = (int)((stop - at) < TILE ? (stop - at) : TILE);
@@ -239,8 +270,8 @@ int64_t ri_merge(const Params *p, const void *base, const void *experts, void *o
             store(out, total, p->out_dtype, at, n);
             continue;
         }
-        balance += elect(p, tau, total, mixed, zero, n);
-        found = list_undecided(zero, mixed, n, at, undecided, found, cap);
+        balance += elect(p, tau, total, mixed, zero, alt, alt_count, n);
+        found = list_undecided(p, zero, mixed, alt, alt_count, b, n, at, undecided, minus, found, cap);
         for (int j = 0; j < n; j++) b[j] = fmaf(mixed[j], p->lam, b[j]);
         store(out, b, p->out_dtype, at, n);
     }

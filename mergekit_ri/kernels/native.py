@@ -123,7 +123,7 @@ def library() -> ctypes.CDLL | None:
                 lib = ctypes.CDLL(str(_compile(compiler)))
                 lib.ri_merge.restype = ctypes.c_int64
                 lib.ri_merge.argtypes = [ctypes.POINTER(Params)] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [
-                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
                 lib.ri_band.restype = ctypes.c_int
                 lib.ri_band.argtypes = [ctypes.POINTER(Params), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                         ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2
@@ -202,11 +202,12 @@ def merge(base: torch.Tensor | None, experts: torch.Tensor, *, mode: int, elect:
           lam: float, normalize: bool, out_dtype: torch.dtype, thresholds: list[float] | None = None,
           keys: list[tuple[int, int]] | None = None, densities: list[float] | None = None, rescale: bool = True,
           offset: int = 0, out_scale: float = 1.0, out: torch.Tensor | None = None
-          ) -> tuple[torch.Tensor, int, torch.Tensor]:
+          ) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
     """One fused pass over flat base [n] (None: linear, no base) and experts [N, n], in blocks over
     the kernel threads; the arguments are `fused.fused_merge`'s, plus `out` to write into.
-    Returns (merged [n], Σ sign of the elected sums, indices of the undecided entries: see
-    `Election`, whose `finish` redoes them if the tensor's majority turns out negative)."""
+    Returns (merged [n], Σ sign of the elected sums, indices of the undecided entries, their values
+    merged with γ = −1 in fp32): see `Election`; if the tensor's majority turns out negative the
+    caller writes those values at those indices, with no re-read."""
     lib = library()
     assert lib is not None
     numel = experts.shape[1]
@@ -220,21 +221,23 @@ def merge(base: torch.Tensor | None, experts: torch.Tensor, *, mode: int, elect:
                                  keys=keys, densities=densities, rescale=rescale)
     pointers = (base.data_ptr() if base is not None else None, experts.data_ptr(), out.data_ptr())
 
-    def block(start: int, stop: int) -> tuple[int, torch.Tensor]:
+    def block(start: int, stop: int) -> tuple[int, torch.Tensor, torch.Tensor]:
         found, cap = ctypes.c_int64(0), max(UNDECIDED, (stop - start) // 16)
-        while True:  # undecided entries are rare: a small buffer, and a rerun with one big enough if not
-            where = torch.empty(cap, dtype=torch.int64)
-            balance = lib.ri_merge(ctypes.byref(params), *pointers, start, stop, where.data_ptr(), cap,
-                                   ctypes.byref(found))
+        while True:  # a buffer for 1/16 of the block, and a rerun with one big enough if not
+            where, minus = torch.empty(cap, dtype=torch.int64), torch.empty(cap, dtype=torch.float32)
+            balance = lib.ri_merge(ctypes.byref(params), *pointers, start, stop, where.data_ptr(), minus.data_ptr(),
+                                   cap, ctypes.byref(found))
             if balance == -(1 << 63):
                 raise MemoryError("native merge kernel: out of memory")
             if found.value <= cap:
-                return balance, where[:found.value]
+                return balance, where[:found.value], minus[:found.value]
             cap = found.value
 
     results = run_blocks(block, [(a, min(a + BLOCK, numel)) for a in range(0, numel, BLOCK)])
     del keep_alive
-    return out, sum(r[0] for r in results), torch.cat([r[1] for r in results]) if results else torch.empty(0, dtype=torch.int64)
+    if not results:
+        return out, 0, torch.empty(0, dtype=torch.int64), torch.empty(0)
+    return out, sum(r[0] for r in results), torch.cat([r[1] for r in results]), torch.cat([r[2] for r in results])
 
 
 def task_arithmetic(base: torch.Tensor, experts: torch.Tensor, weights: list[float], lam: float, normalize: bool,
