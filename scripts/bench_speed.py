@@ -175,7 +175,7 @@ def ri_merge_exe() -> list[str]:
     found = shutil.which("ri-merge")
     if found:
         return [found]
-    return [sys.executable, "-c", "from mergekit_ri.cli import main; main()"]
+    return [sys.executable, "-c", "from mergekit_ri.cli import entry; entry()"]
 
 
 def find_mergekit(requested: str | None) -> str | None:

@@ -26,7 +26,7 @@ CHOICE_PARAMETERS = ("solver",)  # parameters whose every choice gets its own ro
 def ri_merge_command() -> list[str]:
     """`ri-merge` as installed beside this Python (falls back to the module)."""
     script = shutil.which("ri-merge")
-    return [script] if script else [sys.executable, "-c", "from mergekit_ri.cli import main; main()"]
+    return [script] if script else [sys.executable, "-c", "from mergekit_ri.cli import entry; entry()"]
 
 
 def cli_env(threads: int = 1) -> dict[str, str]:
