@@ -17,7 +17,7 @@ import torch
 from . import blocked, fused, native, select
 from .source import Source, TensorSource
 
-FusedMerge = Callable[..., tuple[torch.Tensor, int, torch.Tensor, torch.Tensor | None]]
+FusedMerge = Callable[..., tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]]
 
 
 def _backend(src: Source, out_dtype: torch.dtype) -> tuple[FusedMerge, Callable[..., bool]] | None:
@@ -69,31 +69,27 @@ def magnitude_histograms(base: torch.Tensor, experts: torch.Tensor, buckets: lis
 def ties(src: Source, thresholds: list[float], weights: list[float], lam: float, normalize: bool,
          out_dtype: torch.dtype) -> torch.Tensor:
     """TIES with known thresholds: a fused kernel chunk by chunk where one runs, else torch."""
-    weighting = blocked.ties_weighting(thresholds, weights, src.device)
-    out = _fused_chunks(src, weighting, mode=fused.MODE_TIES, elect=True, weights=weights, lam=lam,
-                        normalize=normalize, out_dtype=out_dtype, thresholds=thresholds)
+    out = _fused_chunks(src, mode=fused.MODE_TIES, elect=True, weights=weights, lam=lam, normalize=normalize,
+                        out_dtype=out_dtype, thresholds=thresholds)
     return out if out is not None else blocked.ties_source(src, thresholds, weights, lam, normalize, out_dtype)
 
 
 def dare(src: Source, offset: int, densities: list[float], keys: list[tuple[int, int]], weights: list[float],
          lam: float, normalize: bool, rescale: bool, elect: bool, out_dtype: torch.dtype) -> torch.Tensor:
     """DARE (then sum or TIES election): a fused kernel where one runs, else torch."""
-    weighting = blocked.dare_weighting(offset, densities, keys, weights, rescale, src.device)
-    out = _fused_chunks(src, weighting, mode=fused.MODE_DARE, elect=elect, weights=weights, lam=lam,
-                        normalize=normalize, out_dtype=out_dtype, keys=keys, densities=densities, rescale=rescale,
-                        offset=offset)
+    out = _fused_chunks(src, mode=fused.MODE_DARE, elect=elect, weights=weights, lam=lam, normalize=normalize,
+                        out_dtype=out_dtype, keys=keys, densities=densities, rescale=rescale, offset=offset)
     if out is not None:
         return out
     return blocked.dare_source(src, offset, densities, keys, weights, lam, normalize, rescale, elect, out_dtype)
 
 
-def _fused_chunks(src: Source, weighting: blocked.WeightedTau, **kwargs) -> torch.Tensor | None:
+def _fused_chunks(src: Source, **kwargs) -> torch.Tensor | None:
     """The fused kernel over each chunk, or None where there is none for these inputs.
 
     TIES's zero-sum rule needs the tensor's majority sign, known once every chunk is merged: the
-    kernels list the entries they merged with +1; if the majority is negative those get the −1
-    merge, which the C kernel has already computed, and `Election.finish` recomputes from a
-    re-read after the Triton one."""
+    kernels list the entries they merged with +1, with their merge with −1 beside, which goes in
+    their place if the majority turns out negative (`Election`'s rule, without a re-read)."""
     backend = _backend(src, kwargs["out_dtype"])
     if backend is None:
         return None
@@ -107,17 +103,11 @@ def _fused_chunks(src: Source, weighting: blocked.WeightedTau, **kwargs) -> torc
         _, chunk_balance, where, chunk_minus = kernel(base, experts, **kwargs, offset=offset + first,
                                                       out=out[first:first + base.shape[0]])
         balance += chunk_balance
-        if where.numel():
-            undecided.append(where + first)
-            minus.append(chunk_minus)
-    if not kwargs["elect"] or balance >= 0 or not undecided:
-        return out
-    if all(m is not None for m in minus):
+        undecided.append(where + first)
+        minus.append(chunk_minus)
+    if kwargs["elect"] and balance < 0 and undecided:
         out[torch.cat(undecided)] = torch.cat(minus).to(out.dtype)
-        return out
-    election = blocked.Election(blocked.column(kwargs["weights"], out), kwargs["normalize"])
-    election.balance, election.undecided = balance, undecided
-    return election.finish(out, kwargs["lam"], blocked.regather(src, weighting))
+    return out
 
 
 __all__ = ["Source", "TensorSource", "dare", "magnitude_histograms", "magnitude_thresholds_source", "task_arithmetic",

@@ -246,17 +246,15 @@ def merge_blocks(src: Source, weighted_tau: WeightedTau, weights: list[float], l
             torch.add(base[start:stop], mixed, alpha=lam, out=out[first + start:first + stop])
 
         for_blocks(base.shape[0], src.device, block)
-    return election.finish(out, lam, regather(src, weighted_tau)) if elect else out
+    if not elect:
+        return out
 
-
-def regather(src: Source, weighted_tau: WeightedTau) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """`Election.finish`'s re-read: base (fp32) and weighted task vectors at given entries."""
     def redo(where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         base, experts = src.gather(where)
         base = base.float()
         return base, weighted_tau(torch.sub(experts, base), where)
 
-    return redo
+    return election.finish(out, lam, redo)
 
 
 SAMPLE = 1 << 15  # entries per expert sampled to bracket the threshold
@@ -391,7 +389,6 @@ def dare_source(src: Source, offset: int, densities: list[float], keys: list[tup
     return merge_blocks(src, weighted_tau, weights, lam, normalize, elect, out_dtype)
 
 
-__all__ = ["BLOCK", "Election", "dare", "dare_drop", "dare_source", "dare_weighting", "disjoint_merge",
-           "magnitude_thresholds", "regather", "ties_weighting",
-           "magnitude_thresholds_source", "merge_blocks", "spans", "task_arithmetic", "task_vectors", "ties_apply",
-           "ties_source", "weighted_sum"]
+__all__ = ["BLOCK", "Election", "SelectOps", "TORCH_SELECT", "band_counts", "dare", "dare_drop", "dare_source",
+           "disjoint_merge", "magnitude_thresholds", "magnitude_thresholds_source", "merge_blocks", "spans",
+           "task_arithmetic", "task_vectors", "ties_apply", "ties_source", "weighted_sum"]

@@ -7,9 +7,10 @@ on CPU), including the DARE generator of `rng`, here in native uint32 arithmetic
 keeps exactly the entries the CPU keeps.
 
 TIES's zero-sum rule needs the tensor's majority sign, known only at the end: the kernel counts
-Σ sign(Σ_i w_i τ_i) with atomics and flags the "undecided" entries (zero sum, some non-zero τ_i,
-merged with +1); if the majority turns out negative the caller redoes just those (`Election`).
-They are not rare: bf16 task vectors cancel exactly in a few % of entries. Everything here is optional: without Triton,
+Σ sign(Σ_i w_i τ_i) with atomics, flags the "undecided" entries (zero sum, some non-zero τ_i,
+merged with +1) and stores their merge with −1 beside; if the majority turns out negative the
+caller writes those (no re-read). They are not rare: bf16 task vectors cancel exactly in a few %
+of entries. Everything here is optional: without Triton,
 or with RI_MERGE_KERNELS=torch, the torch kernels run on the GPU instead. Task arithmetic and
 linear stay on torch everywhere: they are a couple of memory-bound passes already, and one code
 path keeps CPU and GPU results bit-identical.
@@ -51,13 +52,12 @@ def fused_merge(base: torch.Tensor, experts: torch.Tensor, *, mode: int, elect: 
                 lam: float, normalize: bool, out_dtype: torch.dtype, thresholds: list[float] | None = None,
                 keys: list[tuple[int, int]] | None = None, densities: list[float] | None = None,
                 rescale: bool = True, offset: int = 0, out: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, int, torch.Tensor, None]:
+                ) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
     """One pass of TIES (mode 1) or DARE (mode 2) over flat base [n] and experts [N, n], into
     `out` (contiguous [n], out_dtype) when given.
 
     Returns (merged [n] in out_dtype, Σ sign of the elected sums, indices of the undecided entries,
-    None: unlike the C kernel this one does not compute their values with γ = −1, so the caller
-    re-reads them if the majority is negative)."""
+    their merged values with γ = −1 in fp32)."""
     import triton
 
     count, numel = experts.shape
@@ -66,6 +66,7 @@ def fused_merge(base: torch.Tensor, experts: torch.Tensor, *, mode: int, elect: 
     out = torch.empty(numel, dtype=out_dtype, device=device) if out is None else out
     stats = torch.zeros(2, dtype=torch.int32, device=device)
     flags = torch.empty(numel if elect else 1, dtype=torch.int8, device=device)
+    minus = torch.empty(numel if elect else 1, dtype=torch.float32, device=device)
     f32 = dict(dtype=torch.float32, device=device)
     weight_t = torch.tensor(weights, **f32)
     threshold_t = torch.tensor(thresholds if thresholds is not None else [0.0] * count, **f32)
@@ -80,9 +81,9 @@ def fused_merge(base: torch.Tensor, experts: torch.Tensor, *, mode: int, elect: 
         sum_scale = 1.0 / (total if abs(total) >= 1e-8 else 1.0)
     if numel:
         grid = (triton.cdiv(numel, BLOCK),)
-        _merge_kernel()[grid](base, experts, out, stats, flags, numel, offset, float(lam), float(sum_scale),
+        _merge_kernel()[grid](base, experts, out, stats, flags, minus, numel, offset, float(lam), float(sum_scale),
                               threshold_t, weight_t, key_t, below_t, keep_t, inverse_t,
                               N=count, MODE=mode, ELECT=elect, NORMALIZE=normalize, RESCALE=rescale, BLOCK=BLOCK)
     balance, undecided = (int(v) for v in stats.tolist())
     where = flags.nonzero().reshape(-1) if undecided else torch.empty(0, dtype=torch.int64, device=device)
-    return out, balance, where, None
+    return out, balance, where, minus[where]

@@ -39,7 +39,7 @@ def weighted_tau(base, experts_ptr, i, n, offs, mask, offset, thresholds_ptr, we
     return tau * tl.load(weights_ptr + i)
 
 @triton.jit
-def merge(base_ptr, experts_ptr, out_ptr, stats_ptr, flags_ptr, n, offset, lam, sum_scale,
+def merge(base_ptr, experts_ptr, out_ptr, stats_ptr, flags_ptr, minus_ptr, n, offset, lam, sum_scale,
           thresholds_ptr, weights_ptr, keys_ptr, below_ptr, keep_ptr, inverse_ptr,
           N: tl.constexpr, MODE: tl.constexpr, ELECT: tl.constexpr, NORMALIZE: tl.constexpr,
           RESCALE: tl.constexpr, BLOCK: tl.constexpr):
@@ -54,19 +54,26 @@ def merge(base_ptr, experts_ptr, out_ptr, stats_ptr, flags_ptr, n, offset, lam, 
         gamma = tl.where(total < 0.0, -1.0, 1.0)
         mixed = tl.zeros([BLOCK], dtype=tl.float32)
         count = tl.zeros([BLOCK], dtype=tl.float32)
+        minus = tl.zeros([BLOCK], dtype=tl.float32)  # the merge with γ = −1, for zero sums
+        minus_count = tl.zeros([BLOCK], dtype=tl.float32)
         for i in tl.static_range(N):  # the second read of each block comes from cache
             wt = weighted_tau(base, experts_ptr, i, n, offs, mask, offset, thresholds_ptr, weights_ptr,
                               keys_ptr, below_ptr, keep_ptr, inverse_ptr, MODE, RESCALE)
             agree = (wt * gamma) > 0.0
             mixed += tl.where(agree, wt, 0.0)
             count += tl.where(agree, tl.load(weights_ptr + i), 0.0)
+            negative = wt < 0.0
+            minus += tl.where(negative, wt, 0.0)
+            minus_count += tl.where(negative, tl.load(weights_ptr + i), 0.0)
         if NORMALIZE:
             mixed = mixed / tl.where(tl.abs(count) < 1e-8, 1.0, count)
+            minus = minus / tl.where(tl.abs(minus_count) < 1e-8, 1.0, minus_count)
         signs = tl.where(total > 0.0, 1, tl.where(total < 0.0, -1, 0))
         tl.atomic_add(stats_ptr, tl.sum(tl.where(mask, signs, 0), axis=0))
         undecided = mask & (total == 0.0) & (mixed != 0.0)
         tl.atomic_add(stats_ptr + 1, tl.sum(undecided.to(tl.int32), axis=0))
         tl.store(flags_ptr + offs, undecided.to(tl.int8), mask=mask)
+        tl.store(minus_ptr + offs, base + lam * minus, mask=undecided)
     else:
         mixed = total * sum_scale
     merged = base + lam * mixed
