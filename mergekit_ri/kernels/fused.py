@@ -12,8 +12,8 @@ merged with +1) and stores their merge with −1 beside; if the majority turns o
 caller writes those (no re-read). They are not rare: bf16 task vectors cancel exactly in a few %
 of entries. Everything here is optional: without Triton,
 or with RI_MERGE_KERNELS=torch, the torch kernels run on the GPU instead. Task arithmetic and
-linear stay on torch everywhere: they are a couple of memory-bound passes already, and one code
-path keeps CPU and GPU results bit-identical.
+linear stay on torch on the GPU: they are a couple of memory-bound passes already, and torch's
+GPU and CPU kernels (and the C kernels, held to them) give bit-identical results.
 """
 
 from __future__ import annotations

@@ -320,11 +320,11 @@ int ri_band(const Params *p, const void *base, const void *experts, int64_t star
         const int n = (int)((stop - at) < TILE ? (stop - at) : TILE);
         load(b, base, p->base_dtype, at, n);
         for (int i = 0; i < p->count; i++) {
-            load(t, experts, p->expert_dtype, (int64_t)i * p->expert_stride + at, n);
+            task_vector(t, experts, p->expert_dtype, (int64_t)i * p->expert_stride + at, n, b);
             const float l = lo[i], h = hi[i];
             int64_t high = 0, in = 0;
             for (int j = 0; j < n; j++) {
-                float a = fabsf(t[j] - b[j]);
+                float a = fabsf(t[j]);
                 t[j] = a;
                 high += a >= h;
                 in += (a >= l) & (a < h);
@@ -391,8 +391,8 @@ int ri_histogram(const Params *p, const void *base, const void *experts, int64_t
         load(b, base, p->base_dtype, at, n);
         for (int i = 0; i < p->count; i++) {
             if (bucket[i] == SKIP_BUCKET) continue;
-            load(t, experts, p->expert_dtype, (int64_t)i * p->expert_stride + at, n);
-            for (int j = 0; j < n; j++) t[j] = fabsf(t[j] - b[j]);
+            task_vector(t, experts, p->expert_dtype, (int64_t)i * p->expert_stride + at, n, b);
+            for (int j = 0; j < n; j++) t[j] = fabsf(t[j]);
             int64_t *c = counts + (size_t)i * 65536;
             if (bucket[i] < 0) {
                 for (int j = 0; j < n; j++) c[bits[j] >> 16]++;

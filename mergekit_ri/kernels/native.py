@@ -160,6 +160,11 @@ def usable(device: torch.device, *tensors: torch.Tensor | None, out_dtype: torch
     return library() is not None
 
 
+def _spans(numel: int, step: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of `step` entries covering a tensor: one kernel call each."""
+    return [(a, min(a + step, numel)) for a in range(0, numel, step)]
+
+
 def _floats(values: list[float]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
@@ -233,7 +238,7 @@ def merge(base: torch.Tensor | None, experts: torch.Tensor, *, mode: int, elect:
                 return balance, where[:found.value], minus[:found.value]
             cap = found.value
 
-    results = run_blocks(block, [(a, min(a + BLOCK, numel)) for a in range(0, numel, BLOCK)])
+    results = run_blocks(block, _spans(numel, BLOCK))
     del keep_alive
     if not results:
         return out, 0, torch.empty(0, dtype=torch.int64), torch.empty(0)
@@ -274,7 +279,7 @@ def band(base: torch.Tensor, experts: torch.Tensor, lo: list[float], hi: list[fl
             raise MemoryError("native band kernel: out of memory")
         return values, above, inside
 
-    results = run_blocks(block, [(a, min(a + BLOCK, numel)) for a in range(0, numel, BLOCK)])
+    results = run_blocks(block, _spans(numel, BLOCK))
     del keep_alive
     above = [int(sum(int(r[1][i]) for r in results)) for i in range(count)]
     bands: list[torch.Tensor | None] = []
@@ -317,6 +322,6 @@ def histograms(base: torch.Tensor, experts: torch.Tensor, buckets: list[int | No
             raise MemoryError("native histogram kernel: out of memory")
         return counts
 
-    parts = run_blocks(block, [(a, min(a + per_call, numel)) for a in range(0, numel, per_call)])
+    parts = run_blocks(block, _spans(numel, per_call))
     del keep_alive
     return torch.stack(parts).sum(0) if parts else torch.zeros((count, 1 << 16), dtype=torch.int64)
