@@ -75,3 +75,36 @@ def recipe_for(tmp_path: Path, family):
         return write_recipe(tmp_path / f"{method}.yaml", **fields)
 
     return make
+
+
+# --- the bad-input contract (tests/test_adversarial_*.py) ---------------------------------------
+
+def tree_digest(*paths: Path) -> dict[str, str]:
+    """sha256 of every regular file under `paths` (symlinks followed): inputs must never change."""
+    import hashlib
+
+    digests = {}
+    for root in paths:
+        root = Path(root)
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for file in files:
+            digests[str(file)] = hashlib.sha256(file.read_bytes()).hexdigest()
+    return digests
+
+
+def assert_user_error(result: CliResult, *needles: str) -> str:
+    """The contract for bad input: exit 2, one line on stderr naming the thing, no traceback."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.code == 2, (result.code, result.stdout, result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def assert_nothing_written(out: Path) -> None:
+    """No output and no staging leftovers beside it."""
+    assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
+    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.ri-merge-")]
+    assert not leftovers, leftovers
