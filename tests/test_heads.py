@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import read_checkpoint, run_cli, write_recipe
+from helpers import EXPERTS, make_classifiers, vit
 from mergekit_ri.heads import load_with_head
 from mergekit_ri.methods import all_methods
 from test_methods import assert_close, ref_task_arithmetic
@@ -18,41 +19,11 @@ from test_methods import assert_close, ref_task_arithmetic
 transformers = pytest.importorskip("transformers")
 
 
-def vit(num_labels: int, seed: int):
-    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16,
-                                    num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
-                                    num_labels=num_labels)
-    torch.manual_seed(seed)
-    return transformers.ViTForImageClassification(config)
-
-
 def bert(num_labels: int, seed: int):
     config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=24, max_position_embeddings=16, num_labels=num_labels)
     torch.manual_seed(seed)
     return transformers.BertForSequenceClassification(config)
-
-
-def make_classifiers(root: Path, build, label_counts: list[int], drift: float = 0.01) -> dict[str, Path]:
-    """A base and experts whose backbones drift from it and whose heads have their own sizes."""
-    base = build(2, 0)
-    base.save_pretrained(root / "base")
-    folders = {"base": root / "base"}
-    for i, labels in enumerate(label_counts):
-        expert = build(labels, 100 + i)
-        expert.load_state_dict({k: v for k, v in base.state_dict().items() if not k.startswith("classifier")}, strict=False)
-        with torch.no_grad():
-            for name, param in expert.named_parameters():
-                if not name.startswith("classifier"):
-                    param.add_(torch.randn_like(param) * drift)
-        expert.config.id2label = {j: f"task{i}-class{j}" for j in range(labels)}
-        expert.config.label2id = {v: k for k, v in expert.config.id2label.items()}
-        folders[f"e{i}"] = root / f"e{i}"
-        expert.save_pretrained(folders[f"e{i}"])
-    return folders
-
-
-EXPERTS = ["e0", "e1", "e2"]
 
 
 def merge(tmp_path: Path, folders, method: str, name: str = "out", **extra) -> Path:

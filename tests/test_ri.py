@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import read_checkpoint, run_cli, write_recipe
-from test_heads import EXPERTS, make_classifiers, vit
+from helpers import EXPERTS, make_classifiers, ri_recipe, vit
 
 transformers = pytest.importorskip("transformers")
 from mergekit_ri.heads import looks_like_head  # noqa: E402
@@ -77,13 +77,6 @@ def test_l2_goes_toward_zero_while_l1_stays_small(vits):
     assert moved and all(not n.startswith("classifier.") for n in moved)
     for (name, p), (_, q) in zip(experts[0].state_dict().items(), original.state_dict().items()):
         assert torch.equal(p, q), f"the teacher {name} changed"
-
-
-def ri_recipe(tmp_path: Path, vits, aux, method: str = "ties", **ri) -> Path:
-    settings = {"auxiliary_data": str(aux), "steps": 20, "batch_size": 16, "lr": 1e-3, **ri}
-    return write_recipe(tmp_path / f"ri-{method}.yaml", merge_method=method, base_model=str(vits["base"]),
-                        models=[{"model": str(vits[e])} for e in EXPERTS], out_dtype="float32",
-                        resolve_interference=settings)
 
 
 def test_cli_adapts_caches_and_merges_the_adapted_experts(tmp_path, vits, aux):

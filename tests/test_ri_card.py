@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import save_file
 
 from conftest import run_cli, write_recipe
-from test_heads import EXPERTS, make_classifiers, vit
+from helpers import EXPERTS, make_classifiers, vit
 
 pytest.importorskip("transformers")
 

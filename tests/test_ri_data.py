@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import run_cli, write_recipe
-from test_heads import EXPERTS, make_classifiers, vit
+from helpers import EXPERTS, make_classifiers, vit
 
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")

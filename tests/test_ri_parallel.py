@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from test_heads import EXPERTS, make_classifiers, vit
+from helpers import EXPERTS, make_classifiers, vit
 
 transformers = pytest.importorskip("transformers")
 from mergekit_ri.errors import UserError  # noqa: E402
