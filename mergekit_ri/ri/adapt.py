@@ -93,8 +93,9 @@ def ri_losses(student: nn.Module, student_input: HeadInput, own_teacher: nn.Modu
 
 def adapt_expert(expert: nn.Module, base: nn.Module, other_heads: list[nn.Module], head_name: str,
                  batches: Iterable[dict[str, torch.Tensor]], settings: RISettings, device: torch.device,
-                 report: StepReport | None = None) -> nn.Module:
-    """The adapted copy of `expert` (backbone trained, head untouched). Inputs are not modified."""
+                 report: StepReport | None = None, label: str = "expert") -> nn.Module:
+    """The adapted copy of `expert` (backbone trained, head untouched). Inputs are not modified.
+    A non-finite loss or result is a UserError naming `label`: nothing diverged may be cached."""
     own_teacher = expert.to(device).eval()
     base = base.to(device).eval()
     student = copy.deepcopy(own_teacher).eval()  # eval: no dropout, so teacher = student at step 0
@@ -114,6 +115,7 @@ def adapt_expert(expert: nn.Module, base: nn.Module, other_heads: list[nn.Module
             batch = {k: v.to(device) for k, v in batch.items()}
             l1, l2 = ri_losses(student, student_input, own_teacher, base, base_input, heads, batch)
             loss = l1 + settings.alpha * l2
+            require_finite_loss(loss, label, step, settings.steps)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -122,4 +124,19 @@ def adapt_expert(expert: nn.Module, base: nn.Module, other_heads: list[nn.Module
     finally:
         student_input.remove()
         base_input.remove()
+    require_finite_weights(trainable, label)
     return student.requires_grad_(False)
+
+
+def require_finite_loss(loss: torch.Tensor, label: str, step: int, steps: int) -> None:
+    """Stop before a NaN/Inf loss reaches the weights (one host sync a step; a step costs far more)."""
+    if not torch.isfinite(loss).item():
+        raise UserError(f"RI adaptation of expert '{label}' diverged: the loss is {loss.item()} at step {step} "
+                        f"of {steps} (check the expert's weights and the auxiliary data, or lower lr)")
+
+
+def require_finite_weights(params: list[nn.Parameter], label: str) -> None:
+    """The last optimizer step is never followed by a loss: check what it wrote before it is cached."""
+    if params and not torch.stack([torch.isfinite(p).all() for p in params]).all().item():  # one sync
+        raise UserError(f"RI adaptation of expert '{label}' diverged: its adapted weights hold NaN or Inf "
+                        "after the last step (lower lr)")

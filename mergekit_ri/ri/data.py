@@ -127,9 +127,48 @@ def _from_safetensors(path: Path, input_name: str, config) -> AuxiliaryData:
     except Exception as exc:  # safetensors raises its own error types for damaged files
         raise UserError(f"auxiliary data {path}: not a readable safetensors file ({exc})") from None
     _check_inputs(str(path), shape, dtype, input_name, config)
+    _require_finite_file(path)
     stat = path.stat()
     fingerprint = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
     return AuxiliaryData(input_name, fingerprint, file=path, count=shape[0])
+
+
+SCAN_BYTES = 1 << 26  # rows of auxiliary data checked for NaN/Inf at a time
+
+
+def first_non_finite(tensor: torch.Tensor) -> int | None:
+    """Index along dim 0 of the first example holding NaN or Inf (None when all finite)."""
+    if not tensor.dtype.is_floating_point or tensor.shape[0] == 0:
+        return None
+    bad = ~torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(dim=1)
+    return int(bad.nonzero()[0]) if bad.any() else None
+
+
+def _require_finite_file(path: Path) -> None:
+    """Refuse NaN/Inf in a .safetensors source now: RI would train (and cache) NaN experts on them.
+    Streams a chunk of rows at a time, so the file is never loaded whole."""
+    try:
+        with safe_open(path, "pt") as f:
+            for key in ("inputs", "attention_mask"):
+                if key in f.keys():
+                    _scan_rows(path, key, f.get_slice(key))
+    except UserError:
+        raise
+    except Exception as exc:  # a file truncated after its header, say
+        message = f"auxiliary data {path}: not a readable safetensors file ({exc})"
+        raise UserError(message.replace("\n", " ")) from None
+
+
+def _scan_rows(path: Path, key: str, sliced) -> None:
+    shape = sliced.get_shape()
+    if not shape or shape[0] == 0 or not sliced[0:1].dtype.is_floating_point:
+        return
+    rows = max(1, SCAN_BYTES // (4 * max(1, math.prod(shape[1:]))))
+    for start in range(0, shape[0], rows):
+        bad = first_non_finite(sliced[start:start + rows])
+        if bad is not None:
+            raise UserError(f"auxiliary data {path}: example {start + bad} of '{key}' holds NaN or Inf "
+                            "(RI would train non-finite experts on it)")
 
 
 def _from_text(path: Path, input_name: str, tokenizer_folder: Path | None, max_length: int) -> AuxiliaryData:
@@ -200,7 +239,7 @@ class ImageFolder:
             except Exception as exc:
                 raise UserError(f"auxiliary images in {self.folder}: the image processor of {self.processor_folder} "
                                 f"failed ({type(exc).__name__}: {exc})".replace("\n", " ")) from None
-            return pixels.float()
+            return self._finite(pixels.float(), indices)
         import numpy as np
         from PIL import Image
 
@@ -208,6 +247,14 @@ class ImageFolder:
         arrays = [np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32) for image in images]
         pixels = torch.from_numpy(np.stack(arrays)).reshape(len(images), height, width, -1).permute(0, 3, 1, 2)
         return (pixels / 255.0 - 0.5) / 0.5
+
+    def _finite(self, pixels: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        """An image processor's output, refused if it holds NaN/Inf (a zero image_std, say)."""
+        bad = first_non_finite(pixels)
+        if bad is not None:
+            raise UserError(f"auxiliary image {self.files[indices[bad]]}: the image processor of "
+                            f"{self.processor_folder} makes NaN or Inf pixels from it")
+        return pixels
 
     def load(self, indices: list[int]) -> torch.Tensor:
         if self._all is None and len(self.files) * math.prod(self.shape) * 4 <= PRELOAD_BYTES:
