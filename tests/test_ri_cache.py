@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from test_heads import EXPERTS, make_classifiers, vit
+from helpers import EXPERTS, make_classifiers, vit
 
 transformers = pytest.importorskip("transformers")
 from mergekit_ri.recipe import parse_recipe  # noqa: E402
 from mergekit_ri.ri import prepare, train  # noqa: E402
+from mergekit_ri.ri.cache import write_manifest  # noqa: E402
 
 
 @pytest.fixture
@@ -89,6 +90,7 @@ def test_a_merge_waits_for_the_lock_then_uses_the_entry(setup, counted):
         (folder / "config.json").parent.mkdir(parents=True)
         for f in Path(recipe.models[0].model).iterdir():
             (folder / f.name).write_bytes(f.read_bytes())
+        write_manifest(folder)  # entries are published with their manifest
     worker.join(timeout=300)
     assert result["status"].cache_hits == ["e0"] and sorted(result["status"].trained) == ["e1", "e2"]
     assert len(counted) == 2

@@ -3,7 +3,8 @@
 Every cache entry `<key>/<expert>/` is guarded by a file lock `<key>/<expert>.lock` held around
 "is it cached? → train → publish": two merges started together on a cold cache do not both
 train; the second waits and then finds the entry. An entry is written into a temporary folder
-beside it and renamed into place, so a folder with `config.json` is always complete.
+beside it, given a manifest of its files' sha256 (`cache.py`) and renamed into place; an entry
+found damaged (tampered, truncated, no manifest) is discarded under its lock and trained again.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from ..heads import head_selector
 from ..io.sources import ModelSource, TensorReader, load_source
 from .adapt import RISettings, StepReport, adapt_expert, head_module_name
+from .cache import discard, entry_problem, warn_bad_entry, write_manifest
 from .data import AuxiliaryData
 
 try:
@@ -47,7 +49,8 @@ class TrainJob:
 
 
 def is_cached(folder: Path) -> bool:
-    return (folder / "config.json").is_file()
+    """A complete entry whose files match its manifest (each file hashed: a cache hit costs a read)."""
+    return entry_problem(folder) is None
 
 
 def lock_path(folder: Path) -> Path:
@@ -78,9 +81,13 @@ def train_experts(job: TrainJob, labels: list[str], device: torch.device,
     for label in labels:
         folder = job.folders[label]
         with cache_lock(folder):
-            if is_cached(folder):
+            problem = entry_problem(folder)
+            if problem is None:
                 done[label] = False
                 continue
+            if problem != "missing":
+                warn_bad_entry(folder, problem)
+                discard(folder)
             if loaded is None:
                 loaded = _load(job, labels)
             models, heads, base_model, head_name, is_head = loaded
@@ -89,7 +96,7 @@ def train_experts(job: TrainJob, labels: list[str], device: torch.device,
             batches = job.aux.batches(job.settings.batch_size, job.settings.steps, job.seeds[label])
             step_report = report(label, job.settings.steps) if report else None
             adapted = adapt_expert(models.pop(label), base_model, others, head_name, batches, job.settings,
-                                   device, step_report)
+                                   device, step_report, label=label)
             save_adapted(adapted, source, folder, is_head)
             del adapted
             done[label] = True
@@ -129,7 +136,8 @@ def save_adapted(adapted, source: ModelSource, folder: Path, is_head) -> None:
             if not (staging / name).exists() and not name.endswith(".safetensors") and name != "model.safetensors.index.json":
                 if (source.folder / name).is_file():
                     shutil.copyfile(source.folder / name, staging / name)
-        shutil.rmtree(folder, ignore_errors=True)  # an incomplete leftover (no config.json): we hold the lock
+        write_manifest(staging)
+        discard(folder)  # a damaged leftover: we hold the lock
         os.rename(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
