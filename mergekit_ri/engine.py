@@ -14,14 +14,17 @@ from collections import deque
 from collections.abc import Callable
 from contextlib import nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import UserError
 from .io.artifacts import copy_tokenizer, write_config, write_heads, write_model_card
-from .io.output import check_target, make_staging, publish
+from .io.manifest import FileRecord, file_manifest
+from .io.output import OutputLock, check_space, check_target, clean_stale, make_staging, output_error, publish
 from .io.sources import ST_DTYPES, TensorReader
 from .io.writer import ShardWriter, write_index
 from .methods import TensorContext
@@ -31,20 +34,31 @@ from .kernels.select import BUCKETS, bits_to_float, bucket_of_kth
 from .plan import PREFETCH_DEFAULT, MergePlan
 from .reading import RowSource, WorkUnit, load_inputs, stream_inputs, work_units
 
+if TYPE_CHECKING:
+    from .ri.prepare import RIProvenance, RIStatus
+
 Progress = Callable[[int], None]
 LayerReport = Callable[[str, dict[str, float]], None]  # per solved layer: name, e.g. its loss before/after
 
 
-@dataclass
+@dataclass(frozen=True)
 class MergeResult:
+    """What a merge wrote. `run_merge` fills in the merge itself; `mergekit_ri.merge` adds what
+    the steps around it found (RI, per-layer figures, ξ), so callers get one record."""
+
     out: Path
+    method: str
+    device: str
     seconds: float
+    tensors: int
+    shards: int
     bytes_read: int
     bytes_written: int
-    shards: int
-    tensors: int
-    device: str
-    files: list[str]
+    files: tuple[FileRecord, ...]  # every file written, relative to `out`; sha256 only if asked
+    warnings: tuple[str, ...] = ()
+    ri: RIStatus | None = None  # what RI did, when the recipe asks for it
+    layers: Mapping[str, Mapping[str, float]] | None = None  # per solved layer, when reported
+    interference: Mapping[str, float] | None = None  # ξ without/with RI, when asked
 
 
 def resolve_device(name: str) -> torch.device:
@@ -131,42 +145,79 @@ def total_work_bytes(plan: MergePlan) -> int:
     return plan.bytes_read + prepass
 
 
+def input_paths(plan: MergePlan) -> list[Path]:
+    """Every path the merge reads (weights, folders and what they hold) plus `plan.protected`:
+    what the output may never be, contain or lie inside."""
+    paths = list(plan.protected)
+    for model in ([plan.base] if plan.base else []) + plan.experts:
+        paths += model.files()
+        if model.folder is not None:
+            try:
+                paths += list(model.folder.iterdir())
+            except OSError:
+                pass
+    return paths
+
+
 def run_merge(plan: MergePlan, out: Path, *, device: str = "auto", force: bool = False,
               prefetch: int = PREFETCH_DEFAULT, progress: Progress | None = None,
-              report: LayerReport | None = None) -> MergeResult:
-    """Merge into a hidden staging folder, then rename it to `out`."""
+              report: LayerReport | None = None, checksums: bool = False,
+              provenance: RIProvenance | None = None) -> MergeResult:
+    """`checksums`: every written file's sha256 in the result; `provenance`: what RI adapted, for
+    the model card."""
+    """Merge into a hidden staging folder, then rename it to `out` (under the output's lock)."""
     started = time.perf_counter()
     target = resolve_device(device if device != "auto" else plan.recipe.device)
-    inputs = [Path(m.folder or m.tensors[next(iter(m.tensors))].path) for m in ([plan.base] if plan.base else []) + plan.experts]
-    check_target(out, inputs, force)
-    advance = progress or (lambda n: None)
-    staging = make_staging(out)
+    out = Path(out)
+    check_target(out, input_paths(plan), force)
+    staging = None
     try:
-        with TensorReader() as reader, ThreadPoolExecutor(2, "ri-read") as reads, \
-                ThreadPoolExecutor(1, "ri-write") as writes, ShardWriter(staging, plan) as writer:
-            blocked = plan.method.raw_inputs and target.type == "cpu"
-            with single_threaded_ops() if blocked else nullcontext():
-                thresholds = model_thresholds(plan, reader, reads, target, prefetch, advance) \
-                    if needs_model_prepass(plan) else None
-                written: deque[Future] = deque()
-                units = work_units(plan, device=target)
-                for unit, raws in stream_inputs(plan, reader, reads, prefetch, units, target.type == "cuda"):
-                    result = compute(plan, unit, raws, target, thresholds, report, reader, reads)
-                    written.append(writes.submit(writer.write, unit.task, result, unit.rows))
-                    while len(written) > 2:
-                        written.popleft().result()
-                    advance(unit.in_nbytes)
-                for future in written:
-                    future.result()
-            write_heads(staging, plan, reader)
-        write_index(staging, plan)
-        write_config(staging, plan)
-        copy_tokenizer(staging, plan)
-        write_model_card(staging, plan)
-        files = sorted(p.name for p in staging.iterdir())
-        publish(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return MergeResult(out, time.perf_counter() - started, plan.bytes_read, plan.bytes_written,
-                       len(plan.shards), len(plan.tasks), str(target), files)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with OutputLock(out):
+            plan.warnings.extend(clean_stale(out))
+            check_target(out, input_paths(plan), force)  # again, now that no other merge can race us
+            check_space(out, plan.bytes_written)
+            staging = make_staging(out)
+            files, nonfinite = _merge_into(plan, staging, target, prefetch, progress or (lambda n: None), report,
+                                           checksums, provenance)
+            plan.warnings.extend(nonfinite)
+            publish(staging, out, force)
+            staging = None
+    except OSError as exc:
+        raise output_error(exc, out, staging, plan.bytes_written) from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return MergeResult(out, plan.method.name, str(target), time.perf_counter() - started, len(plan.tasks),
+                       len(plan.shards), plan.bytes_read, plan.bytes_written, files, tuple(plan.warnings))
+
+
+def _merge_into(plan: MergePlan, staging: Path, target: torch.device, prefetch: int, advance: Progress,
+                report: LayerReport | None, checksums: bool = False, provenance: RIProvenance | None = None,
+                ) -> tuple[tuple[FileRecord, ...], list[str]]:
+    """Every file of the merged checkpoint, written into `staging`: (file names, the warnings about
+    non-finite inputs merged under `on_nonfinite: warn`)."""
+    on_nonfinite = getattr(plan.recipe, "on_nonfinite", "error")
+    with TensorReader(on_nonfinite) as reader, ThreadPoolExecutor(2, "ri-read") as reads, \
+            ThreadPoolExecutor(1, "ri-write") as writes, ShardWriter(staging, plan) as writer:
+        blocked = plan.method.raw_inputs and target.type == "cpu"
+        with single_threaded_ops() if blocked else nullcontext():
+            thresholds = model_thresholds(plan, reader, reads, target, prefetch, advance) \
+                if needs_model_prepass(plan) else None
+            written: deque[Future] = deque()
+            units = work_units(plan, device=target)
+            for unit, raws in stream_inputs(plan, reader, reads, prefetch, units, target.type == "cuda"):
+                result = compute(plan, unit, raws, target, thresholds, report, reader, reads)
+                written.append(writes.submit(writer.write, unit.task, result, unit.rows))
+                while len(written) > 2:
+                    written.popleft().result()
+                advance(unit.in_nbytes)
+            for future in written:
+                future.result()
+        write_heads(staging, plan, reader)
+        nonfinite = list(reader.nonfinite)
+    write_index(staging, plan)
+    write_config(staging, plan)
+    copy_tokenizer(staging, plan)
+    write_model_card(staging, plan, provenance)
+    return file_manifest(staging, checksums), nonfinite

@@ -68,6 +68,9 @@ class MergePlan:
     warnings: list[str]
     heads: dict[str, dict[str, TensorRef]] = field(default_factory=dict)  # expert label → head tensors
     heads_default: str | None = None
+    # paths the output must stay clear of besides the inputs read (the experts as the user gave
+    # them, when RI merges adapted copies from its cache)
+    protected: list[Path] = field(default_factory=list)
 
     @property
     def config_source(self) -> ModelSource:
@@ -79,6 +82,20 @@ class MergePlan:
     @property
     def reference(self) -> ModelSource:
         return self.base or self.experts[0]
+
+    @property
+    def tokenizer_source(self) -> ModelSource | None:
+        """Whose tokenizer files are copied: `tokenizer_source` names 'base' or one of the models."""
+        choice = self.recipe.tokenizer_source
+        if choice is None:
+            return None
+        if choice == "base":
+            return self.reference
+        for model in self.experts:
+            if choice in (model.reference, model.label):
+                return model
+        raise UserError(f"recipe: tokenizer_source '{choice}' is neither 'base' nor one of the recipe's models "
+                        f"({', '.join(m.label for m in self.experts)})")
 
     @property
     def bytes_read(self) -> int:
@@ -167,28 +184,26 @@ def check_compatible(reference: ModelSource, others: list[ModelSource], skip: He
 
 
 def resolve_params(recipe: Recipe, method: MethodSpec, name: str, t: float) -> TensorParams:
-    """Every parameter of `method` for one tensor: per-model value, else global, else default."""
+    """Every parameter of `method` for one tensor: per-model value, else global, else default.
+
+    Each value is checked again (kind, finite, range): a recipe built in code, or changed with
+    `model_copy`, has not been through the loader's checks."""
     per_model: dict[str, list[float]] = {}
     globals_: dict[str, Any] = {}
     for param in method.params:
-        def value(model_params: dict) -> Any:
-            for source in (model_params, recipe.parameters):
+        def value(model_params: dict, own: str) -> Any:
+            for where, source in ((own, model_params), (f"parameters.{param.name}", recipe.parameters)):
                 if param.name in source:
                     resolved = resolve(source[param.name], name, t)
                     if resolved is not None:
-                        return resolved
+                        return param.check(resolved, f"{where} for tensor '{name}'")
             return param.default
 
         if param.per_model:
-            values = [value(m.parameters) for m in recipe.models]
-            for i, v in enumerate(values):
-                if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    raise UserError(f"models[{i}].parameters.{param.name}: expected a number for tensor '{name}', got {v!r}")
-                if param.name == "density" and not 0 <= v <= 1:
-                    raise UserError(f"models[{i}].parameters.density: {v} for tensor '{name}' is outside [0, 1]")
-            per_model[param.name] = [float(v) for v in values]
+            per_model[param.name] = [float(value(m.parameters, f"models[{i}].parameters.{param.name}"))
+                                     for i, m in enumerate(recipe.models)]
         else:
-            globals_[param.name] = value({})
+            globals_[param.name] = value({}, "")
     return TensorParams(per_model, globals_)
 
 
@@ -261,4 +276,7 @@ def build_plan(recipe: Recipe, recipe_dir: Path | None = None) -> MergePlan:
         for name, ref in heads[heads_default].items():
             tasks.append(TensorTask(name, ref.shape, ref.dtype, ref, None, (), False, None))
     tasks, shards = assign_shards(tasks, recipe.shard_size_bytes)
-    return MergePlan(recipe, method, base, experts, tasks, shards, warnings, heads, heads_default)
+    plan = MergePlan(recipe, method, base, experts, tasks, shards, warnings, heads, heads_default)
+    plan.tokenizer_source  # noqa: B018 -- what is written beside the weights is checked with the plan,
+    plan.config_source.config()  # not after hours of merging
+    return plan

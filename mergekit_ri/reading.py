@@ -75,13 +75,14 @@ def work_units(plan: MergePlan, tasks: list[TensorTask] | None = None, chunk: in
 def read_unit(reader: TensorReader, unit: WorkUnit, pin: bool) -> list[torch.Tensor]:
     """A unit's inputs in their file dtype: [tensor] for a copied one; [base, experts] for a merged
     one, the experts read straight into one stacked [N, ...] buffer (page-locked when `pin`, so
-    the copy to the GPU is asynchronous). Experts of mixed dtypes are stacked as fp32."""
+    the copy to the GPU is asynchronous). Experts of mixed dtypes are stacked as fp32. Inputs of
+    merged tensors are checked for NaN/Inf as they are read (`TensorReader`)."""
     task = unit.task
     if unit.streamed:
         return []
     if not task.merge:
         return [reader.read(task.reference, unit.rows)]
-    raws = [reader.read(task.base, unit.rows, pin=pin)] if task.base is not None else []
+    raws = [reader.read(task.base, unit.rows, pin=pin, finite=True)] if task.base is not None else []
     shape = task.experts[0].shape
     if unit.rows is not None:
         shape = (unit.rows[1] - unit.rows[0], *shape[1:])
@@ -90,9 +91,9 @@ def read_unit(reader: TensorReader, unit: WorkUnit, pin: bool) -> list[torch.Ten
     stack = torch.empty((len(task.experts), *shape), dtype=dtype, pin_memory=pin)
     for i, ref in enumerate(task.experts):
         if ST_DTYPES[ref.dtype] == dtype:
-            reader.read(ref, unit.rows, out=stack[i])
+            reader.read(ref, unit.rows, out=stack[i], finite=True)
         else:
-            stack[i].copy_(reader.read(ref, unit.rows))
+            stack[i].copy_(reader.read(ref, unit.rows, finite=True))
     raws.append(stack)
     return raws
 

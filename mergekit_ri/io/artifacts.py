@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from safetensors.torch import save_file
 
-from ..errors import UserError
 from ..heads import HEAD_INDEX, head_entry
-from ..io.sources import ModelSource, TensorReader
+from ..io.sources import TensorReader
 from ..plan import MergePlan
+
+if TYPE_CHECKING:
+    from ..ri.prepare import RIProvenance
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -36,20 +39,8 @@ def write_config(folder: Path, plan: MergePlan) -> bool:
     return True
 
 
-def tokenizer_source(plan: MergePlan) -> ModelSource | None:
-    choice = plan.recipe.tokenizer_source
-    if choice is None:
-        return None
-    if choice == "base":
-        return plan.reference
-    for model in plan.experts:
-        if choice in (model.reference, model.label):
-            return model
-    raise UserError(f"tokenizer_source '{choice}' is neither 'base' nor one of the recipe's models")
-
-
 def copy_tokenizer(folder: Path, plan: MergePlan) -> list[str]:
-    source = tokenizer_source(plan)
+    source = plan.tokenizer_source
     if source is None or source.folder is None:
         return []
     copied = []
@@ -80,17 +71,11 @@ The backbone is merged; each expert keeps its own head. The checkpoint carries
 """
 
 
-def _ri_applied(plan: MergePlan):
-    ri = plan.recipe.resolve_interference
-    return getattr(ri, "_applied", None) if ri is not None else None
-
-
-def _ri_section(plan: MergePlan) -> str:
+def _ri_section(plan: MergePlan, applied: RIProvenance | None) -> str:
     """What RI did: the original experts, the adapted checkpoints it merged, its settings."""
-    applied = _ri_applied(plan)
-    if applied is None:
-        return ""
     ri = plan.recipe.resolve_interference
+    if applied is None or ri is None:
+        return ""
     rows = "\n".join(f"| {label} | `{applied.references[label]}` | `{applied.adapted[label]}` |" for label in applied.adapted)
     return f"""## Resolving Interference (RI)
 
@@ -108,8 +93,9 @@ adapted experts. Settings: auxiliary data `{ri.auxiliary_data}` (fingerprint `{a
 """
 
 
-def write_model_card(folder: Path, plan: MergePlan) -> None:
-    applied = _ri_applied(plan)
+def write_model_card(folder: Path, plan: MergePlan, applied: RIProvenance | None = None) -> None:
+    """README.md: inputs, method, recipe as the user wrote it; with RI (`applied`), the original
+    experts and the adapted checkpoints that were merged."""
     rows = []
     for model in ([plan.base] if plan.base else []) + plan.experts:
         revision = model.revision or "local"
@@ -137,7 +123,7 @@ Method: {plan.method.citation}
 |---|---|---|---|
 {chr(10).join(rows)}
 
-{_ri_section(plan)}{_heads_section(plan)}## Recipe
+{_ri_section(plan, applied)}{_heads_section(plan)}## Recipe
 
 ```yaml
 {recipe.to_yaml().rstrip()}

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import struct
 import threading
 from dataclasses import dataclass
@@ -29,20 +30,21 @@ ST_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
-TORCH_TO_CODE = {v: k for k, v in ST_DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
 @dataclass(frozen=True)
 class TensorRef:
-    """Where one tensor's bytes live: file, dtype code, shape, absolute byte range."""
+    """Where one tensor's bytes live: file, dtype code, shape, absolute byte range, and its name
+    (so that a problem found while reading can name the tensor)."""
 
     path: Path
     dtype: str
     shape: tuple[int, ...]
     start: int
     end: int
+    name: str = ""
 
     @property
     def nbytes(self) -> int:
@@ -71,14 +73,83 @@ class ModelSource:
         path = self.folder / "config.json" if self.folder else None
         if path is None or not path.is_file():
             return None
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"{path}: cannot read config.json: {exc}") from None
+        return read_json_object(path, "config.json")
+
+    def files(self) -> list[Path]:
+        """Every file ri-merge reads of this model: its weights, and its folder's config and
+        tokenizer files (what an output folder must never replace)."""
+        paths = {ref.path for ref in self.tensors.values()}
+        if self.folder is not None:
+            paths.add(self.folder)
+        return sorted(paths)
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A small JSON file that must hold an object: every way it can be wrong is a UserError."""
+    require_regular_file(path)
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read {what}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: {what} is not UTF-8 text") from None
+    except RecursionError:
+        raise UserError(f"{path}: {what} is nested too deeply") from None
+    except ValueError as exc:
+        raise UserError(f"{path}: {what} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: {what} must be a JSON object, not a {type(data).__name__}")
+    return data
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    """JSON objects with a repeated key are refused, as the safetensors library refuses them:
+    which of the two values counts is otherwise up to the reader."""
+    data: dict = {}
+    for key, value in pairs:
+        if key in data:
+            raise ValueError(f"key '{key}' appears twice")
+        data[key] = value
+    return data
+
+
+def require_regular_file(path: Path) -> None:
+    """Refuse what `open()` would block on or misread: FIFOs, devices, sockets, folders."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise UserError(f"{path}: is {kind}; expected a regular file")
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _parse_entry(path: Path, name: str, info: object) -> tuple[str, tuple[int, ...], int, int]:
+    """dtype, shape and relative (start, end) of one header entry, typed as the format says."""
+    bad = UserError(f"{path}: corrupt safetensors header entry for tensor '{name}'")
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise bad
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise bad
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise UserError(f"{path}: corrupt safetensors header: tensor '{name}' has data_offsets {offsets!r}; "
+                        "expected [start, end], non-negative")
+    if dtype not in ST_DTYPES:
+        raise UserError(f"{path}: tensor '{name}' has dtype {dtype}, which ri-merge cannot read")
+    return dtype, tuple(shape), offsets[0], offsets[1]
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorRef], bytes]:
-    """Parse a safetensors header and check it against the file's size."""
+    """Parse a safetensors header and check it as strictly as the `safetensors` library: typed
+    fields, byte ranges that fit the dtype and shape, in order, without gaps or overlaps, covering
+    the data exactly (a negative or overlapping range would read the header, or another tensor,
+    as weights)."""
+    require_regular_file(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -93,47 +164,73 @@ def read_header(path: Path) -> tuple[dict[str, TensorRef], bytes]:
     except OSError as exc:
         raise UserError(f"{path}: cannot read: {exc.strerror}") from None
     try:
-        header = json.loads(raw)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
         if not isinstance(header, dict):
             raise ValueError("not a JSON object")
+    except RecursionError:
+        raise UserError(f"{path}: corrupt safetensors header (nested too deeply)") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: corrupt safetensors header ({exc})") from None
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise UserError(f"{path}: corrupt safetensors header: __metadata__ must map names to strings")
     base = 8 + length
     refs: dict[str, TensorRef] = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (start, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{path}: corrupt safetensors header entry for tensor '{name}'") from None
-        if dtype not in ST_DTYPES:
-            raise UserError(f"{path}: tensor '{name}' has dtype {dtype}, which ri-merge cannot read")
-        ref = TensorRef(path, dtype, shape, base + int(start), base + int(end))
-        if ref.nbytes != ref.numel * ST_DTYPES[dtype].itemsize or ref.nbytes < 0:
+        dtype, shape, start, end = _parse_entry(path, name, info)
+        ref = TensorRef(path, dtype, shape, base + start, base + end, name)
+        if end < start or ref.nbytes != ref.numel * ST_DTYPES[dtype].itemsize:
             raise UserError(f"{path}: corrupt safetensors header: tensor '{name}' of shape {list(shape)} "
                             f"{dtype} does not fit its byte range")
-        if ref.end > size:
-            raise UserError(f"{path}: truncated file: tensor '{name}' ends at byte {ref.end} "
-                            f"but the file has {size} bytes")
         refs[name] = ref
+    _check_layout(path, refs, base, size)
     return refs, raw
+
+
+def _check_layout(path: Path, refs: dict[str, TensorRef], base: int, size: int) -> None:
+    """Byte ranges back to back from the start of the data (`base`) to the end of the file."""
+    position = base
+    for ref in sorted(refs.values(), key=lambda r: (r.start, r.end)):
+        if ref.start != position:
+            what = "overlaps the tensor before it" if ref.start < position else "leaves a gap before it"
+            raise UserError(f"{path}: corrupt safetensors header: tensor '{ref.name}' at data offset "
+                            f"{ref.start - base} {what} (expected {position - base})")
+        if ref.end > size:
+            raise UserError(f"{path}: truncated file: tensor '{ref.name}' ends at byte {ref.end} "
+                            f"but the file has {size} bytes")
+        position = ref.end
+    if position != size:
+        raise UserError(f"{path}: corrupt safetensors file: {size - position} bytes after the last tensor "
+                        "that no header entry covers")
+
+
+def _index_shards(folder: Path, index: Path) -> list[Path]:
+    """The shard files an index names: relative paths inside `folder` only (a hostile index, or
+    Hub repo, must not pull `../x` or `/etc/passwd` into a merge), each a regular file."""
+    data = read_json_object(index, "safetensors index")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or \
+            not all(isinstance(v, str) and v for v in weight_map.values()):
+        raise UserError(f"{index}: not a valid safetensors index (needs a 'weight_map' of tensor → file name)")
+    files = sorted(set(weight_map.values()))
+    for name in files:
+        relative = Path(name)
+        if relative.is_absolute() or ".." in relative.parts or "\\" in name:
+            raise UserError(f"{index}: shard '{name}' is outside {folder}; shard paths must be file names in the folder")
+        if not (folder / relative).exists():
+            raise UserError(f"{index}: lists shard '{name}', which is missing from {folder}")
+        require_regular_file(folder / relative)
+    return [folder / f for f in files]
 
 
 def _shard_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise UserError(f"{index}: not a valid safetensors index (needs a 'weight_map')") from None
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not (folder / f).is_file()]
-        if missing:
-            raise UserError(f"{index}: lists shard '{missing[0]}', which is missing from {folder}")
-        return [folder / f for f in files]
+    if index.is_file() or index.is_symlink() or (index.exists() and not index.is_dir()):
+        return _index_shards(folder, index)
     single = folder / "model.safetensors"
-    if single.is_file():
+    if single.exists():
         return [single]
     found = sorted(folder.glob("*.safetensors"))
     if found:
@@ -190,15 +287,40 @@ def _download(reference: str) -> tuple[Path, str | None]:
     return folder, folder.name  # snapshot folders are named by commit hash
 
 
-class TensorReader:
-    """Positioned reads of whole tensors into fresh CPU buffers; one open fd per file."""
+class NonFiniteError(UserError):
+    """An input tensor holds NaN or ±Inf: merged, it would yield a silently wrong model."""
 
-    def __init__(self) -> None:
+
+class TensorReader:
+    """Positioned reads of whole tensors into fresh CPU buffers; one open fd per file.
+
+    With `check_finite` reads asked to (`finite=True`: the inputs of merged tensors) are checked
+    for NaN/±Inf on the reader thread, one reduction over bytes just read; `on_nonfinite` "error"
+    stops the merge naming the tensor, "warn" records it in `nonfinite` and goes on."""
+
+    def __init__(self, on_nonfinite: str = "error") -> None:
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
+        self.on_nonfinite = on_nonfinite
+        self.nonfinite: list[str] = []
+        self._nonfinite_names: set[str] = set()
+
+    def _fd(self, path: Path) -> int:
+        with self._lock:  # reader threads share the descriptors
+            fd = self._fds.get(path)
+            if fd is None:
+                try:  # O_NONBLOCK: a FIFO put in a file's place must not hang the open
+                    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+                except OSError as exc:
+                    raise UserError(f"{path}: cannot open: {exc.strerror}") from None
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.close(fd)
+                    raise UserError(f"{path}: is no longer a regular file (changed during the merge?)")
+                self._fds[path] = fd
+            return fd
 
     def read(self, ref: TensorRef, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None,
-             pin: bool = False) -> torch.Tensor:
+             pin: bool = False, finite: bool = False) -> torch.Tensor:
         """The whole tensor, or rows [r0, r1) of its first axis (a contiguous byte range).
 
         With `out` (a contiguous CPU tensor of the right size, e.g. one row of a stacked buffer)
@@ -207,14 +329,8 @@ class TensorReader:
         if rows is not None:
             row_bytes = ref.nbytes // ref.shape[0]
             ref = TensorRef(ref.path, ref.dtype, (rows[1] - rows[0], *ref.shape[1:]),
-                            ref.start + rows[0] * row_bytes, ref.start + rows[1] * row_bytes)
-        with self._lock:  # reader threads share the descriptors
-            fd = self._fds.get(ref.path)
-            if fd is None:
-                try:
-                    fd = self._fds[ref.path] = os.open(ref.path, os.O_RDONLY)
-                except OSError as exc:
-                    raise UserError(f"{ref.path}: cannot open: {exc.strerror}") from None
+                            ref.start + rows[0] * row_bytes, ref.start + rows[1] * row_bytes, ref.name)
+        fd = self._fd(ref.path)
         dtype = ST_DTYPES[ref.dtype]
         if out is None and pin and ref.nbytes > 0:
             out = torch.empty(ref.shape, dtype=dtype, pin_memory=True)
@@ -226,15 +342,41 @@ class TensorReader:
             buffer = bytearray(ref.nbytes)
         view, done = memoryview(buffer).cast("B"), 0
         while done < ref.nbytes:
-            got = os.preadv(fd, [view[done:]], ref.start + done)
+            try:
+                got = os.preadv(fd, [view[done:]], ref.start + done)
+            except OSError as exc:
+                raise UserError(f"{ref.path}: cannot read tensor '{ref.name}': {exc.strerror}") from None
             if got <= 0:
                 raise UserError(f"{ref.path}: truncated while reading (file changed during the merge?)")
             done += got
         if out is not None:
-            return out.view(ref.shape)
-        if ref.nbytes == 0:
-            return torch.empty(ref.shape, dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(ref.shape)
+            tensor = out.view(ref.shape)
+        elif ref.nbytes == 0:
+            tensor = torch.empty(ref.shape, dtype=dtype)
+        else:
+            tensor = torch.frombuffer(buffer, dtype=dtype).reshape(ref.shape)
+        if finite and ref.dtype in FLOAT_CODES:
+            self._check_finite(ref, tensor, rows)
+        return tensor
+
+    def _check_finite(self, ref: TensorRef, tensor: torch.Tensor, rows: tuple[int, int] | None) -> None:
+        """Any NaN or ±Inf makes the fp32 sum non-finite (one fast reduction); only then is the
+        tensor searched for the first bad entry (a finite sum can also overflow: not an error)."""
+        if tensor.numel() == 0 or torch.isfinite(tensor.sum(dtype=torch.float32)):
+            return
+        bad = (~torch.isfinite(tensor)).reshape(-1).nonzero()
+        if bad.numel() == 0:
+            return
+        first = int(bad[0]) + (rows[0] * (ref.numel // ref.shape[0]) if rows else 0)
+        message = (f"{ref.path}: tensor '{ref.name}' holds NaN or Inf (first at flat index {first}); "
+                   "fix the checkpoint, or set on_nonfinite: warn in the recipe to merge it anyway")
+        if self.on_nonfinite != "warn":
+            raise NonFiniteError(message)
+        with self._lock:
+            if ref.name not in self._nonfinite_names:
+                self._nonfinite_names.add(ref.name)
+                self.nonfinite.append(f"{ref.path}: tensor '{ref.name}' holds NaN or Inf; merged anyway "
+                                      "(on_nonfinite: warn)")
 
     def close(self) -> None:
         for fd in self._fds.values():
