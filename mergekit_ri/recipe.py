@@ -5,20 +5,45 @@ We accept mergekit's syntax for everything we share (`base_model`, `models`, `me
 `out_dtype`, `tokenizer_source`) so users can bring their mergekit recipes unchanged. Unknown
 keys, methods and parameters are refused with the closest valid spelling, before any weight
 is read.
+
+A recipe is untrusted input: the loader refuses, as one-line `UserError`s naming the file and the
+field, what would otherwise hang, eat memory or quietly give a wrong model — alias bombs, deep
+nesting, duplicate keys, non-UTF-8 bytes, non-regular files, NaN/Inf, empty lists, mistyped
+parameter values.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import re
+import stat
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from yaml.nodes import MappingNode, Node, SequenceNode
 
 from .errors import UserError, closest
 
 Scalar = Union[bool, int, float, str]
+
+# a recipe is a few KB: these bounds are far above any real one and far below harm
+MAX_RECIPE_BYTES = 1 << 20
+MAX_NODES = 100_000  # values in the recipe once YAML aliases are expanded
+MAX_DEPTH = 32  # nesting of mappings and lists (a real recipe nests 5 deep)
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """`value` quoted on one short line, for error messages about hostile input."""
+    text = repr(value) if not isinstance(value, str) else repr(value)[1:-1]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def hint(word: Any, choices: Any) -> str:
+    """`closest` for a word that may be huge or not a string."""
+    return closest(word, choices) if isinstance(word, str) and len(word) <= 100 else ""
 
 
 class FilteredValue(BaseModel):
@@ -51,7 +76,7 @@ class ResolveInterference(BaseModel):
     Defaults are the paper's (CLIP ViT scale); tiny models want a larger lr (see README).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     auxiliary_data: str  # a .safetensors file (key "inputs"), a folder of images, a .txt/.jsonl file, or "gaussian"
     steps: int = Field(2500, ge=0)
     batch_size: int = Field(128, ge=1)
@@ -68,7 +93,7 @@ class ResolveInterference(BaseModel):
     def _known_devices(cls, value: list[str] | None) -> list[str] | None:
         for name in value or []:
             if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-                raise ValueError(f"unknown device '{name}'; use cpu, cuda or cuda:N")
+                raise ValueError(f"unknown device '{shown(name)}'; use cpu, cuda or cuda:N")
         if value is not None and not value:
             raise ValueError("give at least one device, or leave devices out")
         return value
@@ -77,7 +102,14 @@ class ResolveInterference(BaseModel):
 
 
 class Recipe(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A validated recipe.
+
+    `on_nonfinite` (ours) says what the engine does when an expert tensor holds NaN or Inf:
+    `error` (default) stops the merge naming the model and tensor, since such a tensor would
+    silently poison the merged model; `warn` reports it and merges anyway.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     merge_method: str
     models: list[ModelEntry] = Field(min_length=1)
@@ -94,19 +126,21 @@ class Recipe(BaseModel):
     device: str = "auto"
     seed: int = 0
     out_shard_size: Union[int, str] = Field("5GB", validate_default=True)
+    on_nonfinite: Literal["error", "warn"] = "error"
 
     @field_validator("dtype", "out_dtype")
     @classmethod
     def _known_dtype(cls, value: str | None) -> str | None:
         if value is not None and value not in DTYPES:
-            raise ValueError(f"unknown dtype '{value}'{closest(value, DTYPES)}; use one of float32, float16, bfloat16")
+            raise ValueError(f"unknown dtype '{shown(value)}'{hint(value, DTYPES)}; "
+                             "use one of float32, float16, bfloat16")
         return value
 
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-            raise ValueError(f"unknown device '{value}'; use auto, cpu, cuda or cuda:N")
+            raise ValueError(f"unknown device '{shown(value)}'; use auto, cpu, cuda or cuda:N")
         return value
 
     @field_validator("out_shard_size")
@@ -136,10 +170,10 @@ def parse_size(value: int | str) -> int:
     if isinstance(value, int):
         size = value
     else:
-        match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(value))
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+|[0-9]+\.)\s*([a-zA-Z]*)\s*", str(value))
         unit = match.group(2).lower() if match else "?"
-        if not match or unit not in _SIZE_UNITS and unit != "b":
-            raise ValueError(f"cannot read size '{value}'; write e.g. 2GB, 500MB or 1GiB")
+        if not match or unit not in _SIZE_UNITS or not math.isfinite(float(match.group(1))):
+            raise ValueError(f"cannot read size '{shown(value)}'; write e.g. 2GB, 500MB or 1GiB")
         if match.group(2) == "B" and float(match.group(1)) < 1000:  # mergekit: '5B' = 5 billion
             size = int(float(match.group(1)) * 10**9)
         else:
@@ -156,40 +190,181 @@ _MERGEKIT_ONLY = {
 }
 
 
+class _Refused(yaml.YAMLError):
+    """A recipe the loader will not build: `message` says why, `mark` where (if known)."""
+
+    def __init__(self, message: str, mark: Any = None) -> None:
+        super().__init__(message)
+        self.message, self.mark = message, mark
+
+
+def _line(mark: Any) -> str:
+    return f" at line {mark.line + 1}" if mark is not None else ""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader that refuses duplicate keys, deep nesting and alias bombs.
+
+    Composition never expands an alias (it shares the node), so bounding the expanded size of the
+    composed graph before anything is constructed keeps a hostile recipe's cost at its file size.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._checked: set[int] = set()  # mappings whose keys were checked for duplicates
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node:
+        """Count nesting while composing: PyYAML's composer recurses and would overflow the stack."""
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _Refused(f"nested more than {MAX_DEPTH} levels deep", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_document(self, node: Node) -> Any:
+        _expanded_size(node, 0, {}, set())
+        return super().construct_document(node)
+
+    def flatten_mapping(self, node: MappingNode) -> None:
+        """Refuse a key given twice (YAML keeps the last); keys from `<<` merges may be overridden.
+
+        Checked here, before the first flattening prepends the merged pairs to `node.value`."""
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: construct_mapping says so
+                    break
+                if first is not key_node.start_mark:
+                    raise _Refused(f"duplicate key '{shown(key)}'{_line(key_node.start_mark)} "
+                                   f"(first given at line {first.line + 1})")
+        super().flatten_mapping(node)
+
+
+def _expanded_size(node: Node, depth: int, sizes: dict[int, tuple[int, int]], active: set[int]) -> tuple[int, int]:
+    """(values, height) of `node` with every alias expanded, memoised on shared nodes; refuses
+    cycles, nesting past MAX_DEPTH and more than MAX_NODES values."""
+    key = id(node)
+    if depth > MAX_DEPTH:
+        raise _Refused(f"nested more than {MAX_DEPTH} levels deep (YAML aliases included)", node.start_mark)
+    if key in sizes:
+        size, height = sizes[key]
+    elif key in active:
+        raise _Refused("an alias refers to the value that contains it", node.start_mark)
+    else:
+        children: list[Node] = []
+        if isinstance(node, SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, MappingNode):
+            children = [part for pair in node.value for part in pair]
+        active.add(key)
+        size, height = 1, 0
+        for child in children:
+            child_size, child_height = _expanded_size(child, depth + 1, sizes, active)
+            size, height = size + child_size, max(height, child_height + 1)
+            _check_bounds(size, depth + height, node)
+        active.discard(key)
+        sizes[key] = (size, height)
+    _check_bounds(size, depth + height, node)
+    return size, height
+
+
+def _check_bounds(size: int, depth: int, node: Node) -> None:
+    if size > MAX_NODES:
+        raise _Refused(f"expands to more than {MAX_NODES} values (YAML aliases included); "
+                       "refusing what looks like an alias bomb", node.start_mark)
+    if depth > MAX_DEPTH:
+        raise _Refused(f"nested more than {MAX_DEPTH} levels deep (YAML aliases included)", node.start_mark)
+
+
 def load_recipe(path: Path) -> Recipe:
     """Read and validate a recipe file; every problem is a one-line `UserError`."""
     path = Path(path)
+    return parse_recipe_text(_read_text(path), source=str(path))
+
+
+def _read_text(path: Path) -> str:
+    """The file's text: a regular file (a FIFO or device would hang us), bounded, UTF-8."""
     try:
-        text = path.read_text()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise UserError(f"recipe file not found: {path}") from None
     except OSError as exc:
         raise UserError(f"cannot read recipe {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as file:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise UserError(f"{path}: is a directory, not a recipe file")
+        if not stat.S_ISREG(mode):
+            raise UserError(f"{path}: is not a regular file (a pipe or device?); give a recipe file")
+        try:
+            data = file.read(MAX_RECIPE_BYTES + 1)
+        except OSError as exc:
+            raise UserError(f"cannot read recipe {path}: {exc.strerror}") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise UserError(f"{path}: recipe is larger than {MAX_RECIPE_BYTES // 1024} KiB; is this a recipe?")
     try:
-        data = yaml.safe_load(text)
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise UserError(f"{path}: not UTF-8 text (byte {data[exc.start]:#04x} at line {line}); "
+                        "save the recipe as UTF-8") from None
+
+
+def parse_recipe_text(text: str, source: str = "recipe") -> Recipe:
+    """YAML text to a validated `Recipe`, with every protection of `load_recipe` but the file's."""
+    if not isinstance(text, str):
+        raise UserError(f"{source}: a recipe is YAML text, got {type(text).__name__}")
+    if len(text) > MAX_RECIPE_BYTES:
+        raise UserError(f"{source}: recipe is larger than {MAX_RECIPE_BYTES // 1024} KiB; is this a recipe?")
+    return parse_recipe(_load_yaml(text, source), source)
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    loader = _RecipeLoader(text)
+    try:
+        return loader.get_single_data()
+    except _Refused as exc:
+        raise UserError(f"{source}: {exc.message}{_line(exc.mark)}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UserError(f"{path}: malformed YAML{where}: {problem}") from None
-    return parse_recipe(data, source=str(path))
+        raise UserError(f"{source}: malformed YAML{where}: {problem}") from None
+    except (ValueError, OverflowError) as exc:  # a value YAML's resolver took but cannot build
+        raise UserError(f"{source}: cannot read a value: {shown(str(exc), 100)}") from None
+    except RecursionError:
+        raise UserError(f"{source}: nested too deeply") from None
+    finally:
+        loader.dispose()
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """An already parsed recipe (a dict as from `yaml.safe_load`) to a validated `Recipe`."""
     if not isinstance(data, dict):
         raise UserError(f"{source}: a recipe is a YAML mapping with merge_method, models, ...")
+    _check_tree(data, source)
     _check_keys(data, Recipe, source, "")
     for i, entry in enumerate(data.get("models") or []):
         if isinstance(entry, dict):
             _check_keys(entry, ModelEntry, source, f"models[{i}].")
     if isinstance(data.get("resolve_interference"), dict):
         _check_keys(data["resolve_interference"], ResolveInterference, source, "resolve_interference.")
+    _check_parameter_values(data, source)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "recipe"
-        message = err["msg"].removeprefix("Value error, ")
+        field = ".".join(shown(p) for p in err["loc"]) or "recipe"
+        message = " ".join(err["msg"].removeprefix("Value error, ").split())
         raise UserError(f"{source}: field '{field}': {message}") from None
     from .methods import get_method  # late import: methods import nothing from here at load
 
@@ -207,4 +382,101 @@ def _check_keys(data: dict, model: type[BaseModel], source: str, prefix: str) ->
             continue
         if key in _MERGEKIT_ONLY and not prefix:
             raise UserError(f"{source}: {_MERGEKIT_ONLY[key]}")
-        raise UserError(f"{source}: unknown key '{prefix}{key}'{closest(str(key), known)}")
+        raise UserError(f"{source}: unknown key '{prefix}{shown(key)}'{hint(key, known)}")
+
+
+def _path(parts: tuple[Any, ...]) -> str:
+    """'parameters.weight[0].value' from ('parameters', 'weight', 0, 'value')."""
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else f"{'.' if text else ''}{shown(part, 40)}"
+    return text or "recipe"
+
+
+def _check_tree(data: Any, source: str) -> None:
+    """Bound an already parsed recipe as the YAML loader bounds text (shared values, cycles,
+    depth, size) and refuse NaN and Inf wherever they sit."""
+    seen: dict[int, int] = {}
+
+    def walk(value: Any, where: tuple[Any, ...], active: frozenset[int]) -> int:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{source}: {_path(where)}: {value} is not a finite number")
+        if not isinstance(value, (dict, list, tuple)):
+            return 1
+        if len(where) > MAX_DEPTH:
+            raise UserError(f"{source}: {_path(where[:4])}...: nested more than {MAX_DEPTH} levels deep")
+        if id(value) in active:
+            raise UserError(f"{source}: {_path(where)}: a value contains itself")
+        if id(value) in seen:
+            return seen[id(value)]
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        size = 1
+        for key, item in items:
+            size += 1 + walk(item, (*where, key), active | {id(value)})
+            if size > MAX_NODES:
+                raise UserError(f"{source}: recipe holds more than {MAX_NODES} values (shared ones counted "
+                                "each time); refusing what looks like an alias bomb")
+        seen[id(value)] = size
+        return size
+
+    walk(data, (), frozenset())
+
+
+def _check_parameter_values(data: dict, source: str) -> None:
+    """Each parameter value is a scalar, a non-empty list of numbers (a gradient) or a non-empty
+    list of {filter, value} entries: refused here with its field, before pydantic coerces it."""
+    sections = [("parameters", data.get("parameters"))]
+    models = data.get("models")
+    if isinstance(models, list):
+        sections += [(f"models[{i}].parameters", m.get("parameters")) for i, m in enumerate(models)
+                     if isinstance(m, dict)]
+    for where, params in sections:
+        if params is None:
+            continue
+        if not isinstance(params, dict):
+            raise UserError(f"{source}: {where}: expected a mapping of parameter names to values, "
+                            f"got {_kind(params)}")
+        for name, value in params.items():
+            field = f"{where}.{shown(name, 40)}"
+            if not isinstance(name, str):
+                raise UserError(f"{source}: {field}: a parameter name is text, got {_kind(name)}")
+            if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+                for i, entry in enumerate(value):
+                    _check_filtered(entry, f"{field}[{i}]", source)
+            else:
+                _check_leaf(value, field, source)
+
+
+def _check_filtered(entry: dict, field: str, source: str) -> None:
+    if "value" not in entry:
+        raise UserError(f"{source}: {field}: a filtered entry needs a 'value'")
+    for key in entry:
+        if key not in ("filter", "value"):
+            raise UserError(f"{source}: {field}: unknown key '{shown(key)}'; a filtered entry takes filter and value")
+    if entry.get("filter") is not None and not isinstance(entry["filter"], str):
+        raise UserError(f"{source}: {field}.filter: expected text (a substring of tensor names), "
+                        f"got {_kind(entry['filter'])}")
+    _check_leaf(entry["value"], f"{field}.value", source)
+
+
+def _check_leaf(value: Any, field: str, source: str) -> None:
+    """A scalar, or a gradient: a non-empty list of numbers."""
+    if isinstance(value, list):
+        if not value:
+            raise UserError(f"{source}: {field}: an empty list; give a value or a gradient of numbers")
+        for i, point in enumerate(value):
+            if isinstance(point, bool) or not isinstance(point, (int, float)):
+                raise UserError(f"{source}: {field}[{i}]: a gradient holds numbers, got {_kind(point)}")
+    elif not isinstance(value, (bool, int, float, str)):
+        raise UserError(f"{source}: {field}: expected a number, true/false or a name, got {_kind(value)}")
+
+
+def _kind(value: Any) -> str:
+    """How a wrong value is described: its text for scalars, its type for the rest."""
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, str):
+        return f"'{shown(value)}'"
+    if isinstance(value, (bool, int, float)):
+        return shown(value)
+    return {dict: "a mapping", list: "a list"}.get(type(value), f"a {type(value).__name__}")

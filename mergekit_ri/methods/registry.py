@@ -9,25 +9,110 @@ files or devices: the engine does that, so the same function serves CPU and GPU.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import UserError, closest
+from ..errors import UserError
+from ..recipe import hint, shown
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # parameters become fp32 tensors: larger would be inf
+
+
 @dataclass(frozen=True)
 class Param:
+    """One parameter of a method. Its kind follows its default (a bool is true/false, a name has
+    `choices`, anything else is a number); numbers may carry a range, checked at load time."""
+
     name: str
     default: Any
     per_model: bool
     doc: str
     choices: tuple[str, ...] = ()
+    low: float | None = None  # inclusive bounds of a number
+    high: float | None = None
+    integer: bool = False  # a whole number (no gradient: interpolation would make fractions)
+
+    @property
+    def kind(self) -> str:
+        if self.choices:
+            return "choice"
+        return "bool" if isinstance(self.default, bool) else "number"
+
+    def range_text(self) -> str:
+        """'in [0, 1]', '>= 0', or '' for any finite number."""
+        if self.low is not None and self.high is not None:
+            return f"in [{self.low:g}, {self.high:g}]"
+        if self.low is not None:
+            return f">= {self.low:g}"
+        return f"<= {self.high:g}" if self.high is not None else ""
+
+    def check(self, value: Any, where: str) -> Any:
+        """`value` (one scalar, or a gradient's list) if this parameter takes it, else a one-line
+        UserError naming `where`; 0 and 1 are read as false and true, as mergekit does."""
+        if self.kind == "bool":
+            if isinstance(value, bool) or (type(value) is int and value in (0, 1)):
+                return bool(value)
+            raise UserError(f"{where}: expected true or false, got {_described(value)}")
+        if self.kind == "choice":
+            if isinstance(value, str) and value in self.choices:
+                return value
+            if isinstance(value, str):
+                raise UserError(f"{where}: '{shown(value)}' is not one of {', '.join(self.choices)}")
+            raise UserError(f"{where}: expected one of {', '.join(self.choices)}, got {_described(value)}")
+        if isinstance(value, list) and not self.integer:
+            return [self.check(point, f"{where}[{i}]") for i, point in enumerate(value)]
+        return self._check_number(value, where)
+
+    def _check_number(self, value: Any, where: str) -> float | int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            what = "a whole number" if self.integer else "a number"
+            raise UserError(f"{where}: expected {what}, got {_described(value)}")
+        if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+            raise UserError(f"{where}: {shown(value)} is not a finite float32 number")
+        if self.integer and value != int(value):
+            raise UserError(f"{where}: expected a whole number, got {shown(value)}")
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            raise UserError(f"{where}: {shown(value)} is outside the range of {self.name} ({self.range_text()})")
+        return int(value) if self.integer else value
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, str):
+        return f"'{shown(value)}'"
+    if isinstance(value, list):
+        return "a gradient (a list)"
+    return shown(value)
+
+
+# Ranges of the parameters by name (every method means the same by them): filled into a method's
+# Param at registration when it declares none, so `ri-merge methods` shows them.
+RANGES: dict[str, dict[str, Any]] = {
+    "density": {"low": 0.0, "high": 1.0},
+    "rank_ratio": {"low": 0.0, "high": 1.0},
+    "common_space_fraction": {"low": 0.0, "high": 1.0},
+    "momentum": {"low": 0.0, "high": 1.0},
+    "lr": {"low": 0.0},
+    "t": {"low": 0.0},
+    "iterations": {"low": 0.0, "integer": True},
+}
+
+
+def with_range(param: Param) -> Param:
+    """`param` with its range from RANGES (unless it has one), said in its doc."""
+    bounds = RANGES.get(param.name)
+    if param.kind != "number" or not bounds or param.low is not None or param.high is not None:
+        return param
+    ranged = replace(param, **bounds)
+    suffix = "; a whole number" if ranged.integer else ""
+    return replace(ranged, doc=f"{param.doc} ({ranged.range_text()}{suffix})")
 
 
 @dataclass(frozen=True)
@@ -91,39 +176,41 @@ class MethodSpec:
         return next(p for p in self.params if p.name == name)
 
     def check_parameters(self, recipe: Recipe, source: str) -> None:
-        """Refuse parameter names this method does not take, with the closest spelling."""
+        """Refuse parameter names this method does not take (with the closest spelling), global
+        parameters set per model, and values of the wrong kind or out of range."""
         names = {p.name for p in self.params}
-        per_model = {p.name for p in self.params if p.per_model}
-        places = [("parameters", recipe.parameters, names)]
-        places += [(f"models[{i}].parameters", m.parameters, names) for i, m in enumerate(recipe.models)]
-        for where, values, allowed in places:
+        places = [("parameters", recipe.parameters)]
+        places += [(f"models[{i}].parameters", m.parameters) for i, m in enumerate(recipe.models)]
+        for where, values in places:
             for key, value in values.items():
-                if key not in allowed:
+                if key not in names:
                     raise UserError(
-                        f"{source}: {where}: unknown parameter '{key}' for merge_method "
-                        f"'{self.name}'{closest(key, allowed)}; it takes: {', '.join(sorted(allowed)) or 'none'}"
+                        f"{source}: {where}: unknown parameter '{shown(key)}' for merge_method "
+                        f"'{self.name}'{hint(key, names)}; it takes: {', '.join(sorted(names)) or 'none'}"
                     )
                 param = self.param(key)
-                for choice in _leaf_values(value) if param.choices else ():
-                    if choice not in param.choices:
-                        raise UserError(
-                            f"{source}: {where}.{key}: '{choice}' is not one of {', '.join(param.choices)}"
-                        )
-                if where.startswith("models") and key not in per_model:
+                if where.startswith("models") and not param.per_model:
                     raise UserError(f"{source}: {where}: '{key}' is a global parameter; set it under top-level parameters")
+                for leaf, entry in _leaves(value):
+                    try:
+                        param.check(leaf, f"{source}: {where}.{key}")
+                    except UserError as exc:
+                        raise UserError(f"{exc}{entry}") from None
 
 
-def _leaf_values(value: Any) -> list[Any]:
-    """The values a parameter can take: itself, or each filtered entry's value."""
-    if isinstance(value, list):
-        return [leaf for entry in value for leaf in _leaf_values(getattr(entry, "value", entry))]
-    return [value]
+def _leaves(value: Any) -> list[tuple[Any, str]]:
+    """(value, which entry) of a parameter: itself, or each filtered entry's value."""
+    if isinstance(value, list) and value and all(hasattr(entry, "value") for entry in value):
+        return [(entry.value, f" (entry {i}, " + ("no filter)" if entry.filter is None else f"filter '{shown(entry.filter)}')"))
+                for i, entry in enumerate(value)]
+    return [(value, "")]
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register(spec: MethodSpec) -> MethodSpec:
+    spec = replace(spec, params=tuple(with_range(p) for p in spec.params))
     for name in (spec.name, *spec.aliases):
         _REGISTRY[name] = spec
     return spec
@@ -131,7 +218,7 @@ def register(spec: MethodSpec) -> MethodSpec:
 
 def get_method(name: str, source: str = "recipe") -> MethodSpec:
     if name not in _REGISTRY:
-        raise UserError(f"{source}: unknown merge_method '{name}'{closest(name, _REGISTRY)}; "
+        raise UserError(f"{source}: unknown merge_method '{shown(name)}'{hint(name, _REGISTRY)}; "
                         f"known: {', '.join(sorted(all_methods()))}")
     return _REGISTRY[name]
 
