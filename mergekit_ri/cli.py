@@ -1,4 +1,4 @@
-"""The `ri-merge` command line: parsing and printing only.
+"""The `ri-merge` command line: parsing, printing and exit codes around `mergekit_ri.api`.
 
 `ri-merge RECIPE -o OUT` is short for `ri-merge merge RECIPE -o OUT`. Exit codes: 0 success,
 2 bad input (one line on stderr, no traceback), 1 internal error, 130 interrupted.
@@ -9,21 +9,25 @@ from __future__ import annotations
 import gc
 import json
 import os
-import shutil
 import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+
+from . import __version__
+from .demo import demo_recipe_path, prepare_demo_folder  # noqa: F401 (demo_recipe_path: kept importable here)
+from .errors import UserError
+from .events import MergeEvents
+
 if TYPE_CHECKING:
     from rich.progress import Progress
 
-from . import __version__
-from .errors import UserError
+    from .api import MergeOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Merge fine-tuned experts of one base model into one multi-task model.")
@@ -66,46 +70,6 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _load_plan(recipe_path: Path, device: Optional[str], *, dry_run: bool = False, quiet: bool = True):
-    """(plan, RI status, recipe as written): the plan is built after RI adapted the experts (or,
-    for a dry run, found what it would do)."""
-    from .plan import build_plan
-    from .recipe import load_recipe
-
-    recipe = original = load_recipe(recipe_path)
-    if device is not None:
-        recipe = original = recipe.model_copy(update={"device": device})
-    ri_status = None
-    if recipe.resolve_interference is not None:
-        from .engine import resolve_device
-        from .ri import resolve_interference
-
-        with _steps_progress(quiet) as bar:
-            recipe, ri_status = resolve_interference(recipe, recipe_path.resolve().parent, resolve_device(recipe.device),
-                                                     report=_ri_reporter(bar), dry_run=dry_run)
-    return build_plan(recipe, recipe_path.resolve().parent), ri_status, original
-
-
-def _report_interference(original, recipe_dir: Path, merged: Path, device: str) -> dict[str, float]:
-    """ξ on the auxiliary data of this merge and of the same merge without RI (analysis only)."""
-    import tempfile
-
-    from .engine import resolve_device, run_merge
-    from .plan import build_plan
-    from .ri.interference import interference
-    from .ri.prepare import ri_context
-
-    ctx = ri_context(original, recipe_dir)
-    target = resolve_device(device)
-    plain = original.model_copy(update={"resolve_interference": None, "heads": ctx.heads})
-    with tempfile.TemporaryDirectory(prefix="ri-merge-xi-") as scratch:
-        without = Path(scratch) / "without-ri"
-        run_merge(build_plan(plain, recipe_dir), without, device=str(target))
-        before = interference(without, ctx.experts, ctx.model_class, ctx.aux, target)
-    after = interference(merged, ctx.experts, ctx.model_class, ctx.aux, target)
-    return {"without_ri": before, "with_ri": after}
-
-
 class _NoBars:
     """What the commands use of a rich `Progress`, doing nothing: with bars off (--quiet, a pipe)
     rich.progress is not even imported (it pulls in rich.table: 80 ms of every run)."""
@@ -137,62 +101,6 @@ def _steps_progress(quiet: bool) -> "Progress | _NoBars":
                     TimeRemainingColumn(), console=err)
 
 
-def _ri_reporter(bar: Progress):
-    def start(label: str, steps: int):
-        task = bar.add_task(f"RI {label}", total=steps)
-
-        def report(step: int, l1: float, l2: float) -> None:
-            bar.update(task, completed=step, description=f"RI {label}  L1 {l1:.4f}  L2 {l2:.4f}")
-
-        return report
-
-    return start
-
-
-def _print_plan(plan, console: Console) -> None:
-    from rich.table import Table
-
-    summary = plan.summary()
-    table = Table(title=f"Merge plan: {summary['method']}", show_header=False)
-    table.add_row("base", str(summary["base"]))
-    table.add_row("models", "\n".join(summary["models"]))
-    table.add_row("tensors", f"{summary['tensors']} ({summary['tensors_merged']} merged, {summary['tensors_copied']} copied)")
-    table.add_row("read", _human(summary["bytes_read"]))
-    table.add_row("write", _human(summary["bytes_written"]))
-    table.add_row("output shards", "\n".join(f"{s['file']}  {s['tensors']} tensors, {_human(s['bytes'])}" for s in summary["shards"]))
-    table.add_row("peak memory (est.)", _human(summary["peak_memory_estimate"]))
-    if summary["heads"]:
-        table.add_row("task heads", "\n".join(
-            f"{label}{' (default)' if label == summary['heads_default'] else ''}: "
-            + ", ".join(f"{n} {shape}" for n, shape in tensors.items())
-            for label, tensors in summary["heads"].items()))
-    console.print(table)
-    for warning in summary["warnings"]:
-        console.print(f"warning: {warning}", markup=False)
-
-
-def _layer_reporter(bar: Progress, layers: dict[str, dict[str, float]], show: bool):
-    """-v: each solved layer's figures (WUDI: its loss before → after) into `layers`, and
-    printed as one line above the progress bar when `show`."""
-    def report(name: str, figures: dict[str, float]) -> None:
-        layers[name] = dict(figures)
-        if show:
-            bar.console.print(_layer_line(name, figures), markup=False, highlight=False, soft_wrap=True)
-
-    return report
-
-
-def _layer_line(name: str, figures: dict[str, float]) -> str:
-    parts = [f"  {name}"]
-    if "loss_before" in figures and "loss_after" in figures:
-        before, after = figures["loss_before"], figures["loss_after"]
-        relative = f" ({after / before:.3f}× the start)" if before > 0 else ""
-        parts.append(f"loss {before:.6g} → {after:.6g}{relative}")
-    if "directions" in figures:
-        parts.append(f"{int(figures['directions'])} directions")
-    return "  ".join(parts)
-
-
 def _progress(quiet: bool) -> "Progress | _NoBars":
     if quiet:
         return _NoBars()
@@ -205,57 +113,156 @@ def _progress(quiet: bool) -> "Progress | _NoBars":
     )
 
 
-def merge_command(recipe: Path, output: Path, device: Optional[str], dry_run: bool, force: bool,
-                  quiet: bool, as_json: bool, verbose: bool, prefetch: int) -> None:
-    def body() -> None:
-        from .engine import run_merge, total_work_bytes
+def _print_plan(plan, console: Console) -> None:
+    from rich.table import Table
 
-        show_bars = not quiet and (err.is_terminal or verbose)
-        plan, ri_status, original = _load_plan(recipe, device, dry_run=dry_run, quiet=not show_bars)
-        ri_summary = {"ri": vars(ri_status)} if ri_status is not None else {}
-        if dry_run:
-            if as_json:
-                print(json.dumps({"dry_run": True, **plan.summary(), **ri_summary}, indent=2))
-            else:
-                _print_plan(plan, out)
-                if ri_status is not None:
-                    out.print(f"RI: {len(ri_status.cache_hits)} of {len(ri_status.adapted)} experts already adapted "
-                              f"in the cache; the others would be trained first", markup=False)
-            return
-        if verbose and not quiet:
+    summary = plan.summary()
+    table = Table(title=f"Merge plan: {summary['method']}", show_header=False)
+    table.add_row("base", str(summary["base"]))
+    table.add_row("models", "\n".join(summary["models"]))
+    table.add_row("tensors", f"{summary['tensors']} ({summary['tensors_merged']} merged, "
+                             f"{summary['tensors_copied']} copied)")
+    table.add_row("read", _human(summary["bytes_read"]))
+    table.add_row("write", _human(summary["bytes_written"]))
+    table.add_row("output shards", "\n".join(f"{s['file']}  {s['tensors']} tensors, {_human(s['bytes'])}"
+                                             for s in summary["shards"]))
+    table.add_row("peak memory (est.)", _human(summary["peak_memory_estimate"]))
+    if summary["heads"]:
+        table.add_row("task heads", "\n".join(
+            f"{label}{' (default)' if label == summary['heads_default'] else ''}: "
+            + ", ".join(f"{n} {shape}" for n, shape in tensors.items())
+            for label, tensors in summary["heads"].items()))
+    console.print(table)
+    for warning in summary["warnings"]:
+        console.print(f"warning: {warning}", markup=False)
+
+
+def _layer_line(name: str, figures: Mapping[str, float]) -> str:
+    parts = [f"  {name}"]
+    if "loss_before" in figures and "loss_after" in figures:
+        before, after = figures["loss_before"], figures["loss_after"]
+        relative = f" ({after / before:.3f}× the start)" if before > 0 else ""
+        parts.append(f"loss {before:.6g} → {after:.6g}{relative}")
+    if "directions" in figures:
+        parts.append(f"{int(figures['directions'])} directions")
+    return "  ".join(parts)
+
+
+class _Rendered(MergeEvents):
+    """The merge's events on stderr: RI and merge progress bars (when `bars`), the plan with -v,
+    warnings once each unless quiet, and with `layers` each solved layer's line above the bar."""
+
+    def __init__(self, bars: bool, quiet: bool, verbose: bool, layers: bool) -> None:
+        self.bars, self.quiet, self.verbose, self.layers = bars, quiet, verbose, layers
+        self._ri: Progress | _NoBars | None = None
+        self._ri_tasks: dict[str, int] = {}
+        self._merge: Progress | _NoBars | None = None
+        self._merge_task = 0
+        self._total = 0
+        self._method = ""
+        self._shown: set[str] = set()
+
+    def __enter__(self) -> "_Rendered":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close_ri()
+        if self._merge is not None:
+            self._merge.__exit__(None, None, None)
+            self._merge = None
+
+    def _close_ri(self) -> None:
+        if self._ri is not None:
+            self._ri.__exit__(None, None, None)
+            self._ri = None
+
+    def on_ri_start(self, expert: str, steps: int) -> None:
+        if self._ri is None:
+            self._ri = _steps_progress(not self.bars).__enter__()
+        self._ri_tasks[expert] = self._ri.add_task(f"RI {expert}", total=steps)
+
+    def on_ri_step(self, expert: str, step: int, l1: float, l2: float) -> None:
+        if self._ri is not None and expert in self._ri_tasks:
+            self._ri.update(self._ri_tasks[expert], completed=step,
+                            description=f"RI {expert}  L1 {l1:.4f}  L2 {l2:.4f}")
+
+    def on_plan(self, plan, total_bytes: int) -> None:
+        self._close_ri()
+        self._total, self._method = total_bytes, plan.method.name
+        if self.verbose:
             _print_plan(plan, err)
+            self._shown.update(plan.warnings)
             if plan.method.raw_inputs:
                 from .kernels import native
 
                 err.print(f"CPU kernels: {native.describe()}", markup=False, highlight=False, soft_wrap=True)
-        elif not quiet:
-            for warning in plan.warnings:
-                err.print(f"warning: {warning}", markup=False)
-        layers: dict[str, dict[str, float]] = {}
-        with _progress(not show_bars) as bar:
-            task = bar.add_task(f"merging ({plan.method.name})", total=total_work_bytes(plan))
-            report = _layer_reporter(bar, layers, show=not quiet and not as_json) if verbose else None
-            result = run_merge(plan, output, device=device or plan.recipe.device, force=force,
-                               prefetch=prefetch, progress=lambda n: bar.advance(task, n), report=report)
-        if ri_status is not None and verbose:
-            xi = _report_interference(original, recipe.resolve().parent, result.out, device or plan.recipe.device)
-            ri_summary["ri"]["interference"] = xi
-            err.print(f"interference ξ on the auxiliary data: {xi['without_ri']:.4f} without RI, "
-                      f"{xi['with_ri']:.4f} with RI (reported only; never used to tune the merge)", markup=False)
-        summary = {
-            "output": str(result.out), "method": plan.method.name, "device": result.device,
-            "tensors": result.tensors, "shards": result.shards, "bytes_read": result.bytes_read,
-            "bytes_written": result.bytes_written, "seconds": round(result.seconds, 3), "files": result.files,
-            **ri_summary, **({"layers": layers} if verbose else {}),
-        }
-        if as_json:
-            print(json.dumps(summary, indent=2))
-        elif not quiet:
-            out.print(f"merged {result.tensors} tensors ({_human(result.bytes_read)} read) with "
-                      f"{plan.method.name} on {result.device} in {result.seconds:.1f}s → {result.out}",
-                      markup=False, highlight=False)
 
-    _guarded(body, verbose)
+    def on_warning(self, text: str) -> None:
+        if not self.quiet and text not in self._shown:
+            self._shown.add(text)
+            self._bar().console.print(f"warning: {text}", markup=False)
+
+    def on_progress(self, advance: int) -> None:
+        self._bar().advance(self._merge_task, advance)
+
+    def on_layer(self, name: str, figures: Mapping[str, float]) -> None:
+        if self.layers:
+            self._bar().console.print(_layer_line(name, figures), markup=False, highlight=False, soft_wrap=True)
+
+    def _bar(self) -> "Progress | _NoBars":
+        """The merge's bar, started on first use (after the plan and its warnings are printed)."""
+        if self._merge is None:
+            self._merge = _progress(not self.bars).__enter__()
+            self._merge_task = self._merge.add_task(f"merging ({self._method})", total=self._total)
+        return self._merge
+
+
+def _run_merge(recipe: Path, output: Path, options: "MergeOptions", *, dry_run: bool = False,
+               quiet: bool = False, as_json: bool = False, verbose: bool = False) -> None:
+    """`ri-merge merge` (and the demo's merge): the API's plan or merge, printed."""
+    from . import api
+
+    if dry_run:
+        report = api.plan(recipe, options=options)
+        if as_json:
+            print(json.dumps({"dry_run": True, **report.summary()}, indent=2))
+            return
+        _print_plan(report.plan, out)
+        if report.ri is not None:
+            out.print(f"RI: {len(report.ri.cache_hits)} of {len(report.ri.adapted)} experts already adapted "
+                      f"in the cache; the others would be trained first", markup=False)
+        return
+    show_bars = not quiet and (err.is_terminal or verbose)
+    with _Rendered(show_bars, quiet, verbose and not quiet, verbose and not quiet and not as_json) as events:
+        result = api.merge(recipe, output, options=options, events=events)
+    if result.interference is not None:
+        xi = result.interference
+        err.print(f"interference ξ on the auxiliary data: {xi['without_ri']:.4f} without RI, "
+                  f"{xi['with_ri']:.4f} with RI (reported only; never used to tune the merge)", markup=False)
+    if as_json:
+        print(json.dumps(_json_summary(result, verbose), indent=2))
+    elif not quiet:
+        out.print(f"merged {result.tensors} tensors ({_human(result.bytes_read)} read) with "
+                  f"{result.method} on {result.device} in {result.seconds:.1f}s → {result.out}",
+                  markup=False, highlight=False)
+
+
+def _json_summary(result, verbose: bool) -> dict[str, Any]:
+    """`--json`: "files" names the output folder's entries; "manifest" lists every written file
+    (heads/ included) with its size and sha256."""
+    from .io.manifest import top_level_names
+
+    ri = {}
+    if result.ri is not None:
+        ri = {"ri": {**result.ri.summary(),
+                     **({"interference": dict(result.interference)} if result.interference is not None else {})}}
+    return {
+        "output": str(result.out), "method": result.method, "device": result.device,
+        "tensors": result.tensors, "shards": result.shards, "bytes_read": result.bytes_read,
+        "bytes_written": result.bytes_written, "seconds": round(result.seconds, 3),
+        "files": top_level_names(result.files), "manifest": [f.to_json() for f in result.files],
+        **ri, **({"layers": {k: dict(v) for k, v in (result.layers or {}).items()}} if verbose else {}),
+    }
 
 
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Output folder (created; must not exist or be empty unless --force).")]
@@ -279,11 +286,14 @@ def merge(
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for the maths (default: all cores).")] = None,
 ) -> None:
     """Merge the models of RECIPE into OUTPUT (`ri-merge RECIPE -o OUT` for short)."""
-    if threads is not None:
-        import torch
+    def body() -> None:
+        from .api import MergeOptions
 
-        torch.set_num_threads(threads)
-    merge_command(recipe, output, device, dry_run, force, quiet, as_json, verbose, prefetch)
+        options = MergeOptions(device=device, threads=threads, prefetch=prefetch, force=force,
+                               report_layers=verbose, interference=verbose, checksums=as_json)
+        _run_merge(recipe, output, options, dry_run=dry_run, quiet=quiet, as_json=as_json, verbose=verbose)
+
+    _guarded(body, verbose)
 
 
 @app.command("validate")
@@ -294,7 +304,9 @@ def validate(
 ) -> None:
     """Check a recipe and every input's headers, reading no weight."""
     def body() -> None:
-        plan, _, _ = _load_plan(recipe, None, dry_run=True)
+        from .api import plan as make_plan
+
+        plan = make_plan(recipe).plan
         if as_json:
             print(json.dumps({"valid": True, **plan.summary()}, indent=2))
         elif not quiet:
@@ -335,33 +347,17 @@ def demo(
 ) -> None:
     """Generate a tiny Llama-style base + 2 experts and merge them with configs/demo.yaml."""
     def body() -> None:
-        from .synthetic import make_family
+        from .api import MergeOptions
 
-        marker = folder / ".ri-merge-demo"
-        if folder.exists() and any(folder.iterdir()) and not marker.exists():
-            raise UserError(f"{folder} exists and is not a previous demo folder; pass --dir elsewhere")
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        marker.touch()
-        make_family(folder, ["expert_math", "expert_code"], shards=2)
-        recipe = folder / "recipe.yaml"
-        shutil.copyfile(demo_recipe_path(), recipe)
+        recipe = prepare_demo_folder(folder)
         if not quiet and not as_json:
             out.print(f"wrote a tiny base and 2 experts under {folder}/, recipe {recipe}", markup=False, highlight=False)
-        merge_command(recipe, folder / "merged", None, False, True, quiet or as_json, as_json, False, 2)
+        _run_merge(recipe, folder / "merged", MergeOptions(force=True, checksums=as_json),
+                   quiet=quiet or as_json, as_json=as_json)
         if not quiet and not as_json:
             out.print(_check_loads(folder / "merged"), markup=False, highlight=False)
 
     _guarded(body)
-
-
-def demo_recipe_path() -> Path:
-    """configs/demo.yaml: packaged in the wheel, or beside the package in a source checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "configs" / "demo.yaml", here.parent / "configs" / "demo.yaml"):
-        if candidate.is_file():
-            return candidate
-    raise UserError("configs/demo.yaml is missing from this installation")
 
 
 def _check_loads(folder: Path) -> str:

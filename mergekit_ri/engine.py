@@ -163,8 +163,6 @@ def run_merge(plan: MergePlan, out: Path, *, device: str = "auto", force: bool =
               prefetch: int = PREFETCH_DEFAULT, progress: Progress | None = None,
               report: LayerReport | None = None, checksums: bool = False,
               provenance: RIProvenance | None = None) -> MergeResult:
-    """`checksums`: every written file's sha256 in the result; `provenance`: what RI adapted, for
-    the model card."""
     """Merge into a hidden staging folder, then rename it to `out` (under the output's lock)."""
     started = time.perf_counter()
     target = resolve_device(device if device != "auto" else plan.recipe.device)

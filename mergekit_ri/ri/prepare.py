@@ -38,6 +38,18 @@ AUTO_CLASSES = {
 ReportFactory = Callable[[str, int], StepReport]
 
 
+@dataclass(frozen=True)
+class RIProvenance:
+    """Where the merged experts came from, for the model card: the experts as the user gave them
+    and the adapted checkpoints that replaced them."""
+
+    models: list[ModelEntry]  # the recipe's models before RI pointed them at the cache
+    references: dict[str, str]  # expert label → its original reference
+    adapted: dict[str, str]  # expert label → adapted checkpoint (cache entry)
+    cache_root: str
+    aux_fingerprint: str
+
+
 @dataclass
 class RIStatus:
     """What RI did or would do, per expert (for --dry-run, -v and the JSON summary)."""
@@ -46,17 +58,12 @@ class RIStatus:
     cache_hits: list[str]
     trained: list[str]
     devices: list[str] = field(default_factory=list)  # where the experts were trained (one worker each if several)
+    provenance: RIProvenance | None = None  # None for a dry run: nothing was adapted
 
-
-@dataclass
-class RIApplied:
-    """Attached to the rewritten recipe's RI section: the experts as the user gave them (model card)."""
-
-    models: list[ModelEntry]  # the recipe's models before RI pointed them at the cache
-    references: dict[str, str]  # expert label → its original reference
-    adapted: dict[str, str]  # expert label → adapted checkpoint (cache entry)
-    cache_root: str
-    aux_fingerprint: str
+    def summary(self) -> dict[str, object]:
+        """The JSON form (`--json`'s "ri")."""
+        return {"adapted": dict(self.adapted), "cache_hits": list(self.cache_hits), "trained": list(self.trained),
+                "devices": list(self.devices)}
 
 
 def cache_root(setting: str | None) -> Path:
@@ -129,7 +136,8 @@ def ri_context(recipe: Recipe, recipe_dir: Path | None) -> RIContext:
 
 def resolve_interference(recipe: Recipe, recipe_dir: Path | None, device: torch.device,
                          report: ReportFactory | None = None, dry_run: bool = False) -> tuple[Recipe, RIStatus]:
-    """The recipe with its models replaced by their RI-adapted versions (trained or cached)."""
+    """The recipe with its models replaced by their RI-adapted versions (trained or cached), and
+    what RI did (`RIStatus`, with the provenance the model card reports)."""
     settings_in = recipe.resolve_interference
     assert settings_in is not None
     if recipe.base_model is None:
@@ -171,10 +179,9 @@ def resolve_interference(recipe: Recipe, recipe_dir: Path | None, device: torch.
     if dry_run:  # plan over the original experts: the adapted ones have the same names and shapes
         return recipe.model_copy(update={"heads": heads}), status
     models = [ModelEntry(model=str(folders[m.label]), parameters=entry.parameters) for m, entry in zip(experts, recipe.models)]
-    applied = settings_in.model_copy()
-    applied._applied = RIApplied(list(recipe.models), {m.label: m.reference for m in experts},
-                                 {k: str(v) for k, v in folders.items()}, str(root), aux.fingerprint)
-    return recipe.model_copy(update={"models": models, "heads": heads, "resolve_interference": applied}), status
+    status.provenance = RIProvenance(list(recipe.models), {m.label: m.reference for m in experts},
+                                     {k: str(v) for k, v in folders.items()}, str(root), aux.fingerprint)
+    return recipe.model_copy(update={"models": models, "heads": heads}), status
 
 
 def ri_devices(listed: list[str] | None, recipe_device: str, device: torch.device) -> list[torch.device]:

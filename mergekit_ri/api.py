@@ -1,0 +1,240 @@
+"""The Python API: `load_recipe`, `plan` and `merge`, the steps the `ri-merge` command runs.
+
+    import mergekit_ri as m
+    result = m.merge("recipe.yaml", "out")          # or a YAML string, or a dict
+    print(result.seconds, [f.name for f in result.files])
+
+A merge is: read the recipe → RI, when the recipe asks for it (adapt each expert or find it in
+the cache) → plan from the headers → stream the weights → write, then optionally the ξ report.
+Progress and per-layer figures go to a `MergeEvents` object (ignore them: pass nothing). Bad
+input raises `UserError` with the one-line message the CLI prints after "error: ".
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+from .errors import UserError
+from .events import MergeEvents
+
+if TYPE_CHECKING:
+    from .engine import MergeResult
+    from .plan import MergePlan
+    from .recipe import Recipe
+    from .ri.prepare import RIStatus
+
+RecipeInput = Union[str, "os.PathLike[str]", Mapping[str, Any], "Recipe"]
+
+__all__ = ["MergeOptions", "PlanReport", "load_recipe", "plan", "merge"]
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """How to run a merge; the recipe says what to merge.
+
+    device: auto | cpu | cuda | cuda:N, overriding the recipe's (None: the recipe's).
+    threads: CPU threads for the maths during the merge (None: torch's default, all cores).
+    prefetch: tensors read ahead of the merge (memory ↔ overlap).
+    force: replace a non-empty output folder.
+    report_layers: per solved layer figures (WUDI's loss before → after) in `MergeResult.layers`
+        and `MergeEvents.on_layer`; costs a loss evaluation per layer, so off by default.
+    interference: for RI recipes, ξ with and without RI in `MergeResult.interference`; costs a
+        second merge, into a temporary folder.
+    checksums: sha256 of every written file in `MergeResult.files` (re-reads the output once).
+    """
+
+    device: str | None = None
+    threads: int | None = None
+    prefetch: int = 2
+    force: bool = False
+    report_layers: bool = False
+    interference: bool = False
+    checksums: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.prefetch <= 64:
+            raise UserError(f"prefetch must be between 1 and 64, not {self.prefetch}")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"threads must be at least 1, not {self.threads}")
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    """What a merge would do, from headers alone: the plan and, for RI recipes, which experts are
+    already adapted in the cache (`ri.cache_hits`) and which would be trained first."""
+
+    plan: MergePlan
+    recipe: Recipe  # as given (with the device override), before RI points it at the cache
+    ri: RIStatus | None = None
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.plan.warnings)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON form (`ri-merge --dry-run --json`, without its "dry_run" key)."""
+        return {**self.plan.summary(), **({"ri": self.ri.summary()} if self.ri is not None else {})}
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A recipe as read, and the folder its relative model paths are resolved against."""
+
+    recipe: Recipe
+    folder: Path | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_recipe(recipe: RecipeInput) -> Recipe:
+    """A validated `Recipe` from a file path, YAML text or a dict (a `Recipe` passes through).
+
+    A string is YAML text when it holds a newline or a ':' and names no existing file; anything
+    else is a path."""
+    return _read(recipe).recipe
+
+
+def plan(recipe: RecipeInput, *, options: MergeOptions = MergeOptions()) -> PlanReport:
+    """Validate and plan without reading any weight or writing anything (`--dry-run`).
+
+    With RI, nothing is trained, but finding the cache entries hashes the experts' bytes."""
+    source = _read(recipe)
+    original = _with_device(source.recipe, options.device)
+    adapted, status = _resolve_interference(original, source.folder, MergeEvents(), dry_run=True)
+    from .plan import build_plan
+
+    return PlanReport(build_plan(adapted, source.folder), original, status)
+
+
+def merge(recipe: RecipeInput, out: str | os.PathLike[str], *, options: MergeOptions = MergeOptions(),
+          events: MergeEvents | None = None) -> MergeResult:
+    """Merge the recipe's models into the folder `out` and describe what was written.
+
+    `out` is written atomically: a hidden staging folder beside it is renamed into place at the
+    end, so a failed merge leaves nothing that looks like a checkpoint."""
+    events = events or MergeEvents()
+    source = _read(recipe)
+    original = _with_device(source.recipe, options.device)
+    with _threads(options.threads):
+        from .engine import run_merge, total_work_bytes
+        from .plan import build_plan
+
+        adapted, status = _resolve_interference(original, source.folder, events, dry_run=False)
+        merge_plan = build_plan(adapted, source.folder)
+        events.on_plan(merge_plan, total_work_bytes(merge_plan))
+        for warning in merge_plan.warnings:
+            events.on_warning(warning)
+        announced = len(merge_plan.warnings)
+        layers: dict[str, dict[str, float]] | None = {} if options.report_layers else None
+        result = run_merge(merge_plan, Path(out), device=original.device, force=options.force,
+                           prefetch=options.prefetch, progress=events.on_progress,
+                           report=_layer_collector(layers, events) if layers is not None else None,
+                           checksums=options.checksums,
+                           provenance=status.provenance if status is not None else None)
+        for warning in result.warnings[announced:]:  # found while merging (e.g. non-finite inputs)
+            events.on_warning(warning)
+        xi = None
+        if options.interference and status is not None:
+            from .ri.report import interference_report
+
+            xi = interference_report(original, source.folder, result.out, original.device)
+    return replace(result, ri=status, layers=layers, interference=xi)
+
+
+# ---------------------------------------------------------------- steps
+
+
+def _read(recipe: RecipeInput) -> _Source:
+    from . import recipe as schema
+
+    if isinstance(recipe, schema.Recipe):
+        return _Source(recipe, None)
+    if isinstance(recipe, Mapping):
+        return _Source(schema.parse_recipe(dict(recipe), source="recipe"), None)
+    if isinstance(recipe, str) and _looks_like_yaml(recipe):
+        return _Source(_parse_text(recipe), None)
+    if not isinstance(recipe, (str, os.PathLike)):
+        raise UserError(f"a recipe is a path, YAML text or a dict, not {type(recipe).__name__}")
+    path = Path(recipe)
+    loaded = schema.load_recipe(path)
+    from .demo import demo_models_for
+
+    return _Source(loaded, demo_models_for(path) or path.resolve().parent)
+
+
+def _looks_like_yaml(text: str) -> bool:
+    if "\n" not in text and ":" not in text:
+        return False
+    try:
+        return not Path(text).exists()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte: not a path
+        return True
+
+
+def _parse_text(text: str) -> Recipe:
+    from . import recipe as schema
+
+    parse_text = getattr(schema, "parse_recipe_text", None)
+    if parse_text is not None:
+        return parse_text(text, source="recipe")
+    # TODO: drop this fallback once recipe.parse_recipe_text is everywhere (it guards against
+    # hostile YAML too); yaml.safe_load + parse_recipe is what load_recipe did before it.
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"recipe: malformed YAML{where}: {problem}") from None
+    return schema.parse_recipe(data, source="recipe")
+
+
+def _with_device(recipe: Recipe, device: str | None) -> Recipe:
+    return recipe if device is None else recipe.model_copy(update={"device": device})
+
+
+def _resolve_interference(recipe: Recipe, folder: Path | None, events: MergeEvents,
+                          dry_run: bool) -> tuple[Recipe, RIStatus | None]:
+    """RI as a step in front of the merge: the recipe pointed at the adapted experts, and what RI
+    did. Recipes without `resolve_interference` pass through."""
+    if recipe.resolve_interference is None:
+        return recipe, None
+    from .engine import resolve_device
+    from .ri.prepare import resolve_interference
+
+    def start(label: str, steps: int):
+        events.on_ri_start(label, steps)
+        return lambda step, l1, l2: events.on_ri_step(label, step, l1, l2)
+
+    return resolve_interference(recipe, folder, resolve_device(recipe.device), report=start, dry_run=dry_run)
+
+
+def _layer_collector(layers: dict[str, dict[str, float]], events: MergeEvents):
+    def report(name: str, figures: Mapping[str, float]) -> None:
+        layers[name] = dict(figures)
+        events.on_layer(name, layers[name])
+
+    return report
+
+
+@contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """torch's CPU threads for the duration of the merge, restored after (a library call should
+    not change the caller's process for good)."""
+    if count is None:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -1,0 +1,51 @@
+"""The list of files a merge wrote, with sizes and sha256: what a CI job checks before uploading.
+
+The hashes re-read the finished files (from the page cache, right after writing them); hashing
+while writing would save that read but needs the writer to feed the digests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+CHUNK = 1 << 24  # bytes hashed at a time: big shards are never read whole into memory
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One written file: its path relative to the output folder ('/'-separated), size, sha256."""
+
+    name: str
+    size: int
+    sha256: str | None  # None when checksums were not asked for
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_manifest(folder: Path, checksums: bool = True) -> tuple[FileRecord, ...]:
+    """Every regular file under `folder`, sorted by name; hashed on a few threads (hashlib
+    releases the GIL on big buffers, so shards hash in parallel)."""
+    paths = sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.relative_to(folder).as_posix())
+    if checksums and paths:
+        with ThreadPoolExecutor(min(4, len(paths)), "ri-hash") as pool:
+            digests: list[str | None] = list(pool.map(file_sha256, paths))
+    else:
+        digests = [None] * len(paths)
+    return tuple(FileRecord(p.relative_to(folder).as_posix(), p.stat().st_size, d) for p, d in zip(paths, digests))
+
+
+def top_level_names(files: tuple[FileRecord, ...]) -> list[str]:
+    """The output folder's entries (files and sub-folders such as heads/), as `--json` lists them."""
+    return sorted({record.name.split("/", 1)[0] for record in files})
