@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from yaml.nodes import MappingNode, Node, SequenceNode
 
 from .errors import UserError, closest
@@ -97,8 +97,6 @@ class ResolveInterference(BaseModel):
         if value is not None and not value:
             raise ValueError("give at least one device, or leave devices out")
         return value
-    # set by mergekit_ri.ri once the experts are adapted (not a recipe key): what the model card reports
-    _applied: Any = PrivateAttr(default=None)
 
 
 class Recipe(BaseModel):
@@ -299,16 +297,18 @@ def _read_text(path: Path) -> str:
         raise UserError(f"recipe file not found: {path}") from None
     except OSError as exc:
         raise UserError(f"cannot read recipe {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as file:
+    try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
             raise UserError(f"{path}: is a directory, not a recipe file")
         if not stat.S_ISREG(mode):
             raise UserError(f"{path}: is not a regular file (a pipe or device?); give a recipe file")
-        try:
+        with os.fdopen(fd, "rb", closefd=False) as file:
             data = file.read(MAX_RECIPE_BYTES + 1)
-        except OSError as exc:
-            raise UserError(f"cannot read recipe {path}: {exc.strerror}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read recipe {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
     if len(data) > MAX_RECIPE_BYTES:
         raise UserError(f"{path}: recipe is larger than {MAX_RECIPE_BYTES // 1024} KiB; is this a recipe?")
     try:
