@@ -10,6 +10,7 @@ files or devices: the engine does that, so the same function serves CPU and GPU.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -74,7 +75,7 @@ class Param:
     def _check_number(self, value: Any, where: str) -> float | int:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             what = "a whole number" if self.integer else "a number"
-            raise UserError(f"{where}: expected {what}, got {_described(value)}")
+            raise UserError(f"{where}: expected {what}, got {_described(value)}{_exponent_hint(value)}")
         if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
             raise UserError(f"{where}: {shown(value)} is not a finite float32 number")
         if self.integer and value != int(value):
@@ -90,6 +91,13 @@ def _described(value: Any) -> str:
     if isinstance(value, list):
         return "a gradient (a list)"
     return shown(value)
+
+
+def _exponent_hint(value: Any) -> str:
+    """YAML 1.1 (PyYAML, mergekit) reads 1e5 or 1.0e5 as text: only 1.0e+5 is a number."""
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE]\d+", value.strip()):
+        return " (YAML reads an exponent without a sign as text: write e.g. 1.0e+5)"
+    return ""
 
 
 # Ranges of the parameters by name (every method means the same by them): filled into a method's
