@@ -167,9 +167,9 @@ def run_merge(plan: MergePlan, out: Path, *, device: str = "auto", force: bool =
     started = time.perf_counter()
     target = resolve_device(device if device != "auto" else plan.recipe.device)
     out = Path(out)
-    check_target(out, input_paths(plan), force)
     staging = None
     try:
+        check_target(out, input_paths(plan), force)
         out.parent.mkdir(parents=True, exist_ok=True)
         with OutputLock(out):
             plan.warnings.extend(clean_stale(out))

@@ -11,7 +11,20 @@ from collections.abc import Iterable
 
 
 class UserError(Exception):
-    """Bad input: printed as one line, exit code 2, no traceback."""
+    """Bad input: printed as one line, exit code 2, no traceback.
+
+    Control characters in the message (a tensor name or path holding a newline, from a hostile
+    file) are escaped, so the message stays one line whatever it quotes."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(str(message)))
+
+
+def one_line(text: str) -> str:
+    """`text` with control characters written as escapes (\\n, \\x1b, ...)."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode() for ch in text)
 
 
 def closest(word: str, choices: Iterable[str]) -> str:

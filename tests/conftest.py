@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,6 @@ def assert_user_error(result: CliResult, *needles: str) -> str:
 
 def assert_nothing_written(out: Path) -> None:
     """No output and no staging leftovers beside it."""
-    assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
+    assert not os.path.exists(out) or not any(out.iterdir()), sorted(out.iterdir())
     leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.ri-merge-")]
     assert not leftovers, leftovers
