@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -87,7 +87,6 @@ class _Source:
 
     recipe: Recipe
     folder: Path | None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def load_recipe(recipe: RecipeInput) -> Recipe:
@@ -123,8 +122,10 @@ def merge(recipe: RecipeInput, out: str | os.PathLike[str], *, options: MergeOpt
         from .engine import run_merge, total_work_bytes
         from .plan import build_plan
 
+        protected = _ri_inputs(original, source.folder, Path(out), options.force)
         adapted, status = _resolve_interference(original, source.folder, events, dry_run=False)
         merge_plan = build_plan(adapted, source.folder)
+        merge_plan.protected.extend(protected)
         events.on_plan(merge_plan, total_work_bytes(merge_plan))
         for warning in merge_plan.warnings:
             events.on_warning(warning)
@@ -156,7 +157,7 @@ def _read(recipe: RecipeInput) -> _Source:
     if isinstance(recipe, Mapping):
         return _Source(schema.parse_recipe(dict(recipe), source="recipe"), None)
     if isinstance(recipe, str) and _looks_like_yaml(recipe):
-        return _Source(_parse_text(recipe), None)
+        return _Source(schema.parse_recipe_text(recipe, source="recipe"), None)
     if not isinstance(recipe, (str, os.PathLike)):
         raise UserError(f"a recipe is a path, YAML text or a dict, not {type(recipe).__name__}")
     path = Path(recipe)
@@ -175,28 +176,28 @@ def _looks_like_yaml(text: str) -> bool:
         return True
 
 
-def _parse_text(text: str) -> Recipe:
-    from . import recipe as schema
-
-    parse_text = getattr(schema, "parse_recipe_text", None)
-    if parse_text is not None:
-        return parse_text(text, source="recipe")
-    # TODO: drop this fallback once recipe.parse_recipe_text is everywhere (it guards against
-    # hostile YAML too); yaml.safe_load + parse_recipe is what load_recipe did before it.
-    import yaml
-
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UserError(f"recipe: malformed YAML{where}: {problem}") from None
-    return schema.parse_recipe(data, source="recipe")
-
-
 def _with_device(recipe: Recipe, device: str | None) -> Recipe:
     return recipe if device is None else recipe.model_copy(update={"device": device})
+
+
+def _ri_inputs(recipe: Recipe, folder: Path | None, out: Path, force: bool) -> list[Path]:
+    """With RI the merge reads adapted copies from the cache, yet the experts as given, the base
+    and the auxiliary data must stay out of the output's way too: checked here, before hours of
+    adaptation, and kept for the engine's own check."""
+    if recipe.resolve_interference is None:
+        return []
+    from .engine import source_paths
+    from .io.output import check_target
+    from .plan import load_sources
+
+    base, experts = load_sources(recipe, folder)
+    paths = source_paths(([base] if base else []) + experts)
+    aux = Path(recipe.resolve_interference.auxiliary_data).expanduser()
+    for candidate in (aux, (folder / aux) if folder is not None else aux):
+        if candidate.exists():
+            paths.append(candidate)
+    check_target(out, paths, force)
+    return paths
 
 
 def _resolve_interference(recipe: Recipe, folder: Path | None, events: MergeEvents,

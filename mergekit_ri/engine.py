@@ -25,7 +25,7 @@ from .errors import UserError
 from .io.artifacts import copy_tokenizer, write_config, write_heads, write_model_card
 from .io.manifest import FileRecord, file_manifest
 from .io.output import OutputLock, check_space, check_target, clean_stale, make_staging, output_error, publish
-from .io.sources import ST_DTYPES, TensorReader
+from .io.sources import ST_DTYPES, ModelSource, TensorReader
 from .io.writer import ShardWriter, write_index
 from .methods import TensorContext
 from .kernels.parallel import single_threaded_ops
@@ -145,11 +145,10 @@ def total_work_bytes(plan: MergePlan) -> int:
     return plan.bytes_read + prepass
 
 
-def input_paths(plan: MergePlan) -> list[Path]:
-    """Every path the merge reads (weights, folders and what they hold) plus `plan.protected`:
-    what the output may never be, contain or lie inside."""
-    paths = list(plan.protected)
-    for model in ([plan.base] if plan.base else []) + plan.experts:
+def source_paths(sources: list[ModelSource]) -> list[Path]:
+    """Every path read of these models: weight files, folders and what the folders hold."""
+    paths: list[Path] = []
+    for model in sources:
         paths += model.files()
         if model.folder is not None:
             try:
@@ -157,6 +156,12 @@ def input_paths(plan: MergePlan) -> list[Path]:
             except OSError:
                 pass
     return paths
+
+
+def input_paths(plan: MergePlan) -> list[Path]:
+    """What the output may never be, contain or lie inside: every path the merge reads, and
+    `plan.protected` (the experts as given, when RI merges adapted copies)."""
+    return list(plan.protected) + source_paths(([plan.base] if plan.base else []) + plan.experts)
 
 
 def run_merge(plan: MergePlan, out: Path, *, device: str = "auto", force: bool = False,

@@ -452,3 +452,26 @@ def test_disk_filling_during_the_merge_names_the_output(tmp_path: Path, models, 
     monkeypatch.setattr("mergekit_ri.engine.check_space", lambda out, needed: None)
     line = refused(tmp_path, models, "no space left", out=disk / "out")
     assert str(disk / "out") in line and "partial" not in line
+
+
+# --- RI: the experts as given are inputs too, though the merge reads adapted copies ----------------
+
+@pytest.mark.parametrize("where", ["expert", "inside expert", "auxiliary data"])
+def test_ri_output_never_touches_the_original_experts(tmp_path: Path, where: str, monkeypatch) -> None:
+    pytest.importorskip("transformers")
+    from helpers import make_classifiers, ri_recipe, vit
+
+    import mergekit_ri.ri.prepare as prepare
+
+    vits = make_classifiers(tmp_path / "vit", vit, [3, 5, 2], drift=0.3)
+    aux = tmp_path / "aux"
+    aux.mkdir()
+    save_file({"inputs": torch.rand(16, 1, 8, 8)}, aux / "data.safetensors")
+    path = ri_recipe(tmp_path, vits, aux / "data.safetensors", steps=2, cache_dir=str(tmp_path / "cache"))
+    out = {"expert": vits["e1"], "inside expert": vits["e1"] / "merged", "auxiliary data": aux}[where]
+    trained = []
+    monkeypatch.setattr(prepare, "train_experts", lambda *a, **k: trained.append(1) or {})
+    before = tree_digest(*vits.values(), aux)
+    assert_user_error(run_cli("merge", path, "-o", out, "--force"), str(out))
+    assert tree_digest(*vits.values(), aux) == before
+    assert not trained and not (tmp_path / "cache").exists()  # refused before any adaptation
