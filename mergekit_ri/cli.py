@@ -207,7 +207,8 @@ class _Rendered(MergeEvents):
 
     def on_layer(self, name: str, figures: Mapping[str, float]) -> None:
         if self.layers:
-            self._bar().console.print(_layer_line(name, figures), markup=False, highlight=False, soft_wrap=True)
+            self._bar().console.print(_layer_line(name, figures), markup=False, highlight=False,
+                                      soft_wrap=True)
 
     def _bar(self) -> "Progress | _NoBars":
         """The merge's bar, started on first use (after the plan and its warnings are printed)."""
@@ -254,8 +255,8 @@ def _json_summary(result, verbose: bool) -> dict[str, Any]:
 
     ri = {}
     if result.ri is not None:
-        ri = {"ri": {**result.ri.summary(),
-                     **({"interference": dict(result.interference)} if result.interference is not None else {})}}
+        xi = {"interference": dict(result.interference)} if result.interference is not None else {}
+        ri = {"ri": {**result.ri.summary(), **xi}}
     return {
         "output": str(result.out), "method": result.method, "device": result.device,
         "tensors": result.tensors, "shards": result.shards, "bytes_read": result.bytes_read,
@@ -265,11 +266,22 @@ def _json_summary(result, verbose: bool) -> dict[str, Any]:
     }
 
 
-OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Output folder (created; must not exist or be empty unless --force).")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N (overrides the recipe).")]
+OutputOpt = Annotated[Path, typer.Option(
+    "--output", "-o", help="Output folder (created; must not exist or be empty unless --force).")]
+DeviceOpt = Annotated[Optional[str], typer.Option(
+    "--device", help="auto | cpu | cuda | cuda:N (overrides the recipe).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print the plan, warnings, each solved layer's loss before → after (wudi, wudi2; with --json under \"layers\") and tracebacks of internal errors.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help=(
+    "Print the plan, warnings, each solved layer's loss before → after (wudi, wudi2; with --json under "
+    "\"layers\") and tracebacks of internal errors."))]
+DryRunOpt = Annotated[bool, typer.Option(
+    "--dry-run", help="Validate and print the plan; read no weight, write nothing.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")]
+PrefetchOpt = Annotated[int, typer.Option(
+    "--prefetch", min=1, max=64, help="Tensors read ahead of the merge.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(
+    "--threads", min=1, help="CPU threads for the maths (default: all cores).")]
 
 
 @app.command("merge")
@@ -277,13 +289,13 @@ def merge(
     recipe: Annotated[Path, typer.Argument(help="The YAML recipe.")],
     output: OutputOpt,
     device: DeviceOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the plan; read no weight, write nothing.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
+    dry_run: DryRunOpt = False,
+    force: ForceOpt = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
-    prefetch: Annotated[int, typer.Option("--prefetch", min=1, max=64, help="Tensors read ahead of the merge.")] = 2,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for the maths (default: all cores).")] = None,
+    prefetch: PrefetchOpt = 2,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Merge the models of RECIPE into OUTPUT (`ri-merge RECIPE -o OUT` for short)."""
     def body() -> None:
@@ -332,7 +344,8 @@ def methods(as_json: JsonOpt = False) -> None:
         } for name, s in specs.items()}, indent=2))
         return
     for name, spec in specs.items():
-        out.print(f"[bold]{name}[/bold] — {spec.summary}" + ("" if spec.needs_base else " (no base needed)"))
+        no_base = "" if spec.needs_base else " (no base needed)"
+        out.print(f"[bold]{name}[/bold] — {spec.summary}{no_base}")
         for p in spec.params:
             scope = "per model" if p.per_model else "global"
             out.print(f"    {p.name} = {p.default!r} ({scope}): {p.doc}", markup=False, highlight=False)
@@ -341,7 +354,8 @@ def methods(as_json: JsonOpt = False) -> None:
 
 @app.command("demo")
 def demo(
-    folder: Annotated[Path, typer.Option("--dir", help="Where to write the demo checkpoints and the merge.")] = Path("ri-merge-demo"),
+    folder: Annotated[Path, typer.Option(
+        "--dir", help="Where to write the demo checkpoints and the merge.")] = Path("ri-merge-demo"),
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -351,7 +365,8 @@ def demo(
 
         recipe = prepare_demo_folder(folder)
         if not quiet and not as_json:
-            out.print(f"wrote a tiny base and 2 experts under {folder}/, recipe {recipe}", markup=False, highlight=False)
+            out.print(f"wrote a tiny base and 2 experts under {folder}/, recipe {recipe}",
+                      markup=False, highlight=False)
         _run_merge(recipe, folder / "merged", MergeOptions(force=True, checksums=as_json),
                    quiet=quiet or as_json, as_json=as_json)
         if not quiet and not as_json:

@@ -12,7 +12,7 @@ benchmark"):
      curves, rotated and scrambled MNIST, shapes, textures, counting;
   3. the CLIP protocol: each task's head is a probe fitted on the pretrained features and then
      frozen; each expert fine-tunes the backbone under its frozen head;
-  4. every method of `ri-merge methods --json` that merges task vectors, through the real CLI
+  4. every method of `ri-merge methods --json` that merges task vectors, through `mergekit_ri.merge`
      with `heads: auto`, at its defaults and with λ (or α) chosen on the validation split;
      with --ri, the same after the recipe's `resolve_interference` section;
   5. every merged backbone evaluated on every task with that task's own head.

@@ -62,8 +62,8 @@ class RIStatus:
 
     def summary(self) -> dict[str, object]:
         """The JSON form (`--json`'s "ri")."""
-        return {"adapted": dict(self.adapted), "cache_hits": list(self.cache_hits), "trained": list(self.trained),
-                "devices": list(self.devices)}
+        return {"adapted": dict(self.adapted), "cache_hits": list(self.cache_hits),
+                "trained": list(self.trained), "devices": list(self.devices)}
 
 
 def cache_root(setting: str | None) -> Path:

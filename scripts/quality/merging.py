@@ -1,8 +1,9 @@
-"""Merges through the real `ri-merge` CLI: which methods exist, their recipes, the λ grid.
+"""Merges through ri-merge's public interfaces: which methods exist, their recipes, the λ grid.
 
-Everything here goes through the command line a user would type — `ri-merge methods --json` to
-learn what exists, `ri-merge RECIPE -o OUT --quiet --force` to merge — so the benchmark measures
-the shipped tool, and methods added later are picked up without touching this file.
+`ri-merge methods --json` says what exists (so methods added later are picked up without touching
+this file); the recipes are validated with `mergekit_ri.plan` and merged with `mergekit_ri.merge`,
+the Python API a pipeline would call: the same code as the command, without a Python and torch
+start-up for each of the ~150 merges.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def cli_env(threads: int = 1) -> dict[str, str]:
 
 def list_methods() -> dict[str, dict[str, Any]]:
     """`ri-merge methods --json`: every method with its parameters, defaults and choices."""
-    out = subprocess.run([*ri_merge_command(), "methods", "--json"], check=True, capture_output=True, text=True,
-                         env=cli_env())
+    out = subprocess.run([*ri_merge_command(), "methods", "--json"], check=True, capture_output=True,
+                         text=True, env=cli_env())
     return json.loads(out.stdout)
 
 
@@ -142,42 +143,38 @@ class MergeOutcome:
     ok: bool
     seconds: float
     error: str = ""
-    files: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)  # what the merge wrote, relative to its folder
 
 
-def run_cli_merge(recipe_path: Path, out: Path, env_extra: dict[str, str] | None = None) -> MergeOutcome:
-    """`ri-merge merge RECIPE -o OUT --quiet --force`, through the tool's own Typer app in this
-    process: the same parsing, validation and code as the command, without paying a Python and
-    torch start-up (seconds) for each of the ~150 merges. On failure, the tool's one-line error."""
-    import contextlib
-    import io
+def merge_recipe(recipe_path: Path, out: Path, env_extra: dict[str, str] | None = None) -> MergeOutcome:
+    """`mergekit_ri.merge(recipe, out)` (replacing `out`). On failure, the one-line error the
+    command would print ("error: ..." for bad input); anything else is a bug, reported the same way."""
     import time
 
-    from mergekit_ri.cli import app
+    import mergekit_ri
 
     os.environ.update(env_extra or {})
-    stderr = io.StringIO()
     start = time.perf_counter()
     try:
-        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-            code = app(["merge", str(recipe_path), "-o", str(out), "--quiet", "--force"], standalone_mode=False)
-    except SystemExit as exc:
-        code = exc.code
-    except Exception as exc:  # the app maps errors to exit codes; anything else is a bug to report
-        code, stderr = 1, io.StringIO(f"{type(exc).__name__}: {exc}")
-    seconds = time.perf_counter() - start
-    if code not in (0, None):
-        lines = [ln for ln in stderr.getvalue().strip().splitlines() if ln.strip()]
-        return MergeOutcome(False, seconds, lines[-1] if lines else f"exit {code}")
-    return MergeOutcome(True, seconds)
+        options = mergekit_ri.MergeOptions(force=True, checksums=False)
+        result = mergekit_ri.merge(recipe_path, out, options=options)
+    except mergekit_ri.UserError as exc:
+        return MergeOutcome(False, time.perf_counter() - start, f"error: {exc}")
+    except Exception as exc:  # a bug in ri-merge: keep the benchmark going, with the reason in its row
+        return MergeOutcome(False, time.perf_counter() - start, f"{type(exc).__name__}: {exc}")
+    return MergeOutcome(True, time.perf_counter() - start, files=[f.name for f in result.files])
 
 
 def validate(recipe_path: Path) -> tuple[bool, str]:
-    """`ri-merge validate RECIPE`: reads headers only — whether the tool accepts the recipe."""
-    proc = subprocess.run([*ri_merge_command(), "validate", str(recipe_path)], capture_output=True, text=True,
-                          env=cli_env())
-    message = (proc.stderr or proc.stdout).strip().splitlines()
-    return proc.returncode == 0, message[-1] if message else ""
+    """`mergekit_ri.plan(recipe)`: reads headers only — whether the tool accepts the recipe."""
+    import mergekit_ri
+
+    try:
+        report = mergekit_ri.plan(recipe_path)
+    except mergekit_ri.UserError as exc:
+        return False, f"error: {exc}"
+    plan = report.plan
+    return True, f"{recipe_path}: valid — {len(plan.tasks)} tensors from {len(plan.experts)} model(s)"
 
 
 def write_recipe(path: Path, fields: dict[str, Any]) -> Path:

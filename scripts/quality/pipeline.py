@@ -298,13 +298,13 @@ def cached_result(paths: Paths, key: str) -> dict[str, Any]:
 
 def merge_and_evaluate(root: str, key: str, label: str, recipe_path: str, task_names: list[str],
                        splits: tuple[str, ...], env_extra: dict[str, str]) -> dict[str, Any]:
-    """Worker: merge with the CLI, check the heads, evaluate `splits`, delete the merged folder,
+    """Worker: merge with the API, check the heads, evaluate `splits`, delete the merged folder,
     and add the scores to the job's result file, where the next run finds them."""
-    from .merging import run_cli_merge
+    from .merging import merge_recipe
 
     paths = Paths(Path(root))
     out = paths.merges / key
-    outcome = run_cli_merge(Path(recipe_path), out, env_extra)
+    outcome = merge_recipe(Path(recipe_path), out, env_extra)
     result: dict[str, Any] = {"key": key, "label": label, "ok": outcome.ok, "error": outcome.error,
                               "merge_seconds": round(outcome.seconds, 2)}
     if not outcome.ok:
