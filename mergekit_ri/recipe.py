@@ -247,7 +247,8 @@ class _RecipeLoader(yaml.SafeLoader):
         super().flatten_mapping(node)
 
 
-def _expanded_size(node: Node, depth: int, sizes: dict[int, tuple[int, int]], active: set[int]) -> tuple[int, int]:
+def _expanded_size(node: Node, depth: int, sizes: dict[int, tuple[int, int]],
+                   active: set[int]) -> tuple[int, int]:
     """(values, height) of `node` with every alias expanded, memoised on shared nodes; refuses
     cycles, nesting past MAX_DEPTH and more than MAX_NODES values."""
     key = id(node)
@@ -329,7 +330,12 @@ def parse_recipe_text(text: str, source: str = "recipe") -> Recipe:
 
 
 def _load_yaml(text: str, source: str) -> Any:
-    loader = _RecipeLoader(text)
+    try:
+        loader = _RecipeLoader(text)  # checks every character at once
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise UserError(f"{source}: character #x{exc.character:04x} at line {line} "
+                        "is not allowed in YAML") from None
     try:
         return loader.get_single_data()
     except _Refused as exc:
@@ -338,9 +344,12 @@ def _load_yaml(text: str, source: str) -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UserError(f"{source}: malformed YAML{where}: {problem}") from None
+        raise UserError(f"{source}: malformed YAML{where}: {shown(problem, 200)}") from None
     except (ValueError, OverflowError) as exc:  # a value YAML's resolver took but cannot build
         raise UserError(f"{source}: cannot read a value: {shown(str(exc), 100)}") from None
+    except (IndexError, KeyError, TypeError, AttributeError):  # PyYAML's constructors on e.g. `!!float ''`
+        raise UserError(f"{source}: a tagged value (such as !!float or !!int) "
+                        "cannot be built from its text") from None
     except RecursionError:
         raise UserError(f"{source}: nested too deeply") from None
     finally:
@@ -353,7 +362,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         raise UserError(f"{source}: a recipe is a YAML mapping with merge_method, models, ...")
     _check_tree(data, source)
     _check_keys(data, Recipe, source, "")
-    for i, entry in enumerate(data.get("models") or []):
+    models = data.get("models")
+    for i, entry in enumerate(models if isinstance(models, list) else []):
         if isinstance(entry, dict):
             _check_keys(entry, ModelEntry, source, f"models[{i}].")
     if isinstance(data.get("resolve_interference"), dict):
@@ -452,7 +462,8 @@ def _check_filtered(entry: dict, field: str, source: str) -> None:
         raise UserError(f"{source}: {field}: a filtered entry needs a 'value'")
     for key in entry:
         if key not in ("filter", "value"):
-            raise UserError(f"{source}: {field}: unknown key '{shown(key)}'; a filtered entry takes filter and value")
+            raise UserError(f"{source}: {field}: unknown key '{shown(key)}'; "
+                            "a filtered entry takes filter and value")
     if entry.get("filter") is not None and not isinstance(entry["filter"], str):
         raise UserError(f"{source}: {field}.filter: expected text (a substring of tensor names), "
                         f"got {_kind(entry['filter'])}")

@@ -26,6 +26,12 @@ def _yaml(family: dict, extra: str = "", method: str = "ties") -> str:
             f"  - model: {json.dumps(str(family['a']))}\n  - model: {json.dumps(str(family['b']))}\n{extra}")
 
 
+def _second_model_with(family: dict, parameters: str) -> str:
+    """The recipe of `_yaml` with `parameters` (flow YAML) on its second model."""
+    entry = f"  - model: {json.dumps(str(family['b']))}\n"
+    return _yaml(family).replace(entry, f"{entry}    parameters: {parameters}\n")
+
+
 def _refused(tmp_path: Path, family: dict, recipe: Path, *needles: str) -> str:
     """Run the merge on `recipe`: the bad-input contract, the inputs unchanged."""
     out = tmp_path / "out"
@@ -82,7 +88,7 @@ def test_a_shared_list_bomb_in_a_parsed_dict_is_refused():
     for _ in range(8):
         layer = [layer] * 10
     with pytest.raises(UserError, match="alias bomb"):
-        parse_recipe({"merge_method": "linear", "models": [{"model": "a"}], "parameters": {"x": layer}}, "api")
+        parse_recipe({"merge_method": "linear", "models": [{"model": "a"}], "parameters": {"x": layer}})
 
 
 def test_an_alias_to_its_own_container_is_refused(tmp_path, family):
@@ -120,7 +126,8 @@ def test_a_key_given_twice_is_refused_naming_it_and_its_line(tmp_path, family, e
 
 @pytest.mark.parametrize("depth", [40, 5000])
 def test_deep_nesting_is_refused_without_a_recursion_error(tmp_path, family, depth):
-    recipe = _write(tmp_path, _yaml(family, "parameters:\n  weight: " + "[" * depth + "1" + "]" * depth + "\n"))
+    nested = "[" * depth + "1" + "]" * depth
+    recipe = _write(tmp_path, _yaml(family, f"parameters:\n  weight: {nested}\n"))
     _refused(tmp_path, family, recipe, str(recipe), "nested more than")
     deep: list = [1.0]
     for _ in range(depth):
@@ -173,21 +180,20 @@ def test_a_huge_recipe_is_refused_unread(tmp_path, family):
     ("out_shard_size: .inf\n", ["out_shard_size"]),
     ("out_shard_size: " + "9" * 400 + "GB\n", ["out_shard_size", "cannot read size"]),
     ("resolve_interference: {auxiliary_data: gaussian, lr: .nan}\n", ["resolve_interference.lr", "finite"]),
-    ("resolve_interference: {auxiliary_data: gaussian, alpha: .inf}\n", ["resolve_interference.alpha", "finite"]),
+    ("resolve_interference: {auxiliary_data: gaussian, alpha: .inf}\n",
+     ["resolve_interference.alpha", "finite"]),
     ("resolve_interference: {auxiliary_data: gaussian, weight_decay: 'nan'}\n",
      ["resolve_interference.weight_decay", "finite"]),
 ], ids=["weight-nan", "weight-inf", "lambda-nan", "lambda-minus-inf", "gradient-nan", "filtered-inf",
-        "beyond-float32", "exponent-text", "gradient-range", "density-negative", "shard-inf", "shard-huge", "ri-lr-nan",
-        "ri-alpha-inf", "ri-nan-string"])
+        "beyond-float32", "exponent-text", "gradient-range", "density-negative", "shard-inf", "shard-huge",
+        "ri-lr-nan", "ri-alpha-inf", "ri-nan-string"])
 def test_non_finite_and_out_of_range_numbers_are_refused(tmp_path, family, extra, needles):
     recipe = _write(tmp_path, _yaml(family, extra))
     _refused(tmp_path, family, recipe, str(recipe), *needles)
 
 
 def test_a_non_finite_per_model_value_is_refused(tmp_path, family):
-    text = _yaml(family).replace(f"  - model: {json.dumps(str(family['b']))}\n",
-                                 f"  - model: {json.dumps(str(family['b']))}\n    parameters: {{weight: .nan}}\n")
-    recipe = _write(tmp_path, text)
+    recipe = _write(tmp_path, _second_model_with(family, "{weight: .nan}"))
     _refused(tmp_path, family, recipe, "models[1].parameters.weight", "finite")
 
 
@@ -201,7 +207,8 @@ def test_a_non_finite_per_model_value_is_refused(tmp_path, family):
     ("iso_cts", {"common_space_fraction": 1.2}, ["parameters.common_space_fraction", "[0, 1]"]),
     ("tsv", {"alpha": float("nan")}, ["parameters.alpha", "finite"]),
 ])
-def test_method_parameters_keep_to_their_declared_ranges(tmp_path, family, recipe_for, method, parameters, needles):
+def test_method_parameters_keep_to_their_declared_ranges(tmp_path, family, recipe_for, method, parameters,
+                                                        needles):
     recipe = recipe_for(method, parameters=parameters)
     _refused(tmp_path, family, recipe, str(recipe), *needles)
 
@@ -246,7 +253,8 @@ def test_an_empty_list_is_refused_not_taken_as_the_default(tmp_path, family, ext
     ("parameters:\n  weight: {a: 1}\n", ["parameters.weight", "mapping"]),
     ("parameters:\n  weight:\n    - filter: 3\n      value: 1\n", ["parameters.weight[0].filter", "text"]),
     ("parameters:\n  weight:\n    - filter: mlp\n", ["parameters.weight[0]", "needs a 'value'"]),
-    ("parameters:\n  weight:\n    - filter: mlp\n      value: x\n", ["parameters.weight", "filter 'mlp'", "'x'"]),
+    ("parameters:\n  weight:\n    - filter: mlp\n      value: x\n",
+     ["parameters.weight", "filter 'mlp'", "'x'"]),
     ("parameters: [1, 2]\n", ["parameters", "mapping"]),
     ("seed: .nan\n", ["seed"]),
     ("on_nonfinite: ignore\n", ["on_nonfinite", "'error' or 'warn'"]),
@@ -265,9 +273,7 @@ def test_mistyped_values_are_refused_naming_the_field(tmp_path, family, extra, n
     ("[1, abc]", ["models[1].parameters.weight[1]", "'abc'"]),
 ])
 def test_mistyped_per_model_values_are_refused(tmp_path, family, value, needles):
-    text = _yaml(family).replace(f"  - model: {json.dumps(str(family['b']))}\n",
-                                 f"  - model: {json.dumps(str(family['b']))}\n    parameters: {{weight: {value}}}\n")
-    _refused(tmp_path, family, _write(tmp_path, text), *needles)
+    _refused(tmp_path, family, _write(tmp_path, _second_model_with(family, f"{{weight: {value}}}")), *needles)
 
 
 def test_hostile_text_in_a_message_stays_on_one_short_line(tmp_path, family):

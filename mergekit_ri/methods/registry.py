@@ -81,7 +81,8 @@ class Param:
         if self.integer and value != int(value):
             raise UserError(f"{where}: expected a whole number, got {shown(value)}")
         if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
-            raise UserError(f"{where}: {shown(value)} is outside the range of {self.name} ({self.range_text()})")
+            raise UserError(f"{where}: {shown(value)} is outside the range of {self.name} "
+                            f"({self.range_text()})")
         return int(value) if self.integer else value
 
 
@@ -198,7 +199,8 @@ class MethodSpec:
                     )
                 param = self.param(key)
                 if where.startswith("models") and not param.per_model:
-                    raise UserError(f"{source}: {where}: '{key}' is a global parameter; set it under top-level parameters")
+                    raise UserError(f"{source}: {where}: '{key}' is a global parameter; "
+                                    "set it under top-level parameters")
                 for leaf, entry in _leaves(value):
                     try:
                         param.check(leaf, f"{source}: {where}.{key}")
@@ -209,9 +211,12 @@ class MethodSpec:
 def _leaves(value: Any) -> list[tuple[Any, str]]:
     """(value, which entry) of a parameter: itself, or each filtered entry's value."""
     if isinstance(value, list) and value and all(hasattr(entry, "value") for entry in value):
-        return [(entry.value, f" (entry {i}, " + ("no filter)" if entry.filter is None else f"filter '{shown(entry.filter)}')"))
-                for i, entry in enumerate(value)]
+        return [(entry.value, f" (entry {i}, {_filter_text(entry.filter)})") for i, entry in enumerate(value)]
     return [(value, "")]
+
+
+def _filter_text(name: str | None) -> str:
+    return "no filter" if name is None else f"filter '{shown(name)}'"
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
