@@ -33,10 +33,13 @@ Scalar = Union[bool, int, float, str]
 MAX_RECIPE_BYTES = 1 << 20
 MAX_NODES = 100_000  # values in the recipe once YAML aliases are expanded
 MAX_DEPTH = 32  # nesting of mappings and lists (a real recipe nests 5 deep)
+INT64 = 2**63  # integers are kept below it: they end up in JSON, hashes and file offsets
 
 
 def shown(value: Any, limit: int = 60) -> str:
     """`value` quoted on one short line, for error messages about hostile input."""
+    if isinstance(value, int) and value.bit_length() > 10_000:  # repr refuses over 4300 digits
+        return f"a {value.bit_length()}-bit integer"
     text = repr(value) if not isinstance(value, str) else repr(value)[1:-1]
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -78,13 +81,13 @@ class ResolveInterference(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     auxiliary_data: str  # a .safetensors file (key "inputs"), a folder of images, a .txt/.jsonl file, or "gaussian"
-    steps: int = Field(2500, ge=0)
-    batch_size: int = Field(128, ge=1)
+    steps: int = Field(2500, ge=0, lt=INT64)
+    batch_size: int = Field(128, ge=1, lt=INT64)
     lr: float = Field(1.0e-6, ge=0)
     weight_decay: float = Field(1.0e-4, ge=0)
     alpha: float = Field(1.0, ge=0)
     heads: str | None = None  # default: the recipe's heads, else auto
-    max_length: int = Field(128, ge=1)  # text auxiliary data: tokens per example
+    max_length: int = Field(128, ge=1, lt=INT64)  # text auxiliary data: tokens per example
     cache_dir: str | None = None  # default: $RI_MERGE_CACHE or ~/.cache/ri-merge
     devices: list[str] | None = None  # adapt experts in parallel, one worker process per entry (default: every GPU)
 
@@ -122,7 +125,7 @@ class Recipe(BaseModel):
     resolve_interference: ResolveInterference | None = None
     # ours, on top of mergekit's syntax
     device: str = "auto"
-    seed: int = 0
+    seed: int = Field(0, ge=-INT64, lt=INT64)
     out_shard_size: Union[int, str] = Field("5GB", validate_default=True)
     on_nonfinite: Literal["error", "warn"] = "error"
 
@@ -178,6 +181,8 @@ def parse_size(value: int | str) -> int:
             size = int(float(match.group(1)) * _SIZE_UNITS[unit])
     if size <= 0:
         raise ValueError("out_shard_size must be positive")
+    if size >= INT64:
+        raise ValueError("out_shard_size is larger than any file can be")
     return size
 
 

@@ -174,6 +174,7 @@ def test_a_huge_recipe_is_refused_unread(tmp_path, family):
     ("parameters:\n  weight:\n    - filter: mlp\n      value: .inf\n    - value: 1.0\n",
      ["parameters.weight[0].value", "finite"]),
     ("parameters:\n  lambda: 1.0e+39\n", ["parameters.lambda", "float32"]),
+    ("parameters:\n  weight: 1" + "0" * 400 + "\n", ["parameters.weight", "float32"]),
     ("parameters:\n  lambda: 1e5\n", ["parameters.lambda", "1.0e+5"]),
     ("parameters:\n  density: [0.2, 1.5]\n", ["parameters.density", "1.5", "[0, 1]"]),
     ("parameters:\n  density: -0.1\n", ["parameters.density", "-0.1", "[0, 1]"]),
@@ -185,8 +186,8 @@ def test_a_huge_recipe_is_refused_unread(tmp_path, family):
     ("resolve_interference: {auxiliary_data: gaussian, weight_decay: 'nan'}\n",
      ["resolve_interference.weight_decay", "finite"]),
 ], ids=["weight-nan", "weight-inf", "lambda-nan", "lambda-minus-inf", "gradient-nan", "filtered-inf",
-        "beyond-float32", "exponent-text", "gradient-range", "density-negative", "shard-inf", "shard-huge",
-        "ri-lr-nan", "ri-alpha-inf", "ri-nan-string"])
+        "beyond-float32", "huge-int", "exponent-text", "gradient-range", "density-negative", "shard-inf",
+        "shard-huge", "ri-lr-nan", "ri-alpha-inf", "ri-nan-string"])
 def test_non_finite_and_out_of_range_numbers_are_refused(tmp_path, family, extra, needles):
     recipe = _write(tmp_path, _yaml(family, extra))
     _refused(tmp_path, family, recipe, str(recipe), *needles)
@@ -257,11 +258,15 @@ def test_an_empty_list_is_refused_not_taken_as_the_default(tmp_path, family, ext
      ["parameters.weight", "filter 'mlp'", "'x'"]),
     ("parameters: [1, 2]\n", ["parameters", "mapping"]),
     ("seed: .nan\n", ["seed"]),
+    ("seed: 1" + "0" * 30 + "\n", ["seed", "less than"]),
+    ("resolve_interference: {auxiliary_data: gaussian, steps: 1" + "0" * 30 + "}\n",
+     ["resolve_interference.steps", "less than"]),
     ("on_nonfinite: ignore\n", ["on_nonfinite", "'error' or 'warn'"]),
     ("merge_method: [ties]\n", ["duplicate key 'merge_method'"]),
 ], ids=["lambda-word", "lambda-quoted", "bool-string", "bool-fraction", "bool-gradient", "number-bool",
         "gradient-bool", "gradient-string", "choice-number", "null", "mapping", "filter-number",
-        "filter-no-value", "filtered-word", "parameters-list", "seed-nan", "on-nonfinite", "method-twice"])
+        "filter-no-value", "filtered-word", "parameters-list", "seed-nan", "seed-huge", "ri-steps-huge",
+        "on-nonfinite", "method-twice"])
 def test_mistyped_values_are_refused_naming_the_field(tmp_path, family, extra, needles):
     recipe = _write(tmp_path, _yaml(family, extra))
     _refused(tmp_path, family, recipe, str(recipe), *needles)

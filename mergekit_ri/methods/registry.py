@@ -76,7 +76,7 @@ class Param:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             what = "a whole number" if self.integer else "a number"
             raise UserError(f"{where}: expected {what}, got {_described(value)}{_exponent_hint(value)}")
-        if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+        if abs(value) > FLOAT32_MAX or not math.isfinite(value):  # in this order: a huge int has no float
             raise UserError(f"{where}: {shown(value)} is not a finite float32 number")
         if self.integer and value != int(value):
             raise UserError(f"{where}: expected a whole number, got {shown(value)}")
