@@ -30,6 +30,8 @@ from .io.writer import ShardWriter, write_index
 from .methods import TensorContext
 from .kernels.parallel import single_threaded_ops
 from . import kernels
+from .kernels import native
+from .nonfinite import NonFiniteGuard
 from .kernels.select import BUCKETS, bits_to_float, bucket_of_kth
 from .plan import PREFETCH_DEFAULT, MergePlan
 from .reading import RowSource, WorkUnit, load_inputs, stream_inputs, work_units
@@ -75,22 +77,50 @@ def resolve_device(name: str) -> torch.device:
 
 def compute(plan: MergePlan, unit: WorkUnit, raws: list[torch.Tensor], device: torch.device,
             thresholds: tuple[float, ...] | None, report: LayerReport | None = None,
-            reader: TensorReader | None = None, pool: ThreadPoolExecutor | None = None) -> torch.Tensor:
-    """One output tensor (or block of rows), on the CPU in its output dtype."""
+            reader: TensorReader | None = None, pool: ThreadPoolExecutor | None = None,
+            guard: NonFiniteGuard | None = None) -> torch.Tensor:
+    """One output tensor (or block of rows), on the CPU in its output dtype. With a `guard`, NaN
+    or ±Inf in its inputs are caught: by the C kernel as it merges, else by torch as they load."""
     task = unit.task
     if not task.merge:
         return raws[0]
+    in_kernel = guard is not None and guard.native_checks(task, device)
+    torch_check = guard.check if guard is not None and not in_kernel else None
     source = None
     if unit.streamed:
         base = experts = None
-        source = RowSource(reader, task, device, pool)
+        source = RowSource(reader, task, device, pool, check=torch_check)
     else:
         base, experts = load_inputs(raws, plan.base is not None, device, fp32=not plan.method.raw_inputs)
+        if torch_check is not None:
+            torch_check(task, unit.rows, base, experts)
     offset = unit.rows[0] * (task.reference.numel // task.shape[0]) if unit.rows else 0
     ctx = TensorContext(task.name, plan.recipe.seed, thresholds, offset=offset, report=report,
                         out_dtype=ST_DTYPES[task.out_dtype], source=source)
+    native.WATCH.start()
     merged = plan.method.fn(base, experts, task.params, ctx)
+    if in_kernel:
+        _after_kernel(guard, unit, base, experts, source)
     return merged.to(ST_DTYPES[task.out_dtype]).cpu()
+
+
+def _after_kernel(guard: NonFiniteGuard, unit: WorkUnit, base: torch.Tensor | None, experts: torch.Tensor | None,
+                  source: RowSource | None) -> None:
+    """What the C kernel saw; where it did not see every entry (a chunk it could not take went to
+    torch), the inputs are checked here instead."""
+    if native.WATCH.nonfinite:
+        guard.found(unit.task, unit.rows)
+    elif native.WATCH.entries < _unit_numel(unit):
+        if source is None:
+            guard.check(unit.task, unit.rows, base, experts)
+        else:
+            for _, chunk_base, chunk_experts in source.chunks():
+                guard.check(unit.task, None, chunk_base, chunk_experts)
+
+
+def _unit_numel(unit: WorkUnit) -> int:
+    numel = unit.task.reference.numel
+    return numel if unit.rows is None else numel // unit.task.shape[0] * (unit.rows[1] - unit.rows[0])
 
 
 def model_thresholds(plan: MergePlan, reader: TensorReader, pool: ThreadPoolExecutor, device: torch.device,
@@ -200,9 +230,9 @@ def _merge_into(plan: MergePlan, staging: Path, target: torch.device, prefetch: 
                 ) -> tuple[tuple[FileRecord, ...], list[str]]:
     """Every file of the merged checkpoint, written into `staging`: (file names, the warnings about
     non-finite inputs merged under `on_nonfinite: warn`)."""
-    on_nonfinite = getattr(plan.recipe, "on_nonfinite", "error")
-    with TensorReader(on_nonfinite) as reader, ThreadPoolExecutor(2, "ri-read") as reads, \
+    with TensorReader() as reader, ThreadPoolExecutor(2, "ri-read") as reads, \
             ThreadPoolExecutor(1, "ri-write") as writes, ShardWriter(staging, plan) as writer:
+        guard = NonFiniteGuard(plan, reader, plan.recipe.on_nonfinite)
         blocked = plan.method.raw_inputs and target.type == "cpu"
         with single_threaded_ops() if blocked else nullcontext():
             thresholds = model_thresholds(plan, reader, reads, target, prefetch, advance) \
@@ -210,7 +240,7 @@ def _merge_into(plan: MergePlan, staging: Path, target: torch.device, prefetch: 
             written: deque[Future] = deque()
             units = work_units(plan, device=target)
             for unit, raws in stream_inputs(plan, reader, reads, prefetch, units, target.type == "cuda"):
-                result = compute(plan, unit, raws, target, thresholds, report, reader, reads)
+                result = compute(plan, unit, raws, target, thresholds, report, reader, reads, guard)
                 written.append(writes.submit(writer.write, unit.task, result, unit.rows))
                 while len(written) > 2:
                     written.popleft().result()
@@ -218,7 +248,7 @@ def _merge_into(plan: MergePlan, staging: Path, target: torch.device, prefetch: 
             for future in written:
                 future.result()
         write_heads(staging, plan, reader)
-        nonfinite = list(reader.nonfinite)
+        nonfinite = list(guard.warnings)
     write_index(staging, plan)
     write_config(staging, plan)
     copy_tokenizer(staging, plan)

@@ -73,7 +73,7 @@ def load_with_head(folder: str | Path, expert: str, auto_class: Any = None) -> A
     if head.get("num_labels"):
         overrides["num_labels"] = head["num_labels"]
     config = AutoConfig.from_pretrained(folder, **overrides)
-    model = auto_class.from_pretrained(folder, config=config, ignore_mismatched_sizes=True)
+    model = auto_class.from_pretrained(folder, config=config, ignore_mismatched_sizes=True, use_safetensors=True)
     weights = load_file(folder / "heads" / head["file"])
     state = model.state_dict()
     missing = [name for name in weights if name not in state]

@@ -9,7 +9,7 @@ memory stays a few tensors whatever the model's size.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -19,6 +19,7 @@ from .io.sources import ST_DTYPES, TensorReader
 from .kernels.source import Source
 from .plan import MergePlan, TensorTask
 
+RowCheck = Callable[[TensorTask, tuple[int, int], torch.Tensor, torch.Tensor], None]
 CHUNK_ELEMENTS = 1 << 22  # rows per work unit of an elementwise method: ~4M elements per model
 GPU_CHUNK_FACTOR = 8
 # TIES-like methods read a tensor by row chunks (twice) rather than whole once it would take more
@@ -75,14 +76,13 @@ def work_units(plan: MergePlan, tasks: list[TensorTask] | None = None, chunk: in
 def read_unit(reader: TensorReader, unit: WorkUnit, pin: bool) -> list[torch.Tensor]:
     """A unit's inputs in their file dtype: [tensor] for a copied one; [base, experts] for a merged
     one, the experts read straight into one stacked [N, ...] buffer (page-locked when `pin`, so
-    the copy to the GPU is asynchronous). Experts of mixed dtypes are stacked as fp32. Inputs of
-    merged tensors are checked for NaN/Inf as they are read (`TensorReader`)."""
+    the copy to the GPU is asynchronous). Experts of mixed dtypes are stacked as fp32."""
     task = unit.task
     if unit.streamed:
         return []
     if not task.merge:
         return [reader.read(task.reference, unit.rows)]
-    raws = [reader.read(task.base, unit.rows, pin=pin, finite=True)] if task.base is not None else []
+    raws = [reader.read(task.base, unit.rows, pin=pin)] if task.base is not None else []
     shape = task.experts[0].shape
     if unit.rows is not None:
         shape = (unit.rows[1] - unit.rows[0], *shape[1:])
@@ -91,9 +91,9 @@ def read_unit(reader: TensorReader, unit: WorkUnit, pin: bool) -> list[torch.Ten
     stack = torch.empty((len(task.experts), *shape), dtype=dtype, pin_memory=pin)
     for i, ref in enumerate(task.experts):
         if ST_DTYPES[ref.dtype] == dtype:
-            reader.read(ref, unit.rows, out=stack[i], finite=True)
+            reader.read(ref, unit.rows, out=stack[i])
         else:
-            stack[i].copy_(reader.read(ref, unit.rows, finite=True))
+            stack[i].copy_(reader.read(ref, unit.rows))
     raws.append(stack)
     return raws
 
@@ -117,8 +117,9 @@ class RowSource(Source):
     SEGMENTS = 64  # the sample is read as this many evenly spaced runs of rows
 
     def __init__(self, reader: TensorReader, task: TensorTask, device: torch.device,
-                 pool: ThreadPoolExecutor) -> None:
+                 pool: ThreadPoolExecutor, check: RowCheck | None = None) -> None:
         self.reader, self.task, self.device, self.pool = reader, task, device, pool
+        self.check = check  # sees every chunk read, e.g. for NaN/Inf where no kernel looks
         self.shape = tuple(task.shape)
         self.numel, self.count = task.reference.numel, len(task.experts)
         self.rows = task.shape[0]
@@ -128,6 +129,8 @@ class RowSource(Source):
     def _read(self, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
         raws = read_unit(self.reader, WorkUnit(self.task, (first, last)), self.pin)
         base, experts = load_inputs(raws, True, self.device, fp32=False)
+        if self.check is not None:
+            self.check(self.task, (first, last), base, experts)
         return base.reshape(-1), experts.reshape(self.count, -1)
 
     def chunks(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:

@@ -238,6 +238,28 @@ def test_nonfinite_expert_weights_stop_the_merge(tmp_path: Path, models, value: 
     refused(tmp_path, models, name, "NaN or Inf", str(models["b"]), merge_method=method)
 
 
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
+def test_nonfinite_found_in_row_blocks_and_streamed_tensors(tmp_path: Path, models, monkeypatch, kernels: str,
+                                                            method: str) -> None:
+    """Big tensors are merged by row blocks (element-wise methods) or read by row chunks (TIES):
+    the C kernel's check and the torch one both see every chunk, wherever the bad entry is."""
+    import mergekit_ri.reading as reading
+
+    monkeypatch.setenv("RI_MERGE_KERNELS", kernels)
+    monkeypatch.setattr(reading, "CHUNK_ELEMENTS", 50)
+    name = "model.layers.2.mlp.down_proj.weight"
+    poison(models["b"], name, float("inf"))
+    refused(tmp_path, models, name, "NaN or Inf", "first at flat index 5", merge_method=method)
+
+
+@pytest.mark.parametrize("method", ["tsv", "wudi"])
+def test_nonfinite_found_by_the_spectral_methods(tmp_path: Path, models, method: str) -> None:
+    name = "model.layers.0.mlp.gate_proj.weight"
+    poison(models["a"], name, float("nan"))
+    refused(tmp_path, models, name, "NaN or Inf", merge_method=method)
+
+
 def test_nonfinite_base_weights_stop_the_merge(tmp_path: Path, models) -> None:
     poison(models["base"], "model.norm.weight", float("nan"))
     refused(tmp_path, models, "model.norm.weight", "NaN or Inf")

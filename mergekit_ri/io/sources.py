@@ -287,23 +287,12 @@ def _download(reference: str) -> tuple[Path, str | None]:
     return folder, folder.name  # snapshot folders are named by commit hash
 
 
-class NonFiniteError(UserError):
-    """An input tensor holds NaN or ±Inf: merged, it would yield a silently wrong model."""
-
-
 class TensorReader:
-    """Positioned reads of whole tensors into fresh CPU buffers; one open fd per file.
+    """Positioned reads of whole tensors into fresh CPU buffers; one open fd per file."""
 
-    With `check_finite` reads asked to (`finite=True`: the inputs of merged tensors) are checked
-    for NaN/±Inf on the reader thread, one reduction over bytes just read; `on_nonfinite` "error"
-    stops the merge naming the tensor, "warn" records it in `nonfinite` and goes on."""
-
-    def __init__(self, on_nonfinite: str = "error") -> None:
+    def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
-        self.on_nonfinite = on_nonfinite
-        self.nonfinite: list[str] = []
-        self._nonfinite_names: set[str] = set()
 
     def _fd(self, path: Path) -> int:
         with self._lock:  # reader threads share the descriptors
@@ -320,7 +309,7 @@ class TensorReader:
             return fd
 
     def read(self, ref: TensorRef, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None,
-             pin: bool = False, finite: bool = False) -> torch.Tensor:
+             pin: bool = False) -> torch.Tensor:
         """The whole tensor, or rows [r0, r1) of its first axis (a contiguous byte range).
 
         With `out` (a contiguous CPU tensor of the right size, e.g. one row of a stacked buffer)
@@ -350,33 +339,10 @@ class TensorReader:
                 raise UserError(f"{ref.path}: truncated while reading (file changed during the merge?)")
             done += got
         if out is not None:
-            tensor = out.view(ref.shape)
-        elif ref.nbytes == 0:
-            tensor = torch.empty(ref.shape, dtype=dtype)
-        else:
-            tensor = torch.frombuffer(buffer, dtype=dtype).reshape(ref.shape)
-        if finite and ref.dtype in FLOAT_CODES:
-            self._check_finite(ref, tensor, rows)
-        return tensor
-
-    def _check_finite(self, ref: TensorRef, tensor: torch.Tensor, rows: tuple[int, int] | None) -> None:
-        """Any NaN or ±Inf makes the fp32 sum non-finite (one fast reduction); only then is the
-        tensor searched for the first bad entry (a finite sum can also overflow: not an error)."""
-        if tensor.numel() == 0 or torch.isfinite(tensor.sum(dtype=torch.float32)):
-            return
-        bad = (~torch.isfinite(tensor)).reshape(-1).nonzero()
-        if bad.numel() == 0:
-            return
-        first = int(bad[0]) + (rows[0] * (ref.numel // ref.shape[0]) if rows else 0)
-        message = (f"{ref.path}: tensor '{ref.name}' holds NaN or Inf (first at flat index {first}); "
-                   "fix the checkpoint, or set on_nonfinite: warn in the recipe to merge it anyway")
-        if self.on_nonfinite != "warn":
-            raise NonFiniteError(message)
-        with self._lock:
-            if ref.name not in self._nonfinite_names:
-                self._nonfinite_names.add(ref.name)
-                self.nonfinite.append(f"{ref.path}: tensor '{ref.name}' holds NaN or Inf; merged anyway "
-                                      "(on_nonfinite: warn)")
+            return out.view(ref.shape)
+        if ref.nbytes == 0:
+            return torch.empty(ref.shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(ref.shape)
 
     def close(self) -> None:
         for fd in self._fds.values():

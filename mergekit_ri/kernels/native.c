@@ -84,6 +84,23 @@ static void store(void *dst, const float *src, int dtype, int64_t at, int n) {
     }
 }
 
+/* 1 if any of src[at, at + n) is NaN or ±Inf (every exponent bit set): an OR over integers, which
+ * vectorises, run on a tile about to be loaded anyway; the merge is unchanged either way. */
+static int nonfinite(const void *src, int dtype, int64_t at, int n) {
+    uint32_t bad = 0;
+    if (dtype == BF16) {
+        const uint16_t *s = (const uint16_t *)src + at;
+        for (int j = 0; j < n; j++) bad |= (uint32_t)((s[j] & 0x7F80u) == 0x7F80u);
+    } else if (dtype == F16) {
+        const uint16_t *s = (const uint16_t *)src + at;
+        for (int j = 0; j < n; j++) bad |= (uint32_t)((s[j] & 0x7C00u) == 0x7C00u);
+    } else {
+        const uint32_t *s = (const uint32_t *)src + at;
+        for (int j = 0; j < n; j++) bad |= (uint32_t)((s[j] & 0x7F800000u) == 0x7F800000u);
+    }
+    return bad != 0;
+}
+
 /* Wellons' lowbias32: rng.py's mix32 in native uint32 arithmetic. */
 static inline uint32_t mix32(uint32_t x) {
     x ^= x >> 16;
@@ -246,18 +263,24 @@ static int64_t list_undecided(const Params *p, const float *zero, const float *m
  * or INT64_MIN if memory ran out. Entries merged with γ = +1 for a zero elected sum although
  * some τ_i is non-zero ("undecided": the tensor's majority decides, known to the caller only at
  * the end) are written to undecided[0..cap), with their value merged with γ = −1 (fp32, before
- * the output rounding) in minus[0..cap), and all counted in *n_undecided. */
+ * the output rounding) in minus[0..cap), and all counted in *n_undecided. *n_nonfinite is set to 1
+ * if any input entry is NaN or ±Inf (the caller names the tensor), else 0. */
 int64_t ri_merge(const Params *p, const void *base, const void *experts, void *out, int64_t start, int64_t stop,
-                 int64_t *undecided, float *minus, int64_t cap, int64_t *n_undecided) {
+                 int64_t *undecided, float *minus, int64_t cap, int64_t *n_undecided, int32_t *n_nonfinite) {
     const int N = p->count;
     float *buf = (float *)calloc((size_t)TILE * (size_t)(N + 7), sizeof(float));
     if (!buf) return INT64_MIN;
     float *b = buf, *total = buf + TILE, *mixed = buf + 2 * TILE, *zero = buf + 3 * TILE, *alt = buf + 4 * TILE,
           *alt_count = buf + 5 * TILE, *tau = buf + 6 * TILE;
     int64_t balance = 0, found = 0;
+    int bad = 0;
     for (int64_t at = start; at < stop; at += TILE) {
         const int n = (int)((stop - at) < TILE ? (stop - at) : TILE);
-        if (p->subtract_base) load(b, base, p->base_dtype, at, n); /* else b stays 0: τ = θ − 0 = θ */
+        if (p->subtract_base) { /* else b stays 0: τ = θ − 0 = θ */
+            bad |= nonfinite(base, p->base_dtype, at, n);
+            load(b, base, p->base_dtype, at, n);
+        }
+        for (int i = 0; i < N; i++) bad |= nonfinite(experts, p->expert_dtype, (int64_t)i * p->expert_stride + at, n);
         weighted_tau(p, experts, b, tau, total, at, n);
         if (!p->elect) {
             if (!p->subtract_base) {
@@ -276,6 +299,7 @@ int64_t ri_merge(const Params *p, const void *base, const void *experts, void *o
         store(out, b, p->out_dtype, at, n);
     }
     *n_undecided = found;
+    *n_nonfinite = bad;
     free(buf);
     return balance;
 }

@@ -123,7 +123,7 @@ def library() -> ctypes.CDLL | None:
                 lib = ctypes.CDLL(str(_compile(compiler)))
                 lib.ri_merge.restype = ctypes.c_int64
                 lib.ri_merge.argtypes = [ctypes.POINTER(Params)] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [
-                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
                 lib.ri_band.restype = ctypes.c_int
                 lib.ri_band.argtypes = [ctypes.POINTER(Params), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                         ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2
@@ -226,23 +226,48 @@ def merge(base: torch.Tensor | None, experts: torch.Tensor, *, mode: int, elect:
                                  keys=keys, densities=densities, rescale=rescale)
     pointers = (base.data_ptr() if base is not None else None, experts.data_ptr(), out.data_ptr())
 
-    def block(start: int, stop: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-        found, cap = ctypes.c_int64(0), max(UNDECIDED, (stop - start) // 16)
+    def block(start: int, stop: int) -> tuple[int, torch.Tensor, torch.Tensor, bool]:
+        found, bad, cap = ctypes.c_int64(0), ctypes.c_int32(0), max(UNDECIDED, (stop - start) // 16)
         while True:  # a buffer for 1/16 of the block, and a rerun with one big enough if not
             where, minus = torch.empty(cap, dtype=torch.int64), torch.empty(cap, dtype=torch.float32)
             balance = lib.ri_merge(ctypes.byref(params), *pointers, start, stop, where.data_ptr(), minus.data_ptr(),
-                                   cap, ctypes.byref(found))
+                                   cap, ctypes.byref(found), ctypes.byref(bad))
             if balance == -(1 << 63):
                 raise MemoryError("native merge kernel: out of memory")
             if found.value <= cap:
-                return balance, where[:found.value], minus[:found.value]
+                return balance, where[:found.value], minus[:found.value], bool(bad.value)
             cap = found.value
 
     results = run_blocks(block, _spans(numel, BLOCK))
     del keep_alive
+    WATCH.record(numel, any(r[3] for r in results))
     if not results:
         return out, 0, torch.empty(0, dtype=torch.int64), torch.empty(0)
     return out, sum(r[0] for r in results), torch.cat([r[1] for r in results]), torch.cat([r[2] for r in results])
+
+
+class FiniteWatch:
+    """What the merge kernel saw of NaN/±Inf in its inputs: it checks every entry it loads (an
+    integer OR over each tile, next to the maths), so the engine need not read anything twice.
+    The engine merges one tensor at a time: `start` before it, then `entries` (per input) and
+    `nonfinite` after."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.entries = 0
+        self.nonfinite = False
+
+    def start(self) -> None:
+        with self._lock:
+            self.entries, self.nonfinite = 0, False
+
+    def record(self, entries: int, nonfinite: bool) -> None:
+        with self._lock:
+            self.entries += entries
+            self.nonfinite = self.nonfinite or nonfinite
+
+
+WATCH = FiniteWatch()
 
 
 def task_arithmetic(base: torch.Tensor, experts: torch.Tensor, weights: list[float], lam: float, normalize: bool,

@@ -24,7 +24,7 @@ def interference(merged: Path, experts: list[ModelSource], model_class, aux: Aux
     total = 0.0
     with torch.no_grad():
         for source in experts:
-            expert = model_class.from_pretrained(source.folder).to(device).eval()
+            expert = model_class.from_pretrained(source.folder, use_safetensors=True).to(device).eval()
             merged_model = load_with_head(merged, source.label, model_class).to(device).eval()
             drift = [kl_teacher_student(expert(**_to(b, device)).logits, merged_model(**_to(b, device)).logits).item()
                      for b in inputs]

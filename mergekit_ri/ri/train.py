@@ -108,13 +108,13 @@ def _load(job: TrainJob, labels: list[str]):
     is_head = head_selector(job.heads, job.experts[0].config(), "resolve_interference")
     models, heads, head_name = {}, {}, None
     for source in job.experts:
-        model = job.model_class.from_pretrained(source.folder).eval()
+        model = job.model_class.from_pretrained(source.folder, use_safetensors=True).eval()
         head_name = head_name or head_module_name(model, is_head)
         heads[source.label] = model.get_submodule(head_name)
         if source.label in labels:
             models[source.label] = model
     base_model = job.model_class.from_pretrained(job.base.folder, config=next(iter(models.values())).config,
-                                                 ignore_mismatched_sizes=True).eval()
+                                                 ignore_mismatched_sizes=True, use_safetensors=True).eval()
     return models, heads, base_model, head_name, is_head
 
 
