@@ -13,6 +13,7 @@ input raises `UserError` with the one-line message the CLI prints after "error: 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -61,6 +62,8 @@ class MergeOptions:
             raise UserError(f"prefetch must be between 1 and 64, not {self.prefetch}")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"threads must be at least 1, not {self.threads}")
+        if self.device is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise UserError(f"unknown device '{self.device}'; use auto, cpu, cuda or cuda:N")
 
 
 @dataclass(frozen=True)

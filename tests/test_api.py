@@ -186,6 +186,8 @@ def test_options_are_frozen_checked_and_threads_restored(tmp_path, recipe_for):
         options.force = True  # type: ignore[misc]
     with pytest.raises(m.UserError):
         m.MergeOptions(prefetch=0)
+    with pytest.raises(m.UserError, match="unknown device 'gpu'"):
+        m.MergeOptions(device="gpu")
     before = torch.get_num_threads()
     m.merge(recipe_for("linear"), tmp_path / "out", options=options)
     assert torch.get_num_threads() == before
