@@ -83,9 +83,9 @@ class ResolveInterference(BaseModel):
     auxiliary_data: str  # a .safetensors file (key "inputs"), a folder of images, a .txt/.jsonl file, or "gaussian"
     steps: int = Field(2500, ge=0, lt=INT64)
     batch_size: int = Field(128, ge=1, lt=INT64)
-    lr: float = Field(1.0e-6, ge=0)
-    weight_decay: float = Field(1.0e-4, ge=0)
-    alpha: float = Field(1.0, ge=0)
+    lr: float = Field(1.0e-6, ge=0, le=1.0)  # AdamW: a step of ~lr per weight; above 1 only diverges
+    weight_decay: float = Field(1.0e-4, ge=0, le=1e30)  # torch's optimiser takes fp32 scalars
+    alpha: float = Field(1.0, ge=0, le=1e30)
     heads: str | None = None  # default: the recipe's heads, else auto
     max_length: int = Field(128, ge=1, lt=INT64)  # text auxiliary data: tokens per example
     cache_dir: str | None = None  # default: $RI_MERGE_CACHE or ~/.cache/ri-merge

@@ -160,3 +160,15 @@ def test_every_published_entry_has_a_manifest_that_checks(clean):
         listed = json.loads((entry / MANIFEST).read_text())["files"]
         assert "config.json" in listed and "model.safetensors" in listed
         assert is_cached(entry)
+
+
+@pytest.mark.parametrize("field, value", [("lr", 1e38), ("lr", 2.0), ("alpha", 1e300), ("weight_decay", 1e39)])
+def test_ri_settings_beyond_what_training_can_take_are_refused(tmp_path, field, value):
+    """A learning rate of 1e38 crashed inside torch's optimiser (exit 1) after the experts loaded."""
+    from mergekit_ri.errors import UserError
+    from mergekit_ri.recipe import parse_recipe
+
+    recipe = {"merge_method": "ties", "base_model": "b", "models": [{"model": "a"}, {"model": "c"}],
+              "resolve_interference": {"auxiliary_data": "x", field: value}}
+    with pytest.raises(UserError, match=f"resolve_interference.{field}"):
+        parse_recipe(recipe, "r.yaml")
