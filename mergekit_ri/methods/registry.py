@@ -58,6 +58,8 @@ class Param:
     def check(self, value: Any, where: str) -> Any:
         """`value` (one scalar, or a gradient's list) if this parameter takes it, else a one-line
         UserError naming `where`; 0 and 1 are read as false and true, as mergekit does."""
+        if isinstance(value, list) and not self.integer:  # a gradient: each point (integers have none)
+            return [self.check(point, f"{where}[{i}]") for i, point in enumerate(value)]
         if self.kind == "bool":
             if isinstance(value, bool) or (type(value) is int and value in (0, 1)):
                 return bool(value)
@@ -68,8 +70,6 @@ class Param:
             if isinstance(value, str):
                 raise UserError(f"{where}: '{shown(value)}' is not one of {', '.join(self.choices)}")
             raise UserError(f"{where}: expected one of {', '.join(self.choices)}, got {_described(value)}")
-        if isinstance(value, list) and not self.integer:
-            return [self.check(point, f"{where}[{i}]") for i, point in enumerate(value)]
         return self._check_number(value, where)
 
     def _check_number(self, value: Any, where: str) -> float | int:
@@ -111,6 +111,12 @@ RANGES: dict[str, dict[str, Any]] = {
     "lr": {"low": 0.0},
     "t": {"low": 0.0},
     "iterations": {"low": 0.0, "integer": True},
+    "epsilon": {"low": 0.0, "high": 1.0},
+    "gamma": {"low": 0.0, "high": 1.0},
+    "select_topk": {"low": 0.0, "high": 1.0},
+    "max_iter": {"low": 0.0, "integer": True},
+    "tol": {"low": 0.0},
+    "eps": {"low": 0.0},
 }
 
 
@@ -180,6 +186,9 @@ class MethodSpec:
     # True when, for tensors too big to hold N+1 times, the function can take its inputs from
     # ctx.source (a `kernels.Source` reading rows on demand) with base and experts None
     streams: bool = False
+    # recipe-level rules of this method beyond single values (how many models, base or not, pairs
+    # of parameters): a one-line UserError naming the field, run by `check_parameters`
+    check_recipe: Callable[[Recipe, str], None] | None = None
 
     def param(self, name: str) -> Param:
         return next(p for p in self.params if p.name == name)
@@ -206,6 +215,8 @@ class MethodSpec:
                         param.check(leaf, f"{source}: {where}.{key}")
                     except UserError as exc:
                         raise UserError(f"{exc}{entry}") from None
+        if self.check_recipe is not None:
+            self.check_recipe(recipe, source)
 
 
 def _leaves(value: Any) -> list[tuple[Any, str]]:
