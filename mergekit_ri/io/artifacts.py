@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import yaml
 from safetensors.torch import save_file
 
 from ..heads import HEAD_INDEX, head_entry
@@ -104,12 +105,9 @@ def write_model_card(folder: Path, plan: MergePlan, applied: RIProvenance | None
             reference = f"`{applied.references[model.label]}`, adapted by RI (below)"
         rows.append(f"| {model.label} | {reference} | {revision} | `{model.fingerprint}` |")
     recipe = plan.recipe if applied is None else plan.recipe.model_copy(update={"models": applied.models})
+    (folder / "mergekit_config.yml").write_text(recipe.to_yaml())
     card = f"""---
-library_name: transformers
-tags:
-- merge
-- ri-merge
----
+{_front_matter(plan, applied)}---
 # Merged model
 
 Made with [ri-merge](https://pypi.org/project/mergekit-ri/) using **{plan.method.name}**
@@ -130,6 +128,18 @@ Method: {plan.method.citation}
 ```
 """
     (folder / "README.md").write_text(card)
+
+
+def _front_matter(plan: MergePlan, applied: RIProvenance | None) -> str:
+    """The card's YAML header, as mergekit writes it: the Hub builds its model tree from
+    `base_model` (every input, the base first) and lists merges by the `merge`/`mergekit` tags."""
+    references = [plan.base.reference] if plan.base else []
+    for model in plan.experts:
+        original = applied.references.get(model.label) if applied is not None else None
+        references.append(original or model.reference)
+    header = {"base_model": [ref.partition("@")[0] for ref in references], "library_name": "transformers",
+              "tags": ["mergekit", "merge", "ri-merge"]}
+    return yaml.safe_dump(header, sort_keys=False, allow_unicode=True)
 
 
 def write_heads(folder: Path, plan: MergePlan, reader: TensorReader) -> None:
