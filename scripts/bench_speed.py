@@ -32,6 +32,9 @@ from safetensors import safe_open
 
 from mergekit_ri.synthetic import LlamaShape, base_weights, expert_weights, save_checkpoint
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mergekit_venv import find_mergekit  # noqa: E402  (shared with parity_mergekit.py)
+
 DTYPE = "bfloat16"
 VOCAB = 32000
 LAYERS = 16
@@ -176,16 +179,6 @@ def ri_merge_exe() -> list[str]:
     if found:
         return [found]
     return [sys.executable, "-c", "from mergekit_ri.cli import entry; entry()"]
-
-
-def find_mergekit(requested: str | None) -> str | None:
-    """The mergekit-yaml to use: --mergekit, the known venv, PATH, or None to skip."""
-    if requested:
-        return requested
-    default = Path("/work/mk-venv/bin/mergekit-yaml")
-    if default.exists():
-        return str(default)
-    return shutil.which("mergekit-yaml")
 
 
 def ri_command(recipe: Path, out: Path, device: str = "cpu") -> list[str]:
