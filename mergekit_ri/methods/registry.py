@@ -58,8 +58,6 @@ class Param:
     def check(self, value: Any, where: str) -> Any:
         """`value` (one scalar, or a gradient's list) if this parameter takes it, else a one-line
         UserError naming `where`; 0 and 1 are read as false and true, as mergekit does."""
-        if isinstance(value, list) and not self.integer:  # a gradient: each point (integers have none)
-            return [self.check(point, f"{where}[{i}]") for i, point in enumerate(value)]
         if self.kind == "bool":
             if isinstance(value, bool) or (type(value) is int and value in (0, 1)):
                 return bool(value)
@@ -70,6 +68,8 @@ class Param:
             if isinstance(value, str):
                 raise UserError(f"{where}: '{shown(value)}' is not one of {', '.join(self.choices)}")
             raise UserError(f"{where}: expected one of {', '.join(self.choices)}, got {_described(value)}")
+        if isinstance(value, list) and not self.integer:
+            return [self.check(point, f"{where}[{i}]") for i, point in enumerate(value)]
         return self._check_number(value, where)
 
     def _check_number(self, value: Any, where: str) -> float | int:
