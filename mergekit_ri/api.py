@@ -47,6 +47,9 @@ class MergeOptions:
     interference: for RI recipes, ξ with and without RI in `MergeResult.interference`; costs a
         second merge, into a temporary folder.
     checksums: sha256 of every written file in `MergeResult.files` (re-reads the output once).
+    intermediate_dir: multi-stage recipes: where the named stages are written, kept and reused by
+        the next run when a stage's recipe and inputs are unchanged (None: a hidden folder beside
+        the output, removed once the final stage is written).
     """
 
     device: str | None = None
@@ -56,6 +59,7 @@ class MergeOptions:
     report_layers: bool = False
     interference: bool = False
     checksums: bool = True
+    intermediate_dir: str | os.PathLike[str] | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.prefetch <= 64:
@@ -74,6 +78,7 @@ class PlanReport:
     plan: MergePlan
     recipe: Recipe  # as given (with the device override), before RI points it at the cache
     ri: RIStatus | None = None
+    stages: list[dict[str, Any]] | None = None  # multi-stage recipes: the stages in the order they run
 
     @property
     def warnings(self) -> list[str]:
@@ -81,7 +86,8 @@ class PlanReport:
 
     def summary(self) -> dict[str, Any]:
         """The JSON form (`ri-merge --dry-run --json`, without its "dry_run" key)."""
-        return {**self.plan.summary(), **({"ri": self.ri.summary()} if self.ri is not None else {})}
+        return {**self.plan.summary(), **({"ri": self.ri.summary()} if self.ri is not None else {}),
+                **({"stages": self.stages} if self.stages is not None else {})}
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,8 @@ class _Source:
 
     recipe: Recipe
     folder: Path | None
+    stages: list[Recipe] | None = None  # every document of a multi-stage recipe (`recipe`: the last)
+    name: str = "recipe"
 
 
 def load_recipe(recipe: RecipeInput) -> Recipe:
@@ -105,6 +113,8 @@ def plan(recipe: RecipeInput, *, options: MergeOptions = MergeOptions()) -> Plan
 
     With RI, nothing is trained, but finding the cache entries hashes the experts' bytes."""
     source = _read(recipe)
+    if source.stages is not None:
+        return _plan_stages(source, options)
     original = _with_device(source.recipe, options.device)
     adapted, status = _resolve_interference(original, source.folder, MergeEvents(), dry_run=True)
     from .plan import build_plan
@@ -120,12 +130,18 @@ def merge(recipe: RecipeInput, out: str | os.PathLike[str], *, options: MergeOpt
     end, so a failed merge leaves nothing that looks like a checkpoint."""
     events = events or MergeEvents()
     source = _read(recipe)
+    if source.stages is not None:
+        return _merge_stages(source, Path(out), options, events)
+    return _merge_one(source, Path(out), options, events)
+
+
+def _merge_one(source: _Source, out: Path, options: MergeOptions, events: MergeEvents) -> MergeResult:
     original = _with_device(source.recipe, options.device)
     with _threads(options.threads):
         from .engine import run_merge, total_work_bytes
         from .plan import build_plan
 
-        protected = _ri_inputs(original, source.folder, Path(out), options.force)
+        protected = _ri_inputs(original, source.folder, out, options.force)
         adapted, status = _resolve_interference(original, source.folder, events, dry_run=False)
         merge_plan = build_plan(adapted, source.folder)
         merge_plan.protected.extend(protected)
@@ -134,7 +150,7 @@ def merge(recipe: RecipeInput, out: str | os.PathLike[str], *, options: MergeOpt
             events.on_warning(warning)
         announced = len(merge_plan.warnings)
         layers: dict[str, dict[str, float]] | None = {} if options.report_layers else None
-        result = run_merge(merge_plan, Path(out), device=original.device, force=options.force,
+        result = run_merge(merge_plan, out, device=original.device, force=options.force,
                            prefetch=options.prefetch, progress=events.on_progress,
                            report=_layer_collector(layers, events) if layers is not None else None,
                            checksums=options.checksums,
@@ -160,14 +176,19 @@ def _read(recipe: RecipeInput) -> _Source:
     if isinstance(recipe, Mapping):
         return _Source(schema.parse_recipe(dict(recipe), source="recipe"), None)
     if isinstance(recipe, str) and _looks_like_yaml(recipe):
-        return _Source(schema.parse_recipe_text(recipe, source="recipe"), None)
+        return _documents(schema.parse_recipe_documents(recipe, source="recipe"), None, "recipe")
     if not isinstance(recipe, (str, os.PathLike)):
         raise UserError(f"a recipe is a path, YAML text or a dict, not {type(recipe).__name__}")
     path = Path(recipe)
-    loaded = schema.load_recipe(path)
+    loaded = schema.load_recipe_documents(path)
     from .demo import demo_models_for
 
-    return _Source(loaded, demo_models_for(path) or path.resolve().parent)
+    return _documents(loaded, demo_models_for(path) or path.resolve().parent, str(path))
+
+
+def _documents(recipes: list[Recipe], folder: Path | None, name: str) -> _Source:
+    """One recipe, or the stages of a multi-stage one (more than one YAML document)."""
+    return _Source(recipes[-1], folder, recipes if len(recipes) > 1 else None, name)
 
 
 def _looks_like_yaml(text: str) -> bool:
@@ -177,6 +198,48 @@ def _looks_like_yaml(text: str) -> bool:
         return not Path(text).exists()
     except (OSError, ValueError):  # a name too long for the file system, a NUL byte: not a path
         return True
+
+
+def _merge_stages(source: _Source, out: Path, options: MergeOptions, events: MergeEvents) -> MergeResult:
+    """Each stage in dependency order, the named ones into the intermediate folder (or reused from
+    it), the final one into `out`; the final stage's result."""
+    from . import stages as staging
+
+    recipes = [_with_device(r, options.device) for r in source.stages or []]
+    where = Path(options.intermediate_dir) if options.intermediate_dir is not None else None
+    stage_plan = staging.plan_stages(recipes, source.name, source.folder, out, where, options.force)
+    stamps: dict[str, str] = {}
+    result = None
+    for index, stage in enumerate(stage_plan.stages):
+        target = stage_plan.outputs[stage.name]
+        recipe = staging.stage_recipe(stage_plan, stage)
+        events.on_stage(stage.name, index, len(stage_plan.stages), target)
+        if stage.name is None or target == out:
+            result = _merge_one(_Source(recipe, source.folder), out, options, events)
+            continue
+        stamps[stage.name] = staging.stamp(recipe, [stamps[n] for n in stage.needs]
+                                           + staging.input_marks(recipe, source.folder, stage.needs))
+        if stage_plan.keep_intermediates and staging.reusable(target, stamps[stage.name]):
+            events.on_warning(f"stage '{stage.name}': reusing {target} (same recipe and inputs)")
+            continue
+        _merge_one(_Source(recipe, source.folder), target, replace(options, force=True, checksums=False), events)
+        staging.record(target, stamps[stage.name])
+    staging.remove_intermediates(stage_plan)
+    assert result is not None
+    return result
+
+
+def _plan_stages(source: _Source, options: MergeOptions) -> PlanReport:
+    """A multi-stage recipe checked as far as headers allow: every stage's order, references and
+    non-stage inputs; the plan shown is the first stage's (later ones read what it writes)."""
+    from . import stages as staging
+    from .plan import build_plan
+
+    recipes = [_with_device(r, options.device) for r in source.stages or []]
+    stage_plan = staging.plan_stages(recipes, source.name, source.folder, None, None, options.force)
+    first = stage_plan.stages[0]
+    recipe = staging.stage_recipe(stage_plan, first)
+    return PlanReport(build_plan(recipe, source.folder), recipe, None, stage_plan.summary())
 
 
 def _with_device(recipe: Recipe, device: str | None) -> Recipe:

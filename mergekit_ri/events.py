@@ -8,6 +8,7 @@ renders the same calls with rich. Calls come from the thread that called `merge`
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -22,6 +23,10 @@ class MergeEvents:
 
     def on_ri_step(self, expert: str, step: int, l1: float, l2: float) -> None:
         """One RI step done: the expert's own-head loss l1 and the other heads' loss l2."""
+
+    def on_stage(self, name: str | None, index: int, count: int, out: Path) -> None:
+        """Multi-stage recipes: stage `index` of `count` (`name` None for the final one) starts,
+        writing to `out`; the events of its merge follow."""
 
     def on_plan(self, plan: MergePlan, total_bytes: int) -> None:
         """The plan is ready, nothing read yet: `on_progress` will add up to `total_bytes`."""

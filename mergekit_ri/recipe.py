@@ -32,6 +32,7 @@ Scalar = Union[bool, int, float, str]
 # a recipe is a few KB: these bounds are far above any real one and far below harm
 MAX_RECIPE_BYTES = 1 << 20
 MAX_NODES = 100_000  # values in the recipe once YAML aliases are expanded
+MAX_DOCUMENTS = 64  # stages of a multi-stage recipe
 MAX_DEPTH = 32  # nesting of mappings and lists (a real recipe nests 5 deep)
 INT64 = 2**63  # integers are kept below it: they end up in JSON, hashes and file offsets
 
@@ -113,6 +114,7 @@ class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     merge_method: str
+    name: str | None = Field(None, min_length=1)  # mergekit-multi: a stage that later stages use as a model
     models: list[ModelEntry] = Field(min_length=1)
     base_model: str | None = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
@@ -334,7 +336,17 @@ def parse_recipe_text(text: str, source: str = "recipe") -> Recipe:
     return parse_recipe(_load_yaml(text, source), source)
 
 
-def _load_yaml(text: str, source: str) -> Any:
+def _documents(loader: _RecipeLoader) -> list[Any]:
+    """Every document of the stream (mergekit-multi's stages, separated by `---`), each bounded."""
+    documents: list[Any] = []
+    while loader.check_data():
+        if len(documents) == MAX_DOCUMENTS:
+            raise _Refused(f"more than {MAX_DOCUMENTS} YAML documents (stages)")
+        documents.append(loader.get_data())
+    return documents
+
+
+def _load_yaml(text: str, source: str, documents: bool = False) -> Any:
     try:
         loader = _RecipeLoader(text)  # checks every character at once
     except yaml.reader.ReaderError as exc:
@@ -342,7 +354,7 @@ def _load_yaml(text: str, source: str) -> Any:
         raise UserError(f"{source}: character #x{exc.character:04x} at line {line} "
                         "is not allowed in YAML") from None
     try:
-        return loader.get_single_data()
+        return _documents(loader) if documents else loader.get_single_data()
     except _Refused as exc:
         raise UserError(f"{source}: {exc.message}{_line(exc.mark)}") from None
     except yaml.YAMLError as exc:
@@ -359,6 +371,25 @@ def _load_yaml(text: str, source: str) -> Any:
         raise UserError(f"{source}: nested too deeply") from None
     finally:
         loader.dispose()
+
+
+def load_recipe_documents(path: Path) -> list[Recipe]:
+    """Every recipe of a file: one, or the stages of a multi-stage recipe (`parse_recipe_documents`)."""
+    path = Path(path)
+    return parse_recipe_documents(_read_text(path), str(path))
+
+
+def parse_recipe_documents(text: str, source: str = "recipe") -> list[Recipe]:
+    """The YAML documents of a recipe, each validated: a multi-stage recipe (mergekit-multi's
+    format) is several recipes separated by `---`, each but the final one with a `name`."""
+    if not isinstance(text, str):
+        raise UserError(f"{source}: a recipe is YAML text, got {type(text).__name__}")
+    if len(text) > MAX_RECIPE_BYTES:
+        raise UserError(f"{source}: recipe is larger than {MAX_RECIPE_BYTES // 1024} KiB; is this a recipe?")
+    documents = [d for d in _load_yaml(text, source, documents=True) if d is not None]
+    if len(documents) <= 1:
+        return [parse_recipe(documents[0] if documents else None, source)]
+    return [parse_recipe(data, f"{source} (document {i + 1})") for i, data in enumerate(documents)]
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
