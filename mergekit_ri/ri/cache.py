@@ -8,7 +8,6 @@ who can also rewrite the manifest: the cache is trusted as much as the folder it
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,18 +15,10 @@ import sys
 import uuid
 from pathlib import Path
 
+from ..io.manifest import file_sha256
+
 MANIFEST = "ri-manifest.json"
 MANIFEST_VERSION = 1
-CHUNK = 1 << 24  # bytes hashed at a time: entries are never read whole into memory
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, streamed in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def entry_files(folder: Path) -> dict[str, Path]:
