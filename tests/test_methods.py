@@ -1,5 +1,5 @@
-"""Every method, merged through the CLI from files on disk, against an in-memory reference
-written here from the papers' formulas (methods.md), for bf16/fp16/fp32 and sharded inputs."""
+"""Every method, merged through the CLI from files on disk, against the in-memory reference
+(`mergekit_ri.methods.reference`, the papers' formulas), for bf16/fp16/fp32 and sharded inputs."""
 
 from __future__ import annotations
 
@@ -8,59 +8,41 @@ import torch
 
 from conftest import ODD, TINY, read_any, read_checkpoint, run_cli, write_recipe
 from mergekit_ri.kernels.rng import keep_mask, rng_key
+from mergekit_ri.methods import reference
 from mergekit_ri.params import interpolate, layer_depths
 from mergekit_ri.synthetic import make_family
 
 NAMES = ["a", "b", "c"]
 
 
-# ---- references, straight from the formulas -------------------------------------------------
+# ---- the reference (mergekit_ri.methods.reference), in the shapes these tests use -------------
 
 def ref_task_arithmetic(base, experts, weights, lam=1.0):
-    return base + lam * sum(w * (e - base) for w, e in zip(weights, experts))
+    return reference.task_arithmetic(base, torch.stack(experts), weights, lam)
 
 
 def ref_linear(experts, weights):
-    return sum(w * e for w, e in zip(weights, experts)) / sum(weights)
+    return reference.linear(torch.stack(experts), weights)
 
 
 def ref_trim(tau, density):
     """Keep every entry whose magnitude is >= the k-th largest (ties kept), k = floor(density*n)."""
-    flat = tau.flatten().abs()
-    k = int(density * flat.numel())
-    if k == 0:
-        return torch.zeros_like(tau)
-    threshold = torch.sort(flat, descending=True).values[k - 1]
-    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+    return reference.trim(tau, reference.magnitude_threshold(tau, density))
 
 
 def ref_disjoint_merge(taus, weights, normalize=True):
-    """TIES elect + disjoint (weighted) mean, the reference code's zero-sum rule."""
-    weighted = [w * t for w, t in zip(weights, taus)]
-    total = sum(weighted)
-    gamma = torch.sign(total)
-    majority = torch.sign(gamma.sum())
-    gamma[gamma == 0] = majority if majority != 0 else 1.0
-    numerator = torch.zeros_like(total)
-    count = torch.zeros_like(total)
-    for w, t in zip(weights, weighted):
-        agree = (torch.sign(t) == gamma).float()
-        numerator += t * agree
-        count += w * agree
-    if not normalize:
-        return numerator
-    return numerator / torch.where(count == 0, torch.ones_like(count), count)
+    """TIES elect (with the zero-sum majority rule) + disjoint (weighted) mean of trimmed taus."""
+    weighted = reference.per_expert(weights, torch.stack(taus)) * torch.stack(taus)
+    return reference.disjoint_mean(weighted, reference.elect_signs(weighted), weights, normalize)
 
 
 def ref_ties(base, experts, weights, densities, lam=1.0):
-    taus = [ref_trim(e - base, d) for e, d in zip(experts, densities)]
-    return base + lam * ref_disjoint_merge(taus, weights)
+    return reference.ties(base, torch.stack(experts), weights, densities, lam)
 
 
 def ref_dare(tau, keep, seed, name, index):
     """Drop with the counter-based generator (tested against a numpy uint32 hash in test_kernels)."""
-    mask = keep_mask(0, tau.numel(), keep, rng_key(seed, name, index)).reshape(tau.shape)
-    return tau * mask / keep
+    return reference.dare_drop(tau, keep, rng_key(seed, name, index))
 
 
 def load_family(folders):
