@@ -5,8 +5,9 @@ and returns the merged [n] in `out_dtype` (fp32 maths, one rounding on the store
 N fp32 task-vector rows of a block stay in L2 while the half-dozen passes of a method run over
 them (twice as fast as whole-tensor passes through DRAM, and no N×fp32 copy of a tensor is ever
 held); on a GPU one block is the whole tensor. Upcasting happens inside each block's subtraction,
-so nothing is converted twice. These are also the references the Triton kernels are tested
-against.
+so nothing is converted twice. The maths is that of `methods.reference` (the readable version,
+which these equal bit for bit: tests/test_reference.py); the C and Triton kernels do the same
+operations in the same order.
 """
 
 from __future__ import annotations
@@ -136,20 +137,25 @@ def count_nonzero(x: torch.Tensor) -> int:
 class Election:
     """TIES sign election over a tensor merged block by block.
 
-    γ = sign(Σ_i w_i τ_i). Where that sum is exactly 0 but some τ_i is not, the reference code
-    uses the majority sign of γ over the *whole tensor* (+1 if that is 0 too), which a block
-    cannot know yet: such entries are merged with +1, remembered, and redone with −1 in `finish`
-    if the majority turns out negative. They are rare (exact cancellations), so this costs nothing.
+    γ = sign(Σ_i w_i τ_i). Where that sum is exactly 0 but some τ_i is not ("undecided"), γ is
+    the majority sign of the *whole tensor* (+1 if that is 0 too; see `methods.reference`), which
+    a block cannot know yet: such entries are merged with +1, and their merge with −1 is kept
+    beside them, to be written by `finish` if the majority turns out negative. The C and Triton
+    kernels keep both values the same way: no backend re-reads its inputs for this rule.
     """
 
     def __init__(self, weights: torch.Tensor, normalize: bool) -> None:
         self.weights, self.normalize = weights, normalize
         self.unit = bool((weights == 1.0).all())
         self.balance = 0  # Σ sign(Σ_i w_i τ_i) over the tensor so far
-        self.undecided: list[torch.Tensor] = []
+        self.undecided: list[tuple[torch.Tensor, torch.Tensor]] = []  # (flat indices, merge with γ = −1)
         self._lock = threading.Lock()  # blocks are merged by several threads
 
-    def merge(self, weighted: torch.Tensor, start: int) -> torch.Tensor:
+    def merge(self, weighted: torch.Tensor, start: int, minus: Callable[[torch.Tensor], torch.Tensor]
+              ) -> torch.Tensor:
+        """The disjoint merge of a block's weighted task vectors [N, m] (overwritten), which sit at
+        flat entries start.. ; `minus(local)` gives the output value (θ0 + λ·τ_m, fp32) of the
+        block's entries `local` merged with γ = −1, asked for the undecided ones only."""
         total = rows_sum(weighted)
         nonzero = count_nonzero(total)
         total.add_(0.0)  # −0 → +0, so that zero sums get γ = +1 below
@@ -158,24 +164,26 @@ class Election:
         mixed = disjoint_merge(weighted, gamma, self.weights, self.normalize, self.unit)
         # where the sum is non-zero some entry agrees, so the merge is non-zero: any other
         # non-zero merged entry had a zero sum with non-zero entries, i.e. an undecided sign
-        undecided = ((total == 0) & (mixed != 0)).nonzero().reshape(-1) + start \
-            if count_nonzero(mixed) > nonzero else None
+        undecided = None
+        if count_nonzero(mixed) > nonzero:
+            local = ((total == 0) & (mixed != 0)).nonzero().reshape(-1)
+            undecided = (local + start, minus(local))
         with self._lock:
             self.balance += balance
             if undecided is not None:
                 self.undecided.append(undecided)
         return mixed
 
-    def finish(self, out: torch.Tensor, lam: float,
-               redo: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Redo the undecided entries with γ = −1 if the tensor's majority sign is negative;
-        `redo(indices)` gives the base (fp32) and the weighted task vectors [N, k] there."""
+    def minus(self, weighted: torch.Tensor) -> torch.Tensor:
+        """The disjoint merge of weighted task vectors [N, k] (overwritten) with γ = −1."""
+        gamma = torch.full((weighted.shape[1],), -1.0, device=weighted.device)
+        return disjoint_merge(weighted, gamma, self.weights, self.normalize, self.unit)
+
+    def finish(self, out: torch.Tensor) -> torch.Tensor:
+        """Write the undecided entries' merge with γ = −1 if the tensor's majority is negative."""
         if self.balance < 0 and self.undecided:
-            where = torch.cat(self.undecided)  # one re-read for all of them
-            base, weighted = redo(where)
-            gamma = torch.full(where.shape, -1.0, device=out.device)
-            mixed = disjoint_merge(weighted, gamma, self.weights, self.normalize, self.unit)
-            out[where] = base.add_(mixed, alpha=lam).to(out.dtype)
+            out[torch.cat([where for where, _ in self.undecided])] = \
+                torch.cat([values for _, values in self.undecided]).to(out.dtype)
         return out
 
 
@@ -230,7 +238,7 @@ def merge_blocks(src: Source, weighted_tau: WeightedTau, weights: list[float], l
     """θ0 + λ · merge of w_i τ_i over a source, block by block: a TIES election (elect) or a sum.
 
     `weighted_tau(tau, at)` trims or drops and weighs fp32 task vectors [N, m] in place; `at` is
-    the flat index of their first entry (a block) or the indices of each entry (a re-do)."""
+    the flat index of their first entry (a block) or the indices of each entry (undecided ones)."""
     out = torch.empty(src.numel, dtype=out_dtype, device=src.device)
     w = column(weights, torch.empty(0, device=src.device))
     election = Election(w, normalize)
@@ -238,23 +246,21 @@ def merge_blocks(src: Source, weighted_tau: WeightedTau, weights: list[float], l
         def block(start: int, stop: int) -> None:
             tau = weighted_tau(task_vectors(base, experts, start, stop), first + start)
             if elect:
-                mixed = election.merge(tau, first + start)
+                mixed = election.merge(tau, first + start, lambda local: minus(local + start))
             else:
                 mixed = rows_sum(tau)
                 if normalize:
                     mixed /= safe_divisor(w.sum())
             torch.add(base[start:stop], mixed, alpha=lam, out=out[first + start:first + stop])
 
+        def minus(at: torch.Tensor) -> torch.Tensor:
+            """θ0 + λ·τ_m with γ = −1 at entries `at` of this chunk, from the inputs in memory."""
+            theta0 = base[at].float()
+            tau = weighted_tau(torch.sub(experts[:, at], theta0), at + first)
+            return theta0.add_(election.minus(tau), alpha=lam)
+
         for_blocks(base.shape[0], src.device, block)
-    if not elect:
-        return out
-
-    def redo(where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        base, experts = src.gather(where)
-        base = base.float()
-        return base, weighted_tau(torch.sub(experts, base), where)
-
-    return election.finish(out, lam, redo)
+    return election.finish(out) if elect else out
 
 
 SAMPLE = 1 << 15  # entries per expert sampled to bracket the threshold
