@@ -50,6 +50,12 @@ class MergeOptions:
     intermediate_dir: multi-stage recipes: where the named stages are written, kept and reused by
         the next run when a stage's recipe and inputs are unchanged (None: a hidden folder beside
         the output, removed once the final stage is written).
+
+    Overrides of the recipe, as mergekit-yaml's flags set them (None: the recipe's):
+    seed: the seed of random methods (DARE's masks); --random-seed.
+    out_shard_size: bytes per output shard, or mergekit's text ('5B' = 5·10⁹); --out-shard-size.
+    copy_tokenizer: False writes no tokenizer files unless the recipe names a tokenizer_source.
+    write_model_card: False leaves out README.md and mergekit_config.yml.
     """
 
     device: str | None = None
@@ -60,6 +66,10 @@ class MergeOptions:
     interference: bool = False
     checksums: bool = True
     intermediate_dir: str | os.PathLike[str] | None = None
+    seed: int | None = None
+    out_shard_size: int | str | None = None
+    copy_tokenizer: bool | None = None
+    write_model_card: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.prefetch <= 64:
@@ -115,7 +125,7 @@ def plan(recipe: RecipeInput, *, options: MergeOptions = MergeOptions()) -> Plan
     source = _read(recipe)
     if source.stages is not None:
         return _plan_stages(source, options)
-    original = _with_device(source.recipe, options.device)
+    original = _with_overrides(source.recipe, options)
     adapted, status = _resolve_interference(original, source.folder, MergeEvents(), dry_run=True)
     from .plan import build_plan
 
@@ -136,7 +146,7 @@ def merge(recipe: RecipeInput, out: str | os.PathLike[str], *, options: MergeOpt
 
 
 def _merge_one(source: _Source, out: Path, options: MergeOptions, events: MergeEvents) -> MergeResult:
-    original = _with_device(source.recipe, options.device)
+    original = _with_overrides(source.recipe, options)
     with _threads(options.threads):
         from .engine import run_merge, total_work_bytes
         from .plan import build_plan
@@ -157,6 +167,8 @@ def _merge_one(source: _Source, out: Path, options: MergeOptions, events: MergeE
                            provenance=status.provenance if status is not None else None)
         for warning in result.warnings[announced:]:  # found while merging (e.g. non-finite inputs)
             events.on_warning(warning)
+        if not options.write_model_card:
+            result = _without_model_card(result)
         xi = None
         if options.interference and status is not None:
             from .ri.report import interference_report
@@ -205,7 +217,7 @@ def _merge_stages(source: _Source, out: Path, options: MergeOptions, events: Mer
     it), the final one into `out`; the final stage's result."""
     from . import stages as staging
 
-    recipes = [_with_device(r, options.device) for r in source.stages or []]
+    recipes = [_with_overrides(r, options) for r in source.stages or []]
     where = Path(options.intermediate_dir) if options.intermediate_dir is not None else None
     stage_plan = staging.plan_stages(recipes, source.name, source.folder, out, where, options.force)
     stamps: dict[str, str] = {}
@@ -235,15 +247,48 @@ def _plan_stages(source: _Source, options: MergeOptions) -> PlanReport:
     from . import stages as staging
     from .plan import build_plan
 
-    recipes = [_with_device(r, options.device) for r in source.stages or []]
+    recipes = [_with_overrides(r, options) for r in source.stages or []]
     stage_plan = staging.plan_stages(recipes, source.name, source.folder, None, None, options.force)
     first = stage_plan.stages[0]
     recipe = staging.stage_recipe(stage_plan, first)
     return PlanReport(build_plan(recipe, source.folder), recipe, None, stage_plan.summary())
 
 
-def _with_device(recipe: Recipe, device: str | None) -> Recipe:
-    return recipe if device is None else recipe.model_copy(update={"device": device})
+def _with_overrides(recipe: Recipe, options: MergeOptions) -> Recipe:
+    """The recipe with what `options` override (device, seed, shard size, tokenizer), each checked
+    as the recipe's own field is."""
+    update: dict[str, Any] = {}
+    if options.device is not None:
+        update["device"] = options.device
+    if options.seed is not None:
+        update["seed"] = options.seed
+    if options.out_shard_size is not None:
+        update["out_shard_size"] = options.out_shard_size
+    if options.copy_tokenizer is False and "tokenizer_source" not in recipe.model_fields_set:
+        update["tokenizer_source"] = None  # as in mergekit: a tokenizer_source the recipe names is kept
+    if not update:
+        return recipe
+    from pydantic import ValidationError
+
+    try:  # validated as a whole: model_copy would take an unchecked seed or shard size
+        return type(recipe).model_validate({**dict(recipe), **update})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = str(error["loc"][0]) if error["loc"] else "option"
+        message = " ".join(error["msg"].removeprefix("Value error, ").split())
+        raise UserError(f"{_OPTION_NAMES.get(name, name)}: {message}") from None
+
+
+_OPTION_NAMES = {"seed": "random seed", "out_shard_size": "out shard size", "device": "device"}
+
+
+def _without_model_card(result: MergeResult) -> MergeResult:
+    """`write_model_card=False` (mergekit's --no-write-model-card): the card and the recipe copy
+    removed from the published output and from `result.files`."""
+    card = {"README.md", "mergekit_config.yml"}
+    for name in card:
+        (result.out / name).unlink(missing_ok=True)
+    return replace(result, files=tuple(f for f in result.files if f.name not in card))
 
 
 def _ri_inputs(recipe: Recipe, folder: Path | None, out: Path, force: bool) -> list[Path]:

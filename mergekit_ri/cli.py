@@ -1,6 +1,7 @@
 """The `ri-merge` command line: parsing, printing and exit codes around `mergekit_ri.api`.
 
-`ri-merge RECIPE -o OUT` is short for `ri-merge merge RECIPE -o OUT`. Exit codes: 0 success,
+`ri-merge RECIPE OUT` (mergekit-yaml's form, its flags included) and `ri-merge RECIPE -o OUT` are
+short for `ri-merge merge RECIPE -o OUT`. Exit codes: 0 success,
 2 bad input (one line on stderr, no traceback), 1 internal error, 130 interrupted.
 """
 
@@ -266,7 +267,11 @@ def _json_summary(result, verbose: bool) -> dict[str, Any]:
     }
 
 
-OutputOpt = Annotated[Path, typer.Option(
+OutPathArg = Annotated[Optional[Path], typer.Argument(
+    metavar="OUT_PATH", show_default=False,
+    help="Output folder, as mergekit-yaml takes it (or -o; created, must not exist or be empty unless "
+         "--force).")]
+OutputOpt = Annotated[Optional[Path], typer.Option(
     "--output", "-o", help="Output folder (created; must not exist or be empty unless --force).")]
 DeviceOpt = Annotated[Optional[str], typer.Option(
     "--device", help="auto | cpu | cuda | cuda:N (overrides the recipe).")]
@@ -281,13 +286,86 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a non-empty out
 PrefetchOpt = Annotated[int, typer.Option(
     "--prefetch", min=1, max=64, help="Tensors read ahead of the merge.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option(
-    "--threads", min=1, help="CPU threads for the maths (default: all cores).")]
+    "--threads", "--num-threads", "-j", min=1, help="CPU threads for the maths (default: all cores).")]
+
+# mergekit-yaml's flags (mergekit 0.1.5 options.py), so that a command from mergekit runs unchanged
+MK = "mergekit-yaml's flags"
+MK_NOOP = "mergekit-yaml's flags with nothing to do here (accepted, no effect)"
+CudaOpt = Annotated[bool, typer.Option("--cuda/--no-cuda", rich_help_panel=MK,
+                                       help="Same as --device cuda.")]
+GpuRichOpt = Annotated[bool, typer.Option(
+    "--gpu-rich", rich_help_panel=MK,
+    help="Same as --device cuda (the rest of mergekit's alias streams anyway).")]
+CopyTokenizerOpt = Annotated[Optional[bool], typer.Option(
+    "--copy-tokenizer/--no-copy-tokenizer", show_default=False, rich_help_panel=MK,
+    help="Copy the tokenizer files (default); --no-copy-tokenizer writes none unless the recipe names "
+         "tokenizer_source.")]
+ShardSizeOpt = Annotated[Optional[str], typer.Option(
+    "--out-shard-size", metavar="SIZE", rich_help_panel=MK,
+    help="Bytes per output shard: 5B is 5·10⁹ as in mergekit, also 500M, 2GB, 1GiB (overrides the "
+         "recipe).")]
+SeedOpt = Annotated[Optional[int], typer.Option(
+    "--random-seed", rich_help_panel=MK,
+    help="Seed of the random methods, e.g. DARE (overrides the recipe).")]
+ModelCardOpt = Annotated[bool, typer.Option(
+    "--write-model-card/--no-write-model-card", rich_help_panel=MK,
+    help="Write README.md and mergekit_config.yml beside the weights.")]
+AllowCrimesOpt = Annotated[bool, typer.Option(
+    "--allow-crimes/--no-allow-crimes", rich_help_panel=MK,
+    help="No effect: models of different architectures merge whenever their tensor names and shapes match.")]
+TruncateOpt = Annotated[bool, typer.Option(
+    "--unsafe-truncate-embeddings/--no-unsafe-truncate-embeddings", rich_help_panel=MK,
+    help="Refused: ri-merge never resizes embeddings (merge models that share a vocabulary).")]
+
+
+def _noop(*flags: str, text: str) -> Any:
+    return typer.Option(*flags, rich_help_panel=MK_NOOP, help=text)
+
+
+STREAMED = "No effect: ri-merge streams tensors from disk with bounded memory."
+LazyOpt = Annotated[bool, _noop("--lazy-unpickle/--no-lazy-unpickle", text=STREAMED)]
+LowMemOpt = Annotated[bool, _noop("--low-cpu-memory/--no-low-cpu-memory", text=STREAMED)]
+ReadGpuOpt = Annotated[bool, _noop("--read-to-gpu/--no-read-to-gpu", text=STREAMED)]
+AsyncOpt = Annotated[bool, _noop("--async-write/--no-async-write",
+                                 text="No effect: shards are always written by a thread beside the merge.")]
+WriteThreadsOpt = Annotated[Optional[int], _noop("--write-threads", text="No effect (see --async-write).")]
+MultiGpuOpt = Annotated[bool, _noop("--multi-gpu/--no-multi-gpu", text="No effect: one device merges.")]
+CloneOpt = Annotated[bool, _noop("--clone-tensors/--no-clone-tensors",
+                                 text="No effect: every output tensor is written on its own.")]
+SafeOpt = Annotated[bool, _noop("--safe-serialization/--no-safe-serialization",
+                                text="No effect: the output is always safetensors.")]
+RemoteCodeOpt = Annotated[bool, _noop("--trust-remote-code/--no-trust-remote-code",
+                                      text="No effect: ri-merge runs no code from model repositories.")]
+CacheOpt = Annotated[Optional[str], _noop(
+    "--transformers-cache", text="No effect: downloads go to the Hugging Face cache (HF_HOME).")]
+NO_LORA = "No effect: LoRA inputs are not supported."
+LoraCacheOpt = Annotated[Optional[str], _noop("--lora-merge-cache", text=NO_LORA)]
+LoraDtypeOpt = Annotated[Optional[str], _noop("--lora-merge-dtype", text=NO_LORA)]
+
+
+def _output_folder(positional: Path | None, option: Path | None, dry_run: bool) -> Path:
+    """OUT_PATH as mergekit-yaml takes it, or -o; both only when they agree."""
+    if positional is not None and option is not None and positional != option:
+        raise UserError(f"two output folders: {positional} and -o {option}; give one")
+    folder = positional or option
+    if folder is None and not dry_run:
+        raise UserError("no output folder: ri-merge RECIPE OUT_PATH (or -o OUT_PATH)")
+    return folder or Path(".")
+
+
+def _merge_device(device: str | None, cuda: bool, truncate: bool) -> str | None:
+    """--device, else mergekit's --cuda/--gpu-rich; refuses flags that would change the model."""
+    if truncate:
+        raise UserError("--unsafe-truncate-embeddings is not supported: ri-merge never resizes "
+                        "embeddings; merge models that share a vocabulary")
+    return device if device is not None else ("cuda" if cuda else None)
 
 
 @app.command("merge")
-def merge(
+def merge(  # noqa: PLR0913 -- one parameter per flag: mergekit-yaml's command lines run unchanged
     recipe: Annotated[Path, typer.Argument(help="The YAML recipe.")],
-    output: OutputOpt,
+    out_path: OutPathArg = None,
+    output: OutputOpt = None,
     device: DeviceOpt = None,
     dry_run: DryRunOpt = False,
     force: ForceOpt = False,
@@ -296,14 +374,40 @@ def merge(
     verbose: VerboseOpt = False,
     prefetch: PrefetchOpt = 2,
     threads: ThreadsOpt = None,
+    cuda: CudaOpt = False,
+    gpu_rich: GpuRichOpt = False,
+    copy_tokenizer: CopyTokenizerOpt = None,
+    out_shard_size: ShardSizeOpt = None,
+    random_seed: SeedOpt = None,
+    write_model_card: ModelCardOpt = True,
+    allow_crimes: AllowCrimesOpt = False,
+    unsafe_truncate_embeddings: TruncateOpt = False,
+    lazy_unpickle: LazyOpt = False,
+    low_cpu_memory: LowMemOpt = False,
+    read_to_gpu: ReadGpuOpt = False,
+    async_write: AsyncOpt = False,
+    write_threads: WriteThreadsOpt = None,
+    multi_gpu: MultiGpuOpt = False,
+    clone_tensors: CloneOpt = False,
+    safe_serialization: SafeOpt = True,
+    trust_remote_code: RemoteCodeOpt = False,
+    transformers_cache: CacheOpt = None,
+    lora_merge_cache: LoraCacheOpt = None,
+    lora_merge_dtype: LoraDtypeOpt = None,
 ) -> None:
-    """Merge the models of RECIPE into OUTPUT (`ri-merge RECIPE -o OUT` for short)."""
+    """Merge the models of RECIPE into OUT_PATH: `ri-merge RECIPE OUT_PATH` as with mergekit-yaml,
+    or `ri-merge RECIPE -o OUT_PATH`. mergekit-yaml's flags are taken too; those whose help says
+    "No effect" have nothing to do in a streaming merge."""
     def body() -> None:
         from .api import MergeOptions
 
-        options = MergeOptions(device=device, threads=threads, prefetch=prefetch, force=force,
-                               report_layers=verbose, interference=verbose, checksums=as_json)
-        _run_merge(recipe, output, options, dry_run=dry_run, quiet=quiet, as_json=as_json, verbose=verbose)
+        folder = _output_folder(out_path, output, dry_run)
+        options = MergeOptions(device=_merge_device(device, cuda or gpu_rich, unsafe_truncate_embeddings),
+                               threads=threads, prefetch=prefetch, force=force, report_layers=verbose,
+                               interference=verbose, checksums=as_json, seed=random_seed,
+                               out_shard_size=out_shard_size, copy_tokenizer=copy_tokenizer,
+                               write_model_card=write_model_card)
+        _run_merge(recipe, folder, options, dry_run=dry_run, quiet=quiet, as_json=as_json, verbose=verbose)
 
     _guarded(body, verbose)
 

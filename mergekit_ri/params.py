@@ -1,8 +1,9 @@
 """Parameter values per tensor: mergekit's filtered values and layer-depth gradients.
 
-A value is a scalar, a list of numbers (a gradient: interpolated linearly over layer depth
-`t` in [0, 1]) or a list of `{filter, value}` entries (first entry whose `filter` is a
-substring of the tensor name wins; an entry without a filter matches everything).
+A value is a scalar, a list (a gradient over layer depth `t` in [0, 1]: numbers are
+interpolated linearly, true/false and names are stepped through, as mergekit does) or a list of
+`{filter, value}` entries (the first entry whose `filter` is a substring of the tensor name wins;
+an entry without a filter, or with mergekit's `filter: "*"`, matches everything).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 import re
 from collections.abc import Iterable
 
-from .recipe import FilteredValue, ParamValue
+from .recipe import FilteredValue, ParamValue, Scalar
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
 
@@ -40,18 +41,33 @@ def layer_depths(names: Iterable[str]) -> dict[str, float]:
     return depths
 
 
-def resolve(value: ParamValue, tensor_name: str, t: float) -> float | bool | str | None:
-    """The scalar a parameter takes for one tensor; None when no filter matched."""
+def resolve(value: ParamValue, tensor_name: str, t: float, discrete: bool = False) -> Scalar | None:
+    """The scalar a parameter takes for one tensor; None when no filter matched.
+
+    `discrete` (a true/false or named parameter): a gradient is stepped through, never
+    interpolated, even when written with 0 and 1; so is any gradient holding true/false or text."""
     if isinstance(value, (bool, int, float, str)):
         return value
     if not value:
         return None
     if isinstance(value[0], FilteredValue):
         for entry in value:
-            if entry.filter is None or entry.filter in tensor_name:
-                return resolve(entry.value, tensor_name, t)
+            if matches(entry.filter, tensor_name):
+                return resolve(entry.value, tensor_name, t, discrete)
         return None
+    if discrete or any(isinstance(point, (bool, str)) for point in value):
+        return step(value, t)
     return interpolate(value, t)
+
+
+def matches(pattern: str | None, tensor_name: str) -> bool:
+    """mergekit's filter: none or "*" matches every tensor, anything else is a substring test."""
+    return pattern is None or pattern == "*" or pattern in tensor_name
+
+
+def step(points: list[Scalar], t: float) -> Scalar:
+    """mergekit's rule for non-numeric gradients: the point at index ⌊t·(n − 1)⌋."""
+    return points[min(len(points) - 1, int(t * (len(points) - 1)))]
 
 
 def interpolate(points: list[float], t: float) -> float:

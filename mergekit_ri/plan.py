@@ -17,7 +17,7 @@ from .heads import HeadSelector, head_selector, looks_like_head
 from .io.sources import FLOAT_CODES, ST_DTYPES, ModelSource, TensorRef, load_source
 from .methods import MethodSpec, TensorParams, get_method
 from .params import layer_depths, resolve
-from .recipe import Recipe
+from .recipe import ModelEntry, Recipe
 
 PREFETCH_DEFAULT = 2
 
@@ -91,7 +91,7 @@ class MergePlan:
             return None
         if choice == "base":
             return self.reference
-        for model in self.experts:
+        for model in ([self.base] if self.base else []) + self.experts:
             if choice in (model.reference, model.label):
                 return model
         raise UserError(f"recipe: tokenizer_source '{choice}' is neither 'base' nor one of the recipe's models "
@@ -145,6 +145,40 @@ def load_sources(recipe: Recipe, recipe_dir: Path | None) -> tuple[ModelSource |
     return base, experts
 
 
+def merge_inputs(recipe: Recipe, method: MethodSpec) -> tuple[Recipe, list[str]]:
+    """The recipe with `models` set to the models merged, as mergekit 0.1.5 sets them; and warnings.
+
+    mergekit merges a base_model once, listed under `models:` or not. For a method with a base, an
+    entry naming it is the base, not one more expert (else it would take a share of the weights and
+    shift DARE's masks). Methods without a base (`base_as_model`: linear, ...) merge it as one more
+    model, appended when not listed."""
+    base = recipe.base_model
+    listed = [i for i, m in enumerate(recipe.models) if base is not None and m.model == base]
+    if base is None or (method.base_as_model and listed):
+        return recipe, []
+    if method.base_as_model:
+        warning = (f"base_model {base} is merged as one more model, as mergekit does for {method.name} "
+                   "(with the top-level parameters); leave base_model out to merge only the models")
+        return recipe.model_copy(update={"models": [*recipe.models, ModelEntry(model=base)]}), [warning]
+    kept = [m for m in recipe.models if m.model != base]
+    if listed and not kept:
+        raise UserError(f"recipe: models: lists only the base_model ({base}); merge_method "
+                        f"'{method.name}' needs other models to merge into it")
+    warnings = [f"models[{i}] is the base_model: merged as the base, so its parameters "
+                f"({', '.join(recipe.models[i].parameters)}) are not used, as in mergekit"
+                for i in listed if recipe.models[i].parameters]
+    return (recipe.model_copy(update={"models": kept}) if listed else recipe), warnings
+
+
+def unused_parameters_warning(recipe: Recipe, method: MethodSpec) -> list[str]:
+    """One line naming the parameters mergekit knows that this method does not use (ignored)."""
+    unused = method.unused_parameters(recipe)
+    if not unused:
+        return []
+    return [f"merge_method '{method.name}' does not use {', '.join(unused)} (mergekit parameters of other "
+            "methods): ignored"]
+
+
 def _vocab_hint(name: str, ref: tuple[int, ...], other: tuple[int, ...]) -> str:
     looks_like_vocab = any(k in name for k in ("embed", "lm_head", "wte", "word_embeddings", "output.weight"))
     if looks_like_vocab and len(ref) == len(other) and ref[0] != other[0] and ref[1:] == other[1:]:
@@ -194,7 +228,7 @@ def resolve_params(recipe: Recipe, method: MethodSpec, name: str, t: float) -> T
         def value(model_params: dict, own: str) -> Any:
             for where, source in ((own, model_params), (f"parameters.{param.name}", recipe.parameters)):
                 if param.name in source:
-                    resolved = resolve(source[param.name], name, t)
+                    resolved = resolve(source[param.name], name, t, discrete=param.kind != "number")
                     if resolved is not None:
                         return param.check(resolved, f"{where} for tensor '{name}'")
             return param.default
@@ -248,13 +282,16 @@ def find_heads(experts: list[ModelSource], is_head: HeadSelector, default: str |
 
 def build_plan(recipe: Recipe, recipe_dir: Path | None = None) -> MergePlan:
     method = get_method(recipe.merge_method)
+    written = recipe  # as the user wrote it: the plan keeps it (model card, mergekit_config.yml)
+    recipe, notes = merge_inputs(recipe, method)
+    notes = unused_parameters_warning(written, method) + notes
     base, experts = load_sources(recipe, recipe_dir)
     reference = base or experts[0]
     is_head = head_selector(recipe.heads, experts[0].config())  # experts are the classifiers
     if recipe.heads_default is not None and is_head is None:
         raise UserError("recipe: heads_default needs heads (e.g. heads: auto)")
     heads, heads_default = find_heads(experts, is_head, recipe.heads_default) if is_head else ({}, None)
-    warnings = check_compatible(reference, experts, is_head)
+    warnings = notes + check_compatible(reference, experts, is_head)
     out_code = recipe.output_dtype_code()
     backbone = {n: r for n, r in reference.tensors.items() if is_head is None or not is_head(n)}
     ordered = sorted(backbone.items(), key=lambda item: (str(item[1].path), item[1].start))
@@ -276,7 +313,7 @@ def build_plan(recipe: Recipe, recipe_dir: Path | None = None) -> MergePlan:
         for name, ref in heads[heads_default].items():
             tasks.append(TensorTask(name, ref.shape, ref.dtype, ref, None, (), False, None))
     tasks, shards = assign_shards(tasks, recipe.shard_size_bytes)
-    plan = MergePlan(recipe, method, base, experts, tasks, shards, warnings, heads, heads_default)
+    plan = MergePlan(written, method, base, experts, tasks, shards, warnings, heads, heads_default)
     plan.tokenizer_source  # noqa: B018 -- what is written beside the weights is checked with the plan,
     plan.config_source.config()  # not after hours of merging
     return plan

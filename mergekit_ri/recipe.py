@@ -51,14 +51,15 @@ def hint(word: Any, choices: Any) -> str:
 
 
 class FilteredValue(BaseModel):
-    """One entry of a filtered parameter: `value` applies to tensors whose name contains `filter`."""
+    """One entry of a filtered parameter: `value` applies to tensors whose name contains `filter`
+    (every tensor when `filter` is left out or is "*", as in mergekit)."""
 
     model_config = ConfigDict(extra="forbid")
     filter: str | None = None
-    value: Union[Scalar, list[float]]
+    value: Union[Scalar, list[Scalar]]
 
 
-ParamValue = Union[Scalar, list[float], list[FilteredValue]]
+ParamValue = Union[Scalar, list[Scalar], list[FilteredValue]]
 
 
 class ModelEntry(BaseModel):
@@ -139,6 +140,16 @@ class Recipe(BaseModel):
                              "use one of float32, float16, bfloat16")
         return value
 
+    @field_validator("tokenizer_source")
+    @classmethod
+    def _no_union(cls, value: str | None) -> str | None:
+        """mergekit's `union` builds a merged vocabulary and resizes the embeddings to it: refused
+        when the recipe is read, not after the merge (which names are models is checked with the plan)."""
+        if value == "union":
+            raise ValueError("'union' (mergekit's merged vocabulary) is not supported: ri-merge does not "
+                             "resize embeddings; use base or one of the models")
+        return value
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
@@ -164,23 +175,23 @@ class Recipe(BaseModel):
         return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
 
 
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30, "k": 10**3, "m": 10**6, "g": 10**9}
+# mergekit's parse_kmb: a number of bytes, or one letter k, m or b (either case) for 10^3, 10^6
+# and 10^9 ('5B' and '5b' are five billion bytes, never five); byte units (KB, MiB, ...) are ours
+_SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9,
+               "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
 def parse_size(value: int | str) -> int:
-    """Bytes from 123, '500MB', '2GiB' or mergekit's '5B' (five billion)."""
+    """Bytes from 123, mergekit's '500M' or '5B' (five billion), or '2GB', '1GiB'."""
     if isinstance(value, int):
         size = value
     else:
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+|[0-9]+\.)\s*([a-zA-Z]*)\s*", str(value))
         unit = match.group(2).lower() if match else "?"
         if not match or unit not in _SIZE_UNITS or not math.isfinite(float(match.group(1))):
-            raise ValueError(f"cannot read size '{shown(value)}'; write e.g. 2GB, 500MB or 1GiB")
-        if match.group(2) == "B" and float(match.group(1)) < 1000:  # mergekit: '5B' = 5 billion
-            size = int(float(match.group(1)) * 10**9)
-        else:
-            size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+            raise ValueError(f"cannot read size '{shown(value)}'; write e.g. 5B (mergekit's 5·10^9), "
+                             "500M, 2GB or 1GiB")
+        size = int(float(match.group(1)) * _SIZE_UNITS[unit])
     if size <= 0:
         raise ValueError("out_shard_size must be positive")
     if size >= INT64:
@@ -507,13 +518,15 @@ def _check_filtered(entry: dict, field: str, source: str) -> None:
 
 
 def _check_leaf(value: Any, field: str, source: str) -> None:
-    """A scalar, or a gradient: a non-empty list of numbers."""
+    """A scalar, or a gradient: a non-empty list of scalars (numbers are interpolated over depth,
+    true/false and names stepped; the method checks that they suit the parameter)."""
     if isinstance(value, list):
         if not value:
             raise UserError(f"{source}: {field}: an empty list; give a value or a gradient of numbers")
         for i, point in enumerate(value):
-            if isinstance(point, bool) or not isinstance(point, (int, float)):
-                raise UserError(f"{source}: {field}[{i}]: a gradient holds numbers, got {_kind(point)}")
+            if not isinstance(point, (bool, int, float, str)):
+                raise UserError(f"{source}: {field}[{i}]: a gradient holds numbers (or true/false, names), "
+                                f"got {_kind(point)}")
     elif not isinstance(value, (bool, int, float, str)):
         raise UserError(f"{source}: {field}: expected a number, true/false or a name, got {_kind(value)}")
 

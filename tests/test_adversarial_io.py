@@ -235,7 +235,8 @@ def poison(folder: Path, name: str, value: float) -> None:
 def test_nonfinite_expert_weights_stop_the_merge(tmp_path: Path, models, value: float, method: str) -> None:
     name = "model.layers.1.mlp.up_proj.weight"
     poison(models["b"], name, value)
-    refused(tmp_path, models, name, "NaN or Inf", str(models["b"]), merge_method=method)
+    no_base = {"base_model": None} if method == "linear" else {}  # linear would merge a base as a model
+    refused(tmp_path, models, name, "NaN or Inf", str(models["b"]), merge_method=method, **no_base)
 
 
 @pytest.mark.parametrize("kernels", ["auto", "torch"])

@@ -14,7 +14,11 @@ from .registry import MethodSpec, Param, TensorContext, TensorParams, register
 
 WEIGHT = Param("weight", 1.0, True, "scale of this model's task vector (or of the model, for linear)")
 LAMBDA = Param("lambda", 1.0, False, "scale of the merged task vector")
-DENSITY = Param("density", 0.2, True, "fraction of each task vector kept (TIES: largest magnitudes; DARE: random)")
+# density defaults to mergekit's 1 (no trimming, no drop), so that a mergekit recipe without it merges alike
+TIES_DENSITY = Param("density", 1.0, True, "fraction of each task vector kept, by magnitude "
+                     "(1: no trimming, mergekit's default; the paper uses 0.2)")
+DARE_DENSITY = Param("density", 1.0, True, "fraction of each task vector kept at random "
+                     "(1: no drop, mergekit's default; the paper drops 90%, density 0.1)")
 
 
 def _normalize(default: bool) -> Param:
@@ -80,7 +84,7 @@ TRIM_SCOPE = Param("trim_scope", "tensor", False,
                    "whole model per expert (the TIES paper; one extra streaming pass)", ("tensor", "model"))
 
 register(MethodSpec(
-    "linear", linear, (WEIGHT, _normalize(True)), needs_base=False,
+    "linear", linear, (WEIGHT, _normalize(True)), needs_base=False, base_as_model=True,
     summary="weighted average of the models (model soup)", elementwise=True, raw_inputs=True,
     citation="Wortsman et al., Model soups, ICML 2022 (arXiv:2203.05482)",
 ))
@@ -90,17 +94,17 @@ register(MethodSpec(
     citation="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv:2212.04089)",
 ))
 register(MethodSpec(
-    "ties", ties, (WEIGHT, DENSITY, LAMBDA, _normalize(True), TRIM_SCOPE), needs_base=True,
+    "ties", ties, (WEIGHT, TIES_DENSITY, LAMBDA, _normalize(True), TRIM_SCOPE), needs_base=True,
     summary="trim to the top-density magnitudes, elect signs, disjoint mean", raw_inputs=True, streams=True,
     citation="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023 (arXiv:2306.01708)",
 ))
 register(MethodSpec(
-    "dare_linear", dare_linear, (WEIGHT, DENSITY, LAMBDA, _normalize(False), RESCALE), needs_base=True,
+    "dare_linear", dare_linear, (WEIGHT, DARE_DENSITY, LAMBDA, _normalize(False), RESCALE), needs_base=True,
     summary="random drop + rescale (DARE), then task arithmetic", elementwise=True, raw_inputs=True,
     citation="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv:2311.03099)",
 ))
 register(MethodSpec(
-    "dare_ties", dare_ties, (WEIGHT, DENSITY, LAMBDA, _normalize(False), RESCALE), needs_base=True,
+    "dare_ties", dare_ties, (WEIGHT, DARE_DENSITY, LAMBDA, _normalize(False), RESCALE), needs_base=True,
     summary="random drop + rescale (DARE), then TIES sign election and disjoint mean", raw_inputs=True,
     streams=True,
     citation="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv:2311.03099); "

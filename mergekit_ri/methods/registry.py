@@ -58,6 +58,8 @@ class Param:
     def check(self, value: Any, where: str) -> Any:
         """`value` (one scalar, or a gradient's list) if this parameter takes it, else a one-line
         UserError naming `where`; 0 and 1 are read as false and true, as mergekit does."""
+        if isinstance(value, list) and not self.integer:  # a gradient: each point (integers have none)
+            return [self.check(point, f"{where}[{i}]") for i, point in enumerate(value)]
         if self.kind == "bool":
             if isinstance(value, bool) or (type(value) is int and value in (0, 1)):
                 return bool(value)
@@ -68,8 +70,6 @@ class Param:
             if isinstance(value, str):
                 raise UserError(f"{where}: '{shown(value)}' is not one of {', '.join(self.choices)}")
             raise UserError(f"{where}: expected one of {', '.join(self.choices)}, got {_described(value)}")
-        if isinstance(value, list) and not self.integer:
-            return [self.check(point, f"{where}[{i}]") for i, point in enumerate(value)]
         return self._check_number(value, where)
 
     def _check_number(self, value: Any, where: str) -> float | int:
@@ -128,6 +128,16 @@ def with_range(param: Param) -> Param:
     ranged = replace(param, **bounds)
     suffix = "; a whole number" if ranged.integer else ""
     return replace(ranged, doc=f"{param.doc} ({ranged.range_text()}{suffix})")
+
+
+# Every parameter name some merge method of mergekit 0.1.5 declares: a recipe written for mergekit
+# may set any of them whatever its method (mergekit ignores those its method lacks); ri-merge takes
+# them with a plan warning when the method does not use them, and refuses other unknown names.
+MERGEKIT_PARAMETERS = frozenset({
+    "weight", "density", "lambda", "normalize", "rescale", "int8_mask", "gamma", "epsilon",  # task arithmetic
+    "t", "nuslerp_row_wise", "nuslerp_flatten", "normalize_weights", "eps", "max_iter", "tol",  # slerp family
+    "filter_wise", "scale", "select_topk", "r", "alpha",  # model_stock, passthrough, sce, ram
+})
 
 
 @dataclass(frozen=True)
@@ -190,17 +200,27 @@ class MethodSpec:
     # of parameters): a one-line UserError naming the field, run by `check_parameters`
     check_recipe: Callable[[Recipe, str], None] | None = None
 
+    # mergekit's BasePolicy.IGNORED (linear, karcher, passthrough): a base_model is one more model
+    # merged like the others, not a base; the plan adds it to the models when not listed there
+    base_as_model: bool = False
+
     def param(self, name: str) -> Param:
         return next(p for p in self.params if p.name == name)
+
+    def unused_parameters(self, recipe: Recipe) -> list[str]:
+        """Where the recipe sets a parameter that mergekit knows but this method does not use."""
+        names = {p.name for p in self.params}
+        return [f"{where}.{key}" for where, values in _places(recipe) for key in values
+                if key not in names and key in MERGEKIT_PARAMETERS]
 
     def check_parameters(self, recipe: Recipe, source: str) -> None:
         """Refuse parameter names this method does not take (with the closest spelling), global
         parameters set per model, and values of the wrong kind or out of range."""
         names = {p.name for p in self.params}
-        places = [("parameters", recipe.parameters)]
-        places += [(f"models[{i}].parameters", m.parameters) for i, m in enumerate(recipe.models)]
-        for where, values in places:
+        for where, values in _places(recipe):
             for key, value in values.items():
+                if key not in names and key in MERGEKIT_PARAMETERS:
+                    continue  # mergekit's, unused here: a plan warning (`unused_parameters`)
                 if key not in names:
                     raise UserError(
                         f"{source}: {where}: unknown parameter '{shown(key)}' for merge_method "
@@ -217,6 +237,12 @@ class MethodSpec:
                         raise UserError(f"{exc}{entry}") from None
         if self.check_recipe is not None:
             self.check_recipe(recipe, source)
+
+
+def _places(recipe: Recipe) -> list[tuple[str, dict[str, Any]]]:
+    """(field, parameters) of the recipe's global and per-model parameter sections."""
+    places = [("parameters", recipe.parameters)]
+    return places + [(f"models[{i}].parameters", m.parameters) for i, m in enumerate(recipe.models)]
 
 
 def _leaves(value: Any) -> list[tuple[Any, str]]:
