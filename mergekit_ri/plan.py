@@ -281,6 +281,10 @@ def find_heads(experts: list[ModelSource], is_head: HeadSelector, default: str |
 
 
 def build_plan(recipe: Recipe, recipe_dir: Path | None = None) -> MergePlan:
+    if recipe.slices is not None:  # mergekit's slices: layer ranges merged and stacked (slices.py)
+        from .slices import build_sliced_plan
+
+        return build_sliced_plan(recipe, recipe_dir)
     method = get_method(recipe.merge_method)
     written = recipe  # as the user wrote it: the plan keeps it (model card, mergekit_config.yml)
     recipe, notes = merge_inputs(recipe, method)

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator,
+                      model_validator)
 from yaml.nodes import MappingNode, Node, SequenceNode
 
 from .errors import UserError, closest
@@ -65,6 +66,23 @@ ParamValue = Union[Scalar, list[Scalar], list[FilteredValue]]
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+
+class SliceSource(BaseModel):
+    """mergekit's InputSliceDefinition: layers [start, end) of one model (see `slices.py`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layer_range: tuple[StrictInt, StrictInt]
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+
+class SliceEntry(BaseModel):
+    """mergekit's OutputSliceDefinition: sources of one length merged; slices in sequence stack."""
+
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource] = Field(min_length=1)
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
 
 
@@ -116,7 +134,8 @@ class Recipe(BaseModel):
 
     merge_method: str
     name: str | None = Field(None, min_length=1)  # mergekit-multi: a stage that later stages use as a model
-    models: list[ModelEntry] = Field(min_length=1)
+    models: list[ModelEntry] = Field(default_factory=list)
+    slices: list[SliceEntry] | None = Field(None, min_length=1)  # instead of models (mergekit's slices:)
     base_model: str | None = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     dtype: str | None = None
@@ -149,6 +168,15 @@ class Recipe(BaseModel):
             raise ValueError("'union' (mergekit's merged vocabulary) is not supported: ri-merge does not "
                              "resize embeddings; use base or one of the models")
         return value
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> Recipe:
+        """mergekit takes exactly one of `models:` and `slices:`."""
+        if self.slices is not None and self.models:
+            raise ValueError("give models or slices, not both (as in mergekit)")
+        if self.slices is None and not self.models:
+            raise ValueError("models: missing or empty; list the models to merge (or give slices)")
+        return self
 
     @field_validator("device")
     @classmethod
@@ -200,7 +228,6 @@ def parse_size(value: int | str) -> int:
 
 
 _MERGEKIT_ONLY = {
-    "slices": "slice-wise merges (slices) are not supported yet; merge whole models",
     "tokenizer": "the 'tokenizer' section is not supported; use tokenizer_source",
     "chat_template": "chat_template is not supported; the tokenizer files are copied as they are",
 }
@@ -416,6 +443,9 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     if isinstance(data.get("resolve_interference"), dict):
         _check_keys(data["resolve_interference"], ResolveInterference, source, "resolve_interference.")
     _check_parameter_values(data, source)
+    from . import slices  # late import: slices builds on the plan, which builds on this module
+
+    slices.check_slice_data(data.get("slices"), source)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -426,7 +456,10 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     from .methods import get_method  # late import: methods import nothing from here at load
 
     spec = get_method(recipe.merge_method, source)
-    spec.check_parameters(recipe, source)
+    if recipe.slices is not None:
+        slices.check_slices(recipe, spec, source)
+    else:
+        spec.check_parameters(recipe, source)
     if spec.needs_base and recipe.base_model is None:
         raise UserError(f"{source}: merge_method '{spec.name}' needs base_model")
     return recipe

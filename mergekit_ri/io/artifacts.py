@@ -36,6 +36,7 @@ def write_config(folder: Path, plan: MergePlan) -> bool:
         keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
         for key in keys:
             config[key] = dtype
+    config.update(getattr(plan, "config_updates", {}))  # a sliced plan's new layer count (slices.py)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return True
 
