@@ -80,6 +80,26 @@ def expert_weights(base: dict[str, torch.Tensor], seed: int, scale: float = 0.00
     return out
 
 
+def finetune_weights(base: dict[str, torch.Tensor], seed: int, rank: int = 8, update: float = 0.02,
+                     noise: float = 0.005) -> dict[str, torch.Tensor]:
+    """Base + what a real fine-tune changes: a rank-`rank` update at `update` × each matrix's std
+    plus dense noise at `noise` × std. Stored in bf16, such deltas take few distinct values, so a
+    TIES threshold sits inside a block of tied magnitudes and zero sums are common — what real
+    experts do to a merge and heavy-tailed continuous noise does not."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, tensor in base.items():
+        std = float(tensor.float().std()) if tensor.numel() > 1 else 1.0
+        delta = noise * std * torch.randn(tensor.shape, generator=generator)
+        if tensor.dim() == 2:
+            left = torch.randn(tensor.shape[0], rank, generator=generator)
+            right = torch.randn(rank, tensor.shape[1], generator=generator)
+            low_rank = left @ right
+            delta += update * std * low_rank / float(low_rank.std())
+        out[name] = tensor + delta
+    return out
+
+
 def save_checkpoint(folder: Path, weights: dict[str, torch.Tensor], config: dict | None,
                     dtype: str = "bfloat16", shards: int = 1) -> Path:
     """Write `weights` as HF safetensors (sharded with an index when shards > 1)."""

@@ -30,7 +30,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from mergekit_ri.synthetic import LlamaShape, base_weights, expert_weights, save_checkpoint
+from mergekit_ri.synthetic import LlamaShape, base_weights, expert_weights, finetune_weights, save_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mergekit_venv import find_mergekit  # noqa: E402  (shared with parity_mergekit.py)
@@ -112,7 +112,13 @@ def write_model(folder: Path, weights: dict[str, torch.Tensor], shape: LlamaShap
     (folder / DONE_MARK).touch()
 
 
-def ensure_models(root: Path, shape: LlamaShape, experts: int) -> dict[str, Path]:
+FAMILIES = {  # how experts differ from the base (see mergekit_ri.synthetic)
+    "finetune": finetune_weights,  # low-rank update + small dense noise, bf16: like real fine-tunes
+    "noise": expert_weights,  # dense heavy-tailed noise: flatters TIES's threshold search
+}
+
+
+def ensure_models(root: Path, shape: LlamaShape, experts: int, family: str = "finetune") -> dict[str, Path]:
     """Generate whatever base/expert checkpoints are missing under `root`; return all folders.
 
     The base is kept in float32 while the experts are made one at a time (peak ~10 GB at 1B).
@@ -126,7 +132,7 @@ def ensure_models(root: Path, shape: LlamaShape, experts: int) -> dict[str, Path
     for i, name in enumerate(model_names(experts)):
         if name not in missing:
             continue
-        weights = base if name == "base" else expert_weights(base, SEED + i)
+        weights = base if name == "base" else FAMILIES[family](base, SEED + i)
         write_model(folders[name], weights, shape)
         del weights
     return folders
@@ -446,6 +452,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-mergekit", action="store_true", help="benchmark ri-merge alone")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: ri-merge --device, and mergekit --cuda")
     parser.add_argument("--out", type=Path, default=None, help="also write the report to this file")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="finetune",
+                        help="experts as real bf16 fine-tunes (finetune: low-rank update + noise) or dense noise")
     return parser.parse_args(argv)
 
 
@@ -453,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     work = args.workdir.resolve()
     shape = shape_for(parse_count(args.params))
-    folders = ensure_models(work / shape_key(shape), shape, args.experts)
+    key = shape_key(shape) + ("" if args.family == "noise" else f"-{args.family}")  # "noise": the older cache
+    folders = ensure_models(work / key, shape, args.experts, args.family)
     files = input_files(folders)
     params = count_params(folders["base"])
 
@@ -476,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         recipe = write_recipe(work / "recipes" / f"{method}.yaml", recipe_for(method, folders))
         results += bench_method(method, recipe, tools, args.reps, work)
 
-    report = "\n".join([header_line(shape, params, args.experts, input_bytes, args.reps, load) + f", device {args.device}",
+    report = "\n".join([header_line(shape, params, args.experts, input_bytes, args.reps, load)
+                        + f", device {args.device}, experts: {args.family}",
                         floor_line(import_s, read_s, input_bytes), "",
                         format_table(table_rows(results, floor, input_bytes), args.markdown)])
     print(report)
