@@ -30,7 +30,8 @@ from typing import Any
 from .errors import UserError
 from .io.sources import FLOAT_CODES, ModelSource, TensorRef, load_source
 from .methods import MethodSpec, TensorParams, get_method
-from .plan import MergePlan, TensorTask, _label, assign_shards, resolve_params
+from .plan import (MergePlan, TensorTask, _label, assign_shards, resolve_params,
+                   unused_parameters_warning)
 from .recipe import FilteredValue, ModelEntry, ParamValue, Recipe, SliceEntry
 
 # the first `.<number>.` of a name is its layer: model.layers.7.mlp.up_proj.weight → layer 7
@@ -156,8 +157,8 @@ def _renamed(index: int, source: str, check: Callable[..., None], *args: Any) ->
 
 
 def _uses_base(recipe: Recipe, spec: MethodSpec) -> bool:
-    base_as_model = getattr(spec, "base_as_model", False)  # linear, karcher: the base is one more model
-    return recipe.base_model is not None and not base_as_model and spec.name not in _BASE_FREE
+    # linear, karcher (base_as_model): mergekit merges a base only where a slice lists it
+    return recipe.base_model is not None and not spec.base_as_model and spec.name not in _BASE_FREE
 
 
 # ---------------------------------------------------------------- parameters
@@ -424,26 +425,18 @@ def _check_unique(tasks: list[TensorTask]) -> None:
         seen.add(task.name)
 
 
-def _unused(recipe: Recipe, method: MethodSpec) -> list[str]:
-    """mergekit's parameters that this method ignores, as the models: plan warns of them."""
-    from . import plan as planning
-
-    warn = getattr(planning, "unused_parameters_warning", None)  # where the method knows mergekit's names
-    return warn(recipe, method) if warn is not None else []
-
-
 def _layer_entry(layer: OutputLayer, models: dict[str, ModelSource]) -> dict[str, Any]:
     return {"layer": layer.index, "slice": layer.slice, "t": layer.t,
             "sources": [{"model": models[ref].label, "layer": at} for ref, at in layer.sources]}
 
 
 def _warnings(recipe: Recipe, method: MethodSpec, slices: list[_Slice]) -> list[str]:
-    warnings = _unused(recipe, method)
+    warnings = unused_parameters_warning(recipe, method)
     for i, entry in enumerate(recipe.slices or []):
         view = recipe.model_copy(update={
             "parameters": entry.parameters, "slices": None,
             "models": [ModelEntry(model=s.model, parameters=s.parameters) for s in entry.sources]})
-        for line in _unused(view, method):
+        for line in unused_parameters_warning(view, method):
             line = re.sub(r"\bmodels\[(\d+)\]", rf"slices[{i}].sources[\1]", line)
             warnings.append(re.sub(r"(?<![.\w])parameters\.", f"slices[{i}].parameters.", line))
     if len(slices[-1].models) != len(slices[0].models):
