@@ -318,6 +318,7 @@ def build_sliced_plan(recipe: Recipe, recipe_dir: Path | None = None) -> SlicedP
     tasks, shards = assign_shards(tasks, recipe.shard_size_bytes)
     base = sources[recipe.base_model] if _uses_base(recipe, method) and recipe.base_model else None
     experts = [m for m in sources.values() if m is not base]
+    _check_whole_model_scope(tasks, len(experts))
     plan = SlicedPlan(recipe, method, base, experts, tasks, shards, _warnings(recipe, method, slices),
                       layers=[_layer_entry(layer, sources) for layer in mapping])
     config = plan.config_source.config() or {}
@@ -413,6 +414,16 @@ def _check_shapes(piece: _Slice, refs: list[TensorRef], names: list[str], slice_
         if (refs[j].dtype in FLOAT_CODES) != (refs[0].dtype in FLOAT_CODES):
             raise UserError(f"slices[{slice_index}]: model '{piece.models[j].label}' tensor '{names[j]}' is "
                             f"{refs[j].dtype} but '{piece.models[0].label}' has {refs[0].dtype}")
+
+
+def _check_whole_model_scope(tasks: list[TensorTask], count: int) -> None:
+    """TIES `trim_scope: model` ranks each model's entries over the whole output: every merged
+    tensor must then come from all of the recipe's models, which slices of other models break."""
+    merged = [t for t in tasks if t.merge and t.params is not None]
+    if any(t.params.globals.get("trim_scope") == "model" for t in merged) and \
+            any(len(t.experts) != count for t in merged):
+        raise UserError("trim_scope: model needs every slice to merge the same models; "
+                        "use trim_scope: tensor (the default) with these slices")
 
 
 def _check_unique(tasks: list[TensorTask]) -> None:

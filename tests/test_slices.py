@@ -186,6 +186,7 @@ def _no_layers(tmp_path: Path) -> Path:
     ("base_missing", ["slices[0].sources", "base_model", "not a source"]),
     ("duplicate", ["slices[0].sources[1]", "already"]),
     ("unknown_key", ["slices[0].sources[0]", "layer_rnge", "layer_range"]),
+    ("trim_scope", ["trim_scope: model", "same models"]),
 ])
 def test_bad_slices_are_one_line_exit_2_nothing_written(tmp_path, family, case, needles):
     a, b, base = str(family["a"]), str(family["b"]), str(family["base"])
@@ -210,6 +211,10 @@ def test_bad_slices_are_one_line_exit_2_nothing_written(tmp_path, family, case, 
         fields.update(merge_method="linear", slices=[{"sources": [_source(a, 0, 1), _source(a, 1, 2)]}])
     elif case == "unknown_key":
         fields["slices"] = [{"sources": [{"model": a, "layer_rnge": [0, 1]}]}]
+    elif case == "trim_scope":
+        fields.update(merge_method="ties", base_model=base, parameters={"trim_scope": "model"},
+                      slices=[{"sources": [_source(base, 0, 1), _source(a, 0, 1)]},
+                              {"sources": [_source(base, 1, 3), _source(b, 1, 3)]}])
     recipe = write_recipe(tmp_path / "bad.yaml", **fields)
     out = tmp_path / "out"
     assert_user_error(run_cli("merge", recipe, "-o", out), *needles)
