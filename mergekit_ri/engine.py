@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Mapping
@@ -29,10 +29,8 @@ from .io.sources import ST_DTYPES, ModelSource, TensorReader
 from .io.writer import ShardWriter, write_index
 from .methods import TensorContext
 from .kernels.parallel import single_threaded_ops
-from . import kernels
 from .kernels import native
 from .nonfinite import NonFiniteGuard
-from .kernels.select import BUCKETS, bits_to_float, bucket_of_kth
 from .plan import PREFETCH_DEFAULT, MergePlan
 from .reading import RowSource, WorkUnit, load_inputs, stream_inputs, work_units
 
@@ -123,56 +121,35 @@ def _unit_numel(unit: WorkUnit) -> int:
     return numel if unit.rows is None else numel // unit.task.shape[0] * (unit.rows[1] - unit.rows[0])
 
 
-def model_thresholds(plan: MergePlan, reader: TensorReader, pool: ThreadPoolExecutor, device: torch.device,
-                     prefetch: int, progress: Progress) -> tuple[float, ...]:
-    """TIES `trim_scope: model`: each expert's exact k-th largest |τ| over all merged tensors.
+def prepass_reads(plan: MergePlan) -> int:
+    """How many times the method's whole-model pre-pass (`MethodSpec.prepass`) reads every merged
+    tensor for this plan's parameters: 0 when it has none or needs none."""
+    prepass = plan.method.prepass
+    return prepass.reads([t.params for t in plan.tasks if t.merge]) if prepass is not None else 0
 
-    Two streaming passes of a radix select (high then low 16 bits of the fp32 magnitude), so the
-    threshold equals that of a whole-model sort while memory stays at a few tensors.
-    """
+
+def run_prepass(plan: MergePlan, reader: TensorReader, pool: ThreadPoolExecutor, device: torch.device,
+                prefetch: int, progress: Progress) -> tuple[float, ...] | None:
+    """The method's pre-pass over the whole model, if it needs one (e.g. TIES `trim_scope: model`):
+    the engine streams every merged tensor to it as often as it asks, a few tensors in memory."""
+    if not prepass_reads(plan):
+        return None
     tasks = [t for t in plan.tasks if t.merge]
-    densities = {tuple(t.params.per_model["density"]) for t in tasks}
-    if len(densities) != 1:
-        raise UserError("trim_scope: model needs one density per model for all tensors (no filters or gradients)")
-    density = next(iter(densities))
-    total = sum(t.reference.numel for t in tasks)
     count = len(plan.experts)
-    keep = [int(d * total) for d in density]
 
-    def histograms(bucket: list[int] | None) -> torch.Tensor:
-        hist = torch.zeros((count, BUCKETS), dtype=torch.int64, device=device)
-        pin = device.type == "cuda"
-        for unit, raws in stream_inputs(plan, reader, pool, prefetch, work_units(plan, tasks, device=device, rows_for_all=True), pin):
+    def stream() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        units = work_units(plan, tasks, device=device, rows_for_all=True)
+        for unit, raws in stream_inputs(plan, reader, pool, prefetch, units, device.type == "cuda"):
             base, experts = load_inputs(raws, True, device, fp32=False)
-            wanted = None if bucket is None else [b if keep[i] > 0 else None for i, b in enumerate(bucket)]
-            hist += kernels.magnitude_histograms(base.reshape(-1), experts.reshape(count, -1), wanted)
+            yield base.reshape(-1), experts.reshape(count, -1)
             progress(unit.in_nbytes)
-        return hist
 
-    high_hist = histograms(None)
-    highs, ranks = zip(*(bucket_of_kth(high_hist[i], max(keep[i], 1)) for i in range(count)))
-    low_hist = histograms(list(highs))
-    thresholds = []
-    for i in range(count):
-        if keep[i] <= 0:
-            thresholds.append(float("inf"))
-        elif keep[i] >= total:
-            thresholds.append(0.0)
-        else:
-            low, _ = bucket_of_kth(low_hist[i], ranks[i])
-            thresholds.append(bits_to_float(highs[i], low))
-    return tuple(thresholds)
-
-
-def needs_model_prepass(plan: MergePlan) -> bool:
-    first = next((t for t in plan.tasks if t.merge), None)
-    return first is not None and first.params.globals.get("trim_scope") == "model"
+    return plan.method.prepass.run([t.params for t in tasks], stream)
 
 
 def total_work_bytes(plan: MergePlan) -> int:
-    """Bytes the progress bar will see: one read of everything, plus two for a model-wide pre-pass."""
-    prepass = 2 * sum(t.in_nbytes for t in plan.tasks if t.merge) if needs_model_prepass(plan) else 0
-    return plan.bytes_read + prepass
+    """Bytes the progress bar will see: one read of everything, plus the pre-pass's reads."""
+    return plan.bytes_read + prepass_reads(plan) * sum(t.in_nbytes for t in plan.tasks if t.merge)
 
 
 def source_paths(sources: list[ModelSource]) -> list[Path]:
@@ -235,8 +212,7 @@ def _merge_into(plan: MergePlan, staging: Path, target: torch.device, prefetch: 
         guard = NonFiniteGuard(plan, reader, plan.recipe.on_nonfinite)
         blocked = plan.method.raw_inputs and target.type == "cpu"
         with single_threaded_ops() if blocked else nullcontext():
-            thresholds = model_thresholds(plan, reader, reads, target, prefetch, advance) \
-                if needs_model_prepass(plan) else None
+            thresholds = run_prepass(plan, reader, reads, target, prefetch, advance)
             written: deque[Future] = deque()
             units = work_units(plan, device=target)
             for unit, raws in stream_inputs(plan, reader, reads, prefetch, units, target.type == "cuda"):

@@ -39,8 +39,9 @@ OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # ---- awkward inputs -------------------------------------------------------------------------------
 
 
-def awkward(n: int, count: int = 3, negative: bool = True, dtype: torch.dtype = torch.bfloat16,
-            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def awkward(
+    n: int, count: int = 3, negative: bool = True, dtype: torch.dtype = torch.bfloat16, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Base [n] and experts [count, n] in `dtype` whose task vectors take few distinct magnitudes
     (many ties at any threshold), cancel exactly in ~30% of the entries (τ_0 = −τ_1, τ_2 = 0),
     vanish on a stretch, and sum to mostly negative (or positive) totals elsewhere, so that the
@@ -49,8 +50,9 @@ def awkward(n: int, count: int = 3, negative: bool = True, dtype: torch.dtype = 
     base = torch.randn(n, generator=g).to(dtype).float()
     step = torch.randint(1, 4, (n,), generator=g).float() / 64  # exact in bf16 steps of base ~1
     lean = -1.0 if negative else 1.0
-    tau = torch.stack([step * torch.randint(-2, 3, (n,), generator=g).float() + lean * step
-                       for _ in range(count)])
+    tau = torch.stack(
+        [step * torch.randint(-2, 3, (n,), generator=g).float() + lean * step for _ in range(count)]
+    )
     if count >= 2:
         cancel = torch.rand(n, generator=g) < 0.3
         tau[1][cancel] = -tau[0][cancel]
@@ -98,7 +100,7 @@ class Chunked(TensorSource):
 
     def chunks(self):
         for start in range(0, self.numel, self.step):
-            yield start, self.base[start:start + self.step], self.experts[:, start:start + self.step]
+            yield start, self.base[start : start + self.step], self.experts[:, start : start + self.step]
 
 
 # ---- the reference against the papers' formulas, on numbers worked out by hand ---------------------
@@ -115,9 +117,9 @@ def test_linear_and_task_arithmetic_by_hand():
 
 
 TIES_BASE = torch.ones(6)
-TIES_TAUS = torch.tensor([[4.0, -2.0, 2.0, 1.0, 0.0, -3.0],
-                          [-1.0, 2.0, -2.0, -3.0, 1.0, -1.0],
-                          [2.0, 1.0, -5.0, 1.0, 1.0, -2.0]])
+TIES_TAUS = torch.tensor(
+    [[4.0, -2.0, 2.0, 1.0, 0.0, -3.0], [-1.0, 2.0, -2.0, -3.0, 1.0, -1.0], [2.0, 1.0, -5.0, 1.0, 1.0, -2.0]]
+)
 
 
 def test_ties_by_hand_keeps_ties_at_the_threshold_and_gives_zero_sums_the_majority_sign():
@@ -176,8 +178,11 @@ PINNED_MASK = [False, True, True, True, True, True, False, False]
 
 SIZES = [1, 7, 1029, 9001]  # with blocks of 1000 entries: several, and a ragged last one
 SETTINGS = [  # (weights, λ, normalize)
-    ([1.0, 1.0, 1.0], 1.0, True), ([1.0, 1.0, 1.0], 0.7, False), ([0.5, 2.0, 1.25], 0.3, True),
-    ([0.5, 2.0, 1.25], 1.5, False), ([0.5, -1.0, 1.25], 0.7, True),  # a negative weight flips a sign
+    ([1.0, 1.0, 1.0], 1.0, True),
+    ([1.0, 1.0, 1.0], 0.7, False),
+    ([0.5, 2.0, 1.25], 0.3, True),
+    ([0.5, 2.0, 1.25], 1.5, False),
+    ([0.5, -1.0, 1.25], 0.7, True),  # a negative weight flips a sign
 ]
 
 
@@ -244,11 +249,23 @@ def test_dare_equals_the_reference_exactly(backend, monkeypatch, n, elect):
     keys = [rng_key(3, "t", i) for i in range(3)]
     for i, (base, experts, weights, lam, normalize) in enumerate(ties_cases(n)):
         densities, rescale = [0.3, 1.0, 0.6], i % 3 != 1
-        expected = ref.dare(base, experts, weights, densities, keys, lam, normalize, rescale, elect, offset=11)
+        expected = ref.dare(
+            base, experts, weights, densities, keys, lam, normalize, rescale, elect, offset=11
+        )
         for out_dtype in OUT_DTYPES:
             with single_threaded_ops(2):
-                got = kernels.dare(TensorSource(base, experts), 11, densities, keys, weights, lam, normalize,
-                                   rescale, elect, out_dtype)
+                got = kernels.dare(
+                    TensorSource(base, experts),
+                    11,
+                    densities,
+                    keys,
+                    weights,
+                    lam,
+                    normalize,
+                    rescale,
+                    elect,
+                    out_dtype,
+                )
             assert_exact(got, expected, f"dare {backend} n={n} elect={elect} {weights} {lam} {normalize}")
 
 
@@ -281,7 +298,9 @@ def test_the_registered_methods_equal_the_reference(backend, method):
     globals_ = {p.name: p.default for p in spec.params if not p.per_model}
     globals_.update({"lambda": 0.6} if "lambda" in globals_ else {})
     per_model = {"weight": weights, "density": densities}
-    params = TensorParams({k: v for k, v in per_model.items() if any(p.name == k for p in spec.params)}, globals_)
+    params = TensorParams(
+        {k: v for k, v in per_model.items() if any(p.name == k for p in spec.params)}, globals_
+    )
     normalize = globals_["normalize"]
     keys = [rng_key(5, "model.w", i) for i in range(3)]
     expected = {
@@ -315,6 +334,29 @@ def test_ties_with_model_thresholds_equals_the_reference(backend):
     assert per_tensor_differs
 
 
+def test_the_ties_prepass_finds_the_reference_model_thresholds(backend):
+    """TIES declares its `trim_scope: model` pass through the registry (`MethodSpec.prepass`); given
+    the model's tensors as the engine streams them, it finds the thresholds of a whole-model sort."""
+    spec = get_method("ties")
+    tensors = [awkward(n, negative=n % 2 == 0, seed=n) for n in (999, 70_001, 7)]
+    densities = [0.2, 0.03, 1.0]
+    params = [TensorParams({"density": densities, "weight": [1.0] * 3}, {"trim_scope": "model"})] * len(
+        tensors
+    )
+    reads = []
+
+    def stream():
+        reads.append(1)
+        yield from ((base, experts) for base, experts in tensors)
+
+    assert spec.prepass is not None and spec.prepass.reads(params) == 2
+    got = spec.prepass.run(params, stream)
+    assert list(got) == ref.model_thresholds([b for b, _ in tensors], [e for _, e in tensors], densities)
+    assert len(reads) == 2
+    tensor_scope = [TensorParams({"density": densities}, {"trim_scope": "tensor"})]
+    assert spec.prepass.reads(tensor_scope) == 0 and get_method("dare_ties").prepass is None
+
+
 def test_each_rule_is_visible_in_the_data():
     """Each of the rules the reference states moves some result on the data above by far more
     than the tolerance: so a deliberate change to the reference fails the tests."""
@@ -338,18 +380,27 @@ def test_each_rule_is_visible_in_the_data():
     assert torch.equal(ties_with(trimmed), kept)
     for mutant in (ties_with(strict), ties_with(trimmed, plus_one)):
         assert float((mutant - kept).abs().max()) > 1e-3
-    unnormalized = ref.add_scaled(base, ref.disjoint_mean(w * trimmed, ref.elect_signs(w * trimmed), weights,
-                                                          False), 0.7)
+    unnormalized = ref.add_scaled(
+        base, ref.disjoint_mean(w * trimmed, ref.elect_signs(w * trimmed), weights, False), 0.7
+    )
     assert float((unnormalized - kept).abs().max()) > 1e-3
     flipped = [0.5, -2.0, 1.25]  # agreement by the sign of w_i τ_i, not of τ_i
     signed = ref.per_expert(flipped, tau) * trimmed
     by_unweighted_sign = torch.sign(trimmed) * signed.abs()
     merged = ref.disjoint_mean(signed, ref.elect_signs(signed), flipped, True)
-    assert float((ref.disjoint_mean(by_unweighted_sign, ref.elect_signs(signed), flipped, True) - merged
-                  ).abs().max()) > 1e-3
+    assert (
+        float(
+            (ref.disjoint_mean(by_unweighted_sign, ref.elect_signs(signed), flipped, True) - merged)
+            .abs()
+            .max()
+        )
+        > 1e-3
+    )
     keys = [rng_key(3, "t", i) for i in range(3)]
     drops = ref.dare(base, experts, weights, [0.3] * 3, keys)
-    assert float((ref.dare(base, experts, weights, [0.3] * 3, keys, rescale=False) - drops).abs().max()) > 1e-3
+    assert (
+        float((ref.dare(base, experts, weights, [0.3] * 3, keys, rescale=False) - drops).abs().max()) > 1e-3
+    )
     assert float((ref.dare(base, experts, weights, [0.3] * 3, keys, offset=1) - drops).abs().max()) > 1e-3
 
 
@@ -383,8 +434,14 @@ def test_triton_ties_and_dare_equal_the_reference(fused, n):
         densities = [0.2, 0.5, 1.0]
         thresholds = kernels.magnitude_thresholds_source(TensorSource(base, experts), densities)
         got = kernels.ties(src, thresholds, weights, lam, normalize, torch.float32).cpu()
-        assert_near(got, ref.ties(base, experts, weights, densities, lam, normalize), base, f"triton ties n={n}")
+        assert_near(
+            got, ref.ties(base, experts, weights, densities, lam, normalize), base, f"triton ties n={n}"
+        )
         for elect in (False, True):
-            got = kernels.dare(src, 11, densities, keys, weights, lam, normalize, True, elect, torch.float32).cpu()
-            expected = ref.dare(base, experts, weights, densities, keys, lam, normalize, True, elect, offset=11)
+            got = kernels.dare(
+                src, 11, densities, keys, weights, lam, normalize, True, elect, torch.float32
+            ).cpu()
+            expected = ref.dare(
+                base, experts, weights, densities, keys, lam, normalize, True, elect, offset=11
+            )
             assert_near(got, expected, base, f"triton dare n={n} elect={elect}")

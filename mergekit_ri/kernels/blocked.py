@@ -21,12 +21,12 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 
-T = TypeVar("T")
-
 from .parallel import run_blocks
+from .rng import keep_mask, keep_mask_at
 from .select import SMALL, kth_largest_magnitude
 from .source import Source, TensorSource
-from .rng import keep_mask, keep_mask_at
+
+T = TypeVar("T")
 
 BLOCK = 1 << 18  # entries per block on the CPU: 3 experts × 1 MiB of fp32 fits a 2 MiB L2
 

@@ -10,6 +10,7 @@ import torch
 
 from .. import kernels
 from ..kernels.rng import rng_key
+from .model_trim import MODEL_TRIM
 from .registry import MethodSpec, Param, TensorContext, TensorParams, register
 
 WEIGHT = Param("weight", 1.0, True, "scale of this model's task vector (or of the model, for linear)")
@@ -55,7 +56,10 @@ def ties(base: torch.Tensor | None, experts: torch.Tensor | None, p: TensorParam
     """TIES-Merging (Yadav et al.): trim to the top-k magnitudes (ties at the threshold kept),
     elect signs by total mass, disjoint mean; θ0 + λ τ_m."""
     src = _source(base, experts, ctx)
-    thresholds = ctx.thresholds or kernels.magnitude_thresholds_source(src, p.per_model["density"])
+    if p["trim_scope"] == "model" and ctx.prepass is not None:  # found by MODEL_TRIM over the whole model
+        thresholds = ctx.prepass
+    else:
+        thresholds = kernels.magnitude_thresholds_source(src, p.per_model["density"])
     return kernels.ties(src, list(thresholds), p.per_model["weight"], p["lambda"], p["normalize"],
                         ctx.out_dtype).reshape(src.shape)
 
@@ -96,6 +100,7 @@ register(MethodSpec(
 register(MethodSpec(
     "ties", ties, (WEIGHT, TIES_DENSITY, LAMBDA, _normalize(True), TRIM_SCOPE), needs_base=True,
     summary="trim to the top-density magnitudes, elect signs, disjoint mean", raw_inputs=True, streams=True,
+    prepass=MODEL_TRIM,
     citation="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023 (arXiv:2306.01708)",
 ))
 register(MethodSpec(

@@ -67,8 +67,9 @@ def linear(experts: torch.Tensor, weights: Weights, normalize: bool = True) -> t
     return merged / safe_divisor(w.sum()) if normalize else merged
 
 
-def task_arithmetic(base: torch.Tensor, experts: torch.Tensor, weights: Weights, lam: float = 1.0,
-                    normalize: bool = False) -> torch.Tensor:
+def task_arithmetic(
+    base: torch.Tensor, experts: torch.Tensor, weights: Weights, lam: float = 1.0, normalize: bool = False
+) -> torch.Tensor:
     """Task arithmetic (Ilharco et al., ICLR 2023, arXiv:2212.04089): θ = θ0 + λ Σ_i w_i τ_i, the
     sum divided by Σ_i w_i when `normalize` (mergekit's weighted form)."""
     w = per_expert(weights, experts)
@@ -92,8 +93,9 @@ def magnitude_threshold(tau: torch.Tensor, density: float) -> float:
     return float(tau.abs().flatten().sort(descending=True).values[k - 1])
 
 
-def model_thresholds(bases: Sequence[torch.Tensor], experts: Sequence[torch.Tensor],
-                     densities: Weights) -> list[float]:
+def model_thresholds(
+    bases: Sequence[torch.Tensor], experts: Sequence[torch.Tensor], densities: Weights
+) -> list[float]:
     """`trim_scope: model` (the TIES paper's own rule): each expert's threshold over all the
     model's merged tensors at once, i.e. over the concatenation of its task vectors
     (`bases[j]` and `experts[j]` [N, ...] are the j-th tensor of the model)."""
@@ -114,7 +116,9 @@ def elect_signs(weighted: torch.Tensor) -> torch.Tensor:
     return torch.where(gamma == 0, torch.full_like(gamma, majority), gamma)
 
 
-def disjoint_mean(weighted: torch.Tensor, gamma: torch.Tensor, weights: Weights, normalize: bool) -> torch.Tensor:
+def disjoint_mean(
+    weighted: torch.Tensor, gamma: torch.Tensor, weights: Weights, normalize: bool
+) -> torch.Tensor:
     """TIES step 3, disjoint merge: τ_m = Σ_i [sign(w_i τ̂_i) = γ] w_i τ̂_i, divided (when
     `normalize`) by the agreeing weights Σ_i [sign(w_i τ̂_i) = γ] w_i. Zero entries never agree."""
     agree = (torch.sign(weighted) == gamma).float()
@@ -124,8 +128,15 @@ def disjoint_mean(weighted: torch.Tensor, gamma: torch.Tensor, weights: Weights,
     return merged / safe_divisor(rows_total(per_expert(weights, weighted) * agree))
 
 
-def ties(base: torch.Tensor, experts: torch.Tensor, weights: Weights, densities: Weights, lam: float = 1.0,
-         normalize: bool = True, thresholds: Sequence[float] | None = None) -> torch.Tensor:
+def ties(
+    base: torch.Tensor,
+    experts: torch.Tensor,
+    weights: Weights,
+    densities: Weights,
+    lam: float = 1.0,
+    normalize: bool = True,
+    thresholds: Sequence[float] | None = None,
+) -> torch.Tensor:
     """TIES-Merging (Yadav et al., NeurIPS 2023, arXiv:2306.01708): trim each τ_i to its
     top-density magnitudes, elect signs, disjoint mean; θ = θ0 + λ τ_m. `thresholds` (one per
     expert) replace the per-tensor ones, as `trim_scope: model` does (see `model_thresholds`)."""
@@ -140,8 +151,9 @@ def ties(base: torch.Tensor, experts: torch.Tensor, weights: Weights, densities:
 # ---- DARE -----------------------------------------------------------------------------------------
 
 
-def dare_drop(tau: torch.Tensor, density: float, key: tuple[int, int], rescale: bool = True,
-              offset: int = 0) -> torch.Tensor:
+def dare_drop(
+    tau: torch.Tensor, density: float, key: tuple[int, int], rescale: bool = True, offset: int = 0
+) -> torch.Tensor:
     """DARE's drop and rescale (Yu et al., ICML 2024, arXiv:2311.03099): τ̃ = m ⊙ τ / p with
     m_j ~ Bernoulli(p), p = density. m_j is the counter-based draw for flat entry `offset + j`
     under `key` (`kernels.rng.rng_key(seed, tensor, expert)`); the rescale multiplies by the fp32
@@ -150,9 +162,18 @@ def dare_drop(tau: torch.Tensor, density: float, key: tuple[int, int], rescale: 
     return dropped * (1.0 / density) if rescale and density > 0 else dropped
 
 
-def dare(base: torch.Tensor, experts: torch.Tensor, weights: Weights, densities: Weights,
-         keys: Sequence[tuple[int, int]], lam: float = 1.0, normalize: bool = False, rescale: bool = True,
-         elect: bool = False, offset: int = 0) -> torch.Tensor:
+def dare(
+    base: torch.Tensor,
+    experts: torch.Tensor,
+    weights: Weights,
+    densities: Weights,
+    keys: Sequence[tuple[int, int]],
+    lam: float = 1.0,
+    normalize: bool = False,
+    rescale: bool = True,
+    elect: bool = False,
+    offset: int = 0,
+) -> torch.Tensor:
     """DARE then task arithmetic (`dare_linear`: θ0 + λ Σ_i w_i τ̃_i, / Σ_i w_i when `normalize`)
     or then TIES's election and disjoint mean without trimming (`dare_ties`, `elect`)."""
     tau = task_vectors(base, experts)
@@ -167,20 +188,50 @@ def dare(base: torch.Tensor, experts: torch.Tensor, weights: Weights, densities:
     return add_scaled(base, merged, lam)
 
 
-def dare_linear(base: torch.Tensor, experts: torch.Tensor, weights: Weights, densities: Weights,
-                keys: Sequence[tuple[int, int]], lam: float = 1.0, normalize: bool = False,
-                rescale: bool = True) -> torch.Tensor:
+def dare_linear(
+    base: torch.Tensor,
+    experts: torch.Tensor,
+    weights: Weights,
+    densities: Weights,
+    keys: Sequence[tuple[int, int]],
+    lam: float = 1.0,
+    normalize: bool = False,
+    rescale: bool = True,
+) -> torch.Tensor:
     """DARE + task arithmetic (see `dare`)."""
     return dare(base, experts, weights, densities, keys, lam, normalize, rescale, elect=False)
 
 
-def dare_ties(base: torch.Tensor, experts: torch.Tensor, weights: Weights, densities: Weights,
-              keys: Sequence[tuple[int, int]], lam: float = 1.0, normalize: bool = False,
-              rescale: bool = True) -> torch.Tensor:
+def dare_ties(
+    base: torch.Tensor,
+    experts: torch.Tensor,
+    weights: Weights,
+    densities: Weights,
+    keys: Sequence[tuple[int, int]],
+    lam: float = 1.0,
+    normalize: bool = False,
+    rescale: bool = True,
+) -> torch.Tensor:
     """DARE + TIES election and disjoint mean (see `dare`)."""
     return dare(base, experts, weights, densities, keys, lam, normalize, rescale, elect=True)
 
 
-__all__ = ["add_scaled", "dare", "dare_drop", "dare_linear", "dare_ties", "disjoint_mean", "elect_signs", "linear",
-           "magnitude_threshold", "model_thresholds", "per_expert", "rows_total", "safe_divisor",
-           "task_arithmetic", "task_vectors", "ties", "trim"]
+__all__ = [
+    "add_scaled",
+    "dare",
+    "dare_drop",
+    "dare_linear",
+    "dare_ties",
+    "disjoint_mean",
+    "elect_signs",
+    "linear",
+    "magnitude_threshold",
+    "model_thresholds",
+    "per_expert",
+    "rows_total",
+    "safe_divisor",
+    "task_arithmetic",
+    "task_vectors",
+    "ties",
+    "trim",
+]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -160,9 +160,10 @@ class TensorParams:
 class TensorContext:
     name: str
     seed: int = 0
-    # per-expert magnitude thresholds from a whole-model pre-pass (TIES trim_scope: model)
-    thresholds: tuple[float, ...] | None = None
-    # flat index of the first entry when the engine passes a block of rows (DARE's counters)
+    # what the method's whole-model pre-pass found (MethodSpec.prepass; e.g. TIES's per-expert
+    # thresholds for trim_scope: model), or None when it has none
+    prepass: tuple[float, ...] | None = None
+    # flat index of the first entry when the engine passes a block of rows (counter-based draws)
     offset: int = 0
     # dtype the output will be saved in: raw-input kernels may store it directly (one rounding)
     out_dtype: torch.dtype = torch.float32
@@ -174,6 +175,20 @@ class TensorContext:
 
 
 MergeFn = Callable[[torch.Tensor | None, torch.Tensor, TensorParams, TensorContext], torch.Tensor]
+# one read of every merged tensor, each as flat base [n] and experts [N, n] in the file dtype
+PassStream = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class Prepass:
+    """A pass over the whole model that a method needs before it merges any tensor (TIES's
+    `trim_scope: model` thresholds). Given the parameters of every merged tensor, `reads` says how
+    many times it reads the inputs (0: not needed for these parameters; the progress bar counts
+    them) and `run(params, stream)` computes what each tensor's merge gets as `ctx.prepass`,
+    calling `stream()` once per read. The engine runs it; the method owns the maths."""
+
+    reads: Callable[[Sequence[TensorParams]], int]
+    run: Callable[[Sequence[TensorParams], PassStream], tuple[float, ...]]
 
 
 @dataclass(frozen=True)
@@ -199,6 +214,8 @@ class MethodSpec:
     # recipe-level rules of this method beyond single values (how many models, base or not, pairs
     # of parameters): a one-line UserError naming the field, run by `check_parameters`
     check_recipe: Callable[[Recipe, str], None] | None = None
+    # a whole-model pass to run before the merge (see Prepass); None: tensors merge independently
+    prepass: Prepass | None = None
 
     # mergekit's BasePolicy.IGNORED (linear, karcher, passthrough): a base_model is one more model
     # merged like the others, not a base; the plan adds it to the models when not listed there
