@@ -57,6 +57,9 @@ def _guarded(body: Callable[[], Any], verbose: bool = False) -> None:
         raise typer.Exit(130) from None
     except typer.Exit:
         raise
+    except BrokenPipeError:  # `ri-merge ... --json | head`: the reader left; nothing is wrong here
+        _silence_stdout()
+        raise typer.Exit(141) from None
     except Exception as exc:  # a bug in ri-merge: say so, keep it to one line unless -v
         if verbose:
             traceback.print_exc()
@@ -65,6 +68,16 @@ def _guarded(body: Callable[[], Any], verbose: bool = False) -> None:
         raise typer.Exit(1) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _silence_stdout() -> None:
+    """After the reader of stdout left: point stdout at /dev/null, so that flushing it at exit
+    raises nothing (exit 141, as a process killed by SIGPIPE reports, and no message)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -187,6 +200,16 @@ class _Rendered(MergeEvents):
             self._ri.update(self._ri_tasks[expert], completed=step,
                             description=f"RI {expert}  L1 {l1:.4f}  L2 {l2:.4f}")
 
+    def on_stage(self, name: str | None, index: int, count: int, out: Path) -> None:
+        """A new stage: its own line, and a fresh bar for its merge."""
+        self._close_ri()
+        if self._merge is not None:
+            self._merge.__exit__(None, None, None)
+            self._merge = None
+        if not self.quiet:
+            label = f"'{name}'" if name else "final"
+            err.print(f"stage {index + 1}/{count} {label} → {out}", markup=False, highlight=False)
+
     def on_plan(self, plan, total_bytes: int) -> None:
         self._close_ri()
         self._total, self._method = total_bytes, plan.method.name
@@ -229,6 +252,12 @@ def _run_merge(recipe: Path, output: Path, options: "MergeOptions", *, dry_run: 
         if as_json:
             print(json.dumps({"dry_run": True, **report.summary()}, indent=2))
             return
+        if report.stages is not None:
+            out.print("stages, in the order they run (the plan below is the first one's):", markup=False)
+            for i, stage in enumerate(report.stages):
+                needs = f" (uses {', '.join(stage['needs'])})" if stage["needs"] else ""
+                out.print(f"  {i + 1}. {stage['name'] or 'final'}: {stage['merge_method']}{needs}", markup=False,
+                          highlight=False)
         _print_plan(report.plan, out)
         if report.ri is not None:
             out.print(f"RI: {len(report.ri.cache_hits)} of {len(report.ri.adapted)} experts already adapted "
@@ -272,7 +301,11 @@ OutPathArg = Annotated[Optional[Path], typer.Argument(
     help="Output folder, as mergekit-yaml takes it (or -o; created, must not exist or be empty unless "
          "--force).")]
 OutputOpt = Annotated[Optional[Path], typer.Option(
-    "--output", "-o", help="Output folder (created; must not exist or be empty unless --force).")]
+    "--output", "-o", "--out-path", help="Output folder (created; must not exist or be empty unless --force).")]
+IntermediateOpt = Annotated[Optional[Path], typer.Option(
+    "--intermediate-dir", help="Multi-stage recipes: where the named stages are written, kept, and reused "
+                               "while their recipe and inputs are unchanged (default: a hidden folder beside "
+                               "the output, removed at the end).")]
 DeviceOpt = Annotated[Optional[str], typer.Option(
     "--device", help="auto | cpu | cuda | cuda:N (overrides the recipe).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
@@ -366,6 +399,7 @@ def merge(  # noqa: PLR0913 -- one parameter per flag: mergekit-yaml's command l
     recipe: Annotated[Path, typer.Argument(help="The YAML recipe.")],
     out_path: OutPathArg = None,
     output: OutputOpt = None,
+    intermediate_dir: IntermediateOpt = None,
     device: DeviceOpt = None,
     dry_run: DryRunOpt = False,
     force: ForceOpt = False,
@@ -406,7 +440,7 @@ def merge(  # noqa: PLR0913 -- one parameter per flag: mergekit-yaml's command l
                                threads=threads, prefetch=prefetch, force=force, report_layers=verbose,
                                interference=verbose, checksums=as_json, seed=random_seed,
                                out_shard_size=out_shard_size, copy_tokenizer=copy_tokenizer,
-                               write_model_card=write_model_card)
+                               write_model_card=write_model_card, intermediate_dir=intermediate_dir)
         _run_merge(recipe, folder, options, dry_run=dry_run, quiet=quiet, as_json=as_json, verbose=verbose)
 
     _guarded(body, verbose)

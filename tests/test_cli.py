@@ -179,3 +179,15 @@ def test_memory_estimate_is_bounded_by_work_units_not_by_the_model(tmp_path):
         estimates.append(build_plan(load_recipe(recipe)).peak_memory_estimate())
     assert estimates[0] == estimates[1]
     assert estimates[0] < reading.RUNTIME_BYTES + reading.PREFETCH_BYTES
+
+
+def test_a_reader_that_leaves_early_is_no_internal_error(tmp_path: Path, recipe_for) -> None:
+    """`ri-merge ... --json | true`: the reader is gone before the summary is printed; the merge is
+    written, and there is no traceback and no 'internal error'."""
+    recipe = recipe_for("task_arithmetic")
+    done = subprocess.run(f"{sys.executable} -m mergekit_ri.cli merge {recipe} -o {tmp_path / 'out'} --json -v "
+                          "| true; exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash",
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode in (0, 141), done.stderr
+    assert "internal error" not in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()

@@ -127,3 +127,16 @@ def test_a_bad_later_stage_stops_before_the_first_runs(tmp_path: Path, family) -
     recipe.write_text(documents(first, second, final))
     assert_user_error(run_cli("merge", recipe, "-o", tmp_path / "out"), "final stage", "missing")
     assert [p.name for p in tmp_path.iterdir() if "ri-merge" in p.name] == []
+
+
+def test_cli_runs_stages_with_a_kept_intermediate_dir_and_shows_them(tmp_path: Path, family) -> None:
+    recipe = tmp_path / "multi.yaml"
+    recipe.write_text(documents(*three_stages(family)))
+    dry = run_cli("merge", recipe, "-o", tmp_path / "out", "--dry-run")
+    assert dry.code == 0 and "1. soup: linear" in dry.stdout and "3. final: ties (uses arith)" in dry.stdout
+    args = ("merge", recipe, "--out-path", tmp_path / "out", "--intermediate-dir", tmp_path / "inter", "--force")
+    first = run_cli(*args)
+    assert first.code == 0, first.stderr
+    assert "stage 1/3 'soup'" in first.stderr and "stage 3/3 final" in first.stderr
+    again = run_cli(*args)
+    assert again.code == 0 and again.stderr.count("reusing") == 2, again.stderr
