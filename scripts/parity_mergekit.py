@@ -47,6 +47,7 @@ from string import Template
 import torch
 import yaml
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mergekit_venv import DEFAULT_VENV, MERGEKIT_VERSION, ensure_mergekit, find_mergekit, sibling_tool  # noqa: E402
@@ -70,7 +71,12 @@ ON_PURPOSE = {
                      "bf16-rounded τ by sort order",
     "sce_cut": "entries at the variance cut of select_topk (ties broken by position in ri-merge, by "
                "sort order in mergekit)",
+    "sign_zero": "sign election where Σ wᵢτᵢ is within bf16 rounding of 0 (|Σ| ≤ 2⁻⁵·max|wᵢτᵢ|): mergekit "
+                 "sums bf16-rounded deltas and elects + at ≥ 0, ri-merge sums in fp32 and breaks an exact 0 "
+                 "by the tensor's majority sign",
 }
+CONSENSUS_METHODS = {"ties", "breadcrumbs_ties", "sce"}
+SIGN_ZONE = 2 ** -5   # two bf16 roundings (2⁻⁸ each) of a partial sum up to 2·max|wᵢτᵢ|, doubled
 CUT_METHODS = {"ties": "magnitude_cut", "breadcrumbs": "magnitude_cut", "breadcrumbs_ties": "magnitude_cut",
                "sce": "sce_cut"}
 
@@ -340,14 +346,23 @@ class Comparison:
 
 
 class Inputs:
-    """The generated models, read lazily tensor by tensor (float32)."""
+    """The generated models in memory as float32 (a few MB each)."""
 
     def __init__(self, folders: dict[str, Path]):
         self.files = {name: tensor_files(folder) for name, folder in folders.items()}
+        self.tensors = {name: load_all(folder) for name, folder in folders.items()}
 
     def get(self, model: str, name: str) -> torch.Tensor | None:
-        file = self.files.get(model, {}).get(name)
-        return None if file is None else load(file, name).float()
+        tensor = self.tensors.get(model, {}).get(name)
+        return None if tensor is None else tensor.float()
+
+
+def load_all(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, in its stored dtype."""
+    out = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(str(file)))
+    return out
 
 
 def cut_zone(tau: torch.Tensor, kept: int, from_top: bool = True) -> tuple[float, float]:
@@ -366,6 +381,35 @@ def cut_zone(tau: torch.Tensor, kept: int, from_top: bool = True) -> tuple[float
 
 def explain_mask(method: str, recipe: dict, name: str, taus: list[torch.Tensor], layers: int) -> tuple[torch.Tensor, str] | None:
     """Entries of tensor `name` where a documented difference may move the result, and why."""
+    cut = explain_cut(method, recipe, name, taus, layers)
+    if method not in CONSENSUS_METHODS or not taus:
+        return cut
+    weights = [float(model_param(recipe, i, "weight", name, layers, 1.0) or 0.0) for i in range(len(taus))]
+    kept = [t * w for t, w in zip(taus, weights)]
+    if method in ("ties", "breadcrumbs_ties"):   # the sum is over the trimmed task vectors
+        for i, tau in enumerate(taus):
+            density = float(model_param(recipe, i, "density", name, layers, 1.0))
+            if density >= 1:
+                continue
+            mags = tau.abs().flatten().sort(descending=True).values
+            n_top = int(float(model_param(recipe, i, "gamma", name, layers, 0.01)) * tau.numel()) \
+                if method == "breadcrumbs_ties" else 0
+            low = mags[min(mags.numel(), n_top + max(1, int(density * tau.numel()))) - 1]
+            keep = tau.abs() >= low
+            if n_top:
+                keep &= tau.abs() < mags[n_top - 1]
+            kept[i] = kept[i] * keep
+    total = torch.stack(kept).sum(0).abs()
+    scale = torch.stack(kept).abs().max(0).values
+    sign = (total <= SIGN_ZONE * scale) & (scale > 0)
+    if cut is None:
+        return sign, "sign_zero"
+    mask, why = cut
+    return mask | sign, f"{why}+sign_zero"
+
+
+def explain_cut(method: str, recipe: dict, name: str, taus: list[torch.Tensor], layers: int) -> tuple[torch.Tensor, str] | None:
+    """Entries where a magnitude (or variance) cut may be made differently by the two tools."""
     rule = CUT_METHODS.get(method)
     if rule is None or not taus:
         return None
@@ -416,12 +460,12 @@ def compare_deterministic(ri: Path, mk: Path, inputs: Inputs, experts: list[str]
     `experts`: the input models whose task vectors (against 'base') set the scale of each tensor.
     """
     recipe = recipe or {}
-    files_ri, files_mk = tensor_files(ri), tensor_files(mk)
+    files_ri, files_mk = load_all(ri), load_all(mk)
     cmp = Comparison(only_ri=sorted(set(files_ri) - set(files_mk)), only_mk=sorted(set(files_mk) - set(files_ri)))
     cmp.config_diff = config_differences(ri, mk)
     layers = model_layers(inputs)
     for name in sorted(set(files_ri) & set(files_mk)):
-        x_raw, y_raw = load(files_ri[name], name), load(files_mk[name], name)
+        x_raw, y_raw = files_ri[name], files_mk[name]
         if x_raw.shape != y_raw.shape:
             cmp.shape_mismatch.append(name)
             continue
@@ -457,14 +501,14 @@ def compare_random(ri: Path, mk: Path, inputs: Inputs) -> Comparison:
     kept: fraction of entries with Δ ≠ 0; mean and mean |Δ|. Each is turned into a z-score with
     the two samples' standard errors (binomial for kept); the largest |z| over tensors is reported.
     """
-    files_ri, files_mk = tensor_files(ri), tensor_files(mk)
+    files_ri, files_mk = load_all(ri), load_all(mk)
     cmp = Comparison(only_ri=sorted(set(files_ri) - set(files_mk)), only_mk=sorted(set(files_mk) - set(files_ri)))
     cmp.config_diff = config_differences(ri, mk)
     zmax = {"kept": 0.0, "mean": 0.0, "mean_abs": 0.0}
     kept_ri = kept_mk = total = 0
     worst = {}
     for name in sorted(set(files_ri) & set(files_mk)):
-        x, y = load(files_ri[name], name).float(), load(files_mk[name], name).float()
+        x, y = files_ri[name].float(), files_mk[name].float()
         base = inputs.get("base", name)
         if x.shape != y.shape:
             cmp.shape_mismatch.append(name)
@@ -545,7 +589,7 @@ class Row:
         if not any(t.beyond for t in cmp.tensors):
             return "agrees", ""
         if cmp.unexplained == 0:
-            reasons = sorted({t.explained_by for t in cmp.tensors if t.beyond and t.explained_by})
+            reasons = sorted({r for t in cmp.tensors if t.beyond and t.explained_by for r in t.explained_by.split("+")})
             return "differs on purpose", "; ".join(ON_PURPOSE[r] for r in reasons)
         worst = max(cmp.tensors, key=lambda t: (t.unexplained, t.max_rel))
         return "DIFFERS", (f"{cmp.unexplained} entries beyond {TOL_STEPS} steps unexplained "
@@ -742,6 +786,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="mergekit's venv (created when missing)")
     parser.add_argument("--mergekit", default=None, help="a mergekit-yaml to use instead of the venv's")
     parser.add_argument("--no-install", action="store_true", help="fail instead of installing mergekit")
+    parser.add_argument("--reuse-ri", action="store_true",
+                        help="compare ri-merge outputs left in the workdir by an earlier run instead of merging again")
     parser.add_argument("--mergekit-per-process", action="store_true",
                         help="run each recipe as its own mergekit-yaml process (default: mergekit's CLI "
                              "commands called in one process, which saves its ~10 s import per recipe)")
@@ -767,12 +813,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(recipes)} recipes, ri-merge vs {mergekit}", file=sys.stderr)
     jobs = [prepare(name, text, folders, mergekit, work) for name, text in recipes.items()]
     for job in jobs:
+        if args.reuse_ri and (job.ri_out / "config.json").exists():
+            job.ri = Run(True)
+            continue
         if job.ri_out.exists():
             shutil.rmtree(job.ri_out)
         job.ri = run_tool(ri_merge_command(job.recipe, job.ri_out), work / "logs" / f"{job.slug}-ri.log", "ri-merge")
         print(f"ri-merge {'ok' if job.ri.ok else 'refused'} ({job.ri.seconds:.1f}s): {job.name}", file=sys.stderr, flush=True)
     run_mergekit_batch(jobs, mergekit, work, args.mergekit_per_process)
-    rows = [compare_job(job, inputs) for job in jobs]
+    rows = []
+    for job in jobs:
+        rows.append(compare_job(job, inputs))
+        print(f"compared: {job.name}: {rows[-1].verdict[0]}", file=sys.stderr, flush=True)
 
     ours, theirs = set(ri_methods()), set(mergekit_methods(mergekit))
     summary = {
