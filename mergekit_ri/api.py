@@ -148,13 +148,15 @@ def merge(recipe: RecipeInput, out: str | os.PathLike[str], *, options: MergeOpt
 def _merge_one(source: _Source, out: Path, options: MergeOptions, events: MergeEvents) -> MergeResult:
     original = _with_overrides(source.recipe, options)
     with _threads(options.threads):
-        from .engine import run_merge, total_work_bytes
+        from .engine import input_paths, run_merge, total_work_bytes
+        from .io.output import check_target
         from .plan import build_plan
 
         protected = _ri_inputs(original, source.folder, out, options.force)
         adapted, status = _resolve_interference(original, source.folder, events, dry_run=False)
         merge_plan = build_plan(adapted, source.folder)
         merge_plan.protected.extend(protected)
+        check_target(out, input_paths(merge_plan), options.force)  # a refused output: its one line alone
         events.on_plan(merge_plan, total_work_bytes(merge_plan))
         for warning in merge_plan.warnings:
             events.on_warning(warning)
@@ -164,11 +166,10 @@ def _merge_one(source: _Source, out: Path, options: MergeOptions, events: MergeE
                            prefetch=options.prefetch, progress=events.on_progress,
                            report=_layer_collector(layers, events) if layers is not None else None,
                            checksums=options.checksums,
-                           provenance=status.provenance if status is not None else None)
+                           provenance=status.provenance if status is not None else None,
+                           model_card=options.write_model_card)
         for warning in result.warnings[announced:]:  # found while merging (e.g. non-finite inputs)
             events.on_warning(warning)
-        if not options.write_model_card:
-            result = _without_model_card(result)
         xi = None
         if options.interference and status is not None:
             from .ri.report import interference_report
@@ -280,15 +281,6 @@ def _with_overrides(recipe: Recipe, options: MergeOptions) -> Recipe:
 
 
 _OPTION_NAMES = {"seed": "random seed", "out_shard_size": "out shard size", "device": "device"}
-
-
-def _without_model_card(result: MergeResult) -> MergeResult:
-    """`write_model_card=False` (mergekit's --no-write-model-card): the card and the recipe copy
-    removed from the published output and from `result.files`."""
-    card = {"README.md", "mergekit_config.yml"}
-    for name in card:
-        (result.out / name).unlink(missing_ok=True)
-    return replace(result, files=tuple(f for f in result.files if f.name not in card))
 
 
 def _ri_inputs(recipe: Recipe, folder: Path | None, out: Path, force: bool) -> list[Path]:

@@ -174,7 +174,7 @@ def input_paths(plan: MergePlan) -> list[Path]:
 def run_merge(plan: MergePlan, out: Path, *, device: str = "auto", force: bool = False,
               prefetch: int = PREFETCH_DEFAULT, progress: Progress | None = None,
               report: LayerReport | None = None, checksums: bool = False,
-              provenance: RIProvenance | None = None) -> MergeResult:
+              provenance: RIProvenance | None = None, model_card: bool = True) -> MergeResult:
     """Merge into a hidden staging folder, then rename it to `out` (under the output's lock)."""
     started = time.perf_counter()
     target = resolve_device(device if device != "auto" else plan.recipe.device)
@@ -189,7 +189,7 @@ def run_merge(plan: MergePlan, out: Path, *, device: str = "auto", force: bool =
             check_space(out, plan.bytes_written)
             staging = make_staging(out)
             files, nonfinite = _merge_into(plan, staging, target, prefetch, progress or (lambda n: None), report,
-                                           checksums, provenance)
+                                           checksums, provenance, model_card)
             plan.warnings.extend(nonfinite)
             publish(staging, out, force)
             staging = None
@@ -204,7 +204,7 @@ def run_merge(plan: MergePlan, out: Path, *, device: str = "auto", force: bool =
 
 def _merge_into(plan: MergePlan, staging: Path, target: torch.device, prefetch: int, advance: Progress,
                 report: LayerReport | None, checksums: bool = False, provenance: RIProvenance | None = None,
-                ) -> tuple[tuple[FileRecord, ...], list[str]]:
+                model_card: bool = True) -> tuple[tuple[FileRecord, ...], list[str]]:
     """Every file of the merged checkpoint, written into `staging`: (file names, the warnings about
     non-finite inputs merged under `on_nonfinite: warn`)."""
     with TensorReader() as reader, ThreadPoolExecutor(2, "ri-read") as reads, \
@@ -228,5 +228,6 @@ def _merge_into(plan: MergePlan, staging: Path, target: torch.device, prefetch: 
     write_index(staging, plan)
     write_config(staging, plan)
     copy_tokenizer(staging, plan)
-    write_model_card(staging, plan, provenance)
+    if model_card:  # README.md and mergekit_config.yml (mergekit's --no-write-model-card leaves them out)
+        write_model_card(staging, plan, provenance)
     return file_manifest(staging, checksums), nonfinite

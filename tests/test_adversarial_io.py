@@ -498,3 +498,22 @@ def test_ri_output_never_touches_the_original_experts(tmp_path: Path, where: str
     assert_user_error(run_cli("merge", path, "-o", out, "--force"), str(out))
     assert tree_digest(*vits.values(), aux) == before
     assert not trained and not (tmp_path / "cache").exists()  # refused before any adaptation
+
+
+def test_a_refused_output_is_one_line_even_when_the_plan_has_warnings(tmp_path: Path, models) -> None:
+    """int8_mask is a mergekit parameter task arithmetic does not use: a plan warning; the refusal
+    of the output still comes alone, before any warning is printed."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("mine")
+    refused(tmp_path, models, "not empty", out=out, parameters={"int8_mask": True})
+    assert (out / "keep").read_text() == "mine"
+
+
+def test_no_model_card_is_never_written_rather_than_removed(tmp_path: Path, models) -> None:
+    out = tmp_path / "out"
+    result = run_cli("merge", recipe(tmp_path, models), out, "--no-write-model-card", "--json")
+    assert result.code == 0, result.stderr
+    names = {entry["name"] for entry in json.loads(result.stdout)["manifest"]}
+    assert "README.md" not in names and "mergekit_config.yml" not in names
+    assert not (out / "README.md").exists() and (out / "config.json").exists()

@@ -36,6 +36,13 @@ def hidden_name(out: Path, kind: str, pid: int | None = None) -> str:
 def check_target(out: Path, inputs: Iterable[Path], force: bool) -> None:
     """Refuse an output that is, contains or lies inside any input (compared by real paths), and
     a non-empty one without --force."""
+    try:
+        _check_target(out, inputs, force)
+    except OSError as exc:  # a name too long, a parent that cannot be listed, ...
+        raise output_error(exc, out, None, 0) from None
+
+
+def _check_target(out: Path, inputs: Iterable[Path], force: bool) -> None:
     target = Path(os.path.realpath(out))
     for path in inputs:
         real = Path(os.path.realpath(path))
