@@ -20,7 +20,7 @@ from pathlib import Path
 from .errors import UserError, closest
 from .io.output import check_target, hidden_name
 from .io.sources import load_source
-from .recipe import ModelEntry, Recipe
+from .recipe import Recipe
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,9 @@ class StagePlan:
 
 
 def _references(recipe: Recipe) -> list[str]:
-    return [m.model for m in recipe.models] + ([recipe.base_model] if recipe.base_model else [])
+    """Every model a recipe reads: `models:`, the sources of `slices:`, and `base_model`."""
+    sliced = [source.model for entry in recipe.slices or [] for source in entry.sources]
+    return [m.model for m in recipe.models or []] + sliced + ([recipe.base_model] if recipe.base_model else [])
 
 
 def order_stages(recipes: list[Recipe], source: str) -> list[Stage]:
@@ -155,11 +157,15 @@ def stage_recipe(plan: StagePlan, stage: Stage) -> Recipe:
             return str(plan.outputs[reference])
         return reference
 
-    models = [ModelEntry(model=place(m.model), parameters=m.parameters) for m in stage.recipe.models]
-    tokenizer = stage.recipe.tokenizer_source
+    recipe = stage.recipe
+    models = [m.model_copy(update={"model": place(m.model)}) for m in recipe.models or []]
+    slices = None if recipe.slices is None else [
+        entry.model_copy(update={"sources": [s.model_copy(update={"model": place(s.model)}) for s in entry.sources]})
+        for entry in recipe.slices]
+    tokenizer = recipe.tokenizer_source
     tokenizer = place(tokenizer) if tokenizer not in (None, "base") else tokenizer
-    return stage.recipe.model_copy(update={"models": models, "base_model": place(stage.recipe.base_model),
-                                           "tokenizer_source": tokenizer})
+    return recipe.model_copy(update={"models": models, "slices": slices,
+                                     "base_model": place(recipe.base_model), "tokenizer_source": tokenizer})
 
 
 def stamp(recipe: Recipe, fingerprints: list[str]) -> str:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 import mergekit_ri as m
-from conftest import assert_nothing_written, assert_user_error, read_checkpoint, run_cli, tree_digest
+from conftest import assert_nothing_written, assert_user_error, read_any, read_checkpoint, run_cli, tree_digest
 from mergekit_ri.events import MergeEvents
 
 
@@ -140,3 +140,18 @@ def test_cli_runs_stages_with_a_kept_intermediate_dir_and_shows_them(tmp_path: P
     assert "stage 1/3 'soup'" in first.stderr and "stage 3/3 final" in first.stderr
     again = run_cli(*args)
     assert again.code == 0 and again.stderr.count("reusing") == 2, again.stderr
+
+
+def test_a_sliced_stage_takes_an_earlier_stage_as_a_source(tmp_path: Path, family) -> None:
+    """A frankenmerge of a merge: the final stage's slices read the 'soup' stage's layers."""
+    first = three_stages(family)[0]
+    final = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": "soup", "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(family["a"]), "layer_range": [1, 3]}]}]}
+    out = tmp_path / "out"
+    m.merge(documents(first, final), out)
+    m.merge({k: v for k, v in first.items() if k != "name"}, tmp_path / "soup")
+    merged, soup, a = read_checkpoint(out), read_checkpoint(tmp_path / "soup"), read_any(family["a"])
+    layer = "model.layers.{}.mlp.up_proj.weight"
+    assert merged[layer.format(1)].equal(soup[layer.format(1)].to(merged[layer.format(1)].dtype))
+    assert merged[layer.format(3)].equal(a[layer.format(2)].to(merged[layer.format(3)].dtype))
