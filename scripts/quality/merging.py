@@ -112,9 +112,16 @@ class MergeJob:
         return f"{prefix}{self.variant.name}"
 
 
+# The papers' densities, pinned: ri-merge's defaults are mergekit's (density 1: no trimming or
+# dropping), which would make these rows task arithmetic. The table's figures use these values.
+PAPER_PARAMETERS: dict[str, dict[str, Any]] = {
+    "ties": {"density": 0.2}, "dare_linear": {"density": 0.2}, "dare_ties": {"density": 0.2},
+}
+
+
 def recipe(job: MergeJob, base: Path, experts: list[Path], seed: int) -> dict[str, Any]:
     """The YAML recipe of a job, as a user would write it for classifier experts."""
-    params: dict[str, Any] = dict(job.variant.fixed)
+    params: dict[str, Any] = {**PAPER_PARAMETERS.get(job.variant.method, {}), **dict(job.variant.fixed)}
     if job.scale_value is not None and job.variant.scale:
         params[job.variant.scale] = job.scale_value
     fields: dict[str, Any] = {
