@@ -18,8 +18,14 @@ from .errors import UserError
 __version__ = "0.1.0"
 
 _API = {
-    "merge": "api", "load_recipe": "api", "MergeOptions": "api", "PlanReport": "api",
-    "MergeEvents": "events", "MergeResult": "engine", "FileRecord": "io.manifest", "RIStatus": "ri.prepare",
+    "merge": "api",
+    "load_recipe": "api",
+    "MergeOptions": "api",
+    "PlanReport": "api",
+    "MergeEvents": "events",
+    "MergeResult": "engine",
+    "FileRecord": "io.manifest",
+    "RIStatus": "ri.prepare",
 }
 __all__ = ["__version__", "UserError", "plan", *_API]
 

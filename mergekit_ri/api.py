@@ -96,8 +96,11 @@ class PlanReport:
 
     def summary(self) -> dict[str, Any]:
         """The JSON form (`ri-merge --dry-run --json`, without its "dry_run" key)."""
-        return {**self.plan.summary(), **({"ri": self.ri.summary()} if self.ri is not None else {}),
-                **({"stages": self.stages} if self.stages is not None else {})}
+        return {
+            **self.plan.summary(),
+            **({"ri": self.ri.summary()} if self.ri is not None else {}),
+            **({"stages": self.stages} if self.stages is not None else {}),
+        }
 
 
 @dataclass(frozen=True)
@@ -132,8 +135,13 @@ def plan(recipe: RecipeInput, *, options: MergeOptions = MergeOptions()) -> Plan
     return PlanReport(build_plan(adapted, source.folder), original, status)
 
 
-def merge(recipe: RecipeInput, out: str | os.PathLike[str], *, options: MergeOptions = MergeOptions(),
-          events: MergeEvents | None = None) -> MergeResult:
+def merge(
+    recipe: RecipeInput,
+    out: str | os.PathLike[str],
+    *,
+    options: MergeOptions = MergeOptions(),
+    events: MergeEvents | None = None,
+) -> MergeResult:
     """Merge the recipe's models into the folder `out` and describe what was written.
 
     `out` is written atomically: a hidden staging folder beside it is renamed into place at the
@@ -162,12 +170,18 @@ def _merge_one(source: _Source, out: Path, options: MergeOptions, events: MergeE
             events.on_warning(warning)
         announced = len(merge_plan.warnings)
         layers: dict[str, dict[str, float]] | None = {} if options.report_layers else None
-        result = run_merge(merge_plan, out, device=original.device, force=options.force,
-                           prefetch=options.prefetch, progress=events.on_progress,
-                           report=_layer_collector(layers, events) if layers is not None else None,
-                           checksums=options.checksums,
-                           provenance=status.provenance if status is not None else None,
-                           model_card=options.write_model_card)
+        result = run_merge(
+            merge_plan,
+            out,
+            device=original.device,
+            force=options.force,
+            prefetch=options.prefetch,
+            progress=events.on_progress,
+            report=_layer_collector(layers, events) if layers is not None else None,
+            checksums=options.checksums,
+            provenance=status.provenance if status is not None else None,
+            model_card=options.write_model_card,
+        )
         for warning in result.warnings[announced:]:  # found while merging (e.g. non-finite inputs)
             events.on_warning(warning)
         xi = None
@@ -230,12 +244,15 @@ def _merge_stages(source: _Source, out: Path, options: MergeOptions, events: Mer
         if stage.name is None or target == out:
             result = _merge_one(_Source(recipe, source.folder), out, options, events)
             continue
-        stamps[stage.name] = staging.stamp(recipe, [stamps[n] for n in stage.needs]
-                                           + staging.input_marks(recipe, source.folder, stage.needs))
+        stamps[stage.name] = staging.stamp(
+            recipe, [stamps[n] for n in stage.needs] + staging.input_marks(recipe, source.folder, stage.needs)
+        )
         if stage_plan.keep_intermediates and staging.reusable(target, stamps[stage.name]):
             events.on_warning(f"stage '{stage.name}': reusing {target} (same recipe and inputs)")
             continue
-        _merge_one(_Source(recipe, source.folder), target, replace(options, force=True, checksums=False), events)
+        _merge_one(
+            _Source(recipe, source.folder), target, replace(options, force=True, checksums=False), events
+        )
         staging.record(target, stamps[stage.name])
     staging.remove_intermediates(stage_plan)
     assert result is not None
@@ -303,8 +320,9 @@ def _ri_inputs(recipe: Recipe, folder: Path | None, out: Path, force: bool) -> l
     return paths
 
 
-def _resolve_interference(recipe: Recipe, folder: Path | None, events: MergeEvents,
-                          dry_run: bool) -> tuple[Recipe, RIStatus | None]:
+def _resolve_interference(
+    recipe: Recipe, folder: Path | None, events: MergeEvents, dry_run: bool
+) -> tuple[Recipe, RIStatus | None]:
     """RI as a step in front of the merge: the recipe pointed at the adapted experts, and what RI
     did. Recipes without `resolve_interference` pass through."""
     if recipe.resolve_interference is None:

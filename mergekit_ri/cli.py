@@ -30,8 +30,12 @@ if TYPE_CHECKING:
 
     from .api import MergeOptions
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
-                  help="Merge fine-tuned experts of one base model into one multi-task model.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Merge fine-tuned experts of one base model into one multi-task model.",
+)
 err = Console(stderr=True)
 out = Console(soft_wrap=True)
 
@@ -63,8 +67,12 @@ def _guarded(body: Callable[[], Any], verbose: bool = False) -> None:
     except Exception as exc:  # a bug in ri-merge: say so, keep it to one line unless -v
         if verbose:
             traceback.print_exc()
-        err.print(f"internal error: {type(exc).__name__}: {exc} (rerun with -v for a traceback)",
-                  markup=False, highlight=False, soft_wrap=True)
+        err.print(
+            f"internal error: {type(exc).__name__}: {exc} (rerun with -v for a traceback)",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(1) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -111,19 +119,35 @@ def _steps_progress(quiet: bool) -> "Progress | _NoBars":
         return _NoBars()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), console=err)
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+    )
 
 
 def _progress(quiet: bool) -> "Progress | _NoBars":
     if quiet:
         return _NoBars()
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        TimeRemainingColumn(), console=err, transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
     )
 
 
@@ -134,18 +158,26 @@ def _print_plan(plan, console: Console) -> None:
     table = Table(title=f"Merge plan: {summary['method']}", show_header=False)
     table.add_row("base", str(summary["base"]))
     table.add_row("models", "\n".join(summary["models"]))
-    table.add_row("tensors", f"{summary['tensors']} ({summary['tensors_merged']} merged, "
-                             f"{summary['tensors_copied']} copied)")
+    table.add_row(
+        "tensors",
+        f"{summary['tensors']} ({summary['tensors_merged']} merged, {summary['tensors_copied']} copied)",
+    )
     table.add_row("read", _human(summary["bytes_read"]))
     table.add_row("write", _human(summary["bytes_written"]))
-    table.add_row("output shards", "\n".join(f"{s['file']}  {s['tensors']} tensors, {_human(s['bytes'])}"
-                                             for s in summary["shards"]))
+    table.add_row(
+        "output shards",
+        "\n".join(f"{s['file']}  {s['tensors']} tensors, {_human(s['bytes'])}" for s in summary["shards"]),
+    )
     table.add_row("peak memory (est.)", _human(summary["peak_memory_estimate"]))
     if summary["heads"]:
-        table.add_row("task heads", "\n".join(
-            f"{label}{' (default)' if label == summary['heads_default'] else ''}: "
-            + ", ".join(f"{n} {shape}" for n, shape in tensors.items())
-            for label, tensors in summary["heads"].items()))
+        table.add_row(
+            "task heads",
+            "\n".join(
+                f"{label}{' (default)' if label == summary['heads_default'] else ''}: "
+                + ", ".join(f"{n} {shape}" for n, shape in tensors.items())
+                for label, tensors in summary["heads"].items()
+            ),
+        )
     console.print(table)
     for warning in summary["warnings"]:
         console.print(f"warning: {warning}", markup=False)
@@ -197,8 +229,9 @@ class _Rendered(MergeEvents):
 
     def on_ri_step(self, expert: str, step: int, l1: float, l2: float) -> None:
         if self._ri is not None and expert in self._ri_tasks:
-            self._ri.update(self._ri_tasks[expert], completed=step,
-                            description=f"RI {expert}  L1 {l1:.4f}  L2 {l2:.4f}")
+            self._ri.update(
+                self._ri_tasks[expert], completed=step, description=f"RI {expert}  L1 {l1:.4f}  L2 {l2:.4f}"
+            )
 
     def on_stage(self, name: str | None, index: int, count: int, out: Path) -> None:
         """A new stage: its own line, and a fresh bar for its merge."""
@@ -231,8 +264,9 @@ class _Rendered(MergeEvents):
 
     def on_layer(self, name: str, figures: Mapping[str, float]) -> None:
         if self.layers:
-            self._bar().console.print(_layer_line(name, figures), markup=False, highlight=False,
-                                      soft_wrap=True)
+            self._bar().console.print(
+                _layer_line(name, figures), markup=False, highlight=False, soft_wrap=True
+            )
 
     def _bar(self) -> "Progress | _NoBars":
         """The merge's bar, started on first use (after the plan and its warnings are printed)."""
@@ -242,8 +276,16 @@ class _Rendered(MergeEvents):
         return self._merge
 
 
-def _run_merge(recipe: Path, output: Path, options: "MergeOptions", *, dry_run: bool = False,
-               quiet: bool = False, as_json: bool = False, verbose: bool = False) -> None:
+def _run_merge(
+    recipe: Path,
+    output: Path,
+    options: "MergeOptions",
+    *,
+    dry_run: bool = False,
+    quiet: bool = False,
+    as_json: bool = False,
+    verbose: bool = False,
+) -> None:
     """`ri-merge merge` (and the demo's merge): the API's plan or merge, printed."""
     from . import api
 
@@ -256,26 +298,38 @@ def _run_merge(recipe: Path, output: Path, options: "MergeOptions", *, dry_run: 
             out.print("stages, in the order they run (the plan below is the first one's):", markup=False)
             for i, stage in enumerate(report.stages):
                 needs = f" (uses {', '.join(stage['needs'])})" if stage["needs"] else ""
-                out.print(f"  {i + 1}. {stage['name'] or 'final'}: {stage['merge_method']}{needs}", markup=False,
-                          highlight=False)
+                out.print(
+                    f"  {i + 1}. {stage['name'] or 'final'}: {stage['merge_method']}{needs}",
+                    markup=False,
+                    highlight=False,
+                )
         _print_plan(report.plan, out)
         if report.ri is not None:
-            out.print(f"RI: {len(report.ri.cache_hits)} of {len(report.ri.adapted)} experts already adapted "
-                      f"in the cache; the others would be trained first", markup=False)
+            out.print(
+                f"RI: {len(report.ri.cache_hits)} of {len(report.ri.adapted)} experts already adapted "
+                f"in the cache; the others would be trained first",
+                markup=False,
+            )
         return
     show_bars = not quiet and (err.is_terminal or verbose)
     with _Rendered(show_bars, quiet, verbose and not quiet, verbose and not quiet and not as_json) as events:
         result = api.merge(recipe, output, options=options, events=events)
     if result.interference is not None:
         xi = result.interference
-        err.print(f"interference ξ on the auxiliary data: {xi['without_ri']:.4f} without RI, "
-                  f"{xi['with_ri']:.4f} with RI (reported only; never used to tune the merge)", markup=False)
+        err.print(
+            f"interference ξ on the auxiliary data: {xi['without_ri']:.4f} without RI, "
+            f"{xi['with_ri']:.4f} with RI (reported only; never used to tune the merge)",
+            markup=False,
+        )
     if as_json:
         print(json.dumps(_json_summary(result, verbose), indent=2))
     elif not quiet:
-        out.print(f"merged {result.tensors} tensors ({_human(result.bytes_read)} read) with "
-                  f"{result.method} on {result.device} in {result.seconds:.1f}s → {result.out}",
-                  markup=False, highlight=False)
+        out.print(
+            f"merged {result.tensors} tensors ({_human(result.bytes_read)} read) with "
+            f"{result.method} on {result.device} in {result.seconds:.1f}s → {result.out}",
+            markup=False,
+            highlight=False,
+        )
 
 
 def _json_summary(result, verbose: bool) -> dict[str, Any]:
@@ -288,67 +342,142 @@ def _json_summary(result, verbose: bool) -> dict[str, Any]:
         xi = {"interference": dict(result.interference)} if result.interference is not None else {}
         ri = {"ri": {**result.ri.summary(), **xi}}
     return {
-        "output": str(result.out), "method": result.method, "device": result.device,
-        "tensors": result.tensors, "shards": result.shards, "bytes_read": result.bytes_read,
-        "bytes_written": result.bytes_written, "seconds": round(result.seconds, 3),
-        "files": top_level_names(result.files), "manifest": [f.to_json() for f in result.files],
-        **ri, **({"layers": {k: dict(v) for k, v in (result.layers or {}).items()}} if verbose else {}),
+        "output": str(result.out),
+        "method": result.method,
+        "device": result.device,
+        "tensors": result.tensors,
+        "shards": result.shards,
+        "bytes_read": result.bytes_read,
+        "bytes_written": result.bytes_written,
+        "seconds": round(result.seconds, 3),
+        "files": top_level_names(result.files),
+        "manifest": [f.to_json() for f in result.files],
+        **ri,
+        **({"layers": {k: dict(v) for k, v in (result.layers or {}).items()}} if verbose else {}),
     }
 
 
-OutPathArg = Annotated[Optional[Path], typer.Argument(
-    metavar="OUT_PATH", show_default=False,
-    help="Output folder, as mergekit-yaml takes it (or -o; created, must not exist or be empty unless "
-         "--force).")]
-OutputOpt = Annotated[Optional[Path], typer.Option(
-    "--output", "-o", "--out-path", help="Output folder (created; must not exist or be empty unless --force).")]
-IntermediateOpt = Annotated[Optional[Path], typer.Option(
-    "--intermediate-dir", help="Multi-stage recipes: where the named stages are written, kept, and reused "
-                               "while their recipe and inputs are unchanged (default: a hidden folder beside "
-                               "the output, removed at the end).")]
-DeviceOpt = Annotated[Optional[str], typer.Option(
-    "--device", help="auto | cpu | cuda | cuda:N (overrides the recipe).")]
+OutPathArg = Annotated[
+    Optional[Path],
+    typer.Argument(
+        metavar="OUT_PATH",
+        show_default=False,
+        help="Output folder, as mergekit-yaml takes it (or -o; created, must not exist or be empty unless "
+        "--force).",
+    ),
+]
+OutputOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--output",
+        "-o",
+        "--out-path",
+        help="Output folder (created; must not exist or be empty unless --force).",
+    ),
+]
+IntermediateOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--intermediate-dir",
+        help="Multi-stage recipes: where the named stages are written, kept, and reused "
+        "while their recipe and inputs are unchanged (default: a hidden folder beside "
+        "the output, removed at the end).",
+    ),
+]
+DeviceOpt = Annotated[
+    Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N (overrides the recipe).")
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help=(
-    "Print the plan, warnings, each solved layer's loss before → after (wudi, wudi2; with --json under "
-    "\"layers\") and tracebacks of internal errors."))]
-DryRunOpt = Annotated[bool, typer.Option(
-    "--dry-run", help="Validate and print the plan; read no weight, write nothing.")]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        "-v",
+        help=(
+            "Print the plan, warnings, each solved layer's loss before → after (wudi, wudi2; with --json under "
+            '"layers") and tracebacks of internal errors.'
+        ),
+    ),
+]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Validate and print the plan; read no weight, write nothing.")
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")]
-PrefetchOpt = Annotated[int, typer.Option(
-    "--prefetch", min=1, max=64, help="Tensors read ahead of the merge.")]
-ThreadsOpt = Annotated[Optional[int], typer.Option(
-    "--threads", "--num-threads", "-j", min=1, help="CPU threads for the maths (default: all cores).")]
+PrefetchOpt = Annotated[
+    int, typer.Option("--prefetch", min=1, max=64, help="Tensors read ahead of the merge.")
+]
+ThreadsOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--threads", "--num-threads", "-j", min=1, help="CPU threads for the maths (default: all cores)."
+    ),
+]
 
 # mergekit-yaml's flags (mergekit 0.1.5 options.py), so that a command from mergekit runs unchanged
 MK = "mergekit-yaml's flags"
 MK_NOOP = "mergekit-yaml's flags with nothing to do here (accepted, no effect)"
-CudaOpt = Annotated[bool, typer.Option("--cuda/--no-cuda", rich_help_panel=MK,
-                                       help="Same as --device cuda.")]
-GpuRichOpt = Annotated[bool, typer.Option(
-    "--gpu-rich", rich_help_panel=MK,
-    help="Same as --device cuda (the rest of mergekit's alias streams anyway).")]
-CopyTokenizerOpt = Annotated[Optional[bool], typer.Option(
-    "--copy-tokenizer/--no-copy-tokenizer", show_default=False, rich_help_panel=MK,
-    help="Copy the tokenizer files (default); --no-copy-tokenizer writes none unless the recipe names "
-         "tokenizer_source.")]
-ShardSizeOpt = Annotated[Optional[str], typer.Option(
-    "--out-shard-size", metavar="SIZE", rich_help_panel=MK,
-    help="Bytes per output shard: 5B is 5·10⁹ as in mergekit, also 500M, 2GB, 1GiB (overrides the "
-         "recipe).")]
-SeedOpt = Annotated[Optional[int], typer.Option(
-    "--random-seed", rich_help_panel=MK,
-    help="Seed of the random methods, e.g. DARE (overrides the recipe).")]
-ModelCardOpt = Annotated[bool, typer.Option(
-    "--write-model-card/--no-write-model-card", rich_help_panel=MK,
-    help="Write README.md and mergekit_config.yml beside the weights.")]
-AllowCrimesOpt = Annotated[bool, typer.Option(
-    "--allow-crimes/--no-allow-crimes", rich_help_panel=MK,
-    help="No effect: models of different architectures merge whenever their tensor names and shapes match.")]
-TruncateOpt = Annotated[bool, typer.Option(
-    "--unsafe-truncate-embeddings/--no-unsafe-truncate-embeddings", rich_help_panel=MK,
-    help="Refused: ri-merge never resizes embeddings (merge models that share a vocabulary).")]
+CudaOpt = Annotated[bool, typer.Option("--cuda/--no-cuda", rich_help_panel=MK, help="Same as --device cuda.")]
+GpuRichOpt = Annotated[
+    bool,
+    typer.Option(
+        "--gpu-rich",
+        rich_help_panel=MK,
+        help="Same as --device cuda (the rest of mergekit's alias streams anyway).",
+    ),
+]
+CopyTokenizerOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--copy-tokenizer/--no-copy-tokenizer",
+        show_default=False,
+        rich_help_panel=MK,
+        help="Copy the tokenizer files (default); --no-copy-tokenizer writes none unless the recipe names "
+        "tokenizer_source.",
+    ),
+]
+ShardSizeOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--out-shard-size",
+        metavar="SIZE",
+        rich_help_panel=MK,
+        help="Bytes per output shard: 5B is 5·10⁹ as in mergekit, also 500M, 2GB, 1GiB (overrides the "
+        "recipe).",
+    ),
+]
+SeedOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--random-seed",
+        rich_help_panel=MK,
+        help="Seed of the random methods, e.g. DARE (overrides the recipe).",
+    ),
+]
+ModelCardOpt = Annotated[
+    bool,
+    typer.Option(
+        "--write-model-card/--no-write-model-card",
+        rich_help_panel=MK,
+        help="Write README.md and mergekit_config.yml beside the weights.",
+    ),
+]
+AllowCrimesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-crimes/--no-allow-crimes",
+        rich_help_panel=MK,
+        help="No effect: models of different architectures merge whenever their tensor names and shapes match.",
+    ),
+]
+TruncateOpt = Annotated[
+    bool,
+    typer.Option(
+        "--unsafe-truncate-embeddings/--no-unsafe-truncate-embeddings",
+        rich_help_panel=MK,
+        help="Refused: ri-merge never resizes embeddings (merge models that share a vocabulary).",
+    ),
+]
 
 
 def _noop(*flags: str, text: str) -> Any:
@@ -359,18 +488,36 @@ STREAMED = "No effect: ri-merge streams tensors from disk with bounded memory."
 LazyOpt = Annotated[bool, _noop("--lazy-unpickle/--no-lazy-unpickle", text=STREAMED)]
 LowMemOpt = Annotated[bool, _noop("--low-cpu-memory/--no-low-cpu-memory", text=STREAMED)]
 ReadGpuOpt = Annotated[bool, _noop("--read-to-gpu/--no-read-to-gpu", text=STREAMED)]
-AsyncOpt = Annotated[bool, _noop("--async-write/--no-async-write",
-                                 text="No effect: shards are always written by a thread beside the merge.")]
+AsyncOpt = Annotated[
+    bool,
+    _noop(
+        "--async-write/--no-async-write",
+        text="No effect: shards are always written by a thread beside the merge.",
+    ),
+]
 WriteThreadsOpt = Annotated[Optional[int], _noop("--write-threads", text="No effect (see --async-write).")]
 MultiGpuOpt = Annotated[bool, _noop("--multi-gpu/--no-multi-gpu", text="No effect: one device merges.")]
-CloneOpt = Annotated[bool, _noop("--clone-tensors/--no-clone-tensors",
-                                 text="No effect: every output tensor is written on its own.")]
-SafeOpt = Annotated[bool, _noop("--safe-serialization/--no-safe-serialization",
-                                text="No effect: the output is always safetensors.")]
-RemoteCodeOpt = Annotated[bool, _noop("--trust-remote-code/--no-trust-remote-code",
-                                      text="No effect: ri-merge runs no code from model repositories.")]
-CacheOpt = Annotated[Optional[str], _noop(
-    "--transformers-cache", text="No effect: downloads go to the Hugging Face cache (HF_HOME).")]
+CloneOpt = Annotated[
+    bool,
+    _noop("--clone-tensors/--no-clone-tensors", text="No effect: every output tensor is written on its own."),
+]
+SafeOpt = Annotated[
+    bool,
+    _noop(
+        "--safe-serialization/--no-safe-serialization", text="No effect: the output is always safetensors."
+    ),
+]
+RemoteCodeOpt = Annotated[
+    bool,
+    _noop(
+        "--trust-remote-code/--no-trust-remote-code",
+        text="No effect: ri-merge runs no code from model repositories.",
+    ),
+]
+CacheOpt = Annotated[
+    Optional[str],
+    _noop("--transformers-cache", text="No effect: downloads go to the Hugging Face cache (HF_HOME)."),
+]
 NO_LORA = "No effect: LoRA inputs are not supported."
 LoraCacheOpt = Annotated[Optional[str], _noop("--lora-merge-cache", text=NO_LORA)]
 LoraDtypeOpt = Annotated[Optional[str], _noop("--lora-merge-dtype", text=NO_LORA)]
@@ -389,8 +536,10 @@ def _output_folder(positional: Path | None, option: Path | None, dry_run: bool) 
 def _merge_device(device: str | None, cuda: bool, truncate: bool) -> str | None:
     """--device, else mergekit's --cuda/--gpu-rich; refuses flags that would change the model."""
     if truncate:
-        raise UserError("--unsafe-truncate-embeddings is not supported: ri-merge never resizes "
-                        "embeddings; merge models that share a vocabulary")
+        raise UserError(
+            "--unsafe-truncate-embeddings is not supported: ri-merge never resizes "
+            "embeddings; merge models that share a vocabulary"
+        )
     return device if device is not None else ("cuda" if cuda else None)
 
 
@@ -432,15 +581,25 @@ def merge(  # noqa: PLR0913 -- one parameter per flag: mergekit-yaml's command l
     """Merge the models of RECIPE into OUT_PATH: `ri-merge RECIPE OUT_PATH` as with mergekit-yaml,
     or `ri-merge RECIPE -o OUT_PATH`. mergekit-yaml's flags are taken too; those whose help says
     "No effect" have nothing to do in a streaming merge."""
+
     def body() -> None:
         from .api import MergeOptions
 
         folder = _output_folder(out_path, output, dry_run)
-        options = MergeOptions(device=_merge_device(device, cuda or gpu_rich, unsafe_truncate_embeddings),
-                               threads=threads, prefetch=prefetch, force=force, report_layers=verbose,
-                               interference=verbose, checksums=as_json, seed=random_seed,
-                               out_shard_size=out_shard_size, copy_tokenizer=copy_tokenizer,
-                               write_model_card=write_model_card, intermediate_dir=intermediate_dir)
+        options = MergeOptions(
+            device=_merge_device(device, cuda or gpu_rich, unsafe_truncate_embeddings),
+            threads=threads,
+            prefetch=prefetch,
+            force=force,
+            report_layers=verbose,
+            interference=verbose,
+            checksums=as_json,
+            seed=random_seed,
+            out_shard_size=out_shard_size,
+            copy_tokenizer=copy_tokenizer,
+            write_model_card=write_model_card,
+            intermediate_dir=intermediate_dir,
+        )
         _run_merge(recipe, folder, options, dry_run=dry_run, quiet=quiet, as_json=as_json, verbose=verbose)
 
     _guarded(body, verbose)
@@ -453,6 +612,7 @@ def validate(
     quiet: QuietOpt = False,
 ) -> None:
     """Check a recipe and every input's headers, reading no weight."""
+
     def body() -> None:
         from .api import plan as make_plan
 
@@ -460,8 +620,12 @@ def validate(
         if as_json:
             print(json.dumps({"valid": True, **plan.summary()}, indent=2))
         elif not quiet:
-            out.print(f"{recipe}: valid — {len(plan.tasks)} tensors from {len(plan.experts)} model(s), "
-                      f"method {plan.method.name}", markup=False, highlight=False)
+            out.print(
+                f"{recipe}: valid — {len(plan.tasks)} tensors from {len(plan.experts)} model(s), "
+                f"method {plan.method.name}",
+                markup=False,
+                highlight=False,
+            )
             for warning in plan.warnings:
                 out.print(f"warning: {warning}", markup=False)
 
@@ -475,11 +639,29 @@ def methods(as_json: JsonOpt = False) -> None:
 
     specs = all_methods()
     if as_json:
-        print(json.dumps({name: {
-            "summary": s.summary, "needs_base": s.needs_base, "citation": s.citation,
-            "parameters": [{"name": p.name, "default": p.default, "per_model": p.per_model, "doc": p.doc,
-                            **({"choices": list(p.choices)} if p.choices else {})} for p in s.params],
-        } for name, s in specs.items()}, indent=2))
+        print(
+            json.dumps(
+                {
+                    name: {
+                        "summary": s.summary,
+                        "needs_base": s.needs_base,
+                        "citation": s.citation,
+                        "parameters": [
+                            {
+                                "name": p.name,
+                                "default": p.default,
+                                "per_model": p.per_model,
+                                "doc": p.doc,
+                                **({"choices": list(p.choices)} if p.choices else {}),
+                            }
+                            for p in s.params
+                        ],
+                    }
+                    for name, s in specs.items()
+                },
+                indent=2,
+            )
+        )
         return
     for name, spec in specs.items():
         no_base = "" if spec.needs_base else " (no base needed)"
@@ -492,21 +674,31 @@ def methods(as_json: JsonOpt = False) -> None:
 
 @app.command("demo")
 def demo(
-    folder: Annotated[Path, typer.Option(
-        "--dir", help="Where to write the demo checkpoints and the merge.")] = Path("ri-merge-demo"),
+    folder: Annotated[
+        Path, typer.Option("--dir", help="Where to write the demo checkpoints and the merge.")
+    ] = Path("ri-merge-demo"),
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Generate a tiny Llama-style base + 2 experts and merge them with configs/demo.yaml."""
+
     def body() -> None:
         from .api import MergeOptions
 
         recipe = prepare_demo_folder(folder)
         if not quiet and not as_json:
-            out.print(f"wrote a tiny base and 2 experts under {folder}/, recipe {recipe}",
-                      markup=False, highlight=False)
-        _run_merge(recipe, folder / "merged", MergeOptions(force=True, checksums=as_json),
-                   quiet=quiet or as_json, as_json=as_json)
+            out.print(
+                f"wrote a tiny base and 2 experts under {folder}/, recipe {recipe}",
+                markup=False,
+                highlight=False,
+            )
+        _run_merge(
+            recipe,
+            folder / "merged",
+            MergeOptions(force=True, checksums=as_json),
+            quiet=quiet or as_json,
+            as_json=as_json,
+        )
         if not quiet and not as_json:
             out.print(_check_loads(folder / "merged"), markup=False, highlight=False)
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,9 +26,9 @@ from .io.manifest import FileRecord, file_manifest
 from .io.output import OutputLock, check_space, check_target, clean_stale, make_staging, output_error, publish
 from .io.sources import ST_DTYPES, ModelSource, TensorReader
 from .io.writer import ShardWriter, write_index
-from .methods import TensorContext
-from .kernels.parallel import single_threaded_ops
 from .kernels import native
+from .kernels.parallel import single_threaded_ops
+from .methods import TensorContext
 from .nonfinite import NonFiniteGuard
 from .plan import PREFETCH_DEFAULT, MergePlan
 from .reading import RowSource, WorkUnit, load_inputs, stream_inputs, work_units
@@ -73,10 +72,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def compute(plan: MergePlan, unit: WorkUnit, raws: list[torch.Tensor], device: torch.device,
-            thresholds: tuple[float, ...] | None, report: LayerReport | None = None,
-            reader: TensorReader | None = None, pool: ThreadPoolExecutor | None = None,
-            guard: NonFiniteGuard | None = None) -> torch.Tensor:
+def compute(
+    plan: MergePlan,
+    unit: WorkUnit,
+    raws: list[torch.Tensor],
+    device: torch.device,
+    thresholds: tuple[float, ...] | None,
+    report: LayerReport | None = None,
+    reader: TensorReader | None = None,
+    pool: ThreadPoolExecutor | None = None,
+    guard: NonFiniteGuard | None = None,
+) -> torch.Tensor:
     """One output tensor (or block of rows), on the CPU in its output dtype. With a `guard`, NaN
     or ±Inf in its inputs are caught: by the C kernel as it merges, else by torch as they load."""
     task = unit.task
@@ -93,8 +99,15 @@ def compute(plan: MergePlan, unit: WorkUnit, raws: list[torch.Tensor], device: t
         if torch_check is not None:
             torch_check(task, unit.rows, base, experts)
     offset = unit.rows[0] * (task.reference.numel // task.shape[0]) if unit.rows else 0
-    ctx = TensorContext(task.name, plan.recipe.seed, thresholds, offset=offset, report=report,
-                        out_dtype=ST_DTYPES[task.out_dtype], source=source)
+    ctx = TensorContext(
+        task.name,
+        plan.recipe.seed,
+        thresholds,
+        offset=offset,
+        report=report,
+        out_dtype=ST_DTYPES[task.out_dtype],
+        source=source,
+    )
     native.WATCH.start()
     merged = plan.method.fn(base, experts, task.params, ctx)
     if in_kernel:
@@ -102,8 +115,13 @@ def compute(plan: MergePlan, unit: WorkUnit, raws: list[torch.Tensor], device: t
     return merged.to(ST_DTYPES[task.out_dtype]).cpu()
 
 
-def _after_kernel(guard: NonFiniteGuard, unit: WorkUnit, base: torch.Tensor | None, experts: torch.Tensor | None,
-                  source: RowSource | None) -> None:
+def _after_kernel(
+    guard: NonFiniteGuard,
+    unit: WorkUnit,
+    base: torch.Tensor | None,
+    experts: torch.Tensor | None,
+    source: RowSource | None,
+) -> None:
     """What the C kernel saw; where it did not see every entry (a chunk it could not take went to
     torch), the inputs are checked here instead."""
     if native.WATCH.nonfinite:
@@ -128,8 +146,14 @@ def prepass_reads(plan: MergePlan) -> int:
     return prepass.reads([t.params for t in plan.tasks if t.merge]) if prepass is not None else 0
 
 
-def run_prepass(plan: MergePlan, reader: TensorReader, pool: ThreadPoolExecutor, device: torch.device,
-                prefetch: int, progress: Progress) -> tuple[float, ...] | None:
+def run_prepass(
+    plan: MergePlan,
+    reader: TensorReader,
+    pool: ThreadPoolExecutor,
+    device: torch.device,
+    prefetch: int,
+    progress: Progress,
+) -> tuple[float, ...] | None:
     """The method's pre-pass over the whole model, if it needs one (e.g. TIES `trim_scope: model`):
     the engine streams every merged tensor to it as often as it asks, a few tensors in memory."""
     if not prepass_reads(plan):
@@ -171,10 +195,19 @@ def input_paths(plan: MergePlan) -> list[Path]:
     return list(plan.protected) + source_paths(([plan.base] if plan.base else []) + plan.experts)
 
 
-def run_merge(plan: MergePlan, out: Path, *, device: str = "auto", force: bool = False,
-              prefetch: int = PREFETCH_DEFAULT, progress: Progress | None = None,
-              report: LayerReport | None = None, checksums: bool = False,
-              provenance: RIProvenance | None = None, model_card: bool = True) -> MergeResult:
+def run_merge(
+    plan: MergePlan,
+    out: Path,
+    *,
+    device: str = "auto",
+    force: bool = False,
+    prefetch: int = PREFETCH_DEFAULT,
+    progress: Progress | None = None,
+    report: LayerReport | None = None,
+    checksums: bool = False,
+    provenance: RIProvenance | None = None,
+    model_card: bool = True,
+) -> MergeResult:
     """Merge into a hidden staging folder, then rename it to `out` (under the output's lock)."""
     started = time.perf_counter()
     target = resolve_device(device if device != "auto" else plan.recipe.device)
@@ -188,8 +221,17 @@ def run_merge(plan: MergePlan, out: Path, *, device: str = "auto", force: bool =
             check_target(out, input_paths(plan), force)  # again, now that no other merge can race us
             check_space(out, plan.bytes_written)
             staging = make_staging(out)
-            files, nonfinite = _merge_into(plan, staging, target, prefetch, progress or (lambda n: None), report,
-                                           checksums, provenance, model_card)
+            files, nonfinite = _merge_into(
+                plan,
+                staging,
+                target,
+                prefetch,
+                progress or (lambda n: None),
+                report,
+                checksums,
+                provenance,
+                model_card,
+            )
             plan.warnings.extend(nonfinite)
             publish(staging, out, force)
             staging = None
@@ -198,17 +240,39 @@ def run_merge(plan: MergePlan, out: Path, *, device: str = "auto", force: bool =
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-    return MergeResult(out, plan.method.name, str(target), time.perf_counter() - started, len(plan.tasks),
-                       len(plan.shards), plan.bytes_read, plan.bytes_written, files, tuple(plan.warnings))
+    return MergeResult(
+        out,
+        plan.method.name,
+        str(target),
+        time.perf_counter() - started,
+        len(plan.tasks),
+        len(plan.shards),
+        plan.bytes_read,
+        plan.bytes_written,
+        files,
+        tuple(plan.warnings),
+    )
 
 
-def _merge_into(plan: MergePlan, staging: Path, target: torch.device, prefetch: int, advance: Progress,
-                report: LayerReport | None, checksums: bool = False, provenance: RIProvenance | None = None,
-                model_card: bool = True) -> tuple[tuple[FileRecord, ...], list[str]]:
+def _merge_into(
+    plan: MergePlan,
+    staging: Path,
+    target: torch.device,
+    prefetch: int,
+    advance: Progress,
+    report: LayerReport | None,
+    checksums: bool = False,
+    provenance: RIProvenance | None = None,
+    model_card: bool = True,
+) -> tuple[tuple[FileRecord, ...], list[str]]:
     """Every file of the merged checkpoint, written into `staging`: (file names, the warnings about
     non-finite inputs merged under `on_nonfinite: warn`)."""
-    with TensorReader() as reader, ThreadPoolExecutor(2, "ri-read") as reads, \
-            ThreadPoolExecutor(1, "ri-write") as writes, ShardWriter(staging, plan) as writer:
+    with (
+        TensorReader() as reader,
+        ThreadPoolExecutor(2, "ri-read") as reads,
+        ThreadPoolExecutor(1, "ri-write") as writes,
+        ShardWriter(staging, plan) as writer,
+    ):
         guard = NonFiniteGuard(plan, reader, plan.recipe.on_nonfinite)
         blocked = plan.method.raw_inputs and target.type == "cpu"
         with single_threaded_ops() if blocked else nullcontext():

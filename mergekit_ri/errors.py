@@ -24,7 +24,9 @@ def one_line(text: str) -> str:
     """`text` with control characters written as escapes (\\n, \\x1b, ...)."""
     if text.isprintable():
         return text
-    return "".join(ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode() for ch in text)
+    return "".join(
+        ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode() for ch in text
+    )
 
 
 def closest(word: str, choices: Iterable[str]) -> str:

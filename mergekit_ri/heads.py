@@ -15,8 +15,13 @@ from typing import Any
 
 from .errors import UserError
 
-HEAD_ARCHITECTURES = ("ForImageClassification", "ForSequenceClassification", "ForTokenClassification",
-                      "ForAudioClassification", "ForMultipleChoice")
+HEAD_ARCHITECTURES = (
+    "ForImageClassification",
+    "ForSequenceClassification",
+    "ForTokenClassification",
+    "ForAudioClassification",
+    "ForMultipleChoice",
+)
 AUTO_PREFIXES = ("classifier.", "score.")
 HEAD_INDEX = "index.json"
 
@@ -36,17 +41,27 @@ def head_selector(heads: str | None, config: dict | None, where: str = "recipe")
     architectures = (config or {}).get("architectures") or []
     if not any(a.endswith(HEAD_ARCHITECTURES) for a in architectures):
         found = ", ".join(architectures) or "no architectures (or no config.json)"
-        raise UserError(f"{where}: heads: auto needs a *ForImageClassification / *ForSequenceClassification / "
-                        f"*ForTokenClassification config, the base has {found}; give a tensor-name filter "
-                        "such as heads: 'classifier.'")
+        raise UserError(
+            f"{where}: heads: auto needs a *ForImageClassification / *ForSequenceClassification / "
+            f"*ForTokenClassification config, the base has {found}; give a tensor-name filter "
+            "such as heads: 'classifier.'"
+        )
     return looks_like_head
 
 
-def head_entry(label: str, reference: str, file: str, shapes: dict[str, list[int]], config: dict | None) -> dict[str, Any]:
+def head_entry(
+    label: str, reference: str, file: str, shapes: dict[str, list[int]], config: dict | None
+) -> dict[str, Any]:
     config = config or {}
     id2label = config.get("id2label")
     num_labels = len(id2label) if isinstance(id2label, dict) else config.get("num_labels")
-    return {"model": reference, "file": file, "tensors": shapes, "num_labels": num_labels, "id2label": id2label}
+    return {
+        "model": reference,
+        "file": file,
+        "tensors": shapes,
+        "num_labels": num_labels,
+        "id2label": id2label,
+    }
 
 
 def load_with_head(folder: str | Path, expert: str, auto_class: Any = None) -> Any:
@@ -73,7 +88,9 @@ def load_with_head(folder: str | Path, expert: str, auto_class: Any = None) -> A
     if head.get("num_labels"):
         overrides["num_labels"] = head["num_labels"]
     config = AutoConfig.from_pretrained(folder, **overrides)
-    model = auto_class.from_pretrained(folder, config=config, ignore_mismatched_sizes=True, use_safetensors=True)
+    model = auto_class.from_pretrained(
+        folder, config=config, ignore_mismatched_sizes=True, use_safetensors=True
+    )
     weights = load_file(folder / "heads" / head["file"])
     state = model.state_dict()
     missing = [name for name in weights if name not in state]

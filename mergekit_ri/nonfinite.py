@@ -55,8 +55,9 @@ class NonFiniteGuard:
         """Some input of `task` (rows `rows`) is not finite: stop naming it, or note it once."""
         message = self._locate(task, rows)
         if self.mode != "warn":
-            raise NonFiniteError(f"{message}; fix the checkpoint, or set on_nonfinite: warn in the recipe "
-                                 "to merge it anyway")
+            raise NonFiniteError(
+                f"{message}; fix the checkpoint, or set on_nonfinite: warn in the recipe to merge it anyway"
+            )
         with self._lock:
             if task.name not in self._named:
                 self._named.add(task.name)

@@ -94,8 +94,10 @@ class MergePlan:
         for model in ([self.base] if self.base else []) + self.experts:
             if choice in (model.reference, model.label):
                 return model
-        raise UserError(f"recipe: tokenizer_source '{choice}' is neither 'base' nor one of the recipe's models "
-                        f"({', '.join(m.label for m in self.experts)})")
+        raise UserError(
+            f"recipe: tokenizer_source '{choice}' is neither 'base' nor one of the recipe's models "
+            f"({', '.join(m.label for m in self.experts)})"
+        )
 
     @property
     def bytes_read(self) -> int:
@@ -121,9 +123,13 @@ class MergePlan:
             "tensors_copied": sum(not t.merge for t in self.tasks),
             "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written,
-            "shards": [{"file": s.filename, "tensors": len(s.tensors), "bytes": s.data_bytes} for s in self.shards],
+            "shards": [
+                {"file": s.filename, "tensors": len(s.tensors), "bytes": s.data_bytes} for s in self.shards
+            ],
             "peak_memory_estimate": self.peak_memory_estimate(),
-            "heads": {label: {n: list(r.shape) for n, r in refs.items()} for label, refs in self.heads.items()},
+            "heads": {
+                label: {n: list(r.shape) for n, r in refs.items()} for label, refs in self.heads.items()
+            },
             "heads_default": self.heads_default,
             "warnings": self.warnings,
         }
@@ -141,7 +147,9 @@ def _label(reference: str, index: int, taken: set[str]) -> str:
 def load_sources(recipe: Recipe, recipe_dir: Path | None) -> tuple[ModelSource | None, list[ModelSource]]:
     taken = {"base"}
     base = load_source(recipe.base_model, "base", recipe_dir) if recipe.base_model else None
-    experts = [load_source(m.model, _label(m.model, i, taken), recipe_dir) for i, m in enumerate(recipe.models)]
+    experts = [
+        load_source(m.model, _label(m.model, i, taken), recipe_dir) for i, m in enumerate(recipe.models)
+    ]
     return base, experts
 
 
@@ -157,16 +165,23 @@ def merge_inputs(recipe: Recipe, method: MethodSpec) -> tuple[Recipe, list[str]]
     if base is None or (method.base_as_model and listed):
         return recipe, []
     if method.base_as_model:
-        warning = (f"base_model {base} is merged as one more model, as mergekit does for {method.name} "
-                   "(with the top-level parameters); leave base_model out to merge only the models")
+        warning = (
+            f"base_model {base} is merged as one more model, as mergekit does for {method.name} "
+            "(with the top-level parameters); leave base_model out to merge only the models"
+        )
         return recipe.model_copy(update={"models": [*recipe.models, ModelEntry(model=base)]}), [warning]
     kept = [m for m in recipe.models if m.model != base]
     if listed and not kept:
-        raise UserError(f"recipe: models: lists only the base_model ({base}); merge_method "
-                        f"'{method.name}' needs other models to merge into it")
-    warnings = [f"models[{i}] is the base_model: merged as the base, so its parameters "
-                f"({', '.join(recipe.models[i].parameters)}) are not used, as in mergekit"
-                for i in listed if recipe.models[i].parameters]
+        raise UserError(
+            f"recipe: models: lists only the base_model ({base}); merge_method "
+            f"'{method.name}' needs other models to merge into it"
+        )
+    warnings = [
+        f"models[{i}] is the base_model: merged as the base, so its parameters "
+        f"({', '.join(recipe.models[i].parameters)}) are not used, as in mergekit"
+        for i in listed
+        if recipe.models[i].parameters
+    ]
     return (recipe.model_copy(update={"models": kept}) if listed else recipe), warnings
 
 
@@ -175,19 +190,25 @@ def unused_parameters_warning(recipe: Recipe, method: MethodSpec) -> list[str]:
     unused = method.unused_parameters(recipe)
     if not unused:
         return []
-    return [f"merge_method '{method.name}' does not use {', '.join(unused)} (mergekit parameters of other "
-            "methods): ignored"]
+    return [
+        f"merge_method '{method.name}' does not use {', '.join(unused)} (mergekit parameters of other "
+        "methods): ignored"
+    ]
 
 
 def _vocab_hint(name: str, ref: tuple[int, ...], other: tuple[int, ...]) -> str:
     looks_like_vocab = any(k in name for k in ("embed", "lm_head", "wte", "word_embeddings", "output.weight"))
     if looks_like_vocab and len(ref) == len(other) and ref[0] != other[0] and ref[1:] == other[1:]:
-        return (f"; the vocabularies differ ({other[0]} vs {ref[0]} tokens): ri-merge does not resize "
-                "embeddings, so merge models that share the base's tokenizer")
+        return (
+            f"; the vocabularies differ ({other[0]} vs {ref[0]} tokens): ri-merge does not resize "
+            "embeddings, so merge models that share the base's tokenizer"
+        )
     return ""
 
 
-def check_compatible(reference: ModelSource, others: list[ModelSource], skip: HeadSelector | None = None) -> list[str]:
+def check_compatible(
+    reference: ModelSource, others: list[ModelSource], skip: HeadSelector | None = None
+) -> list[str]:
     """Every model must have the reference's tensors with the same shapes; returns warnings."""
     warnings = []
     ref_label = "the base" if reference.label == "base" else f"model '{reference.label}'"
@@ -199,21 +220,35 @@ def check_compatible(reference: ModelSource, others: list[ModelSource], skip: He
                 continue
             mine = model.tensors.get(name)
             if mine is None:
-                raise UserError(f"model '{model.label}' ({model.reference}) lacks tensor '{name}' that {ref_label} has")
+                raise UserError(
+                    f"model '{model.label}' ({model.reference}) lacks tensor '{name}' that {ref_label} has"
+                )
             if mine.shape != ref.shape:
-                hint = "; these look like task heads: add `heads: auto` to the recipe" if looks_like_head(name) else ""
+                hint = (
+                    "; these look like task heads: add `heads: auto` to the recipe"
+                    if looks_like_head(name)
+                    else ""
+                )
                 raise UserError(
                     f"model '{model.label}': tensor '{name}' has shape {list(mine.shape)} but {ref_label} has "
                     f"{list(ref.shape)}{_vocab_hint(name, ref.shape, mine.shape)}{hint}"
                 )
             if (mine.dtype in FLOAT_CODES) != (ref.dtype in FLOAT_CODES):
-                raise UserError(f"model '{model.label}': tensor '{name}' is {mine.dtype} but {ref_label} has {ref.dtype}")
+                raise UserError(
+                    f"model '{model.label}': tensor '{name}' is {mine.dtype} but {ref_label} has {ref.dtype}"
+                )
         extra = sorted(n for n in set(model.tensors) - set(reference.tensors) if skip is None or not skip(n))
         if extra:
-            warnings.append(f"model '{model.label}' has {len(extra)} tensor(s) the base lacks, ignored (e.g. '{extra[0]}')")
-        mixed = sorted({m.dtype for m in model.tensors.values()} - {r.dtype for r in reference.tensors.values()})
+            warnings.append(
+                f"model '{model.label}' has {len(extra)} tensor(s) the base lacks, ignored (e.g. '{extra[0]}')"
+            )
+        mixed = sorted(
+            {m.dtype for m in model.tensors.values()} - {r.dtype for r in reference.tensors.values()}
+        )
         if mixed:
-            warnings.append(f"model '{model.label}' stores {', '.join(mixed)} tensors where the base differs; all maths is fp32")
+            warnings.append(
+                f"model '{model.label}' stores {', '.join(mixed)} tensors where the base differs; all maths is fp32"
+            )
     return warnings
 
 
@@ -225,6 +260,7 @@ def resolve_params(recipe: Recipe, method: MethodSpec, name: str, t: float) -> T
     per_model: dict[str, list[float]] = {}
     globals_: dict[str, Any] = {}
     for param in method.params:
+
         def value(model_params: dict, own: str) -> Any:
             for where, source in ((own, model_params), (f"parameters.{param.name}", recipe.parameters)):
                 if param.name in source:
@@ -234,8 +270,10 @@ def resolve_params(recipe: Recipe, method: MethodSpec, name: str, t: float) -> T
             return param.default
 
         if param.per_model:
-            per_model[param.name] = [float(value(m.parameters, f"models[{i}].parameters.{param.name}"))
-                                     for i, m in enumerate(recipe.models)]
+            per_model[param.name] = [
+                float(value(m.parameters, f"models[{i}].parameters.{param.name}"))
+                for i, m in enumerate(recipe.models)
+            ]
         else:
             globals_[param.name] = value({}, "")
     return TensorParams(per_model, globals_)
@@ -263,14 +301,17 @@ def assign_shards(tasks: list[TensorTask], shard_size: int) -> tuple[list[Tensor
     return placed, shards
 
 
-def find_heads(experts: list[ModelSource], is_head: HeadSelector, default: str | None,
-               source: str = "recipe") -> tuple[dict[str, dict[str, TensorRef]], str]:
+def find_heads(
+    experts: list[ModelSource], is_head: HeadSelector, default: str | None, source: str = "recipe"
+) -> tuple[dict[str, dict[str, TensorRef]], str]:
     """Each expert's head tensors, and which expert's head goes into the merged checkpoint."""
     heads = {}
     for model in experts:
         refs = {name: ref for name, ref in model.tensors.items() if is_head(name)}
         if not refs:
-            raise UserError(f"model '{model.label}' ({model.reference}) has no tensor matching the recipe's heads filter")
+            raise UserError(
+                f"model '{model.label}' ({model.reference}) has no tensor matching the recipe's heads filter"
+            )
         heads[model.label] = refs
     labels = {m.label: m.label for m in experts} | {m.reference: m.label for m in experts}
     if default is None:
@@ -303,16 +344,18 @@ def build_plan(recipe: Recipe, recipe_dir: Path | None = None) -> MergePlan:
     tasks = []
     for name, ref in ordered:
         merge = ref.dtype in FLOAT_CODES
-        tasks.append(TensorTask(
-            name=name,
-            shape=ref.shape,
-            out_dtype=(out_code or ref.dtype) if merge else ref.dtype,
-            reference=ref,
-            base=base.tensors[name] if base else None,
-            experts=tuple(m.tensors[name] for m in experts),
-            merge=merge,
-            params=resolve_params(recipe, method, name, depths[name]) if merge else None,
-        ))
+        tasks.append(
+            TensorTask(
+                name=name,
+                shape=ref.shape,
+                out_dtype=(out_code or ref.dtype) if merge else ref.dtype,
+                reference=ref,
+                base=base.tensors[name] if base else None,
+                experts=tuple(m.tensors[name] for m in experts),
+                merge=merge,
+                params=resolve_params(recipe, method, name, depths[name]) if merge else None,
+            )
+        )
     if heads_default is not None:  # the default expert's head rides along, copied as it is
         for name, ref in heads[heads_default].items():
             tasks.append(TensorTask(name, ref.shape, ref.dtype, ref, None, (), False, None))

@@ -54,19 +54,33 @@ class WorkUnit:
         return nbytes if self.rows is None else nbytes // self.task.shape[0] * (self.rows[1] - self.rows[0])
 
 
-def work_units(plan: MergePlan, tasks: list[TensorTask] | None = None, chunk: int | None = None,
-               device: torch.device | None = None, rows_for_all: bool = False) -> list[WorkUnit]:
+def work_units(
+    plan: MergePlan,
+    tasks: list[TensorTask] | None = None,
+    chunk: int | None = None,
+    device: torch.device | None = None,
+    rows_for_all: bool = False,
+) -> list[WorkUnit]:
     """Split big tensors of elementwise methods into row blocks so memory stays bounded (bigger
     blocks on a GPU, where each one costs a few kernel launches and a synchronisation)."""
-    chunk = chunk or (CHUNK_ELEMENTS * GPU_CHUNK_FACTOR if device is not None and device.type == "cuda" else CHUNK_ELEMENTS)
+    chunk = chunk or (
+        CHUNK_ELEMENTS * GPU_CHUNK_FACTOR if device is not None and device.type == "cuda" else CHUNK_ELEMENTS
+    )
     units = []
     for task in plan.tasks if tasks is None else tasks:
         numel = task.reference.numel
         if task.merge and (plan.method.elementwise or rows_for_all) and task.shape and numel > chunk:
             step = max(1, chunk // max(1, numel // task.shape[0]))
-            units += [WorkUnit(task, (r, min(r + step, task.shape[0]))) for r in range(0, task.shape[0], step)]
-        elif task.merge and plan.method.streams and task.base is not None and task.shape and \
-                (numel > chunk or task.in_nbytes > STREAM_BYTES):
+            units += [
+                WorkUnit(task, (r, min(r + step, task.shape[0]))) for r in range(0, task.shape[0], step)
+            ]
+        elif (
+            task.merge
+            and plan.method.streams
+            and task.base is not None
+            and task.shape
+            and (numel > chunk or task.in_nbytes > STREAM_BYTES)
+        ):
             units.append(WorkUnit(task, streamed=True))
         else:
             units.append(WorkUnit(task))
@@ -98,8 +112,9 @@ def read_unit(reader: TensorReader, unit: WorkUnit, pin: bool) -> list[torch.Ten
     return raws
 
 
-def load_inputs(raws: list[torch.Tensor], has_base: bool, device: torch.device,
-                fp32: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+def load_inputs(
+    raws: list[torch.Tensor], has_base: bool, device: torch.device, fp32: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Base and stacked experts [N, ...] on the device, in fp32 or (for raw-input kernels) as read."""
     non_blocking = device.type == "cuda"
     experts = raws.pop().to(device, non_blocking=non_blocking)
@@ -116,8 +131,14 @@ class RowSource(Source):
 
     SEGMENTS = 64  # the sample is read as this many evenly spaced runs of rows
 
-    def __init__(self, reader: TensorReader, task: TensorTask, device: torch.device,
-                 pool: ThreadPoolExecutor, check: RowCheck | None = None) -> None:
+    def __init__(
+        self,
+        reader: TensorReader,
+        task: TensorTask,
+        device: torch.device,
+        pool: ThreadPoolExecutor,
+        check: RowCheck | None = None,
+    ) -> None:
         self.reader, self.task, self.device, self.pool = reader, task, device, pool
         self.check = check  # sees every chunk read, e.g. for NaN/Inf where no kernel looks
         self.shape = tuple(task.shape)
@@ -137,7 +158,7 @@ class RowSource(Source):
         step = max(1, CHUNK_ELEMENTS // self.row_numel)
         spans = [(r, min(r + step, self.rows)) for r in range(0, self.rows, step)]
         future = self.pool.submit(self._read, *spans[0])  # the engine's reader threads: no new
-        for i, (first, _) in enumerate(spans):               # threads (and malloc arenas) per tensor
+        for i, (first, _) in enumerate(spans):  # threads (and malloc arenas) per tensor
             base, experts = future.result()
             if i + 1 < len(spans):
                 future = self.pool.submit(self._read, *spans[i + 1])
@@ -145,7 +166,9 @@ class RowSource(Source):
 
     def sample(self, target: int) -> tuple[torch.Tensor, torch.Tensor]:
         run = max(1, -(-target // (self.SEGMENTS * self.row_numel)))
-        starts = sorted({int(i * (self.rows - run) / max(self.SEGMENTS - 1, 1)) for i in range(self.SEGMENTS)})
+        starts = sorted(
+            {int(i * (self.rows - run) / max(self.SEGMENTS - 1, 1)) for i in range(self.SEGMENTS)}
+        )
         parts = [self._read(r, min(r + run, self.rows)) for r in starts]
         return torch.cat([b for b, _ in parts]), torch.cat([e for _, e in parts], dim=1)
 
@@ -183,16 +206,36 @@ def peak_memory_estimate(plan: MergePlan, prefetch: int) -> int:
     ahead = max(min(PREFETCH_BYTES, prefetch * held), held)
     results = 3 * max((u.out_nbytes for u in units), default=0)
     inputs = len(plan.experts) + (plan.base is not None)
-    streamed = max((2 * CHUNK_ELEMENTS * u.task.in_nbytes // max(u.task.reference.numel, 1) + u.task.out_nbytes
-                    for u in units if u.streamed), default=0)
-    copies = 0 if plan.method.raw_inputs else max(
-        (u.task.reference.numel * 4 * (inputs + len(plan.experts) + 2) for u in units if u.task.merge), default=0)
-    workspace = max((plan.method.workspace(t.shape, len(plan.experts)) for t in plan.tasks if t.merge), default=0)
+    streamed = max(
+        (
+            2 * CHUNK_ELEMENTS * u.task.in_nbytes // max(u.task.reference.numel, 1) + u.task.out_nbytes
+            for u in units
+            if u.streamed
+        ),
+        default=0,
+    )
+    copies = (
+        0
+        if plan.method.raw_inputs
+        else max(
+            (u.task.reference.numel * 4 * (inputs + len(plan.experts) + 2) for u in units if u.task.merge),
+            default=0,
+        )
+    )
+    workspace = max(
+        (plan.method.workspace(t.shape, len(plan.experts)) for t in plan.tasks if t.merge), default=0
+    )
     return RUNTIME_BYTES + ahead + held + results + streamed + copies + workspace
 
 
-def stream_inputs(plan: MergePlan, reader: TensorReader, pool: ThreadPoolExecutor, prefetch: int,
-                  units: list[WorkUnit], pin: bool = False) -> Iterator[tuple[WorkUnit, list[torch.Tensor]]]:
+def stream_inputs(
+    plan: MergePlan,
+    reader: TensorReader,
+    pool: ThreadPoolExecutor,
+    prefetch: int,
+    units: list[WorkUnit],
+    pin: bool = False,
+) -> Iterator[tuple[WorkUnit, list[torch.Tensor]]]:
     """Yields each work unit with its raw input tensors, reading ahead up to `prefetch` units and
     PREFETCH_BYTES bytes (always at least the next unit), so huge tensors do not pile up."""
     pending: deque[tuple[WorkUnit, Future]] = deque()
@@ -203,7 +246,11 @@ def stream_inputs(plan: MergePlan, reader: TensorReader, pool: ThreadPoolExecuto
 
     def fill() -> None:
         in_flight = sum(u.held_nbytes for u, _ in pending)
-        while todo and len(pending) < max(prefetch, 1) and (not pending or in_flight + todo[0].held_nbytes <= PREFETCH_BYTES):
+        while (
+            todo
+            and len(pending) < max(prefetch, 1)
+            and (not pending or in_flight + todo[0].held_nbytes <= PREFETCH_BYTES)
+        ):
             unit = todo.popleft()
             in_flight += unit.held_nbytes
             pending.append((unit, pool.submit(read, unit)))

@@ -22,8 +22,15 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from yaml.nodes import MappingNode, Node, SequenceNode
 
 from .errors import UserError, closest
@@ -87,9 +94,14 @@ class SliceEntry(BaseModel):
 
 
 DTYPES = {
-    "float32": "F32", "fp32": "F32", "float": "F32",
-    "float16": "F16", "fp16": "F16", "half": "F16",
-    "bfloat16": "BF16", "bf16": "BF16",
+    "float32": "F32",
+    "fp32": "F32",
+    "float": "F32",
+    "float16": "F16",
+    "fp16": "F16",
+    "half": "F16",
+    "bfloat16": "BF16",
+    "bf16": "BF16",
 }
 
 
@@ -100,7 +112,9 @@ class ResolveInterference(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    auxiliary_data: str  # a .safetensors file (key "inputs"), a folder of images, a .txt/.jsonl file, or "gaussian"
+    auxiliary_data: (
+        str  # a .safetensors file (key "inputs"), a folder of images, a .txt/.jsonl file, or "gaussian"
+    )
     steps: int = Field(2500, ge=0, lt=INT64)
     batch_size: int = Field(128, ge=1, lt=INT64)
     lr: float = Field(1.0e-6, ge=0, le=1.0)  # AdamW: a step of ~lr per weight; above 1 only diverges
@@ -109,7 +123,9 @@ class ResolveInterference(BaseModel):
     heads: str | None = None  # default: the recipe's heads, else auto
     max_length: int = Field(128, ge=1, lt=INT64)  # text auxiliary data: tokens per example
     cache_dir: str | None = None  # default: $RI_MERGE_CACHE or ~/.cache/ri-merge
-    devices: list[str] | None = None  # adapt experts in parallel, one worker process per entry (default: every GPU)
+    devices: list[str] | None = (
+        None  # adapt experts in parallel, one worker process per entry (default: every GPU)
+    )
 
     @field_validator("devices")
     @classmethod
@@ -155,8 +171,9 @@ class Recipe(BaseModel):
     @classmethod
     def _known_dtype(cls, value: str | None) -> str | None:
         if value is not None and value not in DTYPES:
-            raise ValueError(f"unknown dtype '{shown(value)}'{hint(value, DTYPES)}; "
-                             "use one of float32, float16, bfloat16")
+            raise ValueError(
+                f"unknown dtype '{shown(value)}'{hint(value, DTYPES)}; use one of float32, float16, bfloat16"
+            )
         return value
 
     @field_validator("tokenizer_source")
@@ -165,8 +182,10 @@ class Recipe(BaseModel):
         """mergekit's `union` builds a merged vocabulary and resizes the embeddings to it: refused
         when the recipe is read, not after the merge (which names are models is checked with the plan)."""
         if value == "union":
-            raise ValueError("'union' (mergekit's merged vocabulary) is not supported: ri-merge does not "
-                             "resize embeddings; use base or one of the models")
+            raise ValueError(
+                "'union' (mergekit's merged vocabulary) is not supported: ri-merge does not "
+                "resize embeddings; use base or one of the models"
+            )
         return value
 
     @model_validator(mode="after")
@@ -205,8 +224,20 @@ class Recipe(BaseModel):
 
 # mergekit's parse_kmb: a number of bytes, or one letter k, m or b (either case) for 10^3, 10^6
 # and 10^9 ('5B' and '5b' are five billion bytes, never five); byte units (KB, MiB, ...) are ours
-_SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9,
-               "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_SIZE_UNITS = {
+    "": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "b": 10**9,
+    "g": 10**9,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+}
 
 
 def parse_size(value: int | str) -> int:
@@ -217,8 +248,9 @@ def parse_size(value: int | str) -> int:
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+|[0-9]+\.)\s*([a-zA-Z]*)\s*", str(value))
         unit = match.group(2).lower() if match else "?"
         if not match or unit not in _SIZE_UNITS or not math.isfinite(float(match.group(1))):
-            raise ValueError(f"cannot read size '{shown(value)}'; write e.g. 5B (mergekit's 5·10^9), "
-                             "500M, 2GB or 1GiB")
+            raise ValueError(
+                f"cannot read size '{shown(value)}'; write e.g. 5B (mergekit's 5·10^9), 500M, 2GB or 1GiB"
+            )
         size = int(float(match.group(1)) * _SIZE_UNITS[unit])
     if size <= 0:
         raise ValueError("out_shard_size must be positive")
@@ -287,13 +319,16 @@ class _RecipeLoader(yaml.SafeLoader):
                 except TypeError:  # an unhashable key: construct_mapping says so
                     break
                 if first is not key_node.start_mark:
-                    raise _Refused(f"duplicate key '{shown(key)}'{_line(key_node.start_mark)} "
-                                   f"(first given at line {first.line + 1})")
+                    raise _Refused(
+                        f"duplicate key '{shown(key)}'{_line(key_node.start_mark)} "
+                        f"(first given at line {first.line + 1})"
+                    )
         super().flatten_mapping(node)
 
 
-def _expanded_size(node: Node, depth: int, sizes: dict[int, tuple[int, int]],
-                   active: set[int]) -> tuple[int, int]:
+def _expanded_size(
+    node: Node, depth: int, sizes: dict[int, tuple[int, int]], active: set[int]
+) -> tuple[int, int]:
     """(values, height) of `node` with every alias expanded, memoised on shared nodes; refuses
     cycles, nesting past MAX_DEPTH and more than MAX_NODES values."""
     key = id(node)
@@ -323,8 +358,11 @@ def _expanded_size(node: Node, depth: int, sizes: dict[int, tuple[int, int]],
 
 def _check_bounds(size: int, depth: int, node: Node) -> None:
     if size > MAX_NODES:
-        raise _Refused(f"expands to more than {MAX_NODES} values (YAML aliases included); "
-                       "refusing what looks like an alias bomb", node.start_mark)
+        raise _Refused(
+            f"expands to more than {MAX_NODES} values (YAML aliases included); "
+            "refusing what looks like an alias bomb",
+            node.start_mark,
+        )
     if depth > MAX_DEPTH:
         raise _Refused(f"nested more than {MAX_DEPTH} levels deep (YAML aliases included)", node.start_mark)
 
@@ -361,8 +399,9 @@ def _read_text(path: Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise UserError(f"{path}: not UTF-8 text (byte {data[exc.start]:#04x} at line {line}); "
-                        "save the recipe as UTF-8") from None
+        raise UserError(
+            f"{path}: not UTF-8 text (byte {data[exc.start]:#04x} at line {line}); save the recipe as UTF-8"
+        ) from None
 
 
 def parse_recipe_text(text: str, source: str = "recipe") -> Recipe:
@@ -389,8 +428,9 @@ def _load_yaml(text: str, source: str, documents: bool = False) -> Any:
         loader = _RecipeLoader(text)  # checks every character at once
     except yaml.reader.ReaderError as exc:
         line = text.count("\n", 0, exc.position) + 1
-        raise UserError(f"{source}: character #x{exc.character:04x} at line {line} "
-                        "is not allowed in YAML") from None
+        raise UserError(
+            f"{source}: character #x{exc.character:04x} at line {line} is not allowed in YAML"
+        ) from None
     try:
         return _documents(loader) if documents else loader.get_single_data()
     except _Refused as exc:
@@ -403,8 +443,9 @@ def _load_yaml(text: str, source: str, documents: bool = False) -> Any:
     except (ValueError, OverflowError) as exc:  # a value YAML's resolver took but cannot build
         raise UserError(f"{source}: cannot read a value: {shown(str(exc), 100)}") from None
     except (IndexError, KeyError, TypeError, AttributeError):  # PyYAML's constructors on e.g. `!!float ''`
-        raise UserError(f"{source}: a tagged value (such as !!float or !!int) "
-                        "cannot be built from its text") from None
+        raise UserError(
+            f"{source}: a tagged value (such as !!float or !!int) cannot be built from its text"
+        ) from None
     except RecursionError:
         raise UserError(f"{source}: nested too deeply") from None
     finally:
@@ -504,8 +545,10 @@ def _check_tree(data: Any, source: str) -> None:
         for key, item in items:
             size += 1 + walk(item, (*where, key), active | {id(value)})
             if size > MAX_NODES:
-                raise UserError(f"{source}: recipe holds more than {MAX_NODES} values (shared ones counted "
-                                "each time); refusing what looks like an alias bomb")
+                raise UserError(
+                    f"{source}: recipe holds more than {MAX_NODES} values (shared ones counted "
+                    "each time); refusing what looks like an alias bomb"
+                )
         seen[id(value)] = size
         return size
 
@@ -518,14 +561,18 @@ def _check_parameter_values(data: dict, source: str) -> None:
     sections = [("parameters", data.get("parameters"))]
     models = data.get("models")
     if isinstance(models, list):
-        sections += [(f"models[{i}].parameters", m.get("parameters")) for i, m in enumerate(models)
-                     if isinstance(m, dict)]
+        sections += [
+            (f"models[{i}].parameters", m.get("parameters"))
+            for i, m in enumerate(models)
+            if isinstance(m, dict)
+        ]
     for where, params in sections:
         if params is None:
             continue
         if not isinstance(params, dict):
-            raise UserError(f"{source}: {where}: expected a mapping of parameter names to values, "
-                            f"got {_kind(params)}")
+            raise UserError(
+                f"{source}: {where}: expected a mapping of parameter names to values, got {_kind(params)}"
+            )
         for name, value in params.items():
             field = f"{where}.{shown(name, 40)}"
             if not isinstance(name, str):
@@ -542,11 +589,14 @@ def _check_filtered(entry: dict, field: str, source: str) -> None:
         raise UserError(f"{source}: {field}: a filtered entry needs a 'value'")
     for key in entry:
         if key not in ("filter", "value"):
-            raise UserError(f"{source}: {field}: unknown key '{shown(key)}'; "
-                            "a filtered entry takes filter and value")
+            raise UserError(
+                f"{source}: {field}: unknown key '{shown(key)}'; a filtered entry takes filter and value"
+            )
     if entry.get("filter") is not None and not isinstance(entry["filter"], str):
-        raise UserError(f"{source}: {field}.filter: expected text (a substring of tensor names), "
-                        f"got {_kind(entry['filter'])}")
+        raise UserError(
+            f"{source}: {field}.filter: expected text (a substring of tensor names), "
+            f"got {_kind(entry['filter'])}"
+        )
     _check_leaf(entry["value"], f"{field}.value", source)
 
 
@@ -558,8 +608,10 @@ def _check_leaf(value: Any, field: str, source: str) -> None:
             raise UserError(f"{source}: {field}: an empty list; give a value or a gradient of numbers")
         for i, point in enumerate(value):
             if not isinstance(point, (bool, int, float, str)):
-                raise UserError(f"{source}: {field}[{i}]: a gradient holds numbers (or true/false, names), "
-                                f"got {_kind(point)}")
+                raise UserError(
+                    f"{source}: {field}[{i}]: a gradient holds numbers (or true/false, names), "
+                    f"got {_kind(point)}"
+                )
     elif not isinstance(value, (bool, int, float, str)):
         raise UserError(f"{source}: {field}: expected a number, true/false or a name, got {_kind(value)}")
 

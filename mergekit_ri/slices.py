@@ -30,8 +30,7 @@ from typing import Any
 from .errors import UserError
 from .io.sources import FLOAT_CODES, ModelSource, TensorRef, load_source
 from .methods import MethodSpec, TensorParams, get_method
-from .plan import (MergePlan, TensorTask, _label, assign_shards, resolve_params,
-                   unused_parameters_warning)
+from .plan import MergePlan, TensorTask, _label, assign_shards, resolve_params, unused_parameters_warning
 from .recipe import FilteredValue, ModelEntry, ParamValue, Recipe, SliceEntry
 
 # the first `.<number>.` of a name is its layer: model.layers.7.mlp.up_proj.weight → layer 7
@@ -80,8 +79,9 @@ def _check_section(params: Any, where: str, source: str) -> None:
     if params is None:
         return
     if not isinstance(params, dict):
-        raise UserError(f"{source}: {where}: expected a mapping of parameter names to values, "
-                        f"got {_kind(params)}")
+        raise UserError(
+            f"{source}: {where}: expected a mapping of parameter names to values, got {_kind(params)}"
+        )
     for name, value in params.items():
         field_name = f"{where}.{shown(name, 40)}"
         if not isinstance(name, str):
@@ -118,11 +118,14 @@ def _check_ranges(entry: SliceEntry, index: int, source: str) -> None:
         if start < 0:
             raise UserError(f"{where}: [{start}, {end}] starts before layer 0")
         if end <= start:
-            raise UserError(f"{where}: [{start}, {end}] is empty or reversed; "
-                            "write [start, end) with start < end")
+            raise UserError(
+                f"{where}: [{start}, {end}] is empty or reversed; write [start, end) with start < end"
+            )
         if src.model in seen:
-            raise UserError(f"{source}: slices[{index}].sources[{j}]: model {src.model} is already "
-                            f"sources[{seen[src.model]}] of this slice; a slice merges each model once")
+            raise UserError(
+                f"{source}: slices[{index}].sources[{j}]: model {src.model} is already "
+                f"sources[{seen[src.model]}] of this slice; a slice merges each model once"
+            )
         seen[src.model] = j
     first = entry.sources[0].layer_range
     for j, src in enumerate(entry.sources[1:], 1):
@@ -130,17 +133,19 @@ def _check_ranges(entry: SliceEntry, index: int, source: str) -> None:
             raise UserError(
                 f"{source}: slices[{index}].sources: sources[0] covers {first[1] - first[0]} layers "
                 f"({list(first)}) but sources[{j}] covers {src.layer_range[1] - src.layer_range[0]} "
-                f"({list(src.layer_range)}); every source of a slice covers the same number of layers")
+                f"({list(src.layer_range)}); every source of a slice covers the same number of layers"
+            )
 
 
-def _check_base_listed(recipe: Recipe, spec: MethodSpec, entry: SliceEntry, index: int,
-                       source: str) -> None:
+def _check_base_listed(recipe: Recipe, spec: MethodSpec, entry: SliceEntry, index: int, source: str) -> None:
     """mergekit merges a slice from its sources only: a base used by the method must be one."""
     if not _uses_base(recipe, spec) or any(s.model == recipe.base_model for s in entry.sources):
         return
-    raise UserError(f"{source}: slices[{index}].sources: base_model {recipe.base_model} is not a source "
-                    f"of this slice; merge_method '{spec.name}' merges each slice into the base, "
-                    "so list it there")
+    raise UserError(
+        f"{source}: slices[{index}].sources: base_model {recipe.base_model} is not a source "
+        f"of this slice; merge_method '{spec.name}' merges each slice into the base, "
+        "so list it there"
+    )
 
 
 def _renamed(index: int, source: str, check: Callable[..., None], *args: Any) -> None:
@@ -170,10 +175,14 @@ def slice_recipe(recipe: Recipe, spec: MethodSpec, index: int) -> Recipe:
     method's checks see source > slice > top-level, as mergekit's ConfigReader does."""
     entry = (recipe.slices or [])[index]
     models = [ModelEntry(model=s.model, parameters=s.parameters) for s in entry.sources]
-    return recipe.model_copy(update={
-        "models": models, "slices": None, "parameters": layered(entry.parameters, recipe.parameters),
-        "base_model": recipe.base_model if _uses_base(recipe, spec) else None,
-    })
+    return recipe.model_copy(
+        update={
+            "models": models,
+            "slices": None,
+            "parameters": layered(entry.parameters, recipe.parameters),
+            "base_model": recipe.base_model if _uses_base(recipe, spec) else None,
+        }
+    )
 
 
 def layered(first: dict[str, ParamValue], then: dict[str, ParamValue]) -> dict[str, ParamValue]:
@@ -237,11 +246,15 @@ def layer_stack(model: ModelSource) -> Stack:
             prefix, index, suffix = match.group(1), int(match.group(2)), match.group(3)
             layers.setdefault(prefix, {}).setdefault(index, {})[suffix] = name
     if not layers:
-        raise UserError(f"model '{model.label}' ({model.reference}) has no numbered layers "
-                        "(such as model.layers.0.*): slices need a model made of layers")
+        raise UserError(
+            f"model '{model.label}' ({model.reference}) has no numbered layers "
+            "(such as model.layers.0.*): slices need a model made of layers"
+        )
     if len(layers) > 1:
-        raise UserError(f"model '{model.label}' has several stacks of layers ({', '.join(sorted(layers))}): "
-                        "slices work on models with one (as mergekit without modules:)")
+        raise UserError(
+            f"model '{model.label}' has several stacks of layers ({', '.join(sorted(layers))}): "
+            "slices work on models with one (as mergekit without modules:)"
+        )
     prefix, stack = next(iter(layers.items()))
     return Stack(prefix, stack)
 
@@ -319,8 +332,16 @@ def build_sliced_plan(recipe: Recipe, recipe_dir: Path | None = None) -> SlicedP
     base = sources[recipe.base_model] if _uses_base(recipe, method) and recipe.base_model else None
     experts = [m for m in sources.values() if m is not base]
     _check_whole_model_scope(tasks, len(experts))
-    plan = SlicedPlan(recipe, method, base, experts, tasks, shards, _warnings(recipe, method, slices),
-                      layers=[_layer_entry(layer, sources) for layer in mapping])
+    plan = SlicedPlan(
+        recipe,
+        method,
+        base,
+        experts,
+        tasks,
+        shards,
+        _warnings(recipe, method, slices),
+        layers=[_layer_entry(layer, sources) for layer in mapping],
+    )
     config = plan.config_source.config() or {}
     plan.layer_count_key = next((k for k in LAYER_COUNT_KEYS if k in config), "num_hidden_layers")
     plan.tokenizer_source  # noqa: B018 -- checked with the plan, not after the merge
@@ -348,16 +369,19 @@ def _resolve_slice(recipe: Recipe, method: MethodSpec, index: int, models: dict[
     for j, (src, stack) in enumerate(zip(entry.sources, stacks)):
         start, end = src.layer_range
         if end > stack.count:
-            raise UserError(f"slices[{index}].sources[{j}].layer_range: [{start}, {end}] is outside model "
-                            f"'{listed[j].label}', which has {stack.count} layers (0..{stack.count - 1})")
+            raise UserError(
+                f"slices[{index}].sources[{j}].layer_range: [{start}, {end}] is outside model "
+                f"'{listed[j].label}', which has {stack.count} layers (0..{stack.count - 1})"
+            )
     base = next((j for j, s in enumerate(entry.sources) if s.model == view.base_model), None)
     experts = [j for j in range(len(entry.sources)) if j != base]
     view = view.model_copy(update={"models": [view.models[j] for j in experts]})
     return _Slice(view, listed, stacks, base, experts)
 
 
-def _layer_tasks(piece: _Slice, layer: OutputLayer, method: MethodSpec,
-                 out_code: str | None) -> list[TensorTask]:
+def _layer_tasks(
+    piece: _Slice, layer: OutputLayer, method: MethodSpec, out_code: str | None
+) -> list[TensorTask]:
     """The tensors of one output layer: the first source's layer names, renumbered."""
     names = [stack.layers.get(at, {}) for stack, (_, at) in zip(piece.stacks, layer.sources)]
     if not names[0]:
@@ -368,16 +392,19 @@ def _layer_tasks(piece: _Slice, layer: OutputLayer, method: MethodSpec,
         in_names = []
         for j, found in enumerate(names):
             if suffix not in found:
-                raise UserError(f"slices[{layer.slice}]: model '{piece.models[j].label}' has no tensor "
-                                f"'{piece.stacks[j].prefix}{layer.sources[j][1]}.{suffix}' that "
-                                f"'{piece.models[0].label}' has in the same place of the slice")
+                raise UserError(
+                    f"slices[{layer.slice}]: model '{piece.models[j].label}' has no tensor "
+                    f"'{piece.stacks[j].prefix}{layer.sources[j][1]}.{suffix}' that "
+                    f"'{piece.models[0].label}' has in the same place of the slice"
+                )
             in_names.append(found[suffix])
         tasks.append(_task(piece, out_prefix + suffix, in_names, layer.t, method, out_code, layer.slice))
     return tasks
 
 
-def _outside_tasks(piece: _Slice, method: MethodSpec, out_code: str | None, pre: bool,
-                   slice_index: int) -> list[TensorTask]:
+def _outside_tasks(
+    piece: _Slice, method: MethodSpec, out_code: str | None, pre: bool, slice_index: int
+) -> list[TensorTask]:
     """Embeddings from the first slice's sources, the rest outside the layers from the last's."""
     first = piece.models[0]
     names = [n for n in first.tensors if not _LAYER_NAME.match(n) and is_pre_weight(n) == pre]
@@ -386,14 +413,23 @@ def _outside_tasks(piece: _Slice, method: MethodSpec, out_code: str | None, pre:
     for name in names:
         for model in piece.models[1:]:
             if name not in model.tensors:
-                raise UserError(f"model '{model.label}' ({model.reference}) lacks tensor '{name}' "
-                                f"that '{first.label}' has")
+                raise UserError(
+                    f"model '{model.label}' ({model.reference}) lacks tensor '{name}' "
+                    f"that '{first.label}' has"
+                )
         tasks.append(_task(piece, name, [name] * len(piece.models), 0.0, method, out_code, slice_index))
     return tasks
 
 
-def _task(piece: _Slice, out_name: str, in_names: list[str], t: float, method: MethodSpec,
-          out_code: str | None, slice_index: int) -> TensorTask:
+def _task(
+    piece: _Slice,
+    out_name: str,
+    in_names: list[str],
+    t: float,
+    method: MethodSpec,
+    out_code: str | None,
+    slice_index: int,
+) -> TensorTask:
     refs = [model.tensors[name] for model, name in zip(piece.models, in_names)]
     _check_shapes(piece, refs, in_names, slice_index)
     base = refs[piece.base] if piece.base is not None else None
@@ -401,29 +437,44 @@ def _task(piece: _Slice, out_name: str, in_names: list[str], t: float, method: M
     reference = base or experts[0]
     merge = reference.dtype in FLOAT_CODES
     params = _params(piece.view, method, out_name, [in_names[j] for j in piece.experts], t) if merge else None
-    return TensorTask(out_name, reference.shape, (out_code or reference.dtype) if merge else reference.dtype,
-                      reference, base, experts, merge, params)
+    return TensorTask(
+        out_name,
+        reference.shape,
+        (out_code or reference.dtype) if merge else reference.dtype,
+        reference,
+        base,
+        experts,
+        merge,
+        params,
+    )
 
 
 def _check_shapes(piece: _Slice, refs: list[TensorRef], names: list[str], slice_index: int) -> None:
     for j in range(1, len(refs)):
         if refs[j].shape != refs[0].shape:
-            raise UserError(f"slices[{slice_index}]: model '{piece.models[j].label}' tensor '{names[j]}' has "
-                            f"shape {list(refs[j].shape)} but '{piece.models[0].label}' has "
-                            f"{list(refs[0].shape)} for '{names[0]}'")
+            raise UserError(
+                f"slices[{slice_index}]: model '{piece.models[j].label}' tensor '{names[j]}' has "
+                f"shape {list(refs[j].shape)} but '{piece.models[0].label}' has "
+                f"{list(refs[0].shape)} for '{names[0]}'"
+            )
         if (refs[j].dtype in FLOAT_CODES) != (refs[0].dtype in FLOAT_CODES):
-            raise UserError(f"slices[{slice_index}]: model '{piece.models[j].label}' tensor '{names[j]}' is "
-                            f"{refs[j].dtype} but '{piece.models[0].label}' has {refs[0].dtype}")
+            raise UserError(
+                f"slices[{slice_index}]: model '{piece.models[j].label}' tensor '{names[j]}' is "
+                f"{refs[j].dtype} but '{piece.models[0].label}' has {refs[0].dtype}"
+            )
 
 
 def _check_whole_model_scope(tasks: list[TensorTask], count: int) -> None:
     """TIES `trim_scope: model` ranks each model's entries over the whole output: every merged
     tensor must then come from all of the recipe's models, which slices of other models break."""
     merged = [t for t in tasks if t.merge and t.params is not None]
-    if any(t.params.globals.get("trim_scope") == "model" for t in merged) and \
-            any(len(t.experts) != count for t in merged):
-        raise UserError("trim_scope: model needs every slice to merge the same models; "
-                        "use trim_scope: tensor (the default) with these slices")
+    if any(t.params.globals.get("trim_scope") == "model" for t in merged) and any(
+        len(t.experts) != count for t in merged
+    ):
+        raise UserError(
+            "trim_scope: model needs every slice to merge the same models; "
+            "use trim_scope: tensor (the default) with these slices"
+        )
 
 
 def _check_unique(tasks: list[TensorTask]) -> None:
@@ -437,25 +488,44 @@ def _check_unique(tasks: list[TensorTask]) -> None:
 
 
 def _layer_entry(layer: OutputLayer, models: dict[str, ModelSource]) -> dict[str, Any]:
-    return {"layer": layer.index, "slice": layer.slice, "t": layer.t,
-            "sources": [{"model": models[ref].label, "layer": at} for ref, at in layer.sources]}
+    return {
+        "layer": layer.index,
+        "slice": layer.slice,
+        "t": layer.t,
+        "sources": [{"model": models[ref].label, "layer": at} for ref, at in layer.sources],
+    }
 
 
 def _warnings(recipe: Recipe, method: MethodSpec, slices: list[_Slice]) -> list[str]:
     warnings = unused_parameters_warning(recipe, method)
     for i, entry in enumerate(recipe.slices or []):
-        view = recipe.model_copy(update={
-            "parameters": entry.parameters, "slices": None,
-            "models": [ModelEntry(model=s.model, parameters=s.parameters) for s in entry.sources]})
+        view = recipe.model_copy(
+            update={
+                "parameters": entry.parameters,
+                "slices": None,
+                "models": [ModelEntry(model=s.model, parameters=s.parameters) for s in entry.sources],
+            }
+        )
         for line in unused_parameters_warning(view, method):
             line = re.sub(r"\bmodels\[(\d+)\]", rf"slices[{i}].sources[\1]", line)
             warnings.append(re.sub(r"(?<![.\w])parameters\.", f"slices[{i}].parameters.", line))
     if len(slices[-1].models) != len(slices[0].models):
-        warnings.append(f"the final norm and lm_head are merged from the last slice's "
-                        f"{len(slices[-1].models)} source(s), the embeddings from the first slice's "
-                        f"{len(slices[0].models)}")
+        warnings.append(
+            f"the final norm and lm_head are merged from the last slice's "
+            f"{len(slices[-1].models)} source(s), the embeddings from the first slice's "
+            f"{len(slices[0].models)}"
+        )
     return warnings
 
 
-__all__ = ["SlicedPlan", "build_sliced_plan", "check_slice_data", "check_slices", "gradient_t", "layer_map",
-           "layer_stack", "layered", "slice_recipe"]
+__all__ = [
+    "SlicedPlan",
+    "build_sliced_plan",
+    "check_slice_data",
+    "check_slices",
+    "gradient_t",
+    "layer_map",
+    "layer_stack",
+    "layered",
+    "slice_recipe",
+]

@@ -48,14 +48,23 @@ class StagePlan:
     warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> list[dict[str, object]]:
-        return [{"name": s.name, "merge_method": s.recipe.merge_method, "needs": list(s.needs),
-                 "output": str(self.outputs[s.name])} for s in self.stages]
+        return [
+            {
+                "name": s.name,
+                "merge_method": s.recipe.merge_method,
+                "needs": list(s.needs),
+                "output": str(self.outputs[s.name]),
+            }
+            for s in self.stages
+        ]
 
 
 def _references(recipe: Recipe) -> list[str]:
     """Every model a recipe reads: `models:`, the sources of `slices:`, and `base_model`."""
     sliced = [source.model for entry in recipe.slices or [] for source in entry.sources]
-    return [m.model for m in recipe.models or []] + sliced + ([recipe.base_model] if recipe.base_model else [])
+    return (
+        [m.model for m in recipe.models or []] + sliced + ([recipe.base_model] if recipe.base_model else [])
+    )
 
 
 def order_stages(recipes: list[Recipe], source: str) -> list[Stage]:
@@ -66,10 +75,14 @@ def order_stages(recipes: list[Recipe], source: str) -> list[Stage]:
         raise UserError(f"{source}: two stages are named '{duplicate}'")
     unnamed = [i for i, r in enumerate(recipes) if r.name is None]
     if len(unnamed) > 1:
-        raise UserError(f"{source}: documents {unnamed[0] + 1} and {unnamed[1] + 1} both have no name; "
-                        "only the final stage may leave its name out")
-    stages = {r.name: Stage(r.name, r, tuple(dict.fromkeys(x for x in _references(r) if x in names)))
-              for r in recipes}
+        raise UserError(
+            f"{source}: documents {unnamed[0] + 1} and {unnamed[1] + 1} both have no name; "
+            "only the final stage may leave its name out"
+        )
+    stages = {
+        r.name: Stage(r.name, r, tuple(dict.fromkeys(x for x in _references(r) if x in names)))
+        for r in recipes
+    }
     ordered: list[Stage] = []
     state: dict[str | None, str] = {}
 
@@ -77,7 +90,7 @@ def order_stages(recipes: list[Recipe], source: str) -> list[Stage]:
         if state.get(stage.name) == "done":
             return
         if state.get(stage.name) == "active":
-            cycle = " → ".join(str(n) for n in path[path.index(stage.name):] + [stage.name])
+            cycle = " → ".join(str(n) for n in path[path.index(stage.name) :] + [stage.name])
             raise UserError(f"{source}: stages depend on each other in a cycle: {cycle}")
         state[stage.name] = "active"
         for name in stage.needs:
@@ -98,13 +111,21 @@ def _final_stage(stages: list[Stage], source: str) -> Stage:
     used = {n for s in stages for n in s.needs}
     sinks = [s for s in stages if s.name not in used]
     if len(sinks) > 1:
-        raise UserError(f"{source}: stages {', '.join(repr(s.name) for s in sinks)} are all final (no stage uses "
-                        "them); leave the name out of the one to write to the output")
+        raise UserError(
+            f"{source}: stages {', '.join(repr(s.name) for s in sinks)} are all final (no stage uses "
+            "them); leave the name out of the one to write to the output"
+        )
     return sinks[0]
 
 
-def plan_stages(recipes: list[Recipe], source: str, folder: Path | None, out: Path | None,
-                intermediate_dir: Path | None, force: bool) -> StagePlan:
+def plan_stages(
+    recipes: list[Recipe],
+    source: str,
+    folder: Path | None,
+    out: Path | None,
+    intermediate_dir: Path | None,
+    force: bool,
+) -> StagePlan:
     """Order, place and check the stages before any runs: every model that is not a stage must
     load from its headers, and the output may not touch any input (`out` None: a dry run)."""
     stages = order_stages(recipes, source)
@@ -152,6 +173,7 @@ def input_marks(recipe: Recipe, folder: Path | None, stage_names: tuple[str, ...
 
 def stage_recipe(plan: StagePlan, stage: Stage) -> Recipe:
     """The stage's recipe with earlier stages' names replaced by the folders they were written to."""
+
     def place(reference: str | None) -> str | None:
         if reference is not None and reference in plan.outputs:
             return str(plan.outputs[reference])
@@ -159,13 +181,26 @@ def stage_recipe(plan: StagePlan, stage: Stage) -> Recipe:
 
     recipe = stage.recipe
     models = [m.model_copy(update={"model": place(m.model)}) for m in recipe.models or []]
-    slices = None if recipe.slices is None else [
-        entry.model_copy(update={"sources": [s.model_copy(update={"model": place(s.model)}) for s in entry.sources]})
-        for entry in recipe.slices]
+    slices = (
+        None
+        if recipe.slices is None
+        else [
+            entry.model_copy(
+                update={"sources": [s.model_copy(update={"model": place(s.model)}) for s in entry.sources]}
+            )
+            for entry in recipe.slices
+        ]
+    )
     tokenizer = recipe.tokenizer_source
     tokenizer = place(tokenizer) if tokenizer not in (None, "base") else tokenizer
-    return recipe.model_copy(update={"models": models, "slices": slices,
-                                     "base_model": place(recipe.base_model), "tokenizer_source": tokenizer})
+    return recipe.model_copy(
+        update={
+            "models": models,
+            "slices": slices,
+            "base_model": place(recipe.base_model),
+            "tokenizer_source": tokenizer,
+        }
+    )
 
 
 def stamp(recipe: Recipe, fingerprints: list[str]) -> str:

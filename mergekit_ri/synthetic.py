@@ -30,29 +30,40 @@ class LlamaShape:
         shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab, self.hidden)}
         for i in range(self.layers):
             p = f"model.layers.{i}."
-            shapes.update({
-                p + "input_layernorm.weight": (self.hidden,),
-                p + "self_attn.q_proj.weight": (self.hidden, self.hidden),
-                p + "self_attn.k_proj.weight": (kv, self.hidden),
-                p + "self_attn.v_proj.weight": (kv, self.hidden),
-                p + "self_attn.o_proj.weight": (self.hidden, self.hidden),
-                p + "post_attention_layernorm.weight": (self.hidden,),
-                p + "mlp.gate_proj.weight": (self.intermediate, self.hidden),
-                p + "mlp.up_proj.weight": (self.intermediate, self.hidden),
-                p + "mlp.down_proj.weight": (self.hidden, self.intermediate),
-            })
+            shapes.update(
+                {
+                    p + "input_layernorm.weight": (self.hidden,),
+                    p + "self_attn.q_proj.weight": (self.hidden, self.hidden),
+                    p + "self_attn.k_proj.weight": (kv, self.hidden),
+                    p + "self_attn.v_proj.weight": (kv, self.hidden),
+                    p + "self_attn.o_proj.weight": (self.hidden, self.hidden),
+                    p + "post_attention_layernorm.weight": (self.hidden,),
+                    p + "mlp.gate_proj.weight": (self.intermediate, self.hidden),
+                    p + "mlp.up_proj.weight": (self.intermediate, self.hidden),
+                    p + "mlp.down_proj.weight": (self.hidden, self.intermediate),
+                }
+            )
         shapes["model.norm.weight"] = (self.hidden,)
         shapes["lm_head.weight"] = (self.vocab, self.hidden)
         return shapes
 
     def config(self, dtype: str) -> dict:
         return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "vocab_size": self.vocab, "hidden_size": self.hidden, "intermediate_size": self.intermediate,
-            "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
-            "num_key_value_heads": self.kv_heads, "max_position_embeddings": 256,
-            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu",
-            "torch_dtype": dtype, "bos_token_id": 1, "eos_token_id": 2,
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab,
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "max_position_embeddings": 256,
+            "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": False,
+            "hidden_act": "silu",
+            "torch_dtype": dtype,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
         }
 
 
@@ -80,8 +91,9 @@ def expert_weights(base: dict[str, torch.Tensor], seed: int, scale: float = 0.00
     return out
 
 
-def finetune_weights(base: dict[str, torch.Tensor], seed: int, rank: int = 8, update: float = 0.02,
-                     noise: float = 0.005) -> dict[str, torch.Tensor]:
+def finetune_weights(
+    base: dict[str, torch.Tensor], seed: int, rank: int = 8, update: float = 0.02, noise: float = 0.005
+) -> dict[str, torch.Tensor]:
     """Base + what a real fine-tune changes: a rank-`rank` update at `update` × each matrix's std
     plus dense noise at `noise` × std. Stored in bf16, such deltas take few distinct values, so a
     TIES threshold sits inside a block of tied magnitudes and zero sums are common — what real
@@ -100,8 +112,13 @@ def finetune_weights(base: dict[str, torch.Tensor], seed: int, rank: int = 8, up
     return out
 
 
-def save_checkpoint(folder: Path, weights: dict[str, torch.Tensor], config: dict | None,
-                    dtype: str = "bfloat16", shards: int = 1) -> Path:
+def save_checkpoint(
+    folder: Path,
+    weights: dict[str, torch.Tensor],
+    config: dict | None,
+    dtype: str = "bfloat16",
+    shards: int = 1,
+) -> Path:
     """Write `weights` as HF safetensors (sharded with an index when shards > 1)."""
     folder.mkdir(parents=True, exist_ok=True)
     cast = {k: v.to(TORCH_DTYPES[dtype]).contiguous() for k, v in weights.items()}
@@ -112,24 +129,33 @@ def save_checkpoint(folder: Path, weights: dict[str, torch.Tensor], config: dict
         per = -(-len(names) // shards)
         weight_map = {}
         for index in range(shards):
-            part = names[index * per:(index + 1) * per]
+            part = names[index * per : (index + 1) * per]
             file = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
             save_file({k: cast[k] for k in part}, folder / file, metadata={"format": "pt"})
             weight_map.update({k: file for k in part})
         total = sum(t.numel() * t.element_size() for t in cast.values())
         (folder / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
     if config is not None:
         (folder / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}, indent=2))
     return folder
 
 
-def make_family(root: Path, names: list[str], shape: LlamaShape = LlamaShape(), dtype: str = "bfloat16",
-                shards: int = 1, seed: int = 0) -> dict[str, Path]:
+def make_family(
+    root: Path,
+    names: list[str],
+    shape: LlamaShape = LlamaShape(),
+    dtype: str = "bfloat16",
+    shards: int = 1,
+    seed: int = 0,
+) -> dict[str, Path]:
     """A base and one expert per name under `root`; returns their folders (key 'base' too)."""
     base = base_weights(shape, seed)
     config = shape.config(dtype)
     folders = {"base": save_checkpoint(root / "base", base, config, dtype, shards)}
     for i, name in enumerate(names):
-        folders[name] = save_checkpoint(root / name, expert_weights(base, seed + 1 + i), config, dtype, shards)
+        folders[name] = save_checkpoint(
+            root / name, expert_weights(base, seed + 1 + i), config, dtype, shards
+        )
     return folders

@@ -41,9 +41,24 @@ from quality import merging  # noqa: E402
 from quality.data import Sizes  # noqa: E402
 from quality.merging import MergeJob, Variant  # noqa: E402
 from quality.model import Arch, Schedule  # noqa: E402
-from quality.pipeline import (Config, Paths, RISettings, build_auxiliary, build_base, build_data,  # noqa: E402
-                              build_experts, cached_result, config_dict, data_inputs, expert_inputs, log,
-                              merge_and_evaluate, pool, quiet_torch, run_all)
+from quality.pipeline import (  # noqa: E402
+    Config,
+    Paths,
+    RISettings,
+    build_auxiliary,
+    build_base,
+    build_data,
+    build_experts,
+    cached_result,
+    config_dict,
+    data_inputs,
+    expert_inputs,
+    log,
+    merge_and_evaluate,
+    pool,
+    quiet_torch,
+    run_all,
+)
 from quality.report import Row, table_lines, write_chart, write_json, write_markdown  # noqa: E402
 
 FULL = Config(
@@ -75,14 +90,28 @@ SMALL = Config(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--small", action="store_true", help="four procedural tasks, tiny model: 1–2 minutes")
-    parser.add_argument("--out", type=Path, help="cache and report folder (default bench-data/quality[-small])")
-    parser.add_argument("--tasks", help="comma-separated tasks instead of the mode's (also: rotation, glyphs)")
-    parser.add_argument("--methods", help="comma-separated ri-merge methods (default: every method that needs a base)")
-    parser.add_argument("--ri", action="store_true", help="add 'RI + method' rows (resolve_interference section)")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel jobs, 1 thread each")
-    parser.add_argument("--rebuild", action="store_true", help="rebuild data, base and experts even if cached")
+    parser.add_argument(
+        "--out", type=Path, help="cache and report folder (default bench-data/quality[-small])"
+    )
+    parser.add_argument(
+        "--tasks", help="comma-separated tasks instead of the mode's (also: rotation, glyphs)"
+    )
+    parser.add_argument(
+        "--methods", help="comma-separated ri-merge methods (default: every method that needs a base)"
+    )
+    parser.add_argument(
+        "--ri", action="store_true", help="add 'RI + method' rows (resolve_interference section)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel jobs, 1 thread each"
+    )
+    parser.add_argument(
+        "--rebuild", action="store_true", help="rebuild data, base and experts even if cached"
+    )
     parser.add_argument("--rerun-merges", action="store_true", help="merge and evaluate again even if cached")
     parser.add_argument("--chart", type=Path, help="also write the bar chart here (e.g. docs/quality.png)")
     return parser.parse_args(argv)
@@ -98,8 +127,9 @@ def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 # ---------------------------------------------------------------- merge jobs
 
 
-def plan_jobs(variants: list[Variant], grid: tuple[float, ...],
-              ri: dict[str, Any] | None) -> dict[Variant, list[MergeJob]]:
+def plan_jobs(
+    variants: list[Variant], grid: tuple[float, ...], ri: dict[str, Any] | None
+) -> dict[Variant, list[MergeJob]]:
     """Per variant: the defaults first, then each grid value (a grid value equal to the default
     is the default job itself, so it is merged once)."""
     ri_items = tuple(ri.items()) if ri else None
@@ -114,8 +144,14 @@ def plan_jobs(variants: list[Variant], grid: tuple[float, ...],
 
 def ri_section(cfg: Config, aux: Path) -> dict[str, Any]:
     settings = cfg.ri
-    return {"auxiliary_data": str(aux), "steps": settings.steps, "lr": settings.lr, "batch_size": settings.batch_size,
-            "alpha": settings.alpha, "weight_decay": settings.weight_decay}
+    return {
+        "auxiliary_data": str(aux),
+        "steps": settings.steps,
+        "lr": settings.lr,
+        "batch_size": settings.batch_size,
+        "alpha": settings.alpha,
+        "weight_decay": settings.weight_decay,
+    }
 
 
 def ri_available(paths: Paths, base: Path, experts: list[Path], section: dict[str, Any], seed: int) -> bool:
@@ -131,12 +167,17 @@ def ri_available(paths: Paths, base: Path, experts: list[Path], section: dict[st
 Request = tuple[MergeJob, tuple[str, ...]]  # a job and the splits it must be evaluated on
 
 
-def run_jobs(cfg: Config, paths: Paths, requests: list[Request], executor, rerun: bool) -> dict[MergeJob, dict[str, Any]]:
+def run_jobs(
+    cfg: Config, paths: Paths, requests: list[Request], executor, rerun: bool
+) -> dict[MergeJob, dict[str, Any]]:
     """Merge and evaluate every request whose scores are not cached (all of them with `rerun`);
     returns each job's result (scores of every split evaluated so far)."""
     base, experts = paths.base, [paths.expert(t) for t in cfg.tasks]
-    extra = {"tool": merging.tool_fingerprint(), "data": data_inputs(cfg),
-             "experts": [expert_inputs(cfg, t) for t in cfg.tasks]}
+    extra = {
+        "tool": merging.tool_fingerprint(),
+        "data": data_inputs(cfg),
+        "experts": [expert_inputs(cfg, t) for t in cfg.tasks],
+    }
     env = {"RI_MERGE_CACHE": str(paths.root / "ri-cache")}
     keys: dict[MergeJob, str] = {}
     todo: list[tuple] = []
@@ -154,21 +195,28 @@ def run_jobs(cfg: Config, paths: Paths, requests: list[Request], executor, rerun
             return
         scores = result.get("val") or result["test"]
         warning = f"  IRREPRODUCIBLE {result['irreproducible']}" if result.get("irreproducible") else ""
-        log(f"merged {result['label']:<46} val {100 * sum(scores.values()) / len(scores):5.1f}  "
-            f"({result['merge_seconds']:.1f}s merge, {result['eval_seconds']:.1f}s eval){warning}")
+        log(
+            f"merged {result['label']:<46} val {100 * sum(scores.values()) / len(scores):5.1f}  "
+            f"({result['merge_seconds']:.1f}s merge, {result['eval_seconds']:.1f}s eval){warning}"
+        )
 
     if todo:
         log(f"merging: {len(todo)} of {len(requests)} merges not cached")
     failures = {r["key"]: r for r in run_all(executor, merge_and_evaluate, todo, done) if not r["ok"]}
-    return {job: cached_result(paths, key) or failures.get(key, {"ok": False, "error": "not run"})
-            for job, key in keys.items()}
+    return {
+        job: cached_result(paths, key) or failures.get(key, {"ok": False, "error": "not run"})
+        for job, key in keys.items()
+    }
 
 
-def merge_everything(cfg: Config, paths: Paths, plan: list[tuple[Variant, list[MergeJob]]], executor,
-                     rerun: bool) -> dict[MergeJob, dict[str, Any]]:
+def merge_everything(
+    cfg: Config, paths: Paths, plan: list[tuple[Variant, list[MergeJob]]], executor, rerun: bool
+) -> dict[MergeJob, dict[str, Any]]:
     """Two rounds: the defaults on validation and test and every grid value on validation; then
     the grid value best on validation, on test (merged again: cheaper than keeping every merge)."""
-    first = [(job, ("val", "test") if job.scale_value is None else ("val",)) for _, jobs in plan for job in jobs]
+    first = [
+        (job, ("val", "test") if job.scale_value is None else ("val",)) for _, jobs in plan for job in jobs
+    ]
     results: dict[MergeJob, dict[str, Any]] = {}
     warm_up = next(((job, splits) for job, splits in first if job.ri), None)
     if warm_up:  # RI adapts the experts once, into ri-merge's cache, before two workers both would
@@ -183,7 +231,9 @@ def merge_everything(cfg: Config, paths: Paths, plan: list[tuple[Variant, list[M
     return results
 
 
-def best_job(variant: Variant, jobs: list[MergeJob], results: dict[MergeJob, dict[str, Any]]) -> MergeJob | None:
+def best_job(
+    variant: Variant, jobs: list[MergeJob], results: dict[MergeJob, dict[str, Any]]
+) -> MergeJob | None:
     """The job whose scale is best on validation (the smallest of equals); None without a grid."""
     ok = [j for j in jobs if results[j].get("ok") and "val" in results[j]]
     if not variant.scale or len(ok) < 2:
@@ -208,7 +258,9 @@ def val_average(result: dict[str, Any]) -> float:
     return sum(result["val"].values()) / len(result["val"])
 
 
-def merge_rows(plan: dict[Variant, list[MergeJob]], results: dict[MergeJob, dict[str, Any]], ri: bool) -> list[Row]:
+def merge_rows(
+    plan: dict[Variant, list[MergeJob]], results: dict[MergeJob, dict[str, Any]], ri: bool
+) -> list[Row]:
     """Per variant: the default row, and the row with the grid value best on validation. A
     variant whose default merge failed gets no row (and says why)."""
     rows: list[Row] = []
@@ -222,42 +274,79 @@ def merge_rows(plan: dict[Variant, list[MergeJob]], results: dict[MergeJob, dict
         best = best_job(variant, jobs, results)
         if best is not None and "test" in results[best]:
             value = scale_of(best)
-            rows.append(make_row(best, results[best], f"{best.label} ({variant.scale}={value:g} on val)",
-                                 prefix + "tuned", value))
+            rows.append(
+                make_row(
+                    best,
+                    results[best],
+                    f"{best.label} ({variant.scale}={value:g} on val)",
+                    prefix + "tuned",
+                    value,
+                )
+            )
     return rows
 
 
-def make_row(job: MergeJob, result: dict[str, Any], name: str, kind: str, scale_value: float | None = None) -> Row:
+def make_row(
+    job: MergeJob, result: dict[str, Any], name: str, kind: str, scale_value: float | None = None
+) -> Row:
     params = dict(job.variant.fixed)
     if scale_value is not None and job.variant.scale:
         params[job.variant.scale] = scale_value
-    return Row(name, kind, result["test"], result.get("val", {}), job.variant.method, params, job.variant.scale,
-               scale_value, result.get("heads_untouched"), result.get("merge_seconds"), group=job.label)
+    return Row(
+        name,
+        kind,
+        result["test"],
+        result.get("val", {}),
+        job.variant.method,
+        params,
+        job.variant.scale,
+        scale_value,
+        result.get("heads_untouched"),
+        result.get("merge_seconds"),
+        group=job.label,
+    )
 
 
 def reference_rows(metrics: dict[str, dict[str, Any]]) -> list[Row]:
-    pretrained = Row("pretrained (probe heads)", "pretrained", {t: m["probe"]["test"] for t, m in metrics.items()},
-                     {t: m["probe"]["val"] for t, m in metrics.items()})
-    experts = Row("individual experts", "experts", {t: m["expert"]["test"] for t, m in metrics.items()},
-                  {t: m["expert"]["val"] for t, m in metrics.items()})
+    pretrained = Row(
+        "pretrained (probe heads)",
+        "pretrained",
+        {t: m["probe"]["test"] for t, m in metrics.items()},
+        {t: m["probe"]["val"] for t, m in metrics.items()},
+    )
+    experts = Row(
+        "individual experts",
+        "experts",
+        {t: m["expert"]["test"] for t, m in metrics.items()},
+        {t: m["expert"]["val"] for t, m in metrics.items()},
+    )
     return [pretrained, experts]
 
 
 # ---------------------------------------------------------------- main
 
 
-def report(cfg: Config, paths: Paths, rows: list[Row], timings: dict[str, float], chart: Path | None, small: bool) -> None:
+def report(
+    cfg: Config, paths: Paths, rows: list[Row], timings: dict[str, float], chart: Path | None, small: bool
+) -> None:
     tasks = list(cfg.tasks)
     experts = rows[1].test
     print()
     for line in table_lines(rows, tasks, experts, markdown=False):
         print(line)
-    notes = [f"Accuracy (%) on each task's test split; avg = mean over tasks; norm = mean of merged / expert. "
-             f"λ (or α) 'on val' is the best of {list(cfg.grid)} on the validation split.",
-             f"Timings (s): {json.dumps(timings)}"]
+    notes = [
+        f"Accuracy (%) on each task's test split; avg = mean over tasks; norm = mean of merged / expert. "
+        f"λ (or α) 'on val' is the best of {list(cfg.grid)} on the validation split.",
+        f"Timings (s): {json.dumps(timings)}",
+    ]
     write_markdown(paths.root / "quality.md", rows, tasks, experts, notes)
-    write_json(paths.root / "quality.json", rows, tasks, experts,
-               {"config": config_dict(cfg), "timings": timings, "tool": merging.tool_fingerprint()})
+    write_json(
+        paths.root / "quality.json",
+        rows,
+        tasks,
+        experts,
+        {"config": config_dict(cfg), "timings": timings, "tool": merging.tool_fingerprint()},
+    )
     title = f"ri-merge merge quality: {len(tasks)} tasks, tiny ViT{' (--small)' if small else ''}"
     if write_chart(paths.root / "quality.png", rows, experts, title):
         if chart:
@@ -295,9 +384,12 @@ def main(argv: list[str] | None = None) -> int:
             if ri_available(paths, paths.base, [paths.expert(t) for t in cfg.tasks], section, cfg.seed):
                 ri_plan = plan_jobs(variants, cfg.grid, section)
         with timed(timings, "merges"):
-            results = merge_everything(cfg, paths, [*plan.items(), *ri_plan.items()], executor,
-                                       args.rerun_merges)
-    rows = reference_rows(metrics) + merge_rows(plan, results, ri=False) + merge_rows(ri_plan, results, ri=True)
+            results = merge_everything(
+                cfg, paths, [*plan.items(), *ri_plan.items()], executor, args.rerun_merges
+            )
+    rows = (
+        reference_rows(metrics) + merge_rows(plan, results, ri=False) + merge_rows(ri_plan, results, ri=True)
+    )
     timings["total"] = round(time.perf_counter() - start, 1)
     report(cfg, paths, rows, timings, args.chart, args.small)
     return 0

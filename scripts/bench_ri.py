@@ -42,8 +42,17 @@ from mergekit_ri.ri.data import AuxiliaryData  # noqa: E402
 
 # the merge-quality benchmark's model and RI settings (scripts/quality/model.py Arch, pipeline.py RISettings);
 # head sizes are approximate (a head is one small Linear: the cost is in the backbone)
-QUALITY = dict(image=28, channels=1, patch=7, hidden=128, layers=4, heads=4, intermediate=256,
-               labels=[10, 10, 10, 10, 10, 12, 8, 5], steps=300)
+QUALITY = dict(
+    image=28,
+    channels=1,
+    patch=7,
+    hidden=128,
+    layers=4,
+    heads=4,
+    intermediate=256,
+    labels=[10, 10, 10, 10, 10, 12, 8, 5],
+    steps=300,
+)
 
 
 @dataclass
@@ -65,20 +74,40 @@ class Row:
         return self.step_s * self.steps
 
 
-def vit(image: int, channels: int, patch: int, hidden: int, layers: int, heads: int, intermediate: int,
-        labels: int, seed: int, device: torch.device):
+def vit(
+    image: int,
+    channels: int,
+    patch: int,
+    hidden: int,
+    layers: int,
+    heads: int,
+    intermediate: int,
+    labels: int,
+    seed: int,
+    device: torch.device,
+):
     from transformers import ViTConfig, ViTForImageClassification
 
-    config = ViTConfig(image_size=image, patch_size=patch, num_channels=channels, hidden_size=hidden,
-                       num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=intermediate,
-                       num_labels=labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = ViTConfig(
+        image_size=image,
+        patch_size=patch,
+        num_channels=channels,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
+        num_labels=labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     torch.manual_seed(seed)
     with device:  # initialise where it will run: fast on a GPU
         return ViTForImageClassification(config).eval()
 
 
-def time_expert(name: str, spec: dict, batch: int, steps: int, warmup: int, configured: int,
-                device: torch.device) -> Row:
+def time_expert(
+    name: str, spec: dict, batch: int, steps: int, warmup: int, configured: int, device: torch.device
+) -> Row:
     labels = spec["labels"]
     arch = {k: spec[k] for k in ("image", "channels", "patch", "hidden", "layers", "heads", "intermediate")}
     expert = vit(**arch, labels=labels[0], seed=1, device=device)
@@ -102,19 +131,43 @@ def time_expert(name: str, spec: dict, batch: int, steps: int, warmup: int, conf
         torch.cuda.reset_peak_memory_stats(device)
     settings = RISettings(steps=warmup + steps, lr=1e-6, weight_decay=1e-4, alpha=1.0, batch_size=batch)
     stamps.append(time.perf_counter())
-    adapt_expert(expert, base, others, "classifier", aux.batches(batch, warmup + steps, seed=1), settings, device, report)
+    adapt_expert(
+        expert,
+        base,
+        others,
+        "classifier",
+        aux.batches(batch, warmup + steps, seed=1),
+        settings,
+        device,
+        report,
+    )
     durations = [b - a for a, b in zip(stamps, stamps[1:])][warmup:]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     params = sum(p.numel() for p in expert.parameters())
     del expert, base, others
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return Row(name, params, "×".join(map(str, shape)), batch, len(labels) - 1, str(device),
-               statistics.median(durations), min(durations), data_s, configured, peak)
+    return Row(
+        name,
+        params,
+        "×".join(map(str, shape)),
+        batch,
+        len(labels) - 1,
+        str(device),
+        statistics.median(durations),
+        min(durations),
+        data_s,
+        configured,
+        peak,
+    )
 
 
 def table(rows: list[Row], args: argparse.Namespace) -> str:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device == "cuda" else platform.processor() or "CPU"
+    gpu = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available() and args.device == "cuda"
+        else platform.processor() or "CPU"
+    )
     import transformers
 
     lines = [
@@ -130,27 +183,40 @@ def table(rows: list[Row], args: argparse.Namespace) -> str:
     ]
     for r in rows:
         peak = f"{r.peak_gib:.2f}" if r.peak_gib is not None else "—"
-        lines.append(f"| {r.model} | {r.params / 1e6:.1f}M | {r.shape} | {r.batch} | {r.others} | {r.device} | "
-                     f"{r.step_s:.4f} | {r.step_min_s:.4f} | {r.data_s:.4f} | {r.steps} | {r.expert_s:.1f} | "
-                     f"{r.expert_s / 60:.2f} | {peak} |")
-    lines += ["", "The N experts of a merge cost N× this one after another, or about 1× with one GPU each "
-              "(`resolve_interference.devices`). Host data is the share of a step spent drawing `gaussian` "
-              "batches on the CPU (included in s/step)."]
+        lines.append(
+            f"| {r.model} | {r.params / 1e6:.1f}M | {r.shape} | {r.batch} | {r.others} | {r.device} | "
+            f"{r.step_s:.4f} | {r.step_min_s:.4f} | {r.data_s:.4f} | {r.steps} | {r.expert_s:.1f} | "
+            f"{r.expert_s / 60:.2f} | {peak} |"
+        )
+    lines += [
+        "",
+        "The N experts of a merge cost N× this one after another, or about 1× with one GPU each "
+        "(`resolve_interference.devices`). Host data is the share of a step spent drawing `gaussian` "
+        "batches on the CPU (included in s/step).",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed steps per model (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
-    parser.add_argument("--models", default="quality,vit-b/16,vit-b/32", help="comma-separated: quality, vit-b/16, vit-b/32")
+    parser.add_argument(
+        "--models", default="quality,vit-b/16,vit-b/32", help="comma-separated: quality, vit-b/16, vit-b/32"
+    )
     parser.add_argument("--quality-batch", type=int, default=128)
     parser.add_argument("--vit-b-batch", type=int, default=128)
     parser.add_argument("--vit-b-layers", type=int, default=12, help="fewer for a quick check")
-    parser.add_argument("--vit-b-experts", type=int, default=8, help="experts in the merge (2+): the other heads")
-    parser.add_argument("--vit-b-steps", type=int, default=2500, help="configured steps to extrapolate to (paper: 2500)")
+    parser.add_argument(
+        "--vit-b-experts", type=int, default=8, help="experts in the merge (2+): the other heads"
+    )
+    parser.add_argument(
+        "--vit-b-steps", type=int, default=2500, help="configured steps to extrapolate to (paper: 2500)"
+    )
     parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (ri-merge itself does not)")
     parser.add_argument("--threads", type=int, help="CPU threads")
     args = parser.parse_args(argv)
@@ -166,20 +232,36 @@ def main(argv: list[str] | None = None) -> None:
 
     hf_logging.set_verbosity_error()
     device = torch.device(args.device)
-    vit_b = dict(image=224, channels=3, hidden=768, layers=args.vit_b_layers, heads=12, intermediate=3072,
-                 labels=[10] * args.vit_b_experts, steps=args.vit_b_steps)
-    specs = {"quality": (QUALITY, args.quality_batch),
-             "vit-b/16": ({**vit_b, "patch": 16}, args.vit_b_batch),
-             "vit-b/32": ({**vit_b, "patch": 32}, args.vit_b_batch)}
+    vit_b = dict(
+        image=224,
+        channels=3,
+        hidden=768,
+        layers=args.vit_b_layers,
+        heads=12,
+        intermediate=3072,
+        labels=[10] * args.vit_b_experts,
+        steps=args.vit_b_steps,
+    )
+    specs = {
+        "quality": (QUALITY, args.quality_batch),
+        "vit-b/16": ({**vit_b, "patch": 16}, args.vit_b_batch),
+        "vit-b/32": ({**vit_b, "patch": 32}, args.vit_b_batch),
+    }
     rows = []
     for name in args.models.split(","):
         if name not in specs:
             parser.error(f"unknown model '{name}'; choose from {', '.join(specs)}")
         spec, batch = specs[name]
-        label = name if name == "quality" or args.vit_b_layers == 12 else f"{name} ({args.vit_b_layers} layers)"
+        label = (
+            name if name == "quality" or args.vit_b_layers == 12 else f"{name} ({args.vit_b_layers} layers)"
+        )
         started = time.perf_counter()
         rows.append(time_expert(label, spec, batch, args.steps, args.warmup, spec["steps"], device))
-        print(f"{label}: {rows[-1].step_s:.4f} s/step ({time.perf_counter() - started:.1f}s)", file=sys.stderr, flush=True)
+        print(
+            f"{label}: {rows[-1].step_s:.4f} s/step ({time.perf_counter() - started:.1f}s)",
+            file=sys.stderr,
+            flush=True,
+        )
     text = table(rows, args)
     print(text)
     if args.out:

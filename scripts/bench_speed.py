@@ -73,8 +73,9 @@ def llama_shape(hidden: int) -> LlamaShape:
     """A small-Llama shape: intermediate ~2.75x hidden, 64-wide heads, no GQA, untied lm_head."""
     intermediate = round(hidden * 2.75 / 64) * 64
     heads = max(1, hidden // 64)
-    return LlamaShape(vocab=VOCAB, hidden=hidden, intermediate=intermediate, layers=LAYERS,
-                      heads=heads, kv_heads=heads)
+    return LlamaShape(
+        vocab=VOCAB, hidden=hidden, intermediate=intermediate, layers=LAYERS, heads=heads, kv_heads=heads
+    )
 
 
 def shape_for(params: int) -> LlamaShape:
@@ -82,8 +83,7 @@ def shape_for(params: int) -> LlamaShape:
 
     250M -> hidden 1024, intermediate 2816 (271M); 1B -> hidden 2048, intermediate 5632 (953M).
     """
-    return min((llama_shape(h) for h in HIDDEN_LADDER),
-               key=lambda s: abs(math.log(shape_params(s) / params)))
+    return min((llama_shape(h) for h in HIDDEN_LADDER), key=lambda s: abs(math.log(shape_params(s) / params)))
 
 
 def shape_key(shape: LlamaShape) -> str:
@@ -163,8 +163,11 @@ def recipe_for(method: str, folders: dict[str, Path]) -> dict:
     return {
         "merge_method": method,
         "base_model": str(folders["base"].resolve()),
-        "models": [{"model": str(folder.resolve()), "parameters": dict(params)}
-                   for name, folder in folders.items() if name != "base"],
+        "models": [
+            {"model": str(folder.resolve()), "parameters": dict(params)}
+            for name, folder in folders.items()
+            if name != "base"
+        ],
         "dtype": DTYPE,
     }
 
@@ -194,7 +197,15 @@ def ri_command(recipe: Path, out: Path, device: str = "cpu") -> list[str]:
 
 def mergekit_command(mergekit: str, recipe: Path, out: Path, cuda: bool = False) -> list[str]:
     """Command line of one mergekit run (`--cuda` on a GPU box, as its users would)."""
-    return [mergekit, str(recipe), str(out), "--no-copy-tokenizer", "--random-seed", "0", *(["--cuda"] if cuda else [])]
+    return [
+        mergekit,
+        str(recipe),
+        str(out),
+        "--no-copy-tokenizer",
+        "--random-seed",
+        "0",
+        *(["--cuda"] if cuda else []),
+    ]
 
 
 # ---------------------------------------------------------------- measuring
@@ -237,8 +248,13 @@ def run_child(cmd: list[str], log: Path) -> Run:
     measure = log.with_suffix(".json")
     measure.unlink(missing_ok=True)
     with open(log, "wb") as sink:
-        subprocess.run([sys.executable, "-I", "-S", "-c", TIMER, str(measure), *cmd],
-                       stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, check=True)
+        subprocess.run(
+            [sys.executable, "-I", "-S", "-c", TIMER, str(measure), *cmd],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            check=True,
+        )
     run = Run(**json.loads(measure.read_text()))
     if run.returncode != 0:
         run.stderr_tail = log.read_text(errors="replace")[-2000:]
@@ -258,7 +274,7 @@ def read_all(files: list[Path]) -> int:
     total = 0
     for file in files:
         with open(file, "rb", buffering=0) as handle:
-            while (n := handle.readinto(view)):
+            while n := handle.readinto(view):
                 total += n
     return total
 
@@ -313,8 +329,12 @@ def bench_method(method: str, recipe: Path, tools: dict[str, Command], reps: int
             remove(out)
             results[tool].runs.append(run)
             status = "ok" if run.returncode == 0 else f"FAILED rc={run.returncode}"
-            print(f"  {method:<16} {tool:<9} rep {rep + 1}/{reps}: {run.seconds:7.2f}s "
-                  f"{run.max_rss_kib / 2**20:6.2f} GiB  cpu {run.cpu_seconds:7.2f}s  {status}", file=sys.stderr, flush=True)
+            print(
+                f"  {method:<16} {tool:<9} rep {rep + 1}/{reps}: {run.seconds:7.2f}s "
+                f"{run.max_rss_kib / 2**20:6.2f} GiB  cpu {run.cpu_seconds:7.2f}s  {status}",
+                file=sys.stderr,
+                flush=True,
+            )
             if run.returncode != 0:
                 print(run.stderr_tail, file=sys.stderr)
     return list(results.values())
@@ -346,10 +366,17 @@ def compare_outputs(a: Path, b: Path) -> dict:
     max abs diff is within 2 bf16 epsilons (2 * 2**-7) of its largest magnitude.
     """
     files_a, files_b = tensor_files(a), tensor_files(b)
-    report = {"only_in_ri": sorted(set(files_a) - set(files_b)),
-              "only_in_mergekit": sorted(set(files_b) - set(files_a)), "shape_mismatch": [],
-              "max_abs_diff": 0.0, "worst_tensor": None, "worst_diff_in_eps": 0.0,
-              "beyond_tol": [], "elements": 0, "elements_differing": 0}
+    report = {
+        "only_in_ri": sorted(set(files_a) - set(files_b)),
+        "only_in_mergekit": sorted(set(files_b) - set(files_a)),
+        "shape_mismatch": [],
+        "max_abs_diff": 0.0,
+        "worst_tensor": None,
+        "worst_diff_in_eps": 0.0,
+        "beyond_tol": [],
+        "elements": 0,
+        "elements_differing": 0,
+    }
     for name in sorted(set(files_a) & set(files_b)):
         x, y = load_tensor(files_a[name], name), load_tensor(files_b[name], name)
         if x.shape != y.shape:
@@ -365,18 +392,24 @@ def compare_outputs(a: Path, b: Path) -> dict:
         if worst > report["max_abs_diff"]:
             report["max_abs_diff"], report["worst_tensor"] = worst, name
         report["worst_diff_in_eps"] = max(report["worst_diff_in_eps"], round(in_eps, 3))
-    report["passed"] = not any(report[k] for k in ("only_in_ri", "only_in_mergekit", "shape_mismatch", "beyond_tol"))
+    report["passed"] = not any(
+        report[k] for k in ("only_in_ri", "only_in_mergekit", "shape_mismatch", "beyond_tol")
+    )
     return report
 
 
 def check_task_arithmetic(folders: dict[str, Path], mergekit: str, work: Path) -> dict:
     """Merge task_arithmetic with both tools and compare the outputs."""
-    recipe = write_recipe(work / "recipes" / "check-task_arithmetic.yaml", recipe_for("task_arithmetic", folders))
+    recipe = write_recipe(
+        work / "recipes" / "check-task_arithmetic.yaml", recipe_for("task_arithmetic", folders)
+    )
     outs = {"ri": work / "check" / "ri", "mergekit": work / "check" / "mergekit"}
     for out in outs.values():
         remove(out)
-    runs = [run_child(ri_command(recipe, outs["ri"]), work / "logs" / "check-ri.log"),
-            run_child(mergekit_command(mergekit, recipe, outs["mergekit"]), work / "logs" / "check-mergekit.log")]
+    runs = [
+        run_child(ri_command(recipe, outs["ri"]), work / "logs" / "check-ri.log"),
+        run_child(mergekit_command(mergekit, recipe, outs["mergekit"]), work / "logs" / "check-mergekit.log"),
+    ]
     if any(r.returncode for r in runs):
         return {"passed": False, "error": " / ".join(r.stderr_tail for r in runs if r.returncode)}
     return compare_outputs(outs["ri"], outs["mergekit"])
@@ -394,13 +427,29 @@ def table_rows(results: list[Result], floor: float, input_bytes: int) -> list[li
             rows.append([r.method, r.tool, "failed", "—", "—", "—", "—"])
             continue
         vs_mk = f"{r.seconds / mergekit_time[r.method]:.2f}x" if r.method in mergekit_time else "—"
-        rows.append([r.method, r.tool, f"{r.seconds:.2f}", f"{input_bytes / 1e9 / r.seconds:.2f}", f"{r.rss_gib:.2f}",
-                     vs_mk, f"{r.seconds / floor:.2f}x"])
+        rows.append(
+            [
+                r.method,
+                r.tool,
+                f"{r.seconds:.2f}",
+                f"{input_bytes / 1e9 / r.seconds:.2f}",
+                f"{r.rss_gib:.2f}",
+                vs_mk,
+                f"{r.seconds / floor:.2f}x",
+            ]
+        )
     return rows
 
 
-HEADERS = ["method", "tool", "median wall s", "GB/s of input", "peak RSS GiB", "ratio vs mergekit (time)",
-           "ratio vs floor"]
+HEADERS = [
+    "method",
+    "tool",
+    "median wall s",
+    "GB/s of input",
+    "peak RSS GiB",
+    "ratio vs mergekit (time)",
+    "ratio vs floor",
+]
 
 
 def format_table(rows: list[list[str]], markdown: bool) -> str:
@@ -409,22 +458,30 @@ def format_table(rows: list[list[str]], markdown: bool) -> str:
         lines = ["| " + " | ".join(HEADERS) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * 5) + "|"]
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(HEADERS)]
-    line = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    line = lambda cells: "  ".join(
+        c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+    )
     return "\n".join([line(HEADERS), line(["-" * w for w in widths])] + [line(row) for row in rows])
 
 
-def header_line(shape: LlamaShape, params: int, experts: int, input_bytes: int, reps: int, load: float) -> str:
+def header_line(
+    shape: LlamaShape, params: int, experts: int, input_bytes: int, reps: int, load: float
+) -> str:
     """One line naming the model size and the setup."""
-    return (f"Llama-style {human_count(params)} params (hidden {shape.hidden}, intermediate {shape.intermediate}, "
-            f"{shape.layers} layers, vocab {shape.vocab}), {DTYPE}, base + {experts} experts, "
-            f"{input_bytes / 1e9:.2f} GB of inputs; median of {reps} run(s), {os.cpu_count()} CPU(s), "
-            f"load average {load:.2f} at start")
+    return (
+        f"Llama-style {human_count(params)} params (hidden {shape.hidden}, intermediate {shape.intermediate}, "
+        f"{shape.layers} layers, vocab {shape.vocab}), {DTYPE}, base + {experts} experts, "
+        f"{input_bytes / 1e9:.2f} GB of inputs; median of {reps} run(s), {os.cpu_count()} CPU(s), "
+        f"load average {load:.2f} at start"
+    )
 
 
 def floor_line(import_s: float, read_s: float, input_bytes: int) -> str:
     """The floor and its two parts."""
-    return (f"floor = {import_s + read_s:.2f}s (python -c 'import torch' {import_s:.2f}s + reading "
-            f"{input_bytes / 1e9:.2f} GB from page cache {read_s:.2f}s, {input_bytes / 1e9 / read_s:.1f} GB/s)")
+    return (
+        f"floor = {import_s + read_s:.2f}s (python -c 'import torch' {import_s:.2f}s + reading "
+        f"{input_bytes / 1e9:.2f} GB from page cache {read_s:.2f}s, {input_bytes / 1e9 / read_s:.1f} GB/s)"
+    )
 
 
 # ---------------------------------------------------------------- main
@@ -434,26 +491,40 @@ def warn_if_busy() -> float:
     """The 1-minute load average; warn when other work would skew the timings."""
     load = os.getloadavg()[0]
     if load > 0.5 * (os.cpu_count() or 1):
-        print(f"warning: load average {load:.2f} on {os.cpu_count()} CPU(s); timings will be noisy",
-              file=sys.stderr)
+        print(
+            f"warning: load average {load:.2f} on {os.cpu_count()} CPU(s); timings will be noisy",
+            file=sys.stderr,
+        )
     return load
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default="250M", help="approximate parameters per model (e.g. 20M, 250M, 1B)")
+    parser.add_argument(
+        "--params", default="250M", help="approximate parameters per model (e.g. 20M, 250M, 1B)"
+    )
     parser.add_argument("--experts", type=int, default=3, help="number of experts besides the base")
     parser.add_argument("--methods", default="ties,task_arithmetic", help="comma-separated merge methods")
     parser.add_argument("--reps", type=int, default=3, help="runs per tool and method")
-    parser.add_argument("--workdir", type=Path, default=Path("bench-data"), help="cache of models, recipes, logs")
-    parser.add_argument("--mergekit", default=None, help="mergekit-yaml executable (default: /work/mk-venv, then PATH)")
+    parser.add_argument(
+        "--workdir", type=Path, default=Path("bench-data"), help="cache of models, recipes, logs"
+    )
+    parser.add_argument(
+        "--mergekit", default=None, help="mergekit-yaml executable (default: /work/mk-venv, then PATH)"
+    )
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    parser.add_argument("--check", action="store_true", help="also compare task_arithmetic outputs of both tools")
+    parser.add_argument(
+        "--check", action="store_true", help="also compare task_arithmetic outputs of both tools"
+    )
     parser.add_argument("--no-mergekit", action="store_true", help="benchmark ri-merge alone")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: ri-merge --device, and mergekit --cuda")
     parser.add_argument("--out", type=Path, default=None, help="also write the report to this file")
-    parser.add_argument("--family", choices=sorted(FAMILIES), default="finetune",
-                        help="experts as real bf16 fine-tunes (finetune: low-rank update + noise) or dense noise")
+    parser.add_argument(
+        "--family",
+        choices=sorted(FAMILIES),
+        default="finetune",
+        help="experts as real bf16 fine-tunes (finetune: low-rank update + noise) or dense noise",
+    )
     return parser.parse_args(argv)
 
 
@@ -485,10 +556,15 @@ def main(argv: list[str] | None = None) -> int:
         recipe = write_recipe(work / "recipes" / f"{method}.yaml", recipe_for(method, folders))
         results += bench_method(method, recipe, tools, args.reps, work)
 
-    report = "\n".join([header_line(shape, params, args.experts, input_bytes, args.reps, load)
-                        + f", device {args.device}, experts: {args.family}",
-                        floor_line(import_s, read_s, input_bytes), "",
-                        format_table(table_rows(results, floor, input_bytes), args.markdown)])
+    report = "\n".join(
+        [
+            header_line(shape, params, args.experts, input_bytes, args.reps, load)
+            + f", device {args.device}, experts: {args.family}",
+            floor_line(import_s, read_s, input_bytes),
+            "",
+            format_table(table_rows(results, floor, input_bytes), args.markdown),
+        ]
+    )
     print(report)
     if args.out:
         args.out.write_text(report + "\n")
@@ -498,7 +574,9 @@ def main(argv: list[str] | None = None) -> int:
             print("\ncheck skipped: mergekit-yaml not found")
         else:
             report = check_task_arithmetic(folders, mergekit, work)
-            print("\ntask_arithmetic check (ri-merge vs mergekit): " + ("PASS" if report["passed"] else "FAIL"))
+            print(
+                "\ntask_arithmetic check (ri-merge vs mergekit): " + ("PASS" if report["passed"] else "FAIL")
+            )
             print(json.dumps(report, indent=2))
     return 0 if all(r.ok for r in results) else 1
 

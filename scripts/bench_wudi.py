@@ -81,7 +81,7 @@ def synthetic_task_vectors(experts: int, out: int, inp: int, seed: int, device: 
         return torch.randn(*shape, generator=g, device=device)
 
     def low_rank() -> torch.Tensor:
-        return (randn(out, rank) * decay) @ randn(rank, inp) / rank ** 0.5
+        return (randn(out, rank) * decay) @ randn(rank, inp) / rank**0.5
 
     shared = low_rank()
     deltas = torch.empty(experts, out, inp, device=device)
@@ -141,8 +141,19 @@ def bench_layer(device: torch.device, shape: str, experts: int, adam_iters: int,
         losses["adam"] = W.loss(problem, merged)
     del merged
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return Row(device.type, shape, experts, gram_s, eigh_s, closed_s, adam_s, adam_iters,
-               W.loss(problem, problem.init), losses, peak)
+    return Row(
+        device.type,
+        shape,
+        experts,
+        gram_s,
+        eigh_s,
+        closed_s,
+        adam_s,
+        adam_iters,
+        W.loss(problem, problem.init),
+        losses,
+        peak,
+    )
 
 
 def seconds(value: float) -> str:
@@ -150,31 +161,63 @@ def seconds(value: float) -> str:
 
 
 def markdown(rows: list[Row]) -> str:
-    head = ["device", "layer (out×in)", "N", "Gram s", "eigh s", *(f"{s} s" for s in CLOSED_FORMS),
-            "Adam×300 s", "Adam ÷ aswudi", "peak GiB", "L(init)", *(f"L {s}/init" for s in (*CLOSED_FORMS, "adam"))]
+    head = [
+        "device",
+        "layer (out×in)",
+        "N",
+        "Gram s",
+        "eigh s",
+        *(f"{s} s" for s in CLOSED_FORMS),
+        "Adam×300 s",
+        "Adam ÷ aswudi",
+        "peak GiB",
+        "L(init)",
+        *(f"L {s}/init" for s in (*CLOSED_FORMS, "adam")),
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         closed = {s: r.gram_s + r.eigh_s + t for s, t in r.closed_s.items()}
         adam_total = r.gram_s + r.adam_s
-        adam = seconds(adam_total) + ("" if r.adam_measured == ADAM_ITERATIONS
-                                      else f" (extrapolated from {r.adam_measured} it.)")
-        ratios = [f"{r.losses[s] / r.init_loss:.3f}" if s in r.losses else "—" for s in (*CLOSED_FORMS, "adam")]
+        adam = seconds(adam_total) + (
+            "" if r.adam_measured == ADAM_ITERATIONS else f" (extrapolated from {r.adam_measured} it.)"
+        )
+        ratios = [
+            f"{r.losses[s] / r.init_loss:.3f}" if s in r.losses else "—" for s in (*CLOSED_FORMS, "adam")
+        ]
         peak = "—" if r.peak_bytes is None else f"{r.peak_bytes / 2**30:.2f}"
-        cells = [r.device, r.shape.replace("x", "×"), str(r.experts), seconds(r.gram_s), seconds(r.eigh_s),
-                 *(seconds(closed[s]) for s in CLOSED_FORMS), adam, f"{adam_total / closed['aswudi']:.0f}×",
-                 peak, f"{r.init_loss:.4g}", *ratios]
+        cells = [
+            r.device,
+            r.shape.replace("x", "×"),
+            str(r.experts),
+            seconds(r.gram_s),
+            seconds(r.eigh_s),
+            *(seconds(closed[s]) for s in CLOSED_FORMS),
+            adam,
+            f"{adam_total / closed['aswudi']:.0f}×",
+            peak,
+            f"{r.init_loss:.4g}",
+            *ratios,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def footnote(rows: list[Row]) -> str:
     sampled = sorted({r.adam_measured for r in rows if r.adam_measured != ADAM_ITERATIONS})
-    return ("per layer: closed form = Gram + eigh + filter; Adam = Gram + 300 iterations; fp32"
-            + ("" if not sampled else
-               f"; 'extrapolated from K it.': Adam timed over K = {', '.join(map(str, sampled))} iterations and "
-               "scaled linearly to 300 (so no Adam loss in those rows)")
-            + ("; peak GiB: torch.cuda.max_memory_allocated over the layer, its N task vectors included"
-               if any(r.peak_bytes is not None for r in rows) else ""))
+    return (
+        "per layer: closed form = Gram + eigh + filter; Adam = Gram + 300 iterations; fp32"
+        + (
+            ""
+            if not sampled
+            else f"; 'extrapolated from K it.': Adam timed over K = {', '.join(map(str, sampled))} iterations and "
+            "scaled linearly to 300 (so no Adam loss in those rows)"
+        )
+        + (
+            "; peak GiB: torch.cuda.max_memory_allocated over the layer, its N task vectors included"
+            if any(r.peak_bytes is not None for r in rows)
+            else ""
+        )
+    )
 
 
 def report(header: str, rows: list[Row], out: Path | None) -> str:
@@ -185,32 +228,57 @@ def report(header: str, rows: list[Row], out: Path | None) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="1/8-size layers, all 300 Adam iterations")
     parser.add_argument("--shapes", nargs="+", help="layers as OUTxIN (default: Llama-3-8B's, or --quick's)")
     parser.add_argument("--experts", nargs="+", type=int, default=[4, 8])
-    parser.add_argument("--devices", "--device", nargs="+", default=None,
-                        help="cpu and/or cuda[:i] (default: cpu, and cuda when available)")
-    parser.add_argument("--adam-iters", type=int, default=None,
-                        help="Adam iterations actually run, the time extrapolated to 300 "
-                             "(default: 300 with --quick, else 3 on cpu and 10 on cuda)")
+    parser.add_argument(
+        "--devices",
+        "--device",
+        nargs="+",
+        default=None,
+        help="cpu and/or cuda[:i] (default: cpu, and cuda when available)",
+    )
+    parser.add_argument(
+        "--adam-iters",
+        type=int,
+        default=None,
+        help="Adam iterations actually run, the time extrapolated to 300 "
+        "(default: 300 with --quick, else 3 on cpu and 10 on cuda)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table to this file")
-    parser.add_argument("--budget", type=float, default=None,
-                        help="start no new layer after this many seconds (the table keeps what was measured)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads (1 on a shared machine: 2 contended threads can be 10-50x slower)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="start no new layer after this many seconds (the table keeps what was measured)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (1 on a shared machine: 2 contended threads can be 10-50x slower)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision("highest")  # fp32 products: no TF32 on the GPU
     shapes = args.shapes or (QUICK_SHAPES if args.quick else FULL_SHAPES)
-    devices = [torch.device(name) for name in args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])]
+    devices = [
+        torch.device(name)
+        for name in args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    ]
     if any(d.type == "cuda" for d in devices) and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is visible to torch")
     gpus = sorted({torch.cuda.get_device_name(d) for d in devices if d.type == "cuda"})
-    header = (f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
-              + "".join(f", {name}" for name in gpus) + ", fp32")
+    header = (
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+        + "".join(f", {name}" for name in gpus)
+        + ", fp32"
+    )
     print(header, flush=True)
     started, rows = time.perf_counter(), []
     for device in devices:
@@ -218,16 +286,23 @@ def main() -> None:
         for shape in shapes:
             for experts in args.experts:
                 if args.budget is not None and time.perf_counter() - started > args.budget:
-                    print(f"budget of {args.budget:g}s spent: skipping {device} {shape} N={experts}", flush=True)
+                    print(
+                        f"budget of {args.budget:g}s spent: skipping {device} {shape} N={experts}", flush=True
+                    )
                     continue
-                iters = args.adam_iters or (ADAM_ITERATIONS if args.quick else ADAM_SAMPLE.get(device.type, 3))
+                iters = args.adam_iters or (
+                    ADAM_ITERATIONS if args.quick else ADAM_SAMPLE.get(device.type, 3)
+                )
                 rows.append(bench_layer(device, shape, experts, iters, args.seed))
                 r = rows[-1]
-                print(f"{r.device} {r.shape} N={r.experts}: Gram {seconds(r.gram_s)}s eigh {seconds(r.eigh_s)}s "
-                      f"aswudi {seconds(r.closed_s['aswudi'])}s Adam×300 {seconds(r.adam_s)}s"
-                      + ("" if iters == ADAM_ITERATIONS else f" (extrapolated from {iters} iterations)")
-                      + ("" if r.peak_bytes is None else f", peak {r.peak_bytes / 2**30:.2f} GiB")
-                      + f" [{time.perf_counter() - started:.0f}s elapsed]", flush=True)
+                print(
+                    f"{r.device} {r.shape} N={r.experts}: Gram {seconds(r.gram_s)}s eigh {seconds(r.eigh_s)}s "
+                    f"aswudi {seconds(r.closed_s['aswudi'])}s Adam×300 {seconds(r.adam_s)}s"
+                    + ("" if iters == ADAM_ITERATIONS else f" (extrapolated from {iters} iterations)")
+                    + ("" if r.peak_bytes is None else f", peak {r.peak_bytes / 2**30:.2f} GiB")
+                    + f" [{time.perf_counter() - started:.0f}s elapsed]",
+                    flush=True,
+                )
                 report(header, rows, args.out)
     print()
     print(report(header, rows, args.out), end="")

@@ -48,8 +48,11 @@ def installed_version(venv: Path = DEFAULT_VENV) -> str | None:
     python = venv_tool(venv, "python")
     if not python.exists():
         return None
-    proc = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(python), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
+        capture_output=True,
+        text=True,
+    )
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
@@ -67,7 +70,10 @@ def ensure_mergekit(venv: Path = DEFAULT_VENV, version: str = MERGEKIT_VERSION, 
     if not venv_tool(venv, "python").exists():
         steps.append([sys.executable, "-m", "venv", str(venv)])
     pip = str(venv_tool(venv, "pip"))
-    steps += [[pip, "install", "-q", f"torch=={TORCH_VERSION}"], [pip, "install", "-q", f"mergekit=={version}"]]
+    steps += [
+        [pip, "install", "-q", f"torch=={TORCH_VERSION}"],
+        [pip, "install", "-q", f"mergekit=={version}"],
+    ]
     for step in steps:
         proc = subprocess.run(step, capture_output=True, text=True)
         if proc.returncode:

@@ -56,8 +56,8 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = Path(__file__).resolve().parent / "parity"
 EXPERTS = ("expert1", "expert2", "expert3")
 DTYPE = "bfloat16"
-TOL_STEPS = 4          # output-dtype steps allowed between the tools (see the module docstring)
-Z_MAX = 5.0            # random methods: largest |z| of a per-tensor statistic that still agrees
+TOL_STEPS = 4  # output-dtype steps allowed between the tools (see the module docstring)
+Z_MAX = 5.0  # random methods: largest |z| of a per-tensor statistic that still agrees
 MIN_STAT_ENTRIES = 1024  # random methods: tensors smaller than this are not tested statistically
 RANDOM_METHODS = {"dare_linear", "dare_ties", "della", "della_linear"}
 MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
@@ -67,18 +67,22 @@ MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
 # entry beyond tolerance is explained by the method's rule below; otherwise it is "DIFFERS".
 ON_PURPOSE = {
     "magnitude_cut": "entries at a magnitude cut: ri-merge keeps every entry tied with the k-th "
-                     "magnitude (TIES paper) and computes τ in fp32, mergekit keeps exactly k of the "
-                     "bf16-rounded τ by sort order",
+    "magnitude (TIES paper) and computes τ in fp32, mergekit keeps exactly k of the "
+    "bf16-rounded τ by sort order",
     "sce_cut": "entries at the variance cut of select_topk (ties broken by position in ri-merge, by "
-               "sort order in mergekit)",
+    "sort order in mergekit)",
     "sign_zero": "sign election where Σ wᵢτᵢ is within bf16 rounding of 0 (|Σ| ≤ 2⁻⁵·max|wᵢτᵢ|): mergekit "
-                 "sums bf16-rounded deltas and elects + at ≥ 0, ri-merge sums in fp32 and breaks an exact 0 "
-                 "by the tensor's majority sign",
+    "sums bf16-rounded deltas and elects + at ≥ 0, ri-merge sums in fp32 and breaks an exact 0 "
+    "by the tensor's majority sign",
 }
 CONSENSUS_METHODS = {"ties", "breadcrumbs_ties", "sce"}
-SIGN_ZONE = 2 ** -5   # two bf16 roundings (2⁻⁸ each) of a partial sum up to 2·max|wᵢτᵢ|, doubled
-CUT_METHODS = {"ties": "magnitude_cut", "breadcrumbs": "magnitude_cut", "breadcrumbs_ties": "magnitude_cut",
-               "sce": "sce_cut"}
+SIGN_ZONE = 2**-5  # two bf16 roundings (2⁻⁸ each) of a partial sum up to 2·max|wᵢτᵢ|, doubled
+CUT_METHODS = {
+    "ties": "magnitude_cut",
+    "breadcrumbs": "magnitude_cut",
+    "breadcrumbs_ties": "magnitude_cut",
+    "sce": "sce_cut",
+}
 
 
 # ---------------------------------------------------------------- models
@@ -87,12 +91,14 @@ CUT_METHODS = {"ties": "magnitude_cut", "breadcrumbs": "magnitude_cut", "breadcr
 def model_shape():
     """40 layers like the 13B models of mergekit's examples (their layer_ranges stay valid); tiny width."""
     from mergekit_ri.synthetic import LlamaShape
+
     return LlamaShape(vocab=256, hidden=64, intermediate=128, layers=40, heads=4, kv_heads=2)
 
 
 def ensure_models(root: Path) -> dict[str, Path]:
     """The base and three experts under `root` (generated once; bf16, one shard, config.json)."""
     from mergekit_ri.synthetic import make_family
+
     folders = {name: root / name for name in ("base", *EXPERTS)}
     mark = root / ".complete"
     if not mark.exists():
@@ -134,14 +140,18 @@ def method_recipes() -> dict[str, str]:
         "dare_linear": r("dare_linear", experts([{"weight": 1.0, "density": 0.5}] * 3)),
         "dare_ties": r("dare_ties", experts([{"weight": 1.0, "density": 0.5}] * 3)),
         "breadcrumbs": r("breadcrumbs", experts([{"weight": 1.0, "density": 0.8, "gamma": 0.05}] * 3)),
-        "breadcrumbs_ties": r("breadcrumbs_ties", experts([{"weight": 1.0, "density": 0.8, "gamma": 0.05}] * 3)),
+        "breadcrumbs_ties": r(
+            "breadcrumbs_ties", experts([{"weight": 1.0, "density": 0.8, "gamma": 0.05}] * 3)
+        ),
         "della": r("della", experts([{"weight": 1.0, "density": 0.5, "epsilon": 0.1}] * 3)),
         "della_linear": r("della_linear", experts([{"weight": 1.0, "density": 0.5, "epsilon": 0.1}] * 3)),
         "sce": r("sce", experts([None] * 3), params={"select_topk": 0.5}),
         "slerp": r("slerp", [{"model": b}, {"model": e1}], params={"t": 0.3}),
         "nuslerp": r("nuslerp", experts([{"weight": 0.3}, {"weight": 0.7}], (e1, e2))),
         "nuslerp-no-base": r("nuslerp", experts([{"weight": 0.3}, {"weight": 0.7}], (e1, e2)), base=None),
-        "multislerp": r("multislerp", experts([{"weight": 1.0}, {"weight": 2.0}, {"weight": 3.0}]), base=None),
+        "multislerp": r(
+            "multislerp", experts([{"weight": 1.0}, {"weight": 2.0}, {"weight": 3.0}]), base=None
+        ),
         "karcher": r("karcher", experts([None] * 3), base=None),
         "model_stock": r("model_stock", experts([None] * 3)),
         "nearswap": r("nearswap", [{"model": b}, {"model": e1}], params={"t": 0.005}),
@@ -149,10 +159,16 @@ def method_recipes() -> dict[str, str]:
         "passthrough": r("passthrough", [{"model": e1, "parameters": {"scale": 0.5}}], base=None),
         # mergekit idioms the issue names: each must give mergekit's model
         "ties-defaults": r("ties", experts([{"weight": 1.0}] * 3)),
-        "task_arithmetic-base-listed": r("task_arithmetic", [{"model": b}, *experts([{"weight": 1.0}] * 2, (e1, e2))],
-                                         params={"normalize": True}),
-        "ties-filter-star": r("ties", experts([{"weight": [{"filter": "*", "value": 0.7}], "density": 0.5}] * 2,
-                                              (e1, e2)), params={"int8_mask": True}),
+        "task_arithmetic-base-listed": r(
+            "task_arithmetic",
+            [{"model": b}, *experts([{"weight": 1.0}] * 2, (e1, e2))],
+            params={"normalize": True},
+        ),
+        "ties-filter-star": r(
+            "ties",
+            experts([{"weight": [{"filter": "*", "value": 0.7}], "density": 0.5}] * 2, (e1, e2)),
+            params={"int8_mask": True},
+        ),
     }
     return {name: yaml.safe_dump(recipe, sort_keys=False) for name, recipe in recipes.items()}
 
@@ -250,13 +266,26 @@ def run_tool(cmd: list[str], log: Path, tool: str, timeout: int = 900) -> Run:
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1",
-                                   "TRANSFORMERS_OFFLINE": "1"})
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={
+                **os.environ,
+                "PYTHONWARNINGS": "ignore",
+                "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1",
+            },
+        )
     except subprocess.TimeoutExpired:
         return Run(False, f"timed out after {timeout} s", timeout)
     seconds = time.perf_counter() - start
-    log.write_text("$ " + " ".join(cmd) + f"\n# exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+    log.write_text(
+        "$ "
+        + " ".join(cmd)
+        + f"\n# exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    )
     if proc.returncode:
         return Run(False, first_error_line(proc.stderr or proc.stdout, tool)[:160], seconds)
     return Run(True, "", seconds)
@@ -264,7 +293,9 @@ def run_tool(cmd: list[str], log: Path, tool: str, timeout: int = 900) -> Run:
 
 def ri_merge_command(recipe: Path, out: Path) -> list[str]:
     exe = Path(sys.executable).parent / "ri-merge"
-    base = [str(exe)] if exe.exists() else [sys.executable, "-c", "from mergekit_ri.cli import entry; entry()"]
+    base = (
+        [str(exe)] if exe.exists() else [sys.executable, "-c", "from mergekit_ri.cli import entry; entry()"]
+    )
     return [*base, "merge", str(recipe), "-o", str(out), "--force", "-q", "--device", "cpu"]
 
 
@@ -295,10 +326,10 @@ def ulp(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 @dataclass
 class TensorDiff:
     name: str
-    max_rel: float          # max |ri − mk| / max |τ| of the tensor
-    differing: int          # entries with ri != mk
-    beyond: int             # entries beyond TOL_STEPS steps
-    unexplained: int        # entries beyond tolerance not explained by a documented difference
+    max_rel: float  # max |ri − mk| / max |τ| of the tensor
+    differing: int  # entries with ri != mk
+    beyond: int  # entries beyond TOL_STEPS steps
+    unexplained: int  # entries beyond tolerance not explained by a documented difference
     numel: int
     explained_by: str | None = None
 
@@ -310,7 +341,7 @@ class Comparison:
     only_mk: list[str] = field(default_factory=list)
     shape_mismatch: list[str] = field(default_factory=list)
     config_diff: list[str] = field(default_factory=list)
-    stats: dict | None = None   # random methods
+    stats: dict | None = None  # random methods
 
     @property
     def numel(self) -> int:
@@ -379,21 +410,26 @@ def cut_zone(tau: torch.Tensor, kept: int, from_top: bool = True) -> tuple[float
     return (v - step, v + step)
 
 
-def explain_mask(method: str, recipe: dict, name: str, taus: list[torch.Tensor], layers: int) -> tuple[torch.Tensor, str] | None:
+def explain_mask(
+    method: str, recipe: dict, name: str, taus: list[torch.Tensor], layers: int
+) -> tuple[torch.Tensor, str] | None:
     """Entries of tensor `name` where a documented difference may move the result, and why."""
     cut = explain_cut(method, recipe, name, taus, layers)
     if method not in CONSENSUS_METHODS or not taus:
         return cut
     weights = [float(model_param(recipe, i, "weight", name, layers, 1.0) or 0.0) for i in range(len(taus))]
     kept = [t * w for t, w in zip(taus, weights)]
-    if method in ("ties", "breadcrumbs_ties"):   # the sum is over the trimmed task vectors
+    if method in ("ties", "breadcrumbs_ties"):  # the sum is over the trimmed task vectors
         for i, tau in enumerate(taus):
             density = float(model_param(recipe, i, "density", name, layers, 1.0))
             if density >= 1:
                 continue
             mags = tau.abs().flatten().sort(descending=True).values
-            n_top = int(float(model_param(recipe, i, "gamma", name, layers, 0.01)) * tau.numel()) \
-                if method == "breadcrumbs_ties" else 0
+            n_top = (
+                int(float(model_param(recipe, i, "gamma", name, layers, 0.01)) * tau.numel())
+                if method == "breadcrumbs_ties"
+                else 0
+            )
             low = mags[min(mags.numel(), n_top + max(1, int(density * tau.numel()))) - 1]
             keep = tau.abs() >= low
             if n_top:
@@ -408,7 +444,9 @@ def explain_mask(method: str, recipe: dict, name: str, taus: list[torch.Tensor],
     return mask | sign, f"{why}+sign_zero"
 
 
-def explain_cut(method: str, recipe: dict, name: str, taus: list[torch.Tensor], layers: int) -> tuple[torch.Tensor, str] | None:
+def explain_cut(
+    method: str, recipe: dict, name: str, taus: list[torch.Tensor], layers: int
+) -> tuple[torch.Tensor, str] | None:
     """Entries where a magnitude (or variance) cut may be made differently by the two tools."""
     rule = CUT_METHODS.get(method)
     if rule is None or not taus:
@@ -427,7 +465,7 @@ def explain_cut(method: str, recipe: dict, name: str, taus: list[torch.Tensor], 
             # above the n_top + target largest.
             n_top = int(gamma * n)
             target = int(density * n)
-            for kept in (n_top, n_top + target):   # the outlier cut and the small-magnitude cut
+            for kept in (n_top, n_top + target):  # the outlier cut and the small-magnitude cut
                 if kept == 0:
                     continue
                 lo, hi = cut_zone(tau, kept)
@@ -446,22 +484,25 @@ def explain_cut(method: str, recipe: dict, name: str, taus: list[torch.Tensor], 
         if topk >= 1:
             return mask, "sce_cut"
         var = torch.stack(taus).var(dim=0, unbiased=False).flatten()
-        k = int(int((var != 0).sum()) * topk)   # mergekit: k of the entries with nonzero variance
+        k = int(int((var != 0).sum()) * topk)  # mergekit: k of the entries with nonzero variance
         v = float(var.sort(descending=True).values[k - 1]) if k > 0 else math.inf
-        rel = 2 ** -5   # mergekit's variance of bf16 task vectors, computed in bf16: a few parts in 2^8
+        rel = 2**-5  # mergekit's variance of bf16 task vectors, computed in bf16: a few parts in 2^8
         return ((var >= v * (1 - rel)) & (var <= v * (1 + rel))).reshape(shape), "sce_cut"
     return None
 
 
-def compare_deterministic(ri: Path, mk: Path, inputs: Inputs, experts: list[str], method: str = "",
-                          recipe: dict | None = None) -> Comparison:
+def compare_deterministic(
+    ri: Path, mk: Path, inputs: Inputs, experts: list[str], method: str = "", recipe: dict | None = None
+) -> Comparison:
     """Entry-by-entry comparison of two checkpoints (see the module docstring for the tolerance).
 
     `experts`: the input models whose task vectors (against 'base') set the scale of each tensor.
     """
     recipe = recipe or {}
     files_ri, files_mk = load_all(ri), load_all(mk)
-    cmp = Comparison(only_ri=sorted(set(files_ri) - set(files_mk)), only_mk=sorted(set(files_mk) - set(files_ri)))
+    cmp = Comparison(
+        only_ri=sorted(set(files_ri) - set(files_mk)), only_mk=sorted(set(files_mk) - set(files_ri))
+    )
     cmp.config_diff = config_differences(ri, mk)
     layers = model_layers(inputs)
     for name in sorted(set(files_ri) & set(files_mk)):
@@ -490,8 +531,17 @@ def compare_deterministic(ri: Path, mk: Path, inputs: Inputs, experts: list[str]
             if explained is not None:
                 mask, why = explained
                 unexplained = int((beyond & ~mask).sum())
-        cmp.tensors.append(TensorDiff(name, float(diff.max()) / scale, int((diff > 0).sum()), n_beyond,
-                                      unexplained, x.numel(), why if n_beyond else None))
+        cmp.tensors.append(
+            TensorDiff(
+                name,
+                float(diff.max()) / scale,
+                int((diff > 0).sum()),
+                n_beyond,
+                unexplained,
+                x.numel(),
+                why if n_beyond else None,
+            )
+        )
     return cmp
 
 
@@ -502,7 +552,9 @@ def compare_random(ri: Path, mk: Path, inputs: Inputs) -> Comparison:
     the two samples' standard errors (binomial for kept); the largest |z| over tensors is reported.
     """
     files_ri, files_mk = load_all(ri), load_all(mk)
-    cmp = Comparison(only_ri=sorted(set(files_ri) - set(files_mk)), only_mk=sorted(set(files_mk) - set(files_ri)))
+    cmp = Comparison(
+        only_ri=sorted(set(files_ri) - set(files_mk)), only_mk=sorted(set(files_mk) - set(files_ri))
+    )
     cmp.config_diff = config_differences(ri, mk)
     zmax = {"kept": 0.0, "mean": 0.0, "mean_abs": 0.0}
     kept_ri = kept_mk = total = 0
@@ -531,18 +583,30 @@ def compare_random(ri: Path, mk: Path, inputs: Inputs) -> Comparison:
         for key, value in z.items():
             if abs(value) > abs(zmax[key]):
                 zmax[key], worst[key] = value, name
-    cmp.stats = {"z": zmax, "worst": worst, "kept_ri": kept_ri / max(total, 1), "kept_mk": kept_mk / max(total, 1)}
+    cmp.stats = {
+        "z": zmax,
+        "worst": worst,
+        "kept_ri": kept_ri / max(total, 1),
+        "kept_mk": kept_mk / max(total, 1),
+    }
     return cmp
 
 
 def config_differences(ri: Path, mk: Path) -> list[str]:
     """Architecture fields of config.json that differ (num_hidden_layers for slices, ...)."""
-    keys = ("num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size", "model_type", "torch_dtype")
+    keys = (
+        "num_hidden_layers",
+        "hidden_size",
+        "intermediate_size",
+        "vocab_size",
+        "model_type",
+        "torch_dtype",
+    )
     try:
         a, b = (json.loads((Path(f) / "config.json").read_text()) for f in (ri, mk))
     except (OSError, ValueError):
         return ["config.json missing or unreadable"]
-    for c in (a, b):   # transformers 5 (mergekit's) writes "dtype" where 4.x wrote "torch_dtype"
+    for c in (a, b):  # transformers 5 (mergekit's) writes "dtype" where 4.x wrote "torch_dtype"
         c.setdefault("torch_dtype", c.get("dtype"))
     return [f"config {k}: ri-merge {a.get(k)!r}, mergekit {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
@@ -580,24 +644,41 @@ class Row:
         if self.random:
             s = cmp.stats
             z = s["z"]
-            note = (f"random: Δ≠0 on {s['kept_ri']:.3f} (ri) / {s['kept_mk']:.3f} (mk) of entries; "
-                    f"max |z| kept {abs(z['kept']):.1f}, mean {abs(z['mean']):.1f}, mean|Δ| {abs(z['mean_abs']):.1f}")
+            note = (
+                f"random: Δ≠0 on {s['kept_ri']:.3f} (ri) / {s['kept_mk']:.3f} (mk) of entries; "
+                f"max |z| kept {abs(z['kept']):.1f}, mean {abs(z['mean']):.1f}, mean|Δ| {abs(z['mean_abs']):.1f}"
+            )
             bad = [k for k, v in z.items() if abs(v) > Z_MAX]
             if bad:
-                return "DIFFERS", note + f" — beyond |z| {Z_MAX:g}: " + ", ".join(f"{k} on {s['worst'][k]}" for k in bad)
+                return "DIFFERS", note + f" — beyond |z| {Z_MAX:g}: " + ", ".join(
+                    f"{k} on {s['worst'][k]}" for k in bad
+                )
             return "agrees (in law)", note
         if not any(t.beyond for t in cmp.tensors):
             return "agrees", ""
         if cmp.unexplained == 0:
-            reasons = sorted({r for t in cmp.tensors if t.beyond and t.explained_by for r in t.explained_by.split("+")})
+            reasons = sorted(
+                {r for t in cmp.tensors if t.beyond and t.explained_by for r in t.explained_by.split("+")}
+            )
             return "differs on purpose", "; ".join(ON_PURPOSE[r] for r in reasons)
         worst = max(cmp.tensors, key=lambda t: (t.unexplained, t.max_rel))
-        return "DIFFERS", (f"{cmp.unexplained} entries beyond {TOL_STEPS} steps unexplained "
-                           f"(worst {worst.name}: {worst.unexplained}/{worst.numel})")
+        return "DIFFERS", (
+            f"{cmp.unexplained} entries beyond {TOL_STEPS} steps unexplained "
+            f"(worst {worst.name}: {worst.unexplained}/{worst.numel})"
+        )
 
 
-HEADERS = ["recipe", "method", "ri-merge", "mergekit", "max |Δ| / max |τ|", "entries differing",
-           "beyond tol", "verdict", "note"]
+HEADERS = [
+    "recipe",
+    "method",
+    "ri-merge",
+    "mergekit",
+    "max |Δ| / max |τ|",
+    "entries differing",
+    "beyond tol",
+    "verdict",
+    "note",
+]
 
 
 def status(run: Run) -> str:
@@ -621,15 +702,19 @@ def row_cells(row: Row) -> list[str]:
 def render_table(rows: list[Row], markdown: bool) -> str:
     cells = [row_cells(r) for r in rows]
     if markdown:
+
         def esc(s: str) -> str:
             return s.replace("|", "\\|").replace("\n", " ")
+
         lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
         lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in cells]
         return "\n".join(lines)
     short = [[c if len(c) <= 60 else c[:57] + "..." for c in row] for row in cells]
     widths = [max(len(h), *(len(r[i]) for r in short)) for i, h in enumerate(HEADERS)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*HEADERS), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in short])
+    return "\n".join(
+        [fmt.format(*HEADERS), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in short]
+    )
 
 
 # ---------------------------------------------------------------- main
@@ -643,6 +728,7 @@ def input_models(text: str) -> list[str]:
 @dataclass
 class Job:
     """One recipe: its rendered file, outputs and runs."""
+
     name: str
     text: str
     rendered: str
@@ -664,8 +750,16 @@ def prepare(name: str, text: str, folders: dict[str, Path], mergekit: str, work:
     # mergekit's output depends only on the recipe, the inputs and its fixed seed: cached by
     # (mergekit, recipe text), so a rerun after ri-merge changed costs only ri-merge's time.
     key = hashlib.sha256(f"{mergekit}\n{rendered}".encode()).hexdigest()[:16]
-    return Job(name, text, rendered, recipe, slug, len(recipe_documents(rendered)) > 1,
-               work / "out" / slug / "ri", work / "mk-cache" / key)
+    return Job(
+        name,
+        text,
+        rendered,
+        recipe,
+        slug,
+        len(recipe_documents(rendered)) > 1,
+        work / "out" / slug / "ri",
+        work / "mk-cache" / key,
+    )
 
 
 def mergekit_args(job: Job, work: Path) -> list[str]:
@@ -673,7 +767,14 @@ def mergekit_args(job: Job, work: Path) -> list[str]:
     common = ["--no-copy-tokenizer", "--allow-crimes", "--random-seed", "0"]
     out = str(job.mk_cache / "model")
     if job.multi:
-        return [str(job.recipe), "--intermediate-dir", str(work / "mk-intermediate" / job.slug), "--out-path", out, *common]
+        return [
+            str(job.recipe),
+            "--intermediate-dir",
+            str(work / "mk-intermediate" / job.slug),
+            "--out-path",
+            out,
+            *common,
+        ]
     return [str(job.recipe), out, *common]
 
 
@@ -731,8 +832,16 @@ def run_mergekit_batch(jobs: list[Job], mergekit: str, work: Path, per_process: 
             job.mk = run_tool([exe, *mergekit_args(job, work)], logs / f"{job.slug}-mk.log", "mergekit")
             (job.mk_cache / "run.json").write_text(json.dumps(job.mk.__dict__))
         return
-    spec = [{"name": j.name, "multi": j.multi, "args": mergekit_args(j, work), "log": str(logs / f"{j.slug}-mk.log"),
-             "result": str(j.mk_cache / "run.json")} for j in todo]
+    spec = [
+        {
+            "name": j.name,
+            "multi": j.multi,
+            "args": mergekit_args(j, work),
+            "log": str(logs / f"{j.slug}-mk.log"),
+            "result": str(j.mk_cache / "run.json"),
+        }
+        for j in todo
+    ]
     jobs_file = work / "mk-jobs.json"
     jobs_file.write_text(json.dumps(spec))
     python = sibling_tool(mergekit, "python") or "python"
@@ -741,7 +850,7 @@ def run_mergekit_batch(jobs: list[Job], mergekit: str, work: Path, per_process: 
         result = job.mk_cache / "run.json"
         if result.exists():
             job.mk = Run(**json.loads(result.read_text()))
-            if not job.mk.ok:   # the traceback's last exception line, as for a per-process run
+            if not job.mk.ok:  # the traceback's last exception line, as for a per-process run
                 log = (logs / f"{job.slug}-mk.log").read_text()
                 job.mk.message = first_error_line(log, "mergekit")[:160]
                 result.write_text(json.dumps(job.mk.__dict__))
@@ -758,15 +867,19 @@ def compare_job(job: Job, inputs: Inputs) -> Row:
         if row.random:
             row.cmp = compare_random(job.ri_out, mk_out, inputs)
         else:
-            row.cmp = compare_deterministic(job.ri_out, mk_out, inputs, input_models(job.text), final_method, docs[-1])
+            row.cmp = compare_deterministic(
+                job.ri_out, mk_out, inputs, input_models(job.text), final_method, docs[-1]
+            )
     return row
 
 
 def mergekit_methods(mergekit_yaml: str) -> list[str]:
     """The merge methods mergekit registers (asked of its own Python)."""
     python = sibling_tool(mergekit_yaml, "python")
-    code = ("from mergekit.merge_methods import registered_methods as r; "
-            "print('\\n'.join(sorted(m.spec.name for m in r())))")
+    code = (
+        "from mergekit.merge_methods import registered_methods as r; "
+        "print('\\n'.join(sorted(m.spec.name for m in r())))"
+    )
     proc = subprocess.run([python or "python", "-c", code], capture_output=True, text=True)
     return proc.stdout.split() if proc.returncode == 0 else []
 
@@ -780,17 +893,27 @@ def ri_methods() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
-    parser.add_argument("--out", type=Path, help="also write the markdown table (and the method lists) to this file")
+    parser.add_argument(
+        "--out", type=Path, help="also write the markdown table (and the method lists) to this file"
+    )
     parser.add_argument("--only", default="", help="comma-separated recipe names (default: all)")
     parser.add_argument("--workdir", type=Path, default=REPO / "bench-data" / "parity")
-    parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="mergekit's venv (created when missing)")
+    parser.add_argument(
+        "--venv", type=Path, default=DEFAULT_VENV, help="mergekit's venv (created when missing)"
+    )
     parser.add_argument("--mergekit", default=None, help="a mergekit-yaml to use instead of the venv's")
     parser.add_argument("--no-install", action="store_true", help="fail instead of installing mergekit")
-    parser.add_argument("--reuse-ri", action="store_true",
-                        help="compare ri-merge outputs left in the workdir by an earlier run instead of merging again")
-    parser.add_argument("--mergekit-per-process", action="store_true",
-                        help="run each recipe as its own mergekit-yaml process (default: mergekit's CLI "
-                             "commands called in one process, which saves its ~10 s import per recipe)")
+    parser.add_argument(
+        "--reuse-ri",
+        action="store_true",
+        help="compare ri-merge outputs left in the workdir by an earlier run instead of merging again",
+    )
+    parser.add_argument(
+        "--mergekit-per-process",
+        action="store_true",
+        help="run each recipe as its own mergekit-yaml process (default: mergekit's CLI "
+        "commands called in one process, which saves its ~10 s import per recipe)",
+    )
     args = parser.parse_args(argv)
 
     if args.mergekit:
@@ -818,8 +941,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if job.ri_out.exists():
             shutil.rmtree(job.ri_out)
-        job.ri = run_tool(ri_merge_command(job.recipe, job.ri_out), work / "logs" / f"{job.slug}-ri.log", "ri-merge")
-        print(f"ri-merge {'ok' if job.ri.ok else 'refused'} ({job.ri.seconds:.1f}s): {job.name}", file=sys.stderr, flush=True)
+        job.ri = run_tool(
+            ri_merge_command(job.recipe, job.ri_out), work / "logs" / f"{job.slug}-ri.log", "ri-merge"
+        )
+        print(
+            f"ri-merge {'ok' if job.ri.ok else 'refused'} ({job.ri.seconds:.1f}s): {job.name}",
+            file=sys.stderr,
+            flush=True,
+        )
     run_mergekit_batch(jobs, mergekit, work, args.mergekit_per_process)
     rows = []
     for job in jobs:
@@ -828,17 +957,24 @@ def main(argv: list[str] | None = None) -> int:
 
     ours, theirs = set(ri_methods()), set(mergekit_methods(mergekit))
     summary = {
-        "both": sorted(ours & theirs), "only_mergekit": sorted(theirs - ours), "only_ri_merge": sorted(ours - theirs),
+        "both": sorted(ours & theirs),
+        "only_mergekit": sorted(theirs - ours),
+        "only_ri_merge": sorted(ours - theirs),
     }
     table = render_table(rows, args.markdown)
     print(table)
-    print(f"\nmethods in both: {', '.join(summary['both'])}\nonly in mergekit {MERGEKIT_VERSION}: "
-          f"{', '.join(summary['only_mergekit']) or '—'}\nonly in ri-merge: {', '.join(summary['only_ri_merge']) or '—'}")
+    print(
+        f"\nmethods in both: {', '.join(summary['both'])}\nonly in mergekit {MERGEKIT_VERSION}: "
+        f"{', '.join(summary['only_mergekit']) or '—'}\nonly in ri-merge: {', '.join(summary['only_ri_merge']) or '—'}"
+    )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(render_table(rows, True) + "\n")
-        (args.workdir / "parity.json").write_text(json.dumps(
-            {"rows": [dict(zip(HEADERS, row_cells(r))) for r in rows], "methods": summary}, indent=2))
+        (args.workdir / "parity.json").write_text(
+            json.dumps(
+                {"rows": [dict(zip(HEADERS, row_cells(r))) for r in rows], "methods": summary}, indent=2
+            )
+        )
     return 1 if any(r.verdict[0] == "DIFFERS" for r in rows) else 0
 
 

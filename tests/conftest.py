@@ -70,8 +70,11 @@ def family(tmp_path: Path):
 @pytest.fixture
 def recipe_for(tmp_path: Path, family):
     def make(method: str, **extra) -> Path:
-        fields = {"merge_method": method, "base_model": str(family["base"]),
-                  "models": [{"model": str(family[n])} for n in ("a", "b", "c")]}
+        fields = {
+            "merge_method": method,
+            "base_model": str(family["base"]),
+            "models": [{"model": str(family[n])} for n in ("a", "b", "c")],
+        }
         fields.update(extra)
         return write_recipe(tmp_path / f"{method}.yaml", **fields)
 
@@ -79,6 +82,7 @@ def recipe_for(tmp_path: Path, family):
 
 
 # --- the bad-input contract (tests/test_adversarial_*.py) ---------------------------------------
+
 
 def tree_digest(*paths: Path) -> dict[str, str]:
     """sha256 of every regular file under `paths` (symlinks followed): inputs must never change."""

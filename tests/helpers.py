@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from conftest import write_recipe
 
 EXPERTS = ["e0", "e1", "e2"]
@@ -15,9 +14,16 @@ EXPERTS = ["e0", "e1", "e2"]
 def vit(num_labels: int, seed: int):
     import transformers
 
-    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16,
-                                    num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
-                                    num_labels=num_labels)
+    config = transformers.ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        num_labels=num_labels,
+    )
     torch.manual_seed(seed)
     return transformers.ViTForImageClassification(config)
 
@@ -45,6 +51,11 @@ def make_classifiers(root: Path, build, label_counts: list[int], drift: float = 
 def ri_recipe(tmp_path: Path, vits, aux, method: str = "ties", **ri) -> Path:
     """A merge recipe over the tiny ViT experts with a resolve_interference section."""
     settings = {"auxiliary_data": str(aux), "steps": 20, "batch_size": 16, "lr": 1e-3, **ri}
-    return write_recipe(tmp_path / f"ri-{method}.yaml", merge_method=method, base_model=str(vits["base"]),
-                        models=[{"model": str(vits[e])} for e in EXPERTS], out_dtype="float32",
-                        resolve_interference=settings)
+    return write_recipe(
+        tmp_path / f"ri-{method}.yaml",
+        merge_method=method,
+        base_model=str(vits["base"]),
+        models=[{"model": str(vits[e])} for e in EXPERTS],
+        out_dtype="float32",
+        resolve_interference=settings,
+    )

@@ -18,10 +18,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    TINY,
+    assert_nothing_written,
+    assert_user_error,
+    read_checkpoint,
+    run_cli,
+    tree_digest,
+    write_recipe,
+)
 from safetensors.torch import save_file
 
-from conftest import (TINY, assert_nothing_written, assert_user_error, read_checkpoint, run_cli, tree_digest,
-                      write_recipe)
 from mergekit_ri.io.output import OutputLock
 from mergekit_ri.synthetic import make_family
 
@@ -32,13 +39,23 @@ def models(tmp_path: Path) -> dict[str, Path]:
 
 
 def recipe(tmp_path: Path, models: dict[str, Path], **extra) -> Path:
-    fields = {"merge_method": "task_arithmetic", "base_model": str(models["base"]),
-              "models": [{"model": str(models["a"])}, {"model": str(models["b"])}], **extra}
+    fields = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(models["base"]),
+        "models": [{"model": str(models["a"])}, {"model": str(models["b"])}],
+        **extra,
+    }
     return write_recipe(tmp_path / "recipe.yaml", **fields)
 
 
-def refused(tmp_path: Path, models: dict[str, Path], *needles: str, out: Path | None = None,
-            args: tuple[str, ...] = (), **extra) -> str:
+def refused(
+    tmp_path: Path,
+    models: dict[str, Path],
+    *needles: str,
+    out: Path | None = None,
+    args: tuple[str, ...] = (),
+    **extra,
+) -> str:
     """Run a merge that must be refused; check the whole contract; return the error line."""
     out = out or tmp_path / "out"
     before = tree_digest(*models.values())
@@ -52,14 +69,15 @@ def refused(tmp_path: Path, models: dict[str, Path], *needles: str, out: Path | 
 
 # --- damaged checkpoints -------------------------------------------------------------------------
 
+
 def rewrite_header(file: Path, edit, length: int | None = None) -> None:
     """Replace a safetensors file's JSON header by `edit(header)` (bytes or dict), data kept."""
     raw = file.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     new = edit(header)
     body = new if isinstance(new, bytes) else json.dumps(new).encode()
-    file.write_bytes(struct.pack("<Q", len(body) if length is None else length) + body + raw[8 + n:])
+    file.write_bytes(struct.pack("<Q", len(body) if length is None else length) + body + raw[8 + n :])
 
 
 def expert_file(models: dict[str, Path]) -> Path:
@@ -77,6 +95,7 @@ def shift(delta: int):
         start, end = header[name]["data_offsets"]
         header[name]["data_offsets"] = [start + delta, end + delta]
         return header
+
     return edit
 
 
@@ -91,6 +110,7 @@ def typed(value):
     def edit(header: dict) -> dict:
         header[first_two(header)[0]]["data_offsets"] = value
         return header
+
     return edit
 
 
@@ -122,8 +142,10 @@ DAMAGE = {
     "not UTF-8": (lambda h: b'{"\xff\xfe": 1}', "corrupt safetensors header"),
     "nested 100k deep": (nested, "corrupt safetensors header"),
     "a list, not an object": (lambda h: b"[]", "corrupt safetensors header"),
-    "unknown dtype": (lambda h: {k: ({**v, "dtype": "Q4"} if k != "__metadata__" else v) for k, v in h.items()},
-                      "dtype Q4"),
+    "unknown dtype": (
+        lambda h: {k: ({**v, "dtype": "Q4"} if k != "__metadata__" else v) for k, v in h.items()},
+        "dtype Q4",
+    ),
 }
 
 
@@ -159,6 +181,7 @@ def test_empty_and_tiny_files(tmp_path: Path, models) -> None:
 
 # --- indexes: path traversal and mistyped fields -------------------------------------------------
 
+
 def sharded(tmp_path: Path) -> dict[str, Path]:
     return make_family(tmp_path / "sharded", ["a", "b"], shape=TINY, dtype="bfloat16", shards=2)
 
@@ -169,8 +192,14 @@ def edit_index(folder: Path, edit) -> Path:
     return index
 
 
-@pytest.mark.parametrize("target", ["../base/model-00001-of-00002.safetensors", "/etc/passwd",
-                                    "sub/../../base/model-00001-of-00002.safetensors"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "../base/model-00001-of-00002.safetensors",
+        "/etc/passwd",
+        "sub/../../base/model-00001-of-00002.safetensors",
+    ],
+)
 def test_index_cannot_reach_outside_the_model_folder(tmp_path: Path, target: str) -> None:
     models = sharded(tmp_path)
 
@@ -198,8 +227,16 @@ def test_index_that_is_not_utf8(tmp_path: Path) -> None:
 
 # --- config.json, tokenizer_source: checked with the plan ------------------------------------------
 
-@pytest.mark.parametrize("content, needle", [(b"[1, 2]", "JSON object"), (b"\xff\xfe{}", "UTF-8"),
-                                             (b"{" * 50_000, "config.json"), (b'{"a": 1, "a": 2}', "twice")])
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b"[1, 2]", "JSON object"),
+        (b"\xff\xfe{}", "UTF-8"),
+        (b"{" * 50_000, "config.json"),
+        (b'{"a": 1, "a": 2}', "twice"),
+    ],
+)
 def test_bad_base_config(tmp_path: Path, models, content: bytes, needle: str) -> None:
     (models["base"] / "config.json").write_bytes(content)
     refused(tmp_path, models, needle, "config.json")
@@ -207,16 +244,23 @@ def test_bad_base_config(tmp_path: Path, models, content: bytes, needle: str) ->
 
 def test_bad_config_fails_the_dry_run(tmp_path: Path, models) -> None:
     (models["base"] / "config.json").write_text("[]")
-    assert_user_error(run_cli("merge", recipe(tmp_path, models), "-o", tmp_path / "out", "--dry-run"), "config.json")
+    assert_user_error(
+        run_cli("merge", recipe(tmp_path, models), "-o", tmp_path / "out", "--dry-run"), "config.json"
+    )
 
 
 def test_unknown_tokenizer_source_fails_before_any_weight(tmp_path: Path, models) -> None:
-    assert_user_error(run_cli("merge", recipe(tmp_path, models, tokenizer_source="nope"), "-o", tmp_path / "o", "--dry-run"),
-                      "tokenizer_source 'nope'")
+    assert_user_error(
+        run_cli(
+            "merge", recipe(tmp_path, models, tokenizer_source="nope"), "-o", tmp_path / "o", "--dry-run"
+        ),
+        "tokenizer_source 'nope'",
+    )
     refused(tmp_path, models, "tokenizer_source", tokenizer_source="nope")
 
 
 # --- non-finite weights ----------------------------------------------------------------------------
+
 
 def poison(folder: Path, name: str, value: float) -> None:
     file = folder / "model.safetensors"
@@ -241,8 +285,9 @@ def test_nonfinite_expert_weights_stop_the_merge(tmp_path: Path, models, value: 
 
 @pytest.mark.parametrize("kernels", ["auto", "torch"])
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
-def test_nonfinite_found_in_row_blocks_and_streamed_tensors(tmp_path: Path, models, monkeypatch, kernels: str,
-                                                            method: str) -> None:
+def test_nonfinite_found_in_row_blocks_and_streamed_tensors(
+    tmp_path: Path, models, monkeypatch, kernels: str, method: str
+) -> None:
     """Big tensors are merged by row blocks (element-wise methods) or read by row chunks (TIES):
     the C kernel's check and the torch one both see every chunk, wherever the bad entry is."""
     import mergekit_ri.reading as reading
@@ -278,9 +323,14 @@ def test_nonfinite_weights_merged_on_request_with_a_warning(tmp_path: Path, mode
 
 # --- things that are not regular files ---------------------------------------------------------------
 
+
 def run_subprocess(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mergekit_ri.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "mergekit_ri.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.parametrize("where", ["model path", "shard in folder"])
@@ -289,8 +339,14 @@ def test_fifo_is_refused_without_hanging(tmp_path: Path, models, where: str) -> 
     if fifo.exists():
         fifo.unlink()
     os.mkfifo(fifo)
-    fields = {"merge_method": "task_arithmetic", "base_model": str(models["base"]),
-              "models": [{"model": str(fifo if where == "model path" else models["a"])}, {"model": str(models["b"])}]}
+    fields = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(models["base"]),
+        "models": [
+            {"model": str(fifo if where == "model path" else models["a"])},
+            {"model": str(models["b"])},
+        ],
+    }
     result = run_subprocess(write_recipe(tmp_path / "r.yaml", **fields), "-o", tmp_path / "out", timeout=60)
     assert result.returncode == 2, result.stderr
     assert "FIFO" in result.stderr and str(fifo) in result.stderr
@@ -313,18 +369,28 @@ def test_pickled_checkpoint_is_never_unpickled(tmp_path: Path, models) -> None:
     evil.mkdir()
     (evil / "pytorch_model.bin").write_bytes(pickle.dumps(Payload(marker)))
     (evil / "config.json").write_text((models["a"] / "config.json").read_text())
-    fields = {"merge_method": "task_arithmetic", "base_model": str(models["base"]),
-              "models": [{"model": str(evil)}, {"model": str(models["b"])}]}
-    assert_user_error(run_cli("merge", write_recipe(tmp_path / "r.yaml", **fields), "-o", tmp_path / "out"), "pickled")
+    fields = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(models["base"]),
+        "models": [{"model": str(evil)}, {"model": str(models["b"])}],
+    }
+    assert_user_error(
+        run_cli("merge", write_recipe(tmp_path / "r.yaml", **fields), "-o", tmp_path / "out"), "pickled"
+    )
     assert not marker.exists()
 
 
 # --- hostile output targets ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("where", ["expert", "inside expert", "base", "above the models"])
 def test_output_never_touches_an_input(tmp_path: Path, models, where: str) -> None:
-    out = {"expert": models["a"], "inside expert": models["a"] / "sub", "base": models["base"],
-           "above the models": models["a"].parent}[where]
+    out = {
+        "expert": models["a"],
+        "inside expert": models["a"] / "sub",
+        "base": models["base"],
+        "above the models": models["a"].parent,
+    }[where]
     before = tree_digest(*models.values())
     result = run_cli("merge", recipe(tmp_path, models), "-o", out, "--force")
     assert_user_error(result, str(out))
@@ -371,7 +437,9 @@ def test_output_name_near_the_limit_works(tmp_path: Path, models) -> None:
 def test_output_locked_by_another_merge(tmp_path: Path, models) -> None:
     out = tmp_path / "out"
     with OutputLock(out):
-        line = assert_user_error(run_cli("merge", recipe(tmp_path, models), "-o", out), "another ri-merge", str(out))
+        line = assert_user_error(
+            run_cli("merge", recipe(tmp_path, models), "-o", out), "another ri-merge", str(out)
+        )
     assert str(os.getpid()) in line
     assert not out.exists()
     assert run_cli("merge", recipe(tmp_path, models), "-o", out).code == 0
@@ -381,8 +449,15 @@ def test_two_merges_racing_for_one_output(tmp_path: Path, models) -> None:
     """Both start at once: one writes the output, the other is refused; none is renamed away."""
     path = recipe(tmp_path, models)
     out = tmp_path / "out"
-    procs = [subprocess.Popen([sys.executable, "-m", "mergekit_ri.cli", str(path), "-o", str(out), "-q"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "mergekit_ri.cli", str(path), "-o", str(out), "-q"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _ in results)
     assert codes == [0, 2], results
@@ -418,7 +493,9 @@ def test_killed_merges_leave_nothing_that_looks_complete_and_rerun_cleans_up(tmp
     out = tmp_path / "out"
     before = tree_digest(*models.values())
     for delay in (0.5, 1.5, 3.0):
-        proc = subprocess.Popen([sys.executable, "-m", "mergekit_ri.cli", str(path), "-o", str(out), "-q", "--force"])
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mergekit_ri.cli", str(path), "-o", str(out), "-q", "--force"]
+        )
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -433,6 +510,7 @@ def test_killed_merges_leave_nothing_that_looks_complete_and_rerun_cleans_up(tmp
 
 
 # --- the machine's doing: full disk, read-only folder -------------------------------------------------
+
 
 def small_mount(path: Path, options: str) -> None:
     path.mkdir()
@@ -478,6 +556,7 @@ def test_disk_filling_during_the_merge_names_the_output(tmp_path: Path, models, 
 
 
 # --- RI: the experts as given are inputs too, though the merge reads adapted copies ----------------
+
 
 @pytest.mark.parametrize("where", ["expert", "inside expert", "auxiliary data"])
 def test_ri_output_never_touches_the_original_experts(tmp_path: Path, where: str, monkeypatch) -> None:

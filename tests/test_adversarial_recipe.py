@@ -14,16 +14,18 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-
 from conftest import assert_nothing_written, assert_user_error, run_cli, tree_digest, write_recipe
+
 from mergekit_ri.errors import UserError
 from mergekit_ri.recipe import MAX_NODES, Recipe, load_recipe, parse_recipe, parse_recipe_text
 
 
 def _yaml(family: dict, extra: str = "", method: str = "ties") -> str:
     """A valid recipe over two experts, followed by `extra` top-level YAML."""
-    return (f"merge_method: {method}\nbase_model: {json.dumps(str(family['base']))}\nmodels:\n"
-            f"  - model: {json.dumps(str(family['a']))}\n  - model: {json.dumps(str(family['b']))}\n{extra}")
+    return (
+        f"merge_method: {method}\nbase_model: {json.dumps(str(family['base']))}\nmodels:\n"
+        f"  - model: {json.dumps(str(family['a']))}\n  - model: {json.dumps(str(family['b']))}\n{extra}"
+    )
 
 
 def _second_model_with(family: dict, parameters: str) -> str:
@@ -61,6 +63,7 @@ def _bomb(levels: int, width: int = 9) -> str:
 
 
 # --- 1. alias bombs ---------------------------------------------------------------------------
+
 
 def test_an_alias_bomb_is_refused_naming_the_file(tmp_path, family):
     recipe = _write(tmp_path, _yaml(family, "parameters:\n  weight: 1.0\n") + _bomb(9))
@@ -104,7 +107,8 @@ def test_anchors_and_merge_keys_of_real_recipes_still_load(family):
     text = _yaml(family, "parameters:\n  weight: &w 0.5\n  density: *w\n").replace(
         f"  - model: {json.dumps(str(family['b']))}\n",
         f"  - model: {json.dumps(str(family['b']))}\n    parameters: &p {{weight: 0.7, density: 0.3}}\n"
-        f"  - model: {json.dumps(str(family['c']))}\n    parameters: {{<<: *p, weight: 0.9}}\n")
+        f"  - model: {json.dumps(str(family['c']))}\n    parameters: {{<<: *p, weight: 0.9}}\n",
+    )
     recipe = parse_recipe_text(text, "ok.yaml")
     assert recipe.parameters == {"weight": 0.5, "density": 0.5}
     assert recipe.models[2].parameters == {"weight": 0.9, "density": 0.3}
@@ -112,17 +116,23 @@ def test_anchors_and_merge_keys_of_real_recipes_still_load(family):
 
 # --- 2. duplicate keys ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra, needles", [
-    ("models:\n  - model: x\n", ["duplicate key 'models'", "line 6", "line 3"]),
-    ("parameters:\n  lambda: 1.0\n  density: 0.5\n  lambda: 2.0\n", ["duplicate key 'lambda'", "line 9"]),
-    ("parameters: {density: 0.5, density: 0.7}\n", ["duplicate key 'density'"]),
-], ids=["models-twice", "parameter-twice", "flow-mapping"])
+
+@pytest.mark.parametrize(
+    "extra, needles",
+    [
+        ("models:\n  - model: x\n", ["duplicate key 'models'", "line 6", "line 3"]),
+        ("parameters:\n  lambda: 1.0\n  density: 0.5\n  lambda: 2.0\n", ["duplicate key 'lambda'", "line 9"]),
+        ("parameters: {density: 0.5, density: 0.7}\n", ["duplicate key 'density'"]),
+    ],
+    ids=["models-twice", "parameter-twice", "flow-mapping"],
+)
 def test_a_key_given_twice_is_refused_naming_it_and_its_line(tmp_path, family, extra, needles):
     recipe = _write(tmp_path, _yaml(family, extra))
     _refused(tmp_path, family, recipe, str(recipe), *needles)
 
 
 # --- 3. deep nesting, bytes that are not UTF-8, files that are not files ------------------------
+
 
 @pytest.mark.parametrize("depth", [40, 5000])
 def test_deep_nesting_is_refused_without_a_recursion_error(tmp_path, family, depth):
@@ -165,29 +175,58 @@ def test_a_huge_recipe_is_refused_unread(tmp_path, family):
 
 # --- 4. NaN, Inf and ranges -------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra, needles", [
-    ("parameters:\n  weight: .nan\n", ["parameters.weight", "nan", "finite"]),
-    ("parameters:\n  weight: .inf\n", ["parameters.weight", "inf", "finite"]),
-    ("parameters:\n  lambda: .nan\n", ["parameters.lambda", "finite"]),
-    ("parameters:\n  lambda: -.inf\n", ["parameters.lambda", "finite"]),
-    ("parameters:\n  density: [0.2, .nan]\n", ["parameters.density[1]", "finite"]),
-    ("parameters:\n  weight:\n    - filter: mlp\n      value: .inf\n    - value: 1.0\n",
-     ["parameters.weight[0].value", "finite"]),
-    ("parameters:\n  lambda: 1.0e+39\n", ["parameters.lambda", "float32"]),
-    ("parameters:\n  weight: 1" + "0" * 400 + "\n", ["parameters.weight", "float32"]),
-    ("parameters:\n  lambda: 1e5\n", ["parameters.lambda", "1.0e+5"]),
-    ("parameters:\n  density: [0.2, 1.5]\n", ["parameters.density", "1.5", "[0, 1]"]),
-    ("parameters:\n  density: -0.1\n", ["parameters.density", "-0.1", "[0, 1]"]),
-    ("out_shard_size: .inf\n", ["out_shard_size"]),
-    ("out_shard_size: " + "9" * 400 + "GB\n", ["out_shard_size", "cannot read size"]),
-    ("resolve_interference: {auxiliary_data: gaussian, lr: .nan}\n", ["resolve_interference.lr", "finite"]),
-    ("resolve_interference: {auxiliary_data: gaussian, alpha: .inf}\n",
-     ["resolve_interference.alpha", "finite"]),
-    ("resolve_interference: {auxiliary_data: gaussian, weight_decay: 'nan'}\n",
-     ["resolve_interference.weight_decay", "finite"]),
-], ids=["weight-nan", "weight-inf", "lambda-nan", "lambda-minus-inf", "gradient-nan", "filtered-inf",
-        "beyond-float32", "huge-int", "exponent-text", "gradient-range", "density-negative", "shard-inf",
-        "shard-huge", "ri-lr-nan", "ri-alpha-inf", "ri-nan-string"])
+
+@pytest.mark.parametrize(
+    "extra, needles",
+    [
+        ("parameters:\n  weight: .nan\n", ["parameters.weight", "nan", "finite"]),
+        ("parameters:\n  weight: .inf\n", ["parameters.weight", "inf", "finite"]),
+        ("parameters:\n  lambda: .nan\n", ["parameters.lambda", "finite"]),
+        ("parameters:\n  lambda: -.inf\n", ["parameters.lambda", "finite"]),
+        ("parameters:\n  density: [0.2, .nan]\n", ["parameters.density[1]", "finite"]),
+        (
+            "parameters:\n  weight:\n    - filter: mlp\n      value: .inf\n    - value: 1.0\n",
+            ["parameters.weight[0].value", "finite"],
+        ),
+        ("parameters:\n  lambda: 1.0e+39\n", ["parameters.lambda", "float32"]),
+        ("parameters:\n  weight: 1" + "0" * 400 + "\n", ["parameters.weight", "float32"]),
+        ("parameters:\n  lambda: 1e5\n", ["parameters.lambda", "1.0e+5"]),
+        ("parameters:\n  density: [0.2, 1.5]\n", ["parameters.density", "1.5", "[0, 1]"]),
+        ("parameters:\n  density: -0.1\n", ["parameters.density", "-0.1", "[0, 1]"]),
+        ("out_shard_size: .inf\n", ["out_shard_size"]),
+        ("out_shard_size: " + "9" * 400 + "GB\n", ["out_shard_size", "cannot read size"]),
+        (
+            "resolve_interference: {auxiliary_data: gaussian, lr: .nan}\n",
+            ["resolve_interference.lr", "finite"],
+        ),
+        (
+            "resolve_interference: {auxiliary_data: gaussian, alpha: .inf}\n",
+            ["resolve_interference.alpha", "finite"],
+        ),
+        (
+            "resolve_interference: {auxiliary_data: gaussian, weight_decay: 'nan'}\n",
+            ["resolve_interference.weight_decay", "finite"],
+        ),
+    ],
+    ids=[
+        "weight-nan",
+        "weight-inf",
+        "lambda-nan",
+        "lambda-minus-inf",
+        "gradient-nan",
+        "filtered-inf",
+        "beyond-float32",
+        "huge-int",
+        "exponent-text",
+        "gradient-range",
+        "density-negative",
+        "shard-inf",
+        "shard-huge",
+        "ri-lr-nan",
+        "ri-alpha-inf",
+        "ri-nan-string",
+    ],
+)
 def test_non_finite_and_out_of_range_numbers_are_refused(tmp_path, family, extra, needles):
     recipe = _write(tmp_path, _yaml(family, extra))
     _refused(tmp_path, family, recipe, str(recipe), *needles)
@@ -198,18 +237,22 @@ def test_a_non_finite_per_model_value_is_refused(tmp_path, family):
     _refused(tmp_path, family, recipe, "models[1].parameters.weight", "finite")
 
 
-@pytest.mark.parametrize("method, parameters, needles", [
-    ("wudi2", {"momentum": 1.5}, ["parameters.momentum", "[0, 1]"]),
-    ("wudi", {"rank_ratio": 2.0}, ["parameters.rank_ratio", "[0, 1]"]),
-    ("wudi", {"iterations": 2.5}, ["parameters.iterations", "whole number"]),
-    ("wudi", {"iterations": [10, 20]}, ["parameters.iterations", "whole number"]),
-    ("wudi", {"lr": -1e-3}, ["parameters.lr", ">= 0"]),
-    ("wudi", {"t": -1}, ["parameters.t", ">= 0"]),
-    ("iso_cts", {"common_space_fraction": 1.2}, ["parameters.common_space_fraction", "[0, 1]"]),
-    ("tsv", {"alpha": float("nan")}, ["parameters.alpha", "finite"]),
-])
-def test_method_parameters_keep_to_their_declared_ranges(tmp_path, family, recipe_for, method, parameters,
-                                                        needles):
+@pytest.mark.parametrize(
+    "method, parameters, needles",
+    [
+        ("wudi2", {"momentum": 1.5}, ["parameters.momentum", "[0, 1]"]),
+        ("wudi", {"rank_ratio": 2.0}, ["parameters.rank_ratio", "[0, 1]"]),
+        ("wudi", {"iterations": 2.5}, ["parameters.iterations", "whole number"]),
+        ("wudi", {"iterations": [10, 20]}, ["parameters.iterations", "whole number"]),
+        ("wudi", {"lr": -1e-3}, ["parameters.lr", ">= 0"]),
+        ("wudi", {"t": -1}, ["parameters.t", ">= 0"]),
+        ("iso_cts", {"common_space_fraction": 1.2}, ["parameters.common_space_fraction", "[0, 1]"]),
+        ("tsv", {"alpha": float("nan")}, ["parameters.alpha", "finite"]),
+    ],
+)
+def test_method_parameters_keep_to_their_declared_ranges(
+    tmp_path, family, recipe_for, method, parameters, needles
+):
     recipe = recipe_for(method, parameters=parameters)
     _refused(tmp_path, family, recipe, str(recipe), *needles)
 
@@ -229,10 +272,15 @@ def test_methods_listing_shows_the_ranges():
 
 # --- 5. empty lists ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra, field", [
-    ("parameters:\n  density: []\n", "parameters.density"),
-    ("parameters:\n  weight:\n    - filter: mlp\n      value: []\n", "parameters.weight[0].value"),
-], ids=["gradient", "filtered-value"])
+
+@pytest.mark.parametrize(
+    "extra, field",
+    [
+        ("parameters:\n  density: []\n", "parameters.density"),
+        ("parameters:\n  weight:\n    - filter: mlp\n      value: []\n", "parameters.weight[0].value"),
+    ],
+    ids=["gradient", "filtered-value"],
+)
 def test_an_empty_list_is_refused_not_taken_as_the_default(tmp_path, family, extra, field):
     recipe = _write(tmp_path, _yaml(family, extra))
     _refused(tmp_path, family, recipe, str(recipe), field, "empty list")
@@ -240,43 +288,76 @@ def test_an_empty_list_is_refused_not_taken_as_the_default(tmp_path, family, ext
 
 # --- 6. types ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra, needles", [
-    ("parameters:\n  lambda: abc\n", ["parameters.lambda: expected a number, got 'abc'"]),
-    ("parameters:\n  lambda: '1.0'\n", ["parameters.lambda: expected a number, got '1.0'"]),
-    ("parameters:\n  normalize: 'false'\n", ["parameters.normalize", "true or false", "'false'"]),
-    ("parameters:\n  normalize: 0.5\n", ["parameters.normalize", "true or false"]),
-    ("parameters:\n  normalize: [1, 0.5]\n", ["parameters.normalize[1]", "true or false", "0.5"]),
-    ("parameters:\n  weight: true\n", ["parameters.weight", "expected a number", "True"]),
-    ("parameters:\n  density: [0.5, true]\n", ["parameters.density[1]", "expected a number", "True"]),
-    ("parameters:\n  density: [0.5, '0.3']\n", ["parameters.density[1]", "expected a number", "'0.3'"]),
-    ("parameters:\n  trim_scope: 1\n", ["parameters.trim_scope", "tensor, model", "got 1"]),
-    ("parameters:\n  weight: null\n", ["parameters.weight", "null"]),
-    ("parameters:\n  weight: {a: 1}\n", ["parameters.weight", "mapping"]),
-    ("parameters:\n  weight:\n    - filter: 3\n      value: 1\n", ["parameters.weight[0].filter", "text"]),
-    ("parameters:\n  weight:\n    - filter: mlp\n", ["parameters.weight[0]", "needs a 'value'"]),
-    ("parameters:\n  weight:\n    - filter: mlp\n      value: x\n",
-     ["parameters.weight", "filter 'mlp'", "'x'"]),
-    ("parameters: [1, 2]\n", ["parameters", "mapping"]),
-    ("seed: .nan\n", ["seed"]),
-    ("seed: 1" + "0" * 30 + "\n", ["seed", "less than"]),
-    ("resolve_interference: {auxiliary_data: gaussian, steps: 1" + "0" * 30 + "}\n",
-     ["resolve_interference.steps", "less than"]),
-    ("on_nonfinite: ignore\n", ["on_nonfinite", "'error' or 'warn'"]),
-    ("merge_method: [ties]\n", ["duplicate key 'merge_method'"]),
-], ids=["lambda-word", "lambda-quoted", "bool-string", "bool-fraction", "bool-gradient", "number-bool",
-        "gradient-bool", "gradient-string", "choice-number", "null", "mapping", "filter-number",
-        "filter-no-value", "filtered-word", "parameters-list", "seed-nan", "seed-huge", "ri-steps-huge",
-        "on-nonfinite", "method-twice"])
+
+@pytest.mark.parametrize(
+    "extra, needles",
+    [
+        ("parameters:\n  lambda: abc\n", ["parameters.lambda: expected a number, got 'abc'"]),
+        ("parameters:\n  lambda: '1.0'\n", ["parameters.lambda: expected a number, got '1.0'"]),
+        ("parameters:\n  normalize: 'false'\n", ["parameters.normalize", "true or false", "'false'"]),
+        ("parameters:\n  normalize: 0.5\n", ["parameters.normalize", "true or false"]),
+        ("parameters:\n  normalize: [1, 0.5]\n", ["parameters.normalize[1]", "true or false", "0.5"]),
+        ("parameters:\n  weight: true\n", ["parameters.weight", "expected a number", "True"]),
+        ("parameters:\n  density: [0.5, true]\n", ["parameters.density[1]", "expected a number", "True"]),
+        ("parameters:\n  density: [0.5, '0.3']\n", ["parameters.density[1]", "expected a number", "'0.3'"]),
+        ("parameters:\n  trim_scope: 1\n", ["parameters.trim_scope", "tensor, model", "got 1"]),
+        ("parameters:\n  weight: null\n", ["parameters.weight", "null"]),
+        ("parameters:\n  weight: {a: 1}\n", ["parameters.weight", "mapping"]),
+        (
+            "parameters:\n  weight:\n    - filter: 3\n      value: 1\n",
+            ["parameters.weight[0].filter", "text"],
+        ),
+        ("parameters:\n  weight:\n    - filter: mlp\n", ["parameters.weight[0]", "needs a 'value'"]),
+        (
+            "parameters:\n  weight:\n    - filter: mlp\n      value: x\n",
+            ["parameters.weight", "filter 'mlp'", "'x'"],
+        ),
+        ("parameters: [1, 2]\n", ["parameters", "mapping"]),
+        ("seed: .nan\n", ["seed"]),
+        ("seed: 1" + "0" * 30 + "\n", ["seed", "less than"]),
+        (
+            "resolve_interference: {auxiliary_data: gaussian, steps: 1" + "0" * 30 + "}\n",
+            ["resolve_interference.steps", "less than"],
+        ),
+        ("on_nonfinite: ignore\n", ["on_nonfinite", "'error' or 'warn'"]),
+        ("merge_method: [ties]\n", ["duplicate key 'merge_method'"]),
+    ],
+    ids=[
+        "lambda-word",
+        "lambda-quoted",
+        "bool-string",
+        "bool-fraction",
+        "bool-gradient",
+        "number-bool",
+        "gradient-bool",
+        "gradient-string",
+        "choice-number",
+        "null",
+        "mapping",
+        "filter-number",
+        "filter-no-value",
+        "filtered-word",
+        "parameters-list",
+        "seed-nan",
+        "seed-huge",
+        "ri-steps-huge",
+        "on-nonfinite",
+        "method-twice",
+    ],
+)
 def test_mistyped_values_are_refused_naming_the_field(tmp_path, family, extra, needles):
     recipe = _write(tmp_path, _yaml(family, extra))
     _refused(tmp_path, family, recipe, str(recipe), *needles)
 
 
-@pytest.mark.parametrize("value, needles", [
-    ("x", ["models[1].parameters.weight", "'x'"]),
-    ("[]", ["models[1].parameters.weight", "empty list"]),
-    ("[1, abc]", ["models[1].parameters.weight[1]", "'abc'"]),
-])
+@pytest.mark.parametrize(
+    "value, needles",
+    [
+        ("x", ["models[1].parameters.weight", "'x'"]),
+        ("[]", ["models[1].parameters.weight", "empty list"]),
+        ("[1, abc]", ["models[1].parameters.weight[1]", "'abc'"]),
+    ],
+)
 def test_mistyped_per_model_values_are_refused(tmp_path, family, value, needles):
     _refused(tmp_path, family, _write(tmp_path, _second_model_with(family, f"{{weight: {value}}}")), *needles)
 
@@ -289,6 +370,7 @@ def test_hostile_text_in_a_message_stays_on_one_short_line(tmp_path, family):
 
 
 # --- 7. on_nonfinite, 8. the library entry points ------------------------------------------------
+
 
 def test_on_nonfinite_defaults_to_error_and_takes_warn(family):
     assert parse_recipe_text(_yaml(family)).on_nonfinite == "error"
@@ -310,12 +392,22 @@ def test_parse_recipe_text_and_parse_recipe_agree_with_load_recipe(tmp_path, fam
 
 def test_valid_mergekit_recipe_loads_unchanged(tmp_path, family):
     recipe = write_recipe(
-        tmp_path / "mk.yaml", merge_method="ties", base_model=str(family["base"]),
-        models=[{"model": str(family["a"]), "parameters": {"weight": 1.0, "density": [0.3, 0.1]}},
-                {"model": str(family["b"]), "parameters": {"weight": -0.2, "density": 1}}],
-        parameters={"lambda": 1.0, "normalize": True,
-                    "weight": [{"filter": "self_attn", "value": [0.5, 1.0]}, {"value": 0.8}]},
-        dtype="bfloat16", out_dtype="bfloat16", tokenizer_source="base")
+        tmp_path / "mk.yaml",
+        merge_method="ties",
+        base_model=str(family["base"]),
+        models=[
+            {"model": str(family["a"]), "parameters": {"weight": 1.0, "density": [0.3, 0.1]}},
+            {"model": str(family["b"]), "parameters": {"weight": -0.2, "density": 1}},
+        ],
+        parameters={
+            "lambda": 1.0,
+            "normalize": True,
+            "weight": [{"filter": "self_attn", "value": [0.5, 1.0]}, {"value": 0.8}],
+        },
+        dtype="bfloat16",
+        out_dtype="bfloat16",
+        tokenizer_source="base",
+    )
     loaded = load_recipe(recipe)
     assert isinstance(loaded, Recipe) and loaded.models[1].parameters["density"] == 1
     result = run_cli("merge", recipe, "-o", tmp_path / "out", "-q")

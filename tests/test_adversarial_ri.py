@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import assert_nothing_written, assert_user_error, read_checkpoint, run_cli, tree_digest
 from helpers import EXPERTS, make_classifiers, ri_recipe, vit
+from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 from mergekit_ri.ri import data as ri_data  # noqa: E402
@@ -43,6 +42,7 @@ def inputs_of(clean) -> dict[str, str]:
 
 # --- non-finite auxiliary data and training ------------------------------------------------------
 
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_auxiliary_data_is_refused_with_the_first_bad_example(tmp_path, clean, monkeypatch, bad):
     monkeypatch.setattr(ri_data, "SCAN_BYTES", 4 * 64 * 5)  # five examples a chunk: the bad one is in the 6th
@@ -72,7 +72,8 @@ def test_a_diverging_expert_stops_the_merge_and_caches_nothing(tmp_path, clean):
     assert_user_error(result, "expert 'e1'", "step 1 of 3")
     assert_nothing_written(tmp_path / "out")
     assert not (tmp_path / "cache" / "ri").exists() or not [
-        p for p in (tmp_path / "cache" / "ri").rglob("*") if p.is_dir() and p.name.startswith("e1")]
+        p for p in (tmp_path / "cache" / "ri").rglob("*") if p.is_dir() and p.name.startswith("e1")
+    ]
     assert not [p for p in (tmp_path / "cache").rglob("*") if ".partial-" in p.name]
     assert tree_digest(tmp_path / "vit", clean["aux"]) == before
 
@@ -100,6 +101,7 @@ def test_weights_made_non_finite_by_the_last_step_are_not_cached(tmp_path, clean
 
 # --- damaged cache entries -----------------------------------------------------------------------
 
+
 def flip_bytes(folder: Path) -> None:
     """Tamper with tensor data (past the header): the file still loads, with other weights."""
     path = folder / "model.safetensors"
@@ -126,10 +128,16 @@ def add_file(folder: Path) -> None:
     (folder / "model-00002-of-00002.safetensors").write_bytes(b"planted")
 
 
-@pytest.mark.parametrize("damage, reason", [
-    (flip_bytes, "sha256"), (truncate, "wrong size"), (drop_manifest, "no manifest"),
-    (garble_manifest, "unreadable manifest"), (add_file, "differ"),
-])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (flip_bytes, "sha256"),
+        (truncate, "wrong size"),
+        (drop_manifest, "no manifest"),
+        (garble_manifest, "unreadable manifest"),
+        (add_file, "differ"),
+    ],
+)
 def test_a_damaged_entry_is_retrained_and_the_merge_equals_a_clean_run(tmp_path, clean, damage, reason):
     cache = tmp_path / "cache"
     shutil.copytree(clean["root"] / "cache", cache)
@@ -162,13 +170,19 @@ def test_every_published_entry_has_a_manifest_that_checks(clean):
         assert is_cached(entry)
 
 
-@pytest.mark.parametrize("field, value", [("lr", 1e38), ("lr", 2.0), ("alpha", 1e300), ("weight_decay", 1e39)])
+@pytest.mark.parametrize(
+    "field, value", [("lr", 1e38), ("lr", 2.0), ("alpha", 1e300), ("weight_decay", 1e39)]
+)
 def test_ri_settings_beyond_what_training_can_take_are_refused(tmp_path, field, value):
     """A learning rate of 1e38 crashed inside torch's optimiser (exit 1) after the experts loaded."""
     from mergekit_ri.errors import UserError
     from mergekit_ri.recipe import parse_recipe
 
-    recipe = {"merge_method": "ties", "base_model": "b", "models": [{"model": "a"}, {"model": "c"}],
-              "resolve_interference": {"auxiliary_data": "x", field: value}}
+    recipe = {
+        "merge_method": "ties",
+        "base_model": "b",
+        "models": [{"model": "a"}, {"model": "c"}],
+        "resolve_interference": {"auxiliary_data": "x", field: value},
+    }
     with pytest.raises(UserError, match=f"resolve_interference.{field}"):
         parse_recipe(recipe, "r.yaml")

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import run_cli, write_recipe
 
 import mergekit_ri as m
-from conftest import run_cli, write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,8 +62,10 @@ def test_merging_the_demo_recipe_works_from_a_fresh_process(tmp_path):
 
 
 def test_importing_the_package_stays_cheap():
-    code = ("import sys, mergekit_ri as m; m.UserError; "
-            "print('torch' in sys.modules, 'mergekit_ri.api' in sys.modules)")
+    code = (
+        "import sys, mergekit_ri as m; m.UserError; "
+        "print('torch' in sys.modules, 'mergekit_ri.api' in sys.modules)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.split() == ["False", "False"]
 
@@ -106,13 +108,18 @@ def test_user_errors_carry_the_cli_line(tmp_path, recipe_for, family, case):
     out = tmp_path / "out"
     recipe = recipe_for("ties")
     if case == "unknown-method":
-        recipe = write_recipe(tmp_path / "bad.yaml", merge_method="tiez",
-                              models=[{"model": str(family["a"])}])
+        recipe = write_recipe(
+            tmp_path / "bad.yaml", merge_method="tiez", models=[{"model": str(family["a"])}]
+        )
     elif case == "missing-recipe":
         recipe = tmp_path / "nope.yaml"
     elif case == "missing-model":
-        recipe = write_recipe(tmp_path / "bad.yaml", merge_method="ties", base_model=str(family["base"]),
-                              models=[{"model": str(tmp_path / "no-such-model")}])
+        recipe = write_recipe(
+            tmp_path / "bad.yaml",
+            merge_method="ties",
+            base_model=str(family["base"]),
+            models=[{"model": str(tmp_path / "no-such-model")}],
+        )
     else:
         out.mkdir()
         (out / "keep.txt").write_text("mine")
@@ -152,8 +159,12 @@ def test_events_report_the_plan_then_progress_adding_up_to_the_total(tmp_path, r
 
 def test_layer_figures_with_report_layers(tmp_path, recipe_for):
     events = Recorder()
-    result = m.merge(recipe_for("wudi", out_dtype="float32"), tmp_path / "out",
-                     options=m.MergeOptions(report_layers=True), events=events)
+    result = m.merge(
+        recipe_for("wudi", out_dtype="float32"),
+        tmp_path / "out",
+        options=m.MergeOptions(report_layers=True),
+        events=events,
+    )
     layers = {c[1]: c[2] for c in events.calls if c[0] == "layer"}
     assert layers and layers == result.layers
     assert all(f["loss_after"] <= f["loss_before"] for f in layers.values())
@@ -166,8 +177,9 @@ def test_files_list_every_written_file_with_its_size_and_sha256(tmp_path, recipe
     for record in result.files:
         data = on_disk[record.name]
         assert record.size == len(data) and record.sha256 == hashlib.sha256(data).hexdigest()
-    quick = m.merge(recipe_for("task_arithmetic"), tmp_path / "quick",
-                    options=m.MergeOptions(checksums=False))
+    quick = m.merge(
+        recipe_for("task_arithmetic"), tmp_path / "quick", options=m.MergeOptions(checksums=False)
+    )
     assert quick.files and all(f.sha256 is None for f in quick.files)
 
 
@@ -177,7 +189,8 @@ def test_cli_json_keeps_files_and_adds_the_manifest(tmp_path, recipe_for):
     assert summary["files"] == sorted(p.name for p in (tmp_path / "out").iterdir())
     on_disk = tree(tmp_path / "out")
     assert {f["name"]: (f["size"], f["sha256"]) for f in summary["manifest"]} == {
-        name: (len(data), hashlib.sha256(data).hexdigest()) for name, data in on_disk.items()}
+        name: (len(data), hashlib.sha256(data).hexdigest()) for name, data in on_disk.items()
+    }
 
 
 def test_options_are_frozen_checked_and_threads_restored(tmp_path, recipe_for):

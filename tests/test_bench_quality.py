@@ -24,8 +24,12 @@ METHODS = "task_arithmetic,ties"
 
 
 def bench(out: Path, *args: str) -> dict:
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--small", "--out", str(out), *args],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--small", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "quality.json").read_text())
 

@@ -25,8 +25,13 @@ def job_steps() -> list[dict]:
 
 def run_step(script: str, cwd: Path) -> subprocess.CompletedProcess:
     bin_dir = str(Path(sys.executable).parent)
-    return subprocess.run(["bash", "-e", "-c", script], cwd=cwd, capture_output=True, text=True,
-                          env={"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(cwd)})
+    return subprocess.run(
+        ["bash", "-e", "-c", script],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(cwd)},
+    )
 
 
 def runnable(step: dict) -> bool:
@@ -64,8 +69,9 @@ def test_the_check_step_catches_a_changed_file(tmp_path: Path) -> None:
 
 def test_the_validate_step_fails_fast_on_a_bad_recipe(tmp_path: Path) -> None:
     cwd = workspace(tmp_path)
-    (cwd / "recipe.yaml").write_text((cwd / "recipe.yaml").read_text().replace("merge_method: ties",
-                                                                                  "merge_method: tie"))
+    (cwd / "recipe.yaml").write_text(
+        (cwd / "recipe.yaml").read_text().replace("merge_method: ties", "merge_method: tie")
+    )
     validate = next(s for s in job_steps() if s.get("name", "").startswith("Validate"))
     done = run_step(validate["run"], cwd)
     assert done.returncode == 2 and "did you mean 'ties'" in done.stderr

@@ -4,7 +4,6 @@ artifacts beside the weights, transformers loading the result, and interrupted m
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,8 +11,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from conftest import TINY, read_checkpoint, run_cli, write_recipe
+
 from mergekit_ri.synthetic import LlamaShape, make_family
 
 CLI = [sys.executable, "-m", "mergekit_ri.cli"]
@@ -21,22 +20,30 @@ CLI = [sys.executable, "-m", "mergekit_ri.cli"]
 
 def test_the_command_keeps_its_exit_codes_and_output_through_the_fast_exit(tmp_path, recipe_for):
     """`ri-merge` ends with os._exit after flushing: exit codes and every printed line survive."""
-    bad = subprocess.run([*CLI, str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "x")], capture_output=True, text=True)
+    bad = subprocess.run(
+        [*CLI, str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "x")], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
     assert subprocess.run([*CLI, "merge", "--no-such-flag"], capture_output=True, text=True).returncode == 2
     version = subprocess.run([*CLI, "version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.strip() == __import__("mergekit_ri").__version__
-    big = subprocess.run([*CLI, "methods", "--json"], capture_output=True, text=True)  # a long stdout, fully flushed
+    big = subprocess.run(
+        [*CLI, "methods", "--json"], capture_output=True, text=True
+    )  # a long stdout, fully flushed
     assert big.returncode == 0 and "ties" in json.loads(big.stdout)
 
 
 def test_shorthand_merge_with_json_summary(tmp_path, recipe_for):
     recipe = recipe_for("ties")
-    proc = subprocess.run([*CLI, str(recipe), "-o", str(tmp_path / "out"), "--json"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [*CLI, str(recipe), "-o", str(tmp_path / "out"), "--json"], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["method"] == "ties" and summary["tensors"] == len(TINY.tensor_shapes())
-    assert summary["bytes_read"] == sum(4 * 2 * n for n in map(lambda s: torch.Size(s).numel(), TINY.tensor_shapes().values()))
+    assert summary["bytes_read"] == sum(
+        4 * 2 * n for n in map(lambda s: torch.Size(s).numel(), TINY.tensor_shapes().values())
+    )
     assert sorted(summary["files"]) == sorted(p.name for p in (tmp_path / "out").iterdir())
 
 
@@ -80,9 +87,14 @@ def test_artifacts_config_tokenizer_and_card(tmp_path, family):
     (family["base"] / "tokenizer.json").write_text('{"from": "base"}')
     (family["base"] / "generation_config.json").write_text('{"do_sample": false}')
     for source, expected in [("base", "base"), (str(family["a"]), "a")]:
-        recipe = write_recipe(tmp_path / "r.yaml", merge_method="ties", base_model=str(family["base"]),
-                              models=[{"model": str(family["a"])}, {"model": str(family["b"])}],
-                              out_dtype="float16", tokenizer_source=source)
+        recipe = write_recipe(
+            tmp_path / "r.yaml",
+            merge_method="ties",
+            base_model=str(family["base"]),
+            models=[{"model": str(family["a"])}, {"model": str(family["b"])}],
+            out_dtype="float16",
+            tokenizer_source=source,
+        )
         out = tmp_path / f"out-{expected}"
         assert run_cli("merge", recipe, "-o", out, "-q").code == 0
         assert json.loads((out / "tokenizer.json").read_text())["from"] == expected
@@ -113,18 +125,31 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "transformers loads" in proc.stdout
     assert proc.stderr == ""  # no warnings, no exit noise (e.g. bindings reporting objects alive at exit)
     assert (tmp_path / "demo" / "merged" / "model.safetensors.index.json").exists()
-    again = subprocess.run([*CLI, "demo", "--dir", str(tmp_path / "demo"), "--quiet"], capture_output=True, text=True)
-    assert again.returncode == 0 and again.stdout == "" and again.stderr == ""  # --quiet: nothing, not even exit noise
+    again = subprocess.run(
+        [*CLI, "demo", "--dir", str(tmp_path / "demo"), "--quiet"], capture_output=True, text=True
+    )
+    assert (
+        again.returncode == 0 and again.stdout == "" and again.stderr == ""
+    )  # --quiet: nothing, not even exit noise
 
 
 def _start_slow_merge(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
     shape = LlamaShape(vocab=2048, hidden=384, intermediate=1024, layers=12, heads=4, kv_heads=4)
     folders = make_family(tmp_path / "m", ["a", "b", "c"], shape=shape, dtype="float32", shards=3)
-    recipe = write_recipe(tmp_path / "r.yaml", merge_method="ties", base_model=str(folders["base"]),
-                          models=[{"model": str(folders[n])} for n in "abc"], parameters={"trim_scope": "model"})
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        merge_method="ties",
+        base_model=str(folders["base"]),
+        models=[{"model": str(folders[n])} for n in "abc"],
+        parameters={"trim_scope": "model"},
+    )
     out = tmp_path / "out"
-    proc = subprocess.Popen([*CLI, str(recipe), "-o", str(out), "-q", "--prefetch", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*CLI, str(recipe), "-o", str(out), "-q", "--prefetch", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 60
     while not list(tmp_path.glob(".out.ri-merge-partial-*")) and time.time() < deadline:
         time.sleep(0.01)
@@ -174,8 +199,12 @@ def test_memory_estimate_is_bounded_by_work_units_not_by_the_model(tmp_path):
     for layers in (2, 8):
         shape = LlamaShape(vocab=4096, hidden=256, intermediate=512, layers=layers, heads=4, kv_heads=2)
         folders = make_family(tmp_path / f"m{layers}", ["a", "b"], shape=shape, dtype="bfloat16")
-        recipe = write_recipe(tmp_path / f"r{layers}.yaml", merge_method="task_arithmetic",
-                              base_model=str(folders["base"]), models=[{"model": str(folders[n])} for n in ("a", "b")])
+        recipe = write_recipe(
+            tmp_path / f"r{layers}.yaml",
+            merge_method="task_arithmetic",
+            base_model=str(folders["base"]),
+            models=[{"model": str(folders[n])} for n in ("a", "b")],
+        )
         estimates.append(build_plan(load_recipe(recipe)).peak_memory_estimate())
     assert estimates[0] == estimates[1]
     assert estimates[0] < reading.RUNTIME_BYTES + reading.PREFETCH_BYTES
@@ -185,9 +214,15 @@ def test_a_reader_that_leaves_early_is_no_internal_error(tmp_path: Path, recipe_
     """`ri-merge ... --json | true`: the reader is gone before the summary is printed; the merge is
     written, and there is no traceback and no 'internal error'."""
     recipe = recipe_for("task_arithmetic")
-    done = subprocess.run(f"{sys.executable} -m mergekit_ri.cli merge {recipe} -o {tmp_path / 'out'} --json -v "
-                          "| true; exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash",
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        f"{sys.executable} -m mergekit_ri.cli merge {recipe} -o {tmp_path / 'out'} --json -v "
+        "| true; exit ${PIPESTATUS[0]}",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode in (0, 141), done.stderr
     assert "internal error" not in done.stderr and "Traceback" not in done.stderr
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()

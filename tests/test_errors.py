@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, run_cli, write_recipe
 from safetensors.torch import save_file
 
-from conftest import TINY, run_cli, write_recipe
 from mergekit_ri.synthetic import make_family
 
 
 def assert_bad_input(result, *needles: str, out: Path | None = None) -> None:
     assert result.code == 2, (result.code, result.stdout, result.stderr)
-    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ")
     assert "Traceback" not in result.stderr
@@ -33,8 +32,11 @@ def models(tmp_path):
 
 
 def recipe(tmp_path, family_dirs, **override):
-    fields = {"merge_method": "ties", "base_model": str(family_dirs["base"]),
-              "models": [{"model": str(family_dirs["a"])}, {"model": str(family_dirs["b"])}]}
+    fields = {
+        "merge_method": "ties",
+        "base_model": str(family_dirs["base"]),
+        "models": [{"model": str(family_dirs["a"])}, {"model": str(family_dirs["b"])}],
+    }
     fields.update(override)
     return write_recipe(tmp_path / "recipe.yaml", **fields)
 
@@ -42,22 +44,38 @@ def recipe(tmp_path, family_dirs, **override):
 def test_malformed_yaml(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("merge_method: ties\nmodels: [unclosed\n")
-    assert_bad_input(run_cli("merge", path, "-o", tmp_path / "out"), "bad.yaml", "malformed YAML", "line", out=tmp_path / "out")
+    assert_bad_input(
+        run_cli("merge", path, "-o", tmp_path / "out"),
+        "bad.yaml",
+        "malformed YAML",
+        "line",
+        out=tmp_path / "out",
+    )
 
 
 def test_recipe_file_missing(tmp_path):
-    assert_bad_input(run_cli("merge", tmp_path / "nope.yaml", "-o", tmp_path / "out"), "nope.yaml", out=tmp_path / "out")
+    assert_bad_input(
+        run_cli("merge", tmp_path / "nope.yaml", "-o", tmp_path / "out"), "nope.yaml", out=tmp_path / "out"
+    )
 
 
-@pytest.mark.parametrize("fields,expected", [
-    (lambda m: {"merge_method": "tie"}, ["unknown merge_method 'tie'", "did you mean 'ties'"]),
-    (lambda m: {"parameters": {"densty": 0.3}}, ["unknown parameter 'densty'", "did you mean 'density'"]),
-    (lambda m: {"models": [{"model": str(m["a"]), "parameters": {"wieght": 1}}, {"model": str(m["b"])}]},
-     ["models[0].parameters", "'wieght'", "did you mean 'weight'"]),
-    (lambda m: {"out_dtpye": "bfloat16"}, ["unknown key 'out_dtpye'", "did you mean 'out_dtype'"]),
-    (lambda m: {"dtype": "bfloat61"}, ["dtype", "bfloat61"]),
-    (lambda m: {"parameters": {"density": 1.5}}, ["density", "1.5"]),
-], ids=["method", "parameter", "per-model-parameter", "top-level-key", "field-value", "density-range"])
+@pytest.mark.parametrize(
+    "fields,expected",
+    [
+        (lambda m: {"merge_method": "tie"}, ["unknown merge_method 'tie'", "did you mean 'ties'"]),
+        (lambda m: {"parameters": {"densty": 0.3}}, ["unknown parameter 'densty'", "did you mean 'density'"]),
+        (
+            lambda m: {
+                "models": [{"model": str(m["a"]), "parameters": {"wieght": 1}}, {"model": str(m["b"])}]
+            },
+            ["models[0].parameters", "'wieght'", "did you mean 'weight'"],
+        ),
+        (lambda m: {"out_dtpye": "bfloat16"}, ["unknown key 'out_dtpye'", "did you mean 'out_dtype'"]),
+        (lambda m: {"dtype": "bfloat61"}, ["dtype", "bfloat61"]),
+        (lambda m: {"parameters": {"density": 1.5}}, ["density", "1.5"]),
+    ],
+    ids=["method", "parameter", "per-model-parameter", "top-level-key", "field-value", "density-range"],
+)
 def test_bad_recipe_fields_are_named(tmp_path, models, fields, expected):
     """A misspelt or out-of-range field: one line naming it (and the closest spelling), exit 2."""
     result = run_cli("merge", recipe(tmp_path, models, **fields(models)), "-o", tmp_path / "out")
@@ -70,10 +88,19 @@ def test_missing_model_path(tmp_path, models):
     assert_bad_input(result, "path not found", "no-such-model", out=tmp_path / "out")
 
 
-@pytest.mark.parametrize("model,name,shape,expected", [
-    ("b", "model.layers.1.mlp.up_proj.weight", (41, 16), ["'b'", "model.layers.1.mlp.up_proj.weight", "[41, 16]", "[40, 16]"]),
-    ("a", "model.embed_tokens.weight", (65, 16), ["model.embed_tokens.weight", "vocabularies differ"]),
-], ids=["shape-mismatch", "vocab-mismatch"])
+@pytest.mark.parametrize(
+    "model,name,shape,expected",
+    [
+        (
+            "b",
+            "model.layers.1.mlp.up_proj.weight",
+            (41, 16),
+            ["'b'", "model.layers.1.mlp.up_proj.weight", "[41, 16]", "[40, 16]"],
+        ),
+        ("a", "model.embed_tokens.weight", (65, 16), ["model.embed_tokens.weight", "vocabularies differ"]),
+    ],
+    ids=["shape-mismatch", "vocab-mismatch"],
+)
 def test_a_mismatched_tensor_is_named_with_both_shapes(tmp_path, models, model, name, shape, expected):
     from safetensors.torch import load_file
 
@@ -119,14 +146,29 @@ def test_header_length_beyond_file(tmp_path, models):
     data = bytearray(path.read_bytes())
     data[:8] = struct.pack("<Q", 10**12)
     path.write_bytes(bytes(data))
-    assert_bad_input(run_cli("merge", recipe(tmp_path, models), "-o", tmp_path / "out"), str(path), "corrupt", out=tmp_path / "out")
+    assert_bad_input(
+        run_cli("merge", recipe(tmp_path, models), "-o", tmp_path / "out"),
+        str(path),
+        "corrupt",
+        out=tmp_path / "out",
+    )
 
 
 def test_index_lists_missing_shard(tmp_path):
     folders = make_family(tmp_path / "m", ["a"], shape=TINY, shards=2)
     (folders["a"] / "model-00002-of-00002.safetensors").unlink()
-    path = write_recipe(tmp_path / "r.yaml", merge_method="ties", base_model=str(folders["base"]), models=[{"model": str(folders["a"])}])
-    assert_bad_input(run_cli("merge", path, "-o", tmp_path / "out"), "model-00002-of-00002.safetensors", "missing", out=tmp_path / "out")
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        merge_method="ties",
+        base_model=str(folders["base"]),
+        models=[{"model": str(folders["a"])}],
+    )
+    assert_bad_input(
+        run_cli("merge", path, "-o", tmp_path / "out"),
+        "model-00002-of-00002.safetensors",
+        "missing",
+        out=tmp_path / "out",
+    )
 
 
 def test_output_exists_and_not_empty(tmp_path, models):
@@ -156,7 +198,11 @@ def test_output_that_contains_an_input_is_refused_even_with_force(tmp_path, mode
 def test_cuda_requested_without_gpu(tmp_path, models):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    assert_bad_input(run_cli("merge", recipe(tmp_path, models), "-o", tmp_path / "out", "--device", "cuda"), "cuda", out=tmp_path / "out")
+    assert_bad_input(
+        run_cli("merge", recipe(tmp_path, models), "-o", tmp_path / "out", "--device", "cuda"),
+        "cuda",
+        out=tmp_path / "out",
+    )
 
 
 def test_hub_id_offline_without_cache(tmp_path, models, monkeypatch):
@@ -175,7 +221,21 @@ def test_inputs_are_never_modified(tmp_path, models):
 
 def test_choice_parameters_are_checked_inside_filters(tmp_path, models):
     scope = [{"filter": "self_attn", "value": "all_2d"}, {"value": "linaer"}]
-    result = run_cli("merge", recipe(tmp_path, models, merge_method="wudi", parameters={"scope": scope}), "-o", tmp_path / "out")
+    result = run_cli(
+        "merge",
+        recipe(tmp_path, models, merge_method="wudi", parameters={"scope": scope}),
+        "-o",
+        tmp_path / "out",
+    )
     assert_bad_input(result, "scope", "'linaer'", out=tmp_path / "out")
     scope[1]["value"] = "linear"
-    assert run_cli("merge", recipe(tmp_path, models, merge_method="wudi", parameters={"scope": scope}), "-o", tmp_path / "out", "-q").code == 0
+    assert (
+        run_cli(
+            "merge",
+            recipe(tmp_path, models, merge_method="wudi", parameters={"scope": scope}),
+            "-o",
+            tmp_path / "out",
+            "-q",
+        ).code
+        == 0
+    )

@@ -20,15 +20,20 @@ from mergekit_ri.errors import UserError
 from mergekit_ri.io.sources import ST_DTYPES, TensorReader, read_header
 
 EXAMPLES = int(os.environ.get("RI_MERGE_FUZZ_EXAMPLES", "150"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
-numbers = st.one_of(st.integers(-2**70, 2**70), st.floats(allow_nan=True), st.booleans(), st.text(max_size=4),
-                    st.none())
-entry = st.fixed_dictionaries({
-    "dtype": st.one_of(st.sampled_from(sorted(ST_DTYPES)), st.text(max_size=5), numbers),
-    "shape": st.one_of(st.lists(st.one_of(st.integers(-3, 40), numbers), max_size=4), numbers),
-    "data_offsets": st.one_of(st.lists(st.one_of(st.integers(-100, 400), numbers), max_size=3), numbers),
-})
+numbers = st.one_of(
+    st.integers(-(2**70), 2**70), st.floats(allow_nan=True), st.booleans(), st.text(max_size=4), st.none()
+)
+entry = st.fixed_dictionaries(
+    {
+        "dtype": st.one_of(st.sampled_from(sorted(ST_DTYPES)), st.text(max_size=5), numbers),
+        "shape": st.one_of(st.lists(st.one_of(st.integers(-3, 40), numbers), max_size=4), numbers),
+        "data_offsets": st.one_of(st.lists(st.one_of(st.integers(-100, 400), numbers), max_size=3), numbers),
+    }
+)
 headers = st.dictionaries(st.text(max_size=8), st.one_of(entry, numbers), max_size=5)
 
 
@@ -87,7 +92,10 @@ def test_bytes_flipped_in_a_valid_file(tmp_path_factory, header: dict, data: byt
 def test_hostile_header_memory_is_bounded(tmp_path: Path) -> None:
     """A header that declares a huge length or a huge tensor allocates nothing in proportion."""
     huge = json.dumps({"w": {"dtype": "F32", "shape": [2**31, 2**31], "data_offsets": [0, 2**64]}}).encode()
-    cases = [write(tmp_path / "len.safetensors", b"{}", b"", length=2**63), write(tmp_path / "big.safetensors", huge, b"")]
+    cases = [
+        write(tmp_path / "len.safetensors", b"{}", b"", length=2**63),
+        write(tmp_path / "big.safetensors", huge, b""),
+    ]
     tracemalloc.start()
     for path in cases:
         with pytest.raises(UserError):

@@ -21,8 +21,11 @@ from mergekit_ri.plan import resolve_params
 from mergekit_ri.recipe import Recipe, parse_recipe, parse_recipe_text
 
 EXAMPLES = int(os.environ.get("RI_MERGE_FUZZ_EXAMPLES", "200"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 VALID = """merge_method: ties
 base_model: ./base
@@ -42,13 +45,81 @@ out_shard_size: 5GB
 """
 
 TOKENS = [
-    "merge_method", "models", "model", "parameters", "base_model", "weight", "density", "lambda",
-    "normalize", "filter", "value", "trim_scope", "solver", "iterations", "out_shard_size", "seed",
-    "resolve_interference", "auxiliary_data", "on_nonfinite", "dtype", "ties", "linear", "wudi", "dare_ties",
-    ": ", "- ", "\n", "\n  ", "\n    ", "[", "]", "{", "}", ", ", "&a ", "*a", "&b ", "*b", "<<: ", "? ",
-    "!!binary ", "!!python/object:os.system ", "!!set ", "!!float ", "!!str ", "!!int ", "'", '"', "#", "|",
-    ".nan", ".inf", "-.inf", "1e5", "1.0e+40", "0x1F", "~", "null", "yes", "no", "0", "1", "-1", "0.5", "2.5",
-    "2020-01-01", "5GB", "\t", "\\", "%YAML 1.1\n", "---\n", "...\n", "\ufeff", "\x00", "é",
+    "merge_method",
+    "models",
+    "model",
+    "parameters",
+    "base_model",
+    "weight",
+    "density",
+    "lambda",
+    "normalize",
+    "filter",
+    "value",
+    "trim_scope",
+    "solver",
+    "iterations",
+    "out_shard_size",
+    "seed",
+    "resolve_interference",
+    "auxiliary_data",
+    "on_nonfinite",
+    "dtype",
+    "ties",
+    "linear",
+    "wudi",
+    "dare_ties",
+    ": ",
+    "- ",
+    "\n",
+    "\n  ",
+    "\n    ",
+    "[",
+    "]",
+    "{",
+    "}",
+    ", ",
+    "&a ",
+    "*a",
+    "&b ",
+    "*b",
+    "<<: ",
+    "? ",
+    "!!binary ",
+    "!!python/object:os.system ",
+    "!!set ",
+    "!!float ",
+    "!!str ",
+    "!!int ",
+    "'",
+    '"',
+    "#",
+    "|",
+    ".nan",
+    ".inf",
+    "-.inf",
+    "1e5",
+    "1.0e+40",
+    "0x1F",
+    "~",
+    "null",
+    "yes",
+    "no",
+    "0",
+    "1",
+    "-1",
+    "0.5",
+    "2.5",
+    "2020-01-01",
+    "5GB",
+    "\t",
+    "\\",
+    "%YAML 1.1\n",
+    "---\n",
+    "...\n",
+    "\ufeff",
+    "\x00",
+    "é",
 ]
 
 yamlish = st.one_of(
@@ -64,12 +135,14 @@ def mutated(draw: st.DrawFn) -> str:
     for _ in range(draw(st.integers(1, 4))):
         at = draw(st.integers(0, len(text)))
         cut = draw(st.integers(0, 6))
-        text = text[:at] + draw(st.sampled_from(TOKENS + [""])) + text[at + cut:]
+        text = text[:at] + draw(st.sampled_from(TOKENS + [""])) + text[at + cut :]
     return text
 
 
 leaves = st.one_of(
-    st.none(), st.booleans(), st.integers(-2**70, 2**70),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
     st.sampled_from([400, -300, 6000]).map(lambda n: (-1 if n < 0 else 1) * 10 ** abs(n)),  # huge ints
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=6),
@@ -77,28 +150,50 @@ leaves = st.one_of(
     st.binary(max_size=4),
 )
 keys = st.one_of(st.sampled_from(TOKENS[:28]), st.text(max_size=6), st.integers(-3, 3))
-trees = st.recursive(leaves, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(keys, inner, max_size=4)), max_leaves=25)
+trees = st.recursive(
+    leaves,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(keys, inner, max_size=4)),
+    max_leaves=25,
+)
 
 param_names = sorted({p.name for spec in all_methods().values() for p in spec.params})
 param_values = st.one_of(
     leaves,
-    st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-3, 3), leaves),
-             max_size=4),
-    st.lists(st.fixed_dictionaries({"value": st.one_of(leaves, st.lists(st.floats(-2, 2), max_size=3))},
-                                   optional={"filter": st.one_of(st.text(max_size=4), leaves)}), max_size=3),
+    st.lists(
+        st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-3, 3), leaves), max_size=4
+    ),
+    st.lists(
+        st.fixed_dictionaries(
+            {"value": st.one_of(leaves, st.lists(st.floats(-2, 2), max_size=3))},
+            optional={"filter": st.one_of(st.text(max_size=4), leaves)},
+        ),
+        max_size=3,
+    ),
     trees,
 )
 parameters = st.dictionaries(st.sampled_from(param_names), param_values, max_size=4)
-model_entries = st.fixed_dictionaries({"model": st.sampled_from(["./a", "./b"])},
-                                      optional={"parameters": parameters})
+model_entries = st.fixed_dictionaries(
+    {"model": st.sampled_from(["./a", "./b"])}, optional={"parameters": parameters}
+)
 recipes = st.fixed_dictionaries(
-    {"merge_method": st.one_of(st.sampled_from(sorted(all_methods())), leaves),
-     "models": st.one_of(st.lists(model_entries, max_size=3), trees)},
-    optional={"base_model": st.one_of(st.just("./base"), leaves), "parameters": st.one_of(parameters, trees),
-              "seed": leaves, "out_shard_size": leaves, "dtype": leaves, "on_nonfinite": leaves,
-              "resolve_interference": st.one_of(trees, st.fixed_dictionaries(
-                  {"auxiliary_data": st.just("gaussian")}, optional={"lr": leaves, "steps": leaves}))},
+    {
+        "merge_method": st.one_of(st.sampled_from(sorted(all_methods())), leaves),
+        "models": st.one_of(st.lists(model_entries, max_size=3), trees),
+    },
+    optional={
+        "base_model": st.one_of(st.just("./base"), leaves),
+        "parameters": st.one_of(parameters, trees),
+        "seed": leaves,
+        "out_shard_size": leaves,
+        "dtype": leaves,
+        "on_nonfinite": leaves,
+        "resolve_interference": st.one_of(
+            trees,
+            st.fixed_dictionaries(
+                {"auxiliary_data": st.just("gaussian")}, optional={"lr": leaves, "steps": leaves}
+            ),
+        ),
+    },
 )
 
 
@@ -112,8 +207,11 @@ def load_or_refuse(load: Any, data: Any) -> None:
         return
     assert isinstance(recipe, Recipe)
     method = get_method(recipe.merge_method)
-    for name, t in [("model.embed_tokens.weight", 0.0), ("model.layers.3.self_attn.q_proj.weight", 0.5),
-                    ("model.layers.9.mlp.up_proj.weight", 1.0)]:
+    for name, t in [
+        ("model.embed_tokens.weight", 0.0),
+        ("model.layers.3.self_attn.q_proj.weight", 0.5),
+        ("model.layers.9.mlp.up_proj.weight", 1.0),
+    ]:
         params = resolve_params(recipe, method, name, t)
         for values in params.per_model.values():
             assert all(math.isfinite(v) for v in values), values

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import read_any, read_checkpoint, run_cli, write_recipe
+
 from mergekit_ri.synthetic import LlamaShape, make_family
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -26,8 +26,14 @@ def family(tmp_path_factory):
 
 
 def merge(tmp_path, family, method, device, name, **fields):
-    recipe = {"merge_method": method, "base_model": str(family["base"]),
-              "models": [{"model": str(family[n])} for n in NAMES], "out_dtype": "float32", "seed": 3, **fields}
+    recipe = {
+        "merge_method": method,
+        "base_model": str(family["base"]),
+        "models": [{"model": str(family[n])} for n in NAMES],
+        "out_dtype": "float32",
+        "seed": 3,
+        **fields,
+    }
     path = write_recipe(tmp_path / f"{name}.yaml", **recipe)
     result = run_cli("merge", path, "-o", tmp_path / name, "--quiet", "--device", device)
     assert result.code == 0, result.stderr
@@ -45,7 +51,9 @@ def test_linear_methods_are_bitwise_equal_on_cpu_and_gpu(tmp_path, family, metho
 
 @pytest.mark.parametrize("kernels", ["auto", "torch"])
 @pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties"])
-def test_sparsifying_methods_keep_the_same_entries_on_cpu_and_gpu(tmp_path, family, monkeypatch, method, kernels):
+def test_sparsifying_methods_keep_the_same_entries_on_cpu_and_gpu(
+    tmp_path, family, monkeypatch, method, kernels
+):
     monkeypatch.setenv("RI_MERGE_KERNELS", kernels)
     params = {"parameters": {"density": 0.3, "lambda": 0.8}}
     cpu = merge(tmp_path, family, method, "cpu", "cpu", **params)
@@ -75,13 +83,20 @@ def test_solver_methods_agree_on_cpu_and_gpu(tmp_path, family, method):
 
 
 def test_pinned_reads_land_in_page_locked_memory(family):
-    from mergekit_ri.reading import WorkUnit, read_unit
     from mergekit_ri.io.sources import TensorReader
     from mergekit_ri.plan import build_plan
+    from mergekit_ri.reading import WorkUnit, read_unit
     from mergekit_ri.recipe import parse_recipe
 
-    plan = build_plan(parse_recipe({"merge_method": "ties", "base_model": str(family["base"]),
-                                    "models": [{"model": str(family[n])} for n in NAMES]}))
+    plan = build_plan(
+        parse_recipe(
+            {
+                "merge_method": "ties",
+                "base_model": str(family["base"]),
+                "models": [{"model": str(family[n])} for n in NAMES],
+            }
+        )
+    )
     task = next(t for t in plan.tasks if t.merge)
     with TensorReader() as reader:
         raws = read_unit(reader, WorkUnit(task), pin=True)

@@ -8,29 +8,41 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import read_checkpoint, run_cli, write_recipe
 from helpers import EXPERTS, make_classifiers, vit
-from mergekit_ri.heads import load_with_head
+from safetensors.torch import load_file, save_file
+from test_methods import assert_close, ref_task_arithmetic
+
 from mergekit_ri.errors import UserError
+from mergekit_ri.heads import load_with_head
 from mergekit_ri.methods import all_methods
 from mergekit_ri.recipe import parse_recipe
-from test_methods import assert_close, ref_task_arithmetic
 
 transformers = pytest.importorskip("transformers")
 
 
 def bert(num_labels: int, seed: int):
-    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=24, max_position_embeddings=16, num_labels=num_labels)
+    config = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=16,
+        num_labels=num_labels,
+    )
     torch.manual_seed(seed)
     return transformers.BertForSequenceClassification(config)
 
 
 def merge(tmp_path: Path, folders, method: str, name: str = "out", **extra) -> Path:
-    fields = {"merge_method": method, "models": [{"model": str(folders[e])} for e in EXPERTS],
-              "heads": "auto", "out_dtype": "float32", **extra}
+    fields = {
+        "merge_method": method,
+        "models": [{"model": str(folders[e])} for e in EXPERTS],
+        "heads": "auto",
+        "out_dtype": "float32",
+        **extra,
+    }
     if all_methods()[method].needs_base:
         fields["base_model"] = str(folders["base"])
     recipe = write_recipe(tmp_path / f"{name}.yaml", **fields)
@@ -42,7 +54,11 @@ def merge(tmp_path: Path, folders, method: str, name: str = "out", **extra) -> P
 def strip_heads(folders, tmp_path: Path) -> dict[str, Path]:
     stripped = {}
     for key, folder in folders.items():
-        tensors = {k: v for k, v in load_file(folder / "model.safetensors").items() if not k.startswith("classifier.")}
+        tensors = {
+            k: v
+            for k, v in load_file(folder / "model.safetensors").items()
+            if not k.startswith("classifier.")
+        }
         stripped[key] = tmp_path / f"stripped-{key}.safetensors"
         save_file(tensors, stripped[key])
     return stripped
@@ -73,10 +89,17 @@ def test_every_method_merges_the_backbone_and_keeps_each_head(tmp_path, vits, me
     merged = read_checkpoint(out)
     # the backbone equals the same method run on head-less copies of the inputs
     bare = strip_heads(vits, tmp_path)
-    fields = {"merge_method": method, "models": [{"model": str(bare[e])} for e in EXPERTS], "out_dtype": "float32"}
+    fields = {
+        "merge_method": method,
+        "models": [{"model": str(bare[e])} for e in EXPERTS],
+        "out_dtype": "float32",
+    }
     if all_methods()[method].needs_base:
         fields["base_model"] = str(bare["base"])
-    assert run_cli("merge", write_recipe(tmp_path / "bare.yaml", **fields), "-o", tmp_path / "bare", "-q").code == 0
+    assert (
+        run_cli("merge", write_recipe(tmp_path / "bare.yaml", **fields), "-o", tmp_path / "bare", "-q").code
+        == 0
+    )
     backbone = read_checkpoint(tmp_path / "bare")
     assert set(merged) == set(backbone) | {"classifier.weight", "classifier.bias"}
     for name, tensor in backbone.items():
@@ -89,9 +112,15 @@ def test_every_method_merges_the_backbone_and_keeps_each_head(tmp_path, vits, me
         written = load_file(out / "heads" / index["heads"][e]["file"])
         assert set(written) == {"classifier.weight", "classifier.bias"}
         for name, tensor in written.items():
-            assert tensor.dtype == mine[name].dtype and tensor.numpy().tobytes() == mine[name].numpy().tobytes()
-        assert index["heads"][e]["num_labels"] == labels and index["heads"][e]["tensors"]["classifier.weight"] == [labels, 16]
-    assert torch.equal(merged["classifier.weight"], load_file(vits["e0"] / "model.safetensors")["classifier.weight"])
+            assert (
+                tensor.dtype == mine[name].dtype and tensor.numpy().tobytes() == mine[name].numpy().tobytes()
+            )
+        assert index["heads"][e]["num_labels"] == labels and index["heads"][e]["tensors"][
+            "classifier.weight"
+        ] == [labels, 16]
+    assert torch.equal(
+        merged["classifier.weight"], load_file(vits["e0"] / "model.safetensors")["classifier.weight"]
+    )
 
 
 def test_backbone_matches_task_arithmetic_formula(tmp_path, vits):
@@ -100,7 +129,9 @@ def test_backbone_matches_task_arithmetic_formula(tmp_path, vits):
     experts = [load_file(vits[e] / "model.safetensors") for e in EXPERTS]
     for name in base:
         if not name.startswith("classifier."):
-            expected = ref_task_arithmetic(base[name].float(), [x[name].float() for x in experts], [1.0] * 3, 0.5)
+            expected = ref_task_arithmetic(
+                base[name].float(), [x[name].float() for x in experts], [1.0] * 3, 0.5
+            )
             assert_close(merged[name], expected, name)
 
 
@@ -110,34 +141,48 @@ def model_built_in_test(tmp_path: Path, expert: Path, merged: Path, auto_class, 
     folder.mkdir()
     shutil.copy(expert / "config.json", folder / "config.json")
     tensors = {k: v for k, v in read_checkpoint(merged).items() if not k.startswith("classifier.")}
-    tensors.update({k: v for k, v in load_file(expert / "model.safetensors").items() if k.startswith("classifier.")})
+    tensors.update(
+        {k: v for k, v in load_file(expert / "model.safetensors").items() if k.startswith("classifier.")}
+    )
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     return auto_class.from_pretrained(folder).eval()
 
 
 @pytest.mark.parametrize("kind", ["vit", "bert"])
 def test_merged_folder_loads_and_each_head_reproduces_logits(tmp_path, kind):
-    build, auto_class = {"vit": (vit, transformers.AutoModelForImageClassification),
-                         "bert": (bert, transformers.AutoModelForSequenceClassification)}[kind]
+    build, auto_class = {
+        "vit": (vit, transformers.AutoModelForImageClassification),
+        "bert": (bert, transformers.AutoModelForSequenceClassification),
+    }[kind]
     folders = make_classifiers(tmp_path / kind, build, [3, 5, 2])
     out = merge(tmp_path, folders, "ties", heads_default="e1")
     inputs = torch.randn(4, 1, 8, 8) if kind == "vit" else torch.randint(0, 50, (4, 7))
-    run = (lambda m: m(pixel_values=inputs).logits) if kind == "vit" else (lambda m: m(input_ids=inputs).logits)
+    run = (
+        (lambda m: m(pixel_values=inputs).logits) if kind == "vit" else (lambda m: m(input_ids=inputs).logits)
+    )
     default = auto_class.from_pretrained(out).eval()
     assert default.config.num_labels == 5  # config.json comes from heads_default
     with torch.no_grad():
-        torch.testing.assert_close(run(default), run(model_built_in_test(tmp_path, folders["e1"], out, auto_class, "d")))
+        torch.testing.assert_close(
+            run(default), run(model_built_in_test(tmp_path, folders["e1"], out, auto_class, "d"))
+        )
         for e, labels in zip(EXPERTS, [3, 5, 2]):
             swapped = load_with_head(out, e, auto_class).eval()
             logits = run(swapped)
             assert logits.shape == (4, labels)
             assert swapped.config.id2label[0] == f"task{EXPERTS.index(e)}-class0"
-            torch.testing.assert_close(logits, run(model_built_in_test(tmp_path, folders[e], out, auto_class, e)))
+            torch.testing.assert_close(
+                logits, run(model_built_in_test(tmp_path, folders[e], out, auto_class, e))
+            )
 
 
 def test_without_heads_mismatched_heads_get_a_hint(tmp_path, vits):
-    recipe = write_recipe(tmp_path / "r.yaml", merge_method="ties", base_model=str(vits["base"]),
-                          models=[{"model": str(vits[e])} for e in EXPERTS])
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        merge_method="ties",
+        base_model=str(vits["base"]),
+        models=[{"model": str(vits[e])} for e in EXPERTS],
+    )
     result = run_cli("merge", recipe, "-o", tmp_path / "out")
     assert result.code == 2
     assert "classifier." in result.stderr and "heads: auto" in result.stderr
@@ -145,8 +190,14 @@ def test_without_heads_mismatched_heads_get_a_hint(tmp_path, vits):
 
 
 def test_dry_run_lists_heads(tmp_path, vits):
-    recipe = write_recipe(tmp_path / "r.yaml", merge_method="ties", base_model=str(vits["base"]),
-                          models=[{"model": str(vits[e])} for e in EXPERTS], heads="classifier.", heads_default=str(vits["e2"]))
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        merge_method="ties",
+        base_model=str(vits["base"]),
+        models=[{"model": str(vits[e])} for e in EXPERTS],
+        heads="classifier.",
+        heads_default=str(vits["e2"]),
+    )
     plan = json.loads(run_cli("merge", recipe, "-o", tmp_path / "out", "--dry-run", "--json").stdout)
     assert plan["heads_default"] == "e2"
     assert plan["heads"]["e1"] == {"classifier.weight": [5, 16], "classifier.bias": [5]}

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import assert_user_error, read_checkpoint, run_cli, write_recipe
+
 from mergekit_ri.methods import get_method
 from mergekit_ri.plan import resolve_params
 from mergekit_ri.recipe import parse_recipe, parse_size
@@ -18,14 +18,20 @@ from mergekit_ri.recipe import parse_recipe, parse_size
 EXPERTS = ("a", "b", "c")
 
 
-def _recipe(tmp_path: Path, family: dict, method: str, name: str = "r", base_entry: dict | None = None,
-            **fields) -> Path:
+def _recipe(
+    tmp_path: Path, family: dict, method: str, name: str = "r", base_entry: dict | None = None, **fields
+) -> Path:
     """A recipe over the three experts; `base_entry` lists the base under models too, first."""
     models = [{"model": str(family[n])} for n in EXPERTS]
     if base_entry is not None:
         models.insert(0, {"model": str(family["base"]), **base_entry})
-    return write_recipe(tmp_path / f"{name}.yaml", merge_method=method, base_model=str(family["base"]),
-                        models=models, **fields)
+    return write_recipe(
+        tmp_path / f"{name}.yaml",
+        merge_method=method,
+        base_model=str(family["base"]),
+        models=models,
+        **fields,
+    )
 
 
 def _merge(recipe: Path, out: Path, *flags: str) -> dict[str, torch.Tensor]:
@@ -48,17 +54,22 @@ def _warnings(recipe: Path) -> list[str]:
 
 # --- the base listed under models ----------------------------------------------------------------
 
-@pytest.mark.parametrize("method, parameters", [
-    ("task_arithmetic", {"normalize": True}),
-    ("dare_linear", {"normalize": True, "density": 0.5}),
-    ("ties", {"density": 0.3}),
-])
+
+@pytest.mark.parametrize(
+    "method, parameters",
+    [
+        ("task_arithmetic", {"normalize": True}),
+        ("dare_linear", {"normalize": True, "density": 0.5}),
+        ("ties", {"density": 0.3}),
+    ],
+)
 @pytest.mark.parametrize("base_entry", [{}, {"parameters": {"weight": 1.0}}], ids=["bare", "with-weight"])
 def test_base_listed_under_models_is_the_base_not_an_expert(tmp_path, family, method, parameters, base_entry):
     """mergekit's idiom ("no parameters necessary for base model"): same bytes as without the entry
     (with it as an expert, normalize halved the task vector and DARE's masks shifted)."""
-    plain = _merge(_recipe(tmp_path, family, method, "plain", parameters=parameters, seed=5),
-                   tmp_path / "plain")
+    plain = _merge(
+        _recipe(tmp_path, family, method, "plain", parameters=parameters, seed=5), tmp_path / "plain"
+    )
     listed = _recipe(tmp_path, family, method, "listed", base_entry, parameters=parameters, seed=5)
     _same(plain, _merge(listed, tmp_path / "listed"))
     warnings = _warnings(listed)
@@ -72,8 +83,12 @@ def test_linear_merges_the_base_as_one_more_model_as_mergekit_does(tmp_path, fam
     """linear has no base in mergekit (BasePolicy.IGNORED): a base_model is one more model."""
     fields = {"parameters": {"weight": 1.0}, "out_dtype": "float32"}
     implicit = _recipe(tmp_path, family, "linear", "implicit", **fields)
-    explicit = write_recipe(tmp_path / "explicit.yaml", merge_method="linear",
-                            models=[{"model": str(family[n])} for n in (*EXPERTS, "base")], **fields)
+    explicit = write_recipe(
+        tmp_path / "explicit.yaml",
+        merge_method="linear",
+        models=[{"model": str(family[n])} for n in (*EXPERTS, "base")],
+        **fields,
+    )
     _same(_merge(implicit, tmp_path / "implicit"), _merge(explicit, tmp_path / "explicit"))
     assert any("merged as one more model" in w for w in _warnings(implicit))
     listed = _recipe(tmp_path, family, "linear", "listed", {}, **fields)  # listed once: merged once
@@ -81,33 +96,47 @@ def test_linear_merges_the_base_as_one_more_model_as_mergekit_does(tmp_path, fam
 
 
 def test_models_listing_only_the_base_is_refused(tmp_path, family):
-    recipe = write_recipe(tmp_path / "r.yaml", merge_method="task_arithmetic", base_model=str(family["base"]),
-                          models=[{"model": str(family["base"])}])
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        merge_method="task_arithmetic",
+        base_model=str(family["base"]),
+        models=[{"model": str(family["base"])}],
+    )
     assert_user_error(run_cli("validate", recipe), "lists only the base_model")
 
 
 # --- filters, gradients --------------------------------------------------------------------------
 
+
 def test_filter_star_matches_every_tensor(tmp_path, family):
-    star = _recipe(tmp_path, family, "task_arithmetic", "star",
-                   parameters={"weight": [{"filter": "*", "value": 0.4}, {"value": 0.9}]})
+    star = _recipe(
+        tmp_path,
+        family,
+        "task_arithmetic",
+        "star",
+        parameters={"weight": [{"filter": "*", "value": 0.4}, {"value": 0.9}]},
+    )
     scalar = _recipe(tmp_path, family, "task_arithmetic", "scalar", parameters={"weight": 0.4})
     _same(_merge(star, tmp_path / "star"), _merge(scalar, tmp_path / "scalar"))
 
 
 def _resolved(parameters: dict, method: str = "ties") -> dict[float, dict]:
-    recipe = parse_recipe({"merge_method": method, "base_model": "base", "models": [{"model": "a"}],
-                           "parameters": parameters})
+    recipe = parse_recipe(
+        {"merge_method": method, "base_model": "base", "models": [{"model": "a"}], "parameters": parameters}
+    )
     spec = get_method(method)
-    return {t: resolve_params(recipe, spec, "model.layers.1.mlp.up_proj.weight", t).globals
-            for t in (0.0, 0.4, 0.5, 0.7, 1.0)}
+    return {
+        t: resolve_params(recipe, spec, "model.layers.1.mlp.up_proj.weight", t).globals
+        for t in (0.0, 0.4, 0.5, 0.7, 1.0)
+    }
 
 
 def test_gradients_of_booleans_and_names_are_stepped_not_interpolated():
     """mergekit: a list holding true/false or text (or any list for such a parameter) takes the
     point at ⌊t·(n − 1)⌋; numbers are still interpolated."""
-    got = _resolved({"normalize": [True, False, True], "trim_scope": ["tensor", "model"],
-                     "lambda": [0.0, 1.0]})
+    got = _resolved(
+        {"normalize": [True, False, True], "trim_scope": ["tensor", "model"], "lambda": [0.0, 1.0]}
+    )
     assert [got[t]["normalize"] for t in sorted(got)] == [True, True, False, False, True]
     assert [got[t]["trim_scope"] for t in sorted(got)] == ["tensor", "tensor", "tensor", "tensor", "model"]
     assert [got[t]["lambda"] for t in sorted(got)] == pytest.approx([0.0, 0.4, 0.5, 0.7, 1.0])
@@ -122,10 +151,20 @@ def test_a_stepped_gradient_merges(tmp_path, family):
 
 # --- sizes ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, size", [
-    ("5b", 5 * 10**9), ("5B", 5 * 10**9), ("2k", 2000), ("3M", 3 * 10**6), ("123", 123),
-    ("2GB", 2 * 10**9), ("1GiB", 2**30), (4000, 4000),
-])
+
+@pytest.mark.parametrize(
+    "text, size",
+    [
+        ("5b", 5 * 10**9),
+        ("5B", 5 * 10**9),
+        ("2k", 2000),
+        ("3M", 3 * 10**6),
+        ("123", 123),
+        ("2GB", 2 * 10**9),
+        ("1GiB", 2**30),
+        (4000, 4000),
+    ],
+)
 def test_shard_sizes_read_like_mergekit(text, size):
     assert parse_size(text) == size
 
@@ -138,17 +177,32 @@ def test_out_shard_size_5b_is_one_shard_not_one_tensor_per_shard(tmp_path, famil
 
 # --- parameters of other methods -----------------------------------------------------------------
 
-@pytest.mark.parametrize("method, parameters, per_model, unused", [
-    ("ties", {"int8_mask": True, "rescale": False, "density": 0.5}, {}, ["int8_mask", "rescale"]),
-    ("task_arithmetic", {"int8_mask": True}, {"density": 0.5}, ["int8_mask", "models[0].parameters.density"]),
-    ("model_stock", {"normalize": True, "int8_mask": True}, {"weight": 1.0}, ["normalize", "weight"]),
-    ("dare_ties", {"int8_mask": True, "density": 0.5}, {}, ["int8_mask"]),
-])
-def test_parameters_mergekit_knows_are_taken_with_one_warning(tmp_path, family, method, parameters, per_model,
-                                                              unused):
+
+@pytest.mark.parametrize(
+    "method, parameters, per_model, unused",
+    [
+        ("ties", {"int8_mask": True, "rescale": False, "density": 0.5}, {}, ["int8_mask", "rescale"]),
+        (
+            "task_arithmetic",
+            {"int8_mask": True},
+            {"density": 0.5},
+            ["int8_mask", "models[0].parameters.density"],
+        ),
+        ("model_stock", {"normalize": True, "int8_mask": True}, {"weight": 1.0}, ["normalize", "weight"]),
+        ("dare_ties", {"int8_mask": True, "density": 0.5}, {}, ["int8_mask"]),
+    ],
+)
+def test_parameters_mergekit_knows_are_taken_with_one_warning(
+    tmp_path, family, method, parameters, per_model, unused
+):
     recipe = _recipe(tmp_path, family, method, parameters=parameters)
-    data = recipe.read_text().replace(f"model: {family['a']}\n", f"model: {family['a']}\n  parameters: "
-                                      + json.dumps(per_model) + "\n") if per_model else recipe.read_text()
+    data = (
+        recipe.read_text().replace(
+            f"model: {family['a']}\n", f"model: {family['a']}\n  parameters: " + json.dumps(per_model) + "\n"
+        )
+        if per_model
+        else recipe.read_text()
+    )
     recipe.write_text(data)
     warnings = [w for w in _warnings(recipe) if "does not use" in w]
     assert len(warnings) == 1, warnings
@@ -163,6 +217,7 @@ def test_names_mergekit_does_not_know_either_are_still_refused(tmp_path, family)
 
 
 # --- defaults ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear"])
 def test_density_defaults_to_mergekits_one(tmp_path, family, method):
@@ -181,6 +236,7 @@ def test_methods_listing_recommends_the_papers_density():
 
 
 # --- tokenizer_source ----------------------------------------------------------------------------
+
 
 def test_tokenizer_source_union_is_refused_when_the_recipe_is_read(tmp_path, family):
     recipe = _recipe(tmp_path, family, "ties", tokenizer_source="union")
@@ -201,13 +257,30 @@ def test_tokenizer_source_base_or_a_model_copies_that_tokenizer(tmp_path, family
 
 # --- mergekit-yaml's command line ----------------------------------------------------------------
 
+
 def test_positional_output_and_mergekit_flags_run_unchanged(tmp_path, family):
     """A mergekit-yaml command line from a user's shell history."""
     recipe = _recipe(tmp_path, family, "ties", parameters={"density": 0.5})
-    flags = ["--copy-tokenizer", "--allow-crimes", "--lazy-unpickle", "--low-cpu-memory", "--read-to-gpu",
-             "--async-write", "--write-threads", "2", "--clone-tensors", "--safe-serialization",
-             "--trust-remote-code", "--no-multi-gpu", "--transformers-cache", str(tmp_path / "hf"),
-             "-j", "1", "--write-model-card", "-v"]
+    flags = [
+        "--copy-tokenizer",
+        "--allow-crimes",
+        "--lazy-unpickle",
+        "--low-cpu-memory",
+        "--read-to-gpu",
+        "--async-write",
+        "--write-threads",
+        "2",
+        "--clone-tensors",
+        "--safe-serialization",
+        "--trust-remote-code",
+        "--no-multi-gpu",
+        "--transformers-cache",
+        str(tmp_path / "hf"),
+        "-j",
+        "1",
+        "--write-model-card",
+        "-v",
+    ]
     result = run_cli("merge", recipe, tmp_path / "out", *flags)
     assert result.code == 0, result.stderr
     _same(read_checkpoint(tmp_path / "out"), _merge(recipe, tmp_path / "plain"))
@@ -242,35 +315,68 @@ def test_flags_map_onto_merge_options(tmp_path, family, monkeypatch):
         raise KeyboardInterrupt  # stop here: the options are what is tested
 
     monkeypatch.setattr(api, "merge", fake_merge)
-    run_cli("merge", _recipe(tmp_path, family, "ties"), tmp_path / "o", "--cuda", "-j", "3",
-            "--random-seed", "7", "--out-shard-size", "2b", "--no-copy-tokenizer", "--no-write-model-card")
+    run_cli(
+        "merge",
+        _recipe(tmp_path, family, "ties"),
+        tmp_path / "o",
+        "--cuda",
+        "-j",
+        "3",
+        "--random-seed",
+        "7",
+        "--out-shard-size",
+        "2b",
+        "--no-copy-tokenizer",
+        "--no-write-model-card",
+    )
     options = seen["options"]
     assert seen["out"] == tmp_path / "o" and options.device == "cuda" and options.threads == 3
-    assert (options.seed, options.out_shard_size, options.copy_tokenizer, options.write_model_card) == \
-        (7, "2b", False, False)
+    assert (options.seed, options.out_shard_size, options.copy_tokenizer, options.write_model_card) == (
+        7,
+        "2b",
+        False,
+        False,
+    )
     run_cli("merge", _recipe(tmp_path, family, "ties"), tmp_path / "o", "--gpu-rich", "--device", "cpu")
     assert seen["options"].device == "cpu"  # --device wins, as mergekit's device does over --cuda
 
 
 def test_random_seed_overrides_the_recipes_seed(tmp_path, family):
     parameters = {"density": 0.5}
-    flagged = _merge(_recipe(tmp_path, family, "dare_linear", "flag", parameters=parameters, seed=1),
-                     tmp_path / "flag", "--random-seed", "7")
-    seeded = _merge(_recipe(tmp_path, family, "dare_linear", "seed", parameters=parameters, seed=7),
-                    tmp_path / "seed")
+    flagged = _merge(
+        _recipe(tmp_path, family, "dare_linear", "flag", parameters=parameters, seed=1),
+        tmp_path / "flag",
+        "--random-seed",
+        "7",
+    )
+    seeded = _merge(
+        _recipe(tmp_path, family, "dare_linear", "seed", parameters=parameters, seed=7), tmp_path / "seed"
+    )
     _same(flagged, seeded)
-    other = _merge(_recipe(tmp_path, family, "dare_linear", "one", parameters=parameters, seed=1),
-                   tmp_path / "one")
+    other = _merge(
+        _recipe(tmp_path, family, "dare_linear", "one", parameters=parameters, seed=1), tmp_path / "one"
+    )
     assert any(not torch.equal(other[n], seeded[n]) for n in other)
 
 
 def test_out_shard_size_flag_overrides_the_recipe(tmp_path, family):
     recipe = _recipe(tmp_path, family, "task_arithmetic", out_shard_size="5B")
     _merge(recipe, tmp_path / "out", "--out-shard-size", "4k")
-    assert len(set(json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
-                   ["weight_map"].values())) > 1
-    assert_user_error(run_cli("merge", recipe, tmp_path / "bad", "--out-shard-size", "5 parsecs"),
-                      "out shard size", "cannot read size")
+    assert (
+        len(
+            set(
+                json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())[
+                    "weight_map"
+                ].values()
+            )
+        )
+        > 1
+    )
+    assert_user_error(
+        run_cli("merge", recipe, tmp_path / "bad", "--out-shard-size", "5 parsecs"),
+        "out shard size",
+        "cannot read size",
+    )
     assert not (tmp_path / "bad").exists()
 
 
@@ -288,15 +394,29 @@ def test_no_copy_tokenizer_and_no_model_card(tmp_path, family):
 
 def test_flags_that_would_change_the_model_are_refused(tmp_path, family):
     recipe = _recipe(tmp_path, family, "ties")
-    assert_user_error(run_cli("merge", recipe, tmp_path / "out", "--unsafe-truncate-embeddings"),
-                      "--unsafe-truncate-embeddings", "not supported")
+    assert_user_error(
+        run_cli("merge", recipe, tmp_path / "out", "--unsafe-truncate-embeddings"),
+        "--unsafe-truncate-embeddings",
+        "not supported",
+    )
     assert not (tmp_path / "out").exists()
 
 
 def test_help_says_which_mergekit_flags_do_nothing():
     text = " ".join(run_cli("merge", "--help").stdout.split())
-    for flag in ("--lazy-unpickle", "--low-cpu-memory", "--read-to-gpu", "--async-write", "--cuda",
-                 "--copy-tokenizer", "--out-shard-size", "--random-seed", "--num-threads", "--allow-crimes",
-                 "--write-model-card", "OUT_PATH"):
+    for flag in (
+        "--lazy-unpickle",
+        "--low-cpu-memory",
+        "--read-to-gpu",
+        "--async-write",
+        "--cuda",
+        "--copy-tokenizer",
+        "--out-shard-size",
+        "--random-seed",
+        "--num-threads",
+        "--allow-crimes",
+        "--write-model-card",
+        "OUT_PATH",
+    ):
         assert flag in text, flag
     assert text.count("No effect") >= 4

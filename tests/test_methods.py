@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import ODD, TINY, read_any, read_checkpoint, run_cli, write_recipe
+
 from mergekit_ri.kernels.rng import keep_mask, rng_key
 from mergekit_ri.methods import reference
 from mergekit_ri.params import interpolate, layer_depths
@@ -16,6 +16,7 @@ NAMES = ["a", "b", "c"]
 
 
 # ---- the reference (mergekit_ri.methods.reference), in the shapes these tests use -------------
+
 
 def ref_task_arithmetic(base, experts, weights, lam=1.0):
     return reference.task_arithmetic(base, torch.stack(experts), weights, lam)
@@ -52,8 +53,13 @@ def load_family(folders):
 
 
 def merge_via_cli(tmp_path, folders, method, out_dtype="float32", **fields):
-    recipe = {"merge_method": method, "base_model": str(folders["base"]),
-              "models": [{"model": str(folders[n])} for n in NAMES], "out_dtype": out_dtype, **fields}
+    recipe = {
+        "merge_method": method,
+        "base_model": str(folders["base"]),
+        "models": [{"model": str(folders[n])} for n in NAMES],
+        "out_dtype": out_dtype,
+        **fields,
+    }
     path = write_recipe(tmp_path / "recipe.yaml", **recipe)
     result = run_cli("merge", path, "-o", tmp_path / "out", "--quiet")
     assert result.code == 0, result.stderr
@@ -68,25 +74,36 @@ def assert_close(merged, expected, name, dtype=torch.float32):
 
 # ---- the tests ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("shards", [1, 3])
 def test_task_arithmetic_matches_formula(tmp_path, dtype, shards):
     folders = make_family(tmp_path / "m", NAMES, shape=ODD, dtype=dtype, shards=shards)
     weights = [0.5, 1.0, -0.25]
-    merged = merge_via_cli(tmp_path, folders, "task_arithmetic", parameters={"lambda": 0.7},
-                           models=[{"model": str(folders[n]), "parameters": {"weight": w}} for n, w in zip(NAMES, weights)])
+    merged = merge_via_cli(
+        tmp_path,
+        folders,
+        "task_arithmetic",
+        parameters={"lambda": 0.7},
+        models=[{"model": str(folders[n]), "parameters": {"weight": w}} for n, w in zip(NAMES, weights)],
+    )
     base, experts = load_family(folders)
     assert set(merged) == set(base)
     for name in base:
-        assert_close(merged[name], ref_task_arithmetic(base[name], [e[name] for e in experts], weights, 0.7), name)
+        assert_close(
+            merged[name], ref_task_arithmetic(base[name], [e[name] for e in experts], weights, 0.7), name
+        )
 
 
 def test_linear_matches_model_soup_without_base(tmp_path):
     folders = make_family(tmp_path / "m", NAMES, shape=TINY)
     weights = [1.0, 2.0, 3.0]
-    recipe = write_recipe(tmp_path / "r.yaml", merge_method="linear",
-                          models=[{"model": str(folders[n]), "parameters": {"weight": w}} for n, w in zip(NAMES, weights)],
-                          out_dtype="float32")
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        merge_method="linear",
+        models=[{"model": str(folders[n]), "parameters": {"weight": w}} for n, w in zip(NAMES, weights)],
+        out_dtype="float32",
+    )
     assert run_cli("merge", recipe, "-o", tmp_path / "out", "-q").code == 0
     merged = read_checkpoint(tmp_path / "out")
     _, experts = load_family(folders)
@@ -98,8 +115,12 @@ def test_linear_matches_model_soup_without_base(tmp_path):
 def test_ties_matches_paper_rule_with_ties_at_threshold(tmp_path, dtype):
     folders = make_family(tmp_path / "m", NAMES, shape=ODD, dtype=dtype, shards=2)
     densities = [0.2, 0.5, 0.1]
-    merged = merge_via_cli(tmp_path, folders, "ties",
-                           models=[{"model": str(folders[n]), "parameters": {"density": d}} for n, d in zip(NAMES, densities)])
+    merged = merge_via_cli(
+        tmp_path,
+        folders,
+        "ties",
+        models=[{"model": str(folders[n]), "parameters": {"density": d}} for n, d in zip(NAMES, densities)],
+    )
     base, experts = load_family(folders)
     tied_somewhere = False
     for name in base:
@@ -111,14 +132,20 @@ def test_ties_matches_paper_rule_with_ties_at_threshold(tmp_path, dtype):
             threshold = torch.sort(tau.abs().flatten(), descending=True).values[k - 1]
             tied_somewhere |= int((tau.abs() >= threshold).sum()) > k
     if dtype == "bfloat16":
-        assert tied_somewhere, "bf16 deltas should produce ties at the threshold; the test would not cover them"
+        assert tied_somewhere, (
+            "bf16 deltas should produce ties at the threshold; the test would not cover them"
+        )
 
 
 def test_ties_weights_lambda_and_no_normalize(tmp_path, family):
     weights, densities = [1.0, 0.5, 2.0], [0.3, 0.3, 0.3]
-    merged = merge_via_cli(tmp_path, family, "ties",
-                           parameters={"lambda": 0.8, "normalize": False, "density": 0.3},
-                           models=[{"model": str(family[n]), "parameters": {"weight": w}} for n, w in zip(NAMES, weights)])
+    merged = merge_via_cli(
+        tmp_path,
+        family,
+        "ties",
+        parameters={"lambda": 0.8, "normalize": False, "density": 0.3},
+        models=[{"model": str(family[n]), "parameters": {"weight": w}} for n, w in zip(NAMES, weights)],
+    )
     base, experts = load_family(family)
     for name in base:
         taus = [ref_trim(e[name] - base[name], d) for e, d in zip(experts, densities)]
@@ -135,7 +162,9 @@ def test_ties_model_scope_uses_one_threshold_over_the_whole_model(tmp_path, fami
         flat = torch.cat([(e[n] - base[n]).flatten() for n in names])
         k = int(0.25 * flat.numel())
         threshold = torch.sort(flat.abs(), descending=True).values[k - 1]
-        trimmed.append({n: torch.where((e[n] - base[n]).abs() >= threshold, e[n] - base[n], 0.0) for n in names})
+        trimmed.append(
+            {n: torch.where((e[n] - base[n]).abs() >= threshold, e[n] - base[n], 0.0) for n in names}
+        )
     per_tensor_differs = False
     for n in names:
         expected = base[n] + ref_disjoint_merge([t[n] for t in trimmed], [1.0] * 3)
@@ -151,7 +180,9 @@ def test_dare_matches_formula_and_is_reproducible(tmp_path, family, method):
     base, experts = load_family(family)
     for name in base:
         taus = [ref_dare(e[name] - base[name], 0.4, 7, name, i) for i, e in enumerate(experts)]
-        expected = base[name] + (sum(taus) if method == "dare_linear" else ref_disjoint_merge(taus, [1.0] * 3, normalize=False))
+        expected = base[name] + (
+            sum(taus) if method == "dare_linear" else ref_disjoint_merge(taus, [1.0] * 3, normalize=False)
+        )
         assert_close(merged[name], expected, name)
     # the masks keep about `density` of the entries
     mask = keep_mask(0, 100_000, 0.4, rng_key(7, "x", 0))
@@ -166,16 +197,26 @@ def test_dare_matches_formula_and_is_reproducible(tmp_path, family, method):
     recipe.write_text(text)
     assert run_cli("merge", recipe, "-o", tmp_path / "seed8", "-q").code == 0
     other = read_checkpoint(tmp_path / "seed8")
-    assert not torch.equal(other["model.layers.0.mlp.up_proj.weight"], merged["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        other["model.layers.0.mlp.up_proj.weight"], merged["model.layers.0.mlp.up_proj.weight"]
+    )
 
 
 def test_gradients_and_filters_resolve_per_tensor_like_mergekit(tmp_path, family):
     weight = [{"filter": "self_attn", "value": [0.0, 1.0]}, {"filter": "mlp", "value": 0.25}]
     merged = merge_via_cli(
-        tmp_path, family, "task_arithmetic",
+        tmp_path,
+        family,
+        "task_arithmetic",
         parameters={"weight": weight},
-        models=[{"model": str(family["a"])}, {"model": str(family["b"]), "parameters": {"weight": 2.0}},
-                {"model": str(family["c"]), "parameters": {"weight": [{"filter": "nothing-matches", "value": 9.0}]}}],
+        models=[
+            {"model": str(family["a"])},
+            {"model": str(family["b"]), "parameters": {"weight": 2.0}},
+            {
+                "model": str(family["c"]),
+                "parameters": {"weight": [{"filter": "nothing-matches", "value": 9.0}]},
+            },
+        ],
     )
     base, experts = load_family(family)
     depths = layer_depths(base)
@@ -196,8 +237,11 @@ def test_gradients_and_filters_resolve_per_tensor_like_mergekit(tmp_path, family
 
 def test_output_dtype_defaults_to_recipe_dtype_then_base(tmp_path, family):
     for dtype, expected in [(None, torch.bfloat16), ("float16", torch.float16)]:
-        fields = {"merge_method": "task_arithmetic", "base_model": str(family["base"]),
-                  "models": [{"model": str(family["a"])}]}
+        fields = {
+            "merge_method": "task_arithmetic",
+            "base_model": str(family["base"]),
+            "models": [{"model": str(family["a"])}],
+        }
         if dtype:
             fields["dtype"] = dtype
         out = tmp_path / f"out-{dtype}"
@@ -212,8 +256,12 @@ def test_integer_buffers_are_copied_from_the_base(tmp_path):
     w = torch.randn(4, 4)
     save_file({"w": w, "position_ids": torch.arange(10)}, tmp_path / "base.safetensors")
     save_file({"w": w + 1, "position_ids": torch.zeros(10, dtype=torch.int64)}, tmp_path / "e.safetensors")
-    recipe = write_recipe(tmp_path / "r.yaml", merge_method="task_arithmetic", base_model=str(tmp_path / "base.safetensors"),
-                          models=[{"model": str(tmp_path / "e.safetensors")}])
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        merge_method="task_arithmetic",
+        base_model=str(tmp_path / "base.safetensors"),
+        models=[{"model": str(tmp_path / "e.safetensors")}],
+    )
     assert run_cli("merge", recipe, "-o", tmp_path / "out", "-q").code == 0
     merged = read_checkpoint(tmp_path / "out")
     assert torch.equal(merged["position_ids"], torch.arange(10))
@@ -243,11 +291,14 @@ def test_row_chunked_merge_equals_whole_tensor_merge(tmp_path, monkeypatch, meth
         assert torch.equal(whole[name], chunked[name]), name
 
 
-@pytest.mark.parametrize("method,fields", [
-    ("ties", {"parameters": {"density": 0.3}}),
-    ("ties", {"parameters": {"density": 0.3, "trim_scope": "model"}}),
-    ("dare_ties", {"parameters": {"density": 0.5}}),
-])
+@pytest.mark.parametrize(
+    "method,fields",
+    [
+        ("ties", {"parameters": {"density": 0.3}}),
+        ("ties", {"parameters": {"density": 0.3, "trim_scope": "model"}}),
+        ("dare_ties", {"parameters": {"density": 0.5}}),
+    ],
+)
 def test_huge_tensors_streamed_by_rows_merge_like_whole_tensors(tmp_path, monkeypatch, method, fields):
     """TIES/DARE-TIES read tensors above CHUNK_ELEMENTS row chunk by row chunk (thresholds from a
     row sample + exact band, one majority sign per tensor): the bytes must not change."""
@@ -260,11 +311,14 @@ def test_huge_tensors_streamed_by_rows_merge_like_whole_tensors(tmp_path, monkey
     monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 50)
     monkeypatch.setattr(engine.RowSource, "SEGMENTS", 3)
     import mergekit_ri.kernels.blocked as blocked
+
     monkeypatch.setattr(blocked, "SMALL", 64)  # take the sampled-band path on these small tensors
     monkeypatch.setattr(blocked, "SAMPLE", 40)
     chunks = []
     original = engine.RowSource._read
-    monkeypatch.setattr(engine.RowSource, "_read", lambda self, a, b: chunks.append((a, b)) or original(self, a, b))
+    monkeypatch.setattr(
+        engine.RowSource, "_read", lambda self, a, b: chunks.append((a, b)) or original(self, a, b)
+    )
     streamed = merge_via_cli(tmp_path / "streamed", folders, method, **fields)
     assert len(chunks) > 20  # the big tensors really were read by rows
     for name in whole:

@@ -9,9 +9,16 @@ import math
 
 import pytest
 import torch
+from conftest import (
+    TINY,
+    assert_nothing_written,
+    assert_user_error,
+    read_any,
+    read_checkpoint,
+    run_cli,
+    write_recipe,
+)
 
-from conftest import (TINY, assert_nothing_written, assert_user_error, read_any, read_checkpoint, run_cli,
-                      write_recipe)
 from mergekit_ri.kernels.rng import hash_counter, rng_key
 from mergekit_ri.methods import TensorContext, TensorParams
 from mergekit_ri.methods.slerp import slerp_tensors
@@ -38,8 +45,12 @@ def merge(tmp_path, fam, method, experts=NAMES, base=True, per_model=None, **fie
     """Merge through the CLI into fp32; returns the merged tensors."""
     folders, _ = fam
     per_model = per_model or {}
-    recipe = {"merge_method": method, "out_dtype": "float32", "models": entries(folders, experts, per_model),
-              **fields}
+    recipe = {
+        "merge_method": method,
+        "out_dtype": "float32",
+        "models": entries(folders, experts, per_model),
+        **fields,
+    }
     if base:
         recipe["base_model"] = str(folders["base"])
     path = write_recipe(tmp_path / f"{method}.yaml", **recipe)
@@ -49,8 +60,9 @@ def merge(tmp_path, fam, method, experts=NAMES, base=True, per_model=None, **fie
 
 
 def entries(folders, names, per_model):
-    return [{"model": str(folders[n]), **({"parameters": per_model[n]} if n in per_model else {})}
-            for n in names]
+    return [
+        {"model": str(folders[n]), **({"parameters": per_model[n]} if n in per_model else {})} for n in names
+    ]
 
 
 def check(merged, expected_fn, tensors, names=None, atol=1e-6):
@@ -59,8 +71,9 @@ def check(merged, expected_fn, tensors, names=None, atol=1e-6):
     for name in names or base:
         expected = expected_fn(name)
         assert merged[name].dtype == torch.float32
-        torch.testing.assert_close(merged[name], expected.float(), rtol=1e-5, atol=atol,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            merged[name], expected.float(), rtol=1e-5, atol=atol, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def cosine(a, b):
@@ -69,6 +82,7 @@ def cosine(a, b):
 
 
 # ---- slerp ----------------------------------------------------------------------------------
+
 
 def ref_slerp(t, v0, v1):
     """Spherical interpolation of the whole tensors; lerp when |cos θ| > 0.9995 (mergekit)."""
@@ -84,14 +98,18 @@ def test_slerp_by_hand():
     torch.testing.assert_close(slerp_tensors(0.5, v0, v1), torch.tensor([0.5**0.5, 0.5**0.5]))
     torch.testing.assert_close(slerp_tensors(1 / 3, v0, v1), torch.tensor([math.cos(math.pi / 6), 0.5]))
     # parallel: the linear fallback
-    torch.testing.assert_close(slerp_tensors(0.25, torch.tensor([1.0, 0.0]), torch.tensor([3.0, 0.0])),
-                               torch.tensor([1.5, 0.0]))
+    torch.testing.assert_close(
+        slerp_tensors(0.25, torch.tensor([1.0, 0.0]), torch.tensor([3.0, 0.0])), torch.tensor([1.5, 0.0])
+    )
 
 
 def test_slerp_matches_formula_with_mergekits_filtered_gradients(tmp_path, fam):
     folders, tensors = fam
-    t = [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"filter": "mlp", "value": [1, 0.5, 0]},
-         {"value": 0.3}]
+    t = [
+        {"filter": "self_attn", "value": [0, 0.5, 1]},
+        {"filter": "mlp", "value": [1, 0.5, 0]},
+        {"value": 0.3},
+    ]
     merged = merge(tmp_path, fam, "slerp", experts=["a"], parameters={"t": t})
     base, other = tensors["base"], tensors["a"]
     depths = layer_depths(base)
@@ -117,6 +135,7 @@ def test_slerp_with_the_base_also_listed_under_models(tmp_path, fam):
 
 # ---- nuslerp, multislerp, karcher -----------------------------------------------------------
 
+
 def ref_nuslerp_rows(t, v0, v1):
     """slerp of each row (last axis) of two tensors; lerp where sin θ < 1e-8."""
     out = torch.empty_like(v0)
@@ -139,16 +158,26 @@ def ref_nuslerp(t, v0, v1, flatten, row_wise):
     return ref_nuslerp_rows(t, v0, v1)
 
 
-@pytest.mark.parametrize("options", [{}, {"nuslerp_flatten": False},
-                                     {"nuslerp_flatten": False, "nuslerp_row_wise": True}])
+@pytest.mark.parametrize(
+    "options", [{}, {"nuslerp_flatten": False}, {"nuslerp_flatten": False, "nuslerp_row_wise": True}]
+)
 def test_nuslerp_with_base_slerps_task_vectors_at_weight_ratio(tmp_path, fam, options):
     _, tensors = fam
-    merged = merge(tmp_path, fam, "nuslerp", experts=["a", "b"], parameters=options,
-                   per_model={"a": {"weight": 1.0}, "b": {"weight": 3.0}})
+    merged = merge(
+        tmp_path,
+        fam,
+        "nuslerp",
+        experts=["a", "b"],
+        parameters=options,
+        per_model={"a": {"weight": 1.0}, "b": {"weight": 3.0}},
+    )
     base, a, b = tensors["base"], tensors["a"], tensors["b"]
     flatten, row_wise = options.get("nuslerp_flatten", True), options.get("nuslerp_row_wise", False)
-    check(merged, lambda n: base[n] + ref_nuslerp(0.75, a[n] - base[n], b[n] - base[n], flatten, row_wise),
-          tensors)
+    check(
+        merged,
+        lambda n: base[n] + ref_nuslerp(0.75, a[n] - base[n], b[n] - base[n], flatten, row_wise),
+        tensors,
+    )
 
 
 def test_nuslerp_without_base_slerps_the_models(tmp_path, fam):
@@ -175,8 +204,11 @@ def test_multislerp_matches_formula_around_the_base(tmp_path, fam):
     weights = {"a": 1.0, "b": 2.0, "c": 0.5}
     merged = merge(tmp_path, fam, "multislerp", per_model={n: {"weight": w} for n, w in weights.items()})
     base = tensors["base"]
-    check(merged, lambda n: base[n] + ref_multislerp([tensors[m][n] - base[n] for m in NAMES],
-                                                     list(weights.values())), tensors)
+    check(
+        merged,
+        lambda n: base[n] + ref_multislerp([tensors[m][n] - base[n] for m in NAMES], list(weights.values())),
+        tensors,
+    )
 
 
 def ref_karcher(points, steps=10, tol=1e-5):
@@ -216,6 +248,7 @@ def test_karcher_matches_formula_and_includes_the_base(tmp_path, fam):
 
 # ---- model_stock ----------------------------------------------------------------------------
 
+
 def ref_model_stock(base, experts, filter_wise):
     """t = k·cosθ / (1 + (k−1)·cosθ), cosθ the mean pairwise cosine of the task vectors (per
     row with filter_wise); θ = t·average + (1 − t)·θ₀."""
@@ -249,6 +282,7 @@ def test_model_stock_matches_formula(tmp_path, fam, filter_wise):
 
 
 # ---- passthrough, nearswap, arcee_fusion ----------------------------------------------------
+
 
 def test_passthrough_copies_one_model_times_its_scale(tmp_path, fam):
     _, tensors = fam
@@ -293,6 +327,7 @@ def test_arcee_fusion_matches_formula(tmp_path, fam):
 
 # ---- breadcrumbs, della, sce ----------------------------------------------------------------
 
+
 def ref_breadcrumbs(tau, density, gamma, rescale=False):
     """Sort |τ| ascending; drop the n − ⌊density·n⌋ − ⌊γ·n⌋ smallest and the ⌊γ·n⌋ largest."""
     n = tau.numel()
@@ -301,7 +336,7 @@ def ref_breadcrumbs(tau, density, gamma, rescale=False):
     top = n - keep - bottom if n - keep - top < 0 else top
     order = torch.sort(tau.abs().flatten(), stable=True).indices
     mask = torch.zeros(n)
-    mask[order[bottom:n - top]] = 1
+    mask[order[bottom : n - top]] = 1
     kept = tau * mask.reshape(tau.shape)
     if rescale and kept.abs().sum() > 1e-7:
         kept = kept * tau.abs().sum() / kept.abs().sum()
@@ -327,13 +362,20 @@ def test_breadcrumbs_mask_by_hand():
 def test_breadcrumbs_matches_formula(tmp_path, fam, method):
     _, tensors = fam
     densities, weights = {"a": 0.5, "b": 0.3, "c": 0.8}, {"a": 1.0, "b": 0.5, "c": 2.0}
-    merged = merge(tmp_path, fam, method, parameters={"gamma": 0.05, "lambda": 0.9, "rescale": True},
-                   per_model={n: {"density": densities[n], "weight": weights[n]} for n in NAMES})
+    merged = merge(
+        tmp_path,
+        fam,
+        method,
+        parameters={"gamma": 0.05, "lambda": 0.9, "rescale": True},
+        per_model={n: {"density": densities[n], "weight": weights[n]} for n in NAMES},
+    )
     base = tensors["base"]
 
     def expected(n):
-        weighted = [weights[m] * ref_breadcrumbs(tensors[m][n] - base[n], densities[m], 0.05, rescale=True)
-                    for m in NAMES]
+        weighted = [
+            weights[m] * ref_breadcrumbs(tensors[m][n] - base[n], densities[m], 0.05, rescale=True)
+            for m in NAMES
+        ]
         mixed = ref_sign_elect(weighted).sum(0) if method == "breadcrumbs_ties" else sum(weighted)
         return base[n] + 0.9 * mixed
 
@@ -354,14 +396,22 @@ def ref_della_tau(tau, density, epsilon, seed, name, index):
 @pytest.mark.parametrize("method", ["della", "della_linear"])
 def test_della_matches_formula(tmp_path, fam, method):
     _, tensors = fam
-    merged = merge(tmp_path, fam, method, parameters={"density": 0.5, "epsilon": 0.2}, seed=3,
-                   per_model={"b": {"weight": 0.5}})
+    merged = merge(
+        tmp_path,
+        fam,
+        method,
+        parameters={"density": 0.5, "epsilon": 0.2},
+        seed=3,
+        per_model={"b": {"weight": 0.5}},
+    )
     base = tensors["base"]
     weights = {"a": 1.0, "b": 0.5, "c": 1.0}
 
     def expected(n):
-        weighted = [weights[m] * ref_della_tau(tensors[m][n] - base[n], 0.5, 0.2, 3, n, i)
-                    for i, m in enumerate(NAMES)]
+        weighted = [
+            weights[m] * ref_della_tau(tensors[m][n] - base[n], 0.5, 0.2, 3, n, i)
+            for i, m in enumerate(NAMES)
+        ]
         if method == "della_linear":
             return base[n] + sum(weighted)
         elected = ref_sign_elect(weighted)
@@ -403,14 +453,23 @@ def test_sce_matches_formula(tmp_path, fam):
 # ---- recipes refused at the check, before any weight is read --------------------------------
 
 BAD = [
-    ("slerp", {"experts": ["a", "b"], "parameters": {"t": 0.5}},
-     ["merge_method 'slerp' needs exactly 2 models", "models"]),
-    ("slerp", {"experts": ["a", "b"], "base": False, "parameters": {"t": 0.5}},
-     ["'slerp' needs exactly 2 models"]),
+    (
+        "slerp",
+        {"experts": ["a", "b"], "parameters": {"t": 0.5}},
+        ["merge_method 'slerp' needs exactly 2 models", "models"],
+    ),
+    (
+        "slerp",
+        {"experts": ["a", "b"], "base": False, "parameters": {"t": 0.5}},
+        ["'slerp' needs exactly 2 models"],
+    ),
     ("slerp", {"experts": ["a"]}, ["needs parameters.t"]),
     ("slerp", {"experts": ["a"], "parameters": {"t": 1.5}}, ["parameters.t", "1.5", "[0, 1]"]),
-    ("slerp", {"experts": ["a"], "parameters": {"t": [{"filter": "mlp", "value": [0, -0.5]}]}},
-     ["parameters.t", "-0.5"]),
+    (
+        "slerp",
+        {"experts": ["a"], "parameters": {"t": [{"filter": "mlp", "value": [0, -0.5]}]}},
+        ["parameters.t", "-0.5"],
+    ),
     ("passthrough", {"experts": ["a", "b"], "base": False}, ["'passthrough' needs exactly 1 model"]),
     ("passthrough", {"experts": ["a"]}, ["base_model", "'passthrough' takes exactly 1 model"]),
     ("nearswap", {"experts": ["a", "b"], "parameters": {"t": 0.1}}, ["'nearswap' needs exactly 2 models"]),
@@ -421,10 +480,16 @@ BAD = [
     ("breadcrumbs", {"parameters": {"density": 1.5}}, ["parameters.density", "1.5"]),
     ("breadcrumbs", {"parameters": {"gamma": -0.1}}, ["parameters.gamma"]),
     ("della", {"parameters": {"epsilon": -0.1}}, ["parameters.epsilon"]),
-    ("della", {"parameters": {"density": 0.5, "epsilon": 0.6}},
-     ["models[0]", "density ± epsilon", "epsilon 0.6"]),
-    ("della_linear", {"parameters": {"epsilon": 0.1}, "per_model": {"c": {"density": 0.05}}},
-     ["models[2]", "density 0.05"]),
+    (
+        "della",
+        {"parameters": {"density": 0.5, "epsilon": 0.6}},
+        ["models[0]", "density ± epsilon", "epsilon 0.6"],
+    ),
+    (
+        "della_linear",
+        {"parameters": {"epsilon": 0.1}, "per_model": {"c": {"density": 0.05}}},
+        ["models[2]", "density 0.05"],
+    ),
     ("sce", {"parameters": {"select_topk": 2}}, ["parameters.select_topk"]),
     ("karcher", {"parameters": {"max_iter": 2.5}}, ["parameters.max_iter", "whole number"]),
 ]

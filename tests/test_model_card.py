@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-
 from conftest import read_checkpoint, run_cli
+
 from mergekit_ri.recipe import load_recipe
 
 

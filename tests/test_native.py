@@ -7,14 +7,13 @@ import itertools
 
 import pytest
 import torch
+from conftest import read_checkpoint, run_cli
+from test_kernels import awkward_inputs, cancelling_inputs, ref_threshold
 
 from mergekit_ri import kernels
 from mergekit_ri.kernels import blocked, native
 from mergekit_ri.kernels.parallel import single_threaded_ops
 from mergekit_ri.kernels.rng import rng_key
-from test_kernels import awkward_inputs, cancelling_inputs, ref_threshold
-
-from conftest import read_checkpoint, run_cli
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"no C kernels here: {native.failure()}")
 
@@ -54,18 +53,27 @@ def test_native_kernels_equal_the_torch_kernels_bit_for_bit(n, count, dtype):
     thresholds = blocked.magnitude_thresholds(base, experts, densities)
     with single_threaded_ops(2):
         for out_dtype, unit, lam, normalize in itertools.product(
-                [torch.bfloat16, torch.float32, torch.float16], [True, False], [1.0, 0.37], [False, True]):
+            [torch.bfloat16, torch.float32, torch.float16], [True, False], [1.0, 0.37], [False, True]
+        ):
             weights = [1.0] * count if unit else [0.3 + 0.5 * i for i in range(count)]
-            assert_same(native.task_arithmetic(base, experts, weights, lam, normalize, out_dtype),
-                        blocked.task_arithmetic(base, experts, weights, lam, normalize, out_dtype))
-            assert_same(native.weighted_sum(experts, weights, normalize, out_dtype),
-                        blocked.weighted_sum(experts, weights, normalize, out_dtype))
-            assert_same(kernels.ties(src, thresholds, weights, lam, normalize, out_dtype),
-                        blocked.ties_apply(base, experts, thresholds, weights, lam, normalize, out_dtype))
+            assert_same(
+                native.task_arithmetic(base, experts, weights, lam, normalize, out_dtype),
+                blocked.task_arithmetic(base, experts, weights, lam, normalize, out_dtype),
+            )
+            assert_same(
+                native.weighted_sum(experts, weights, normalize, out_dtype),
+                blocked.weighted_sum(experts, weights, normalize, out_dtype),
+            )
+            assert_same(
+                kernels.ties(src, thresholds, weights, lam, normalize, out_dtype),
+                blocked.ties_apply(base, experts, thresholds, weights, lam, normalize, out_dtype),
+            )
             for elect in (False, True):
                 args = (densities, keys, weights, lam, normalize, True, elect, out_dtype)
                 assert_same(kernels.dare(src, 11, *args), blocked.dare(base, experts, 11, *args))
-    assert experts.dtype == dtype and torch.equal(inputs(n, count, dtype, seed=n + count)[1], experts)  # untouched
+    assert experts.dtype == dtype and torch.equal(
+        inputs(n, count, dtype, seed=n + count)[1], experts
+    )  # untouched
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -73,11 +81,22 @@ def test_native_ties_redoes_undecided_entries_with_the_negative_majority(normali
     base, experts = cancelling_inputs(70_001)
     src = kernels.TensorSource(base, experts)
     thresholds = blocked.magnitude_thresholds(base, experts, [1.0] * 3)
-    _, balance, undecided, _ = native.merge(base, experts, mode=native.MODE_TIES, elect=True, weights=[1.0, 1.0, 2.0],
-                                         lam=0.7, normalize=normalize, out_dtype=torch.float32, thresholds=thresholds)
+    _, balance, undecided, _ = native.merge(
+        base,
+        experts,
+        mode=native.MODE_TIES,
+        elect=True,
+        weights=[1.0, 1.0, 2.0],
+        lam=0.7,
+        normalize=normalize,
+        out_dtype=torch.float32,
+        thresholds=thresholds,
+    )
     assert balance < 0 and undecided.numel() > 1000  # the case this test is about
-    assert_same(kernels.ties(src, thresholds, [1.0, 1.0, 2.0], 0.7, normalize, torch.float32),
-                blocked.ties_apply(base, experts, thresholds, [1.0, 1.0, 2.0], 0.7, normalize))
+    assert_same(
+        kernels.ties(src, thresholds, [1.0, 1.0, 2.0], 0.7, normalize, torch.float32),
+        blocked.ties_apply(base, experts, thresholds, [1.0, 1.0, 2.0], 0.7, normalize),
+    )
 
 
 def test_native_merge_lists_every_undecided_entry_past_its_first_buffer(monkeypatch):
@@ -86,8 +105,17 @@ def test_native_merge_lists_every_undecided_entry_past_its_first_buffer(monkeypa
     tau = experts - base
     total = tau.sum(0)
     expected = ((total == 0) & (tau != 0).any(0)).nonzero().reshape(-1)
-    _, _, undecided, _ = native.merge(base, experts, mode=native.MODE_TIES, elect=True, weights=[1.0] * 3, lam=1.0,
-                                   normalize=True, out_dtype=torch.float32, thresholds=[0.0] * 3)
+    _, _, undecided, _ = native.merge(
+        base,
+        experts,
+        mode=native.MODE_TIES,
+        elect=True,
+        weights=[1.0] * 3,
+        lam=1.0,
+        normalize=True,
+        out_dtype=torch.float32,
+        thresholds=[0.0] * 3,
+    )
     assert torch.equal(undecided, expected)
 
 
@@ -111,9 +139,17 @@ def test_native_threshold_fallback_when_the_sample_misses(monkeypatch):
         assert got == [ref_threshold(t, density) for t in tau]
 
 
-@pytest.mark.parametrize("values", [
-    torch.randn(100_003).abs(), (torch.randint(0, 5, (70_001,)) * 0.25).float(), torch.zeros(9),
-    torch.tensor([3.0]), torch.tensor([0.0, float("inf"), 1.0, 1e-40]), torch.rand(5000) * 1e-30])
+@pytest.mark.parametrize(
+    "values",
+    [
+        torch.randn(100_003).abs(),
+        (torch.randint(0, 5, (70_001,)) * 0.25).float(),
+        torch.zeros(9),
+        torch.tensor([3.0]),
+        torch.tensor([0.0, float("inf"), 1.0, 1e-40]),
+        torch.rand(5000) * 1e-30,
+    ],
+)
 def test_native_kth_largest_equals_kthvalue(values):
     for k in sorted({1, min(2, values.numel()), values.numel() // 3 + 1, values.numel()}):
         before = values.clone()
@@ -153,17 +189,21 @@ def test_a_read_only_cache_still_builds_into_a_temporary_folder(tmp_path, monkey
     monkeypatch.setattr(native, "_failure", None)
     assert native.library() is not None, native.failure()
     base, experts = inputs(1000, 2, torch.bfloat16)
-    assert_same(native.task_arithmetic(base, experts, [1.0, 1.0], 0.5, False, torch.bfloat16),
-                blocked.task_arithmetic(base, experts, [1.0, 1.0], 0.5, False, torch.bfloat16))
+    assert_same(
+        native.task_arithmetic(base, experts, [1.0, 1.0], 0.5, False, torch.bfloat16),
+        blocked.task_arithmetic(base, experts, [1.0, 1.0], 0.5, False, torch.bfloat16),
+    )
 
 
 def test_a_compiler_without_march_native_builds_portably(tmp_path, monkeypatch):
     import shutil
 
     fake = tmp_path / "cc"
-    fake.write_text("#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = -march=native ] && "
-                    "{ echo \"unknown option -march=native\" >&2; exit 1; }; done\n"
-                    f"exec {shutil.which('cc') or shutil.which('gcc')} \"$@\"\n")
+    fake.write_text(
+        '#!/bin/sh\nfor a in "$@"; do [ "$a" = -march=native ] && '
+        '{ echo "unknown option -march=native" >&2; exit 1; }; done\n'
+        f'exec {shutil.which("cc") or shutil.which("gcc")} "$@"\n'
+    )
     fake.chmod(0o755)
     monkeypatch.setenv("CC", str(fake))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -182,8 +222,10 @@ def test_without_a_compiler_the_torch_kernels_run(tmp_path, monkeypatch):
     base, experts = inputs(5000, 3, torch.bfloat16)
     thresholds = blocked.magnitude_thresholds(base, experts, [0.2] * 3)
     assert kernels.magnitude_thresholds_source(kernels.TensorSource(base, experts), [0.2] * 3) == thresholds
-    assert_same(kernels.ties(kernels.TensorSource(base, experts), thresholds, [1.0] * 3, 1.0, True, torch.bfloat16),
-                blocked.ties_apply(base, experts, thresholds, [1.0] * 3, 1.0, True, torch.bfloat16))
+    assert_same(
+        kernels.ties(kernels.TensorSource(base, experts), thresholds, [1.0] * 3, 1.0, True, torch.bfloat16),
+        blocked.ties_apply(base, experts, thresholds, [1.0] * 3, 1.0, True, torch.bfloat16),
+    )
 
 
 def test_environment_switch_forces_torch(monkeypatch):
@@ -194,7 +236,9 @@ def test_environment_switch_forces_torch(monkeypatch):
 
 @pytest.mark.parametrize("streamed", [False, True])
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "dare_linear", "linear"])
-def test_cli_merges_with_and_without_the_c_kernels_are_identical(tmp_path, recipe_for, monkeypatch, method, streamed):
+def test_cli_merges_with_and_without_the_c_kernels_are_identical(
+    tmp_path, recipe_for, monkeypatch, method, streamed
+):
     """Real merges through the CLI, on the C kernels and with RI_MERGE_KERNELS=torch; `streamed`
     reads tensors by row chunks and takes the sampled-band threshold path even on tiny tensors."""
     import mergekit_ri.reading as reading
@@ -203,7 +247,9 @@ def test_cli_merges_with_and_without_the_c_kernels_are_identical(tmp_path, recip
         monkeypatch.setattr(reading, "CHUNK_ELEMENTS", 50)
         monkeypatch.setattr(blocked, "SMALL", 64)
         monkeypatch.setattr(blocked, "SAMPLE", 40)
-    parameters = {"linear": {}, "task_arithmetic": {"lambda": 0.8}}.get(method, {"density": 0.3, "lambda": 0.8})
+    parameters = {"linear": {}, "task_arithmetic": {"lambda": 0.8}}.get(
+        method, {"density": 0.3, "lambda": 0.8}
+    )
     recipe = recipe_for(method, parameters=parameters)
     assert run_cli("merge", recipe, "-o", tmp_path / "native", "--quiet").code == 0
     monkeypatch.setenv("RI_MERGE_KERNELS", "torch")
@@ -246,7 +292,12 @@ def test_native_kernels_take_empty_tensors():
     assert native.weighted_sum(experts, [1.0] * 3, True, torch.bfloat16).numel() == 0
     assert kernels.magnitude_thresholds_source(src, [0.2] * 3) == [float("inf")] * 3
     assert kernels.ties(src, [1.0] * 3, [1.0] * 3, 1.0, True, torch.bfloat16).numel() == 0
-    assert kernels.dare(src, 0, [0.5] * 3, [(1, 2)] * 3, [1.0] * 3, 1.0, True, True, True, torch.bfloat16).numel() == 0
+    assert (
+        kernels.dare(
+            src, 0, [0.5] * 3, [(1, 2)] * 3, [1.0] * 3, 1.0, True, True, True, torch.bfloat16
+        ).numel()
+        == 0
+    )
     assert int(native.histograms(base, experts, None).sum()) == 0
     above, bands = native.band(base, experts, [0.1] * 3, [0.2] * 3, 10)
     assert above == [0, 0, 0] and all(b.numel() == 0 for b in bands)

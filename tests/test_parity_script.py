@@ -27,7 +27,7 @@ def parity():
     sys.path.insert(0, str(SCRIPTS))
     spec = importlib.util.spec_from_file_location("parity_mergekit", SCRIPTS / "parity_mergekit.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module   # dataclasses look their module up while it is being executed
+    sys.modules[spec.name] = module  # dataclasses look their module up while it is being executed
     spec.loader.exec_module(module)
     return module
 
@@ -52,9 +52,26 @@ def test_every_recipe_renders_to_yaml_naming_generated_models(parity):
 
 def test_one_recipe_per_method_of_both_tools(parity):
     methods = {yaml.safe_load(t)["merge_method"] for t in parity.method_recipes().values()}
-    mergekit_015 = {"arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della",
-                    "della_linear", "karcher", "linear", "model_stock", "multislerp", "nearswap", "nuslerp",
-                    "passthrough", "sce", "slerp", "task_arithmetic", "ties"}   # less ram, ramplus_tl
+    mergekit_015 = {
+        "arcee_fusion",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "dare_linear",
+        "dare_ties",
+        "della",
+        "della_linear",
+        "karcher",
+        "linear",
+        "model_stock",
+        "multislerp",
+        "nearswap",
+        "nuslerp",
+        "passthrough",
+        "sce",
+        "slerp",
+        "task_arithmetic",
+        "ties",
+    }  # less ram, ramplus_tl
     assert mergekit_015 <= methods
 
 
@@ -69,13 +86,15 @@ def test_parameters_follow_mergekits_gradient_and_filter_rule(parity):
     assert resolve([1, 0.7, 0.1], "model.layers.0.mlp.up_proj.weight", 40) == 1
     assert resolve([1, 0.7, 0.1], "model.layers.39.mlp.up_proj.weight", 40) == pytest.approx(0.1)
     assert resolve([0, 1], "model.layers.13.mlp.up_proj.weight", 40) == pytest.approx(13 / 39)
-    assert resolve([0, 1], "model.embed_tokens.weight", 40) == 0   # outside the blocks: t = 0
+    assert resolve([0, 1], "model.embed_tokens.weight", 40) == 0  # outside the blocks: t = 0
     filtered = [{"filter": "mlp", "value": 0.5}, {"value": 0}]
     assert resolve(filtered, "model.layers.1.mlp.up_proj.weight", 40) == 0.5
     assert resolve(filtered, "model.layers.1.self_attn.q_proj.weight", 40) == 0
     assert resolve([{"filter": "*", "value": 0.7}], "lm_head.weight", 40) == 0.7
-    recipe = {"models": [{"model": "a", "parameters": {"density": 0.3}}, {"model": "b"}],
-              "parameters": {"density": 0.9}}
+    recipe = {
+        "models": [{"model": "a", "parameters": {"density": 0.3}}, {"model": "b"}],
+        "parameters": {"density": 0.9},
+    }
     assert parity.model_param(recipe, 0, "density", "x", 40) == 0.3
     assert parity.model_param(recipe, 1, "density", "x", 40) == 0.9
     assert parity.model_param(recipe, 1, "gamma", "x", 40, 0.01) == 0.01
@@ -85,7 +104,7 @@ def test_ulp_is_one_step_of_the_dtype(parity):
     values = torch.tensor([1.0, 1.5, 0.25, 3e-3])
     steps = parity.ulp(values, torch.bfloat16)
     assert torch.equal(steps, torch.tensor([2**-7, 2**-7, 2**-9, 2**-16]))
-    for v, s in zip(values.tolist(), steps.tolist()):   # the next bf16 number is exactly one step away
+    for v, s in zip(values.tolist(), steps.tolist()):  # the next bf16 number is exactly one step away
         assert torch.tensor(v + s, dtype=torch.bfloat16).item() == pytest.approx(v + s) or s < 1e-4
 
 
@@ -107,9 +126,12 @@ def write(folder: Path, weights: dict[str, torch.Tensor], dtype: str = "bfloat16
 
 
 def task_arithmetic(weights, scale=1.0):
-    return {k: weights["base"][k] + scale * ((weights["expert1"][k] - weights["base"][k])
-                                             + (weights["expert2"][k] - weights["base"][k]))
-            for k in weights["base"]}
+    return {
+        k: weights["base"][k]
+        + scale
+        * ((weights["expert1"][k] - weights["base"][k]) + (weights["expert2"][k] - weights["base"][k]))
+        for k in weights["base"]
+    }
 
 
 def bf16(weights):
@@ -145,7 +167,9 @@ def test_half_the_task_vector_differs(parity, family, tmp_path):
     folders, weights = family
     a = write(tmp_path / "a", task_arithmetic(weights))
     b = write(tmp_path / "b", task_arithmetic(weights, 0.5))
-    cmp = parity.compare_deterministic(a, b, parity.Inputs(folders), ["expert1", "expert2"], "task_arithmetic")
+    cmp = parity.compare_deterministic(
+        a, b, parity.Inputs(folders), ["expert1", "expert2"], "task_arithmetic"
+    )
     assert cmp.max_rel > 0.2
     verdict, note = row(parity, cmp).verdict
     assert verdict == "DIFFERS" and "unexplained" in note
@@ -155,8 +179,13 @@ def test_ties_cut_differences_are_on_purpose_and_others_are_not(parity, family, 
     """Entries at the k-th magnitude may differ (documented); an entry far from it may not."""
     folders, weights = family
     inputs = parity.Inputs(folders)
-    recipe = {"merge_method": "ties", "models": [{"model": "e1", "parameters": {"density": 0.5}},
-                                                 {"model": "e2", "parameters": {"density": 0.5}}]}
+    recipe = {
+        "merge_method": "ties",
+        "models": [
+            {"model": "e1", "parameters": {"density": 0.5}},
+            {"model": "e2", "parameters": {"density": 0.5}},
+        ],
+    }
     name = "model.layers.0.mlp.up_proj.weight"
     base = inputs.get("base", name)
     taus = [inputs.get(e, name) - base for e in ("expert1", "expert2")]
@@ -198,7 +227,7 @@ def test_random_methods_compare_in_law(parity, family, tmp_path):
         return out
 
     inputs = parity.Inputs(folders)
-    a = write(tmp_path / "a", dare(0.5, 101))   # not seeds 1, 2: those drew the task vectors
+    a = write(tmp_path / "a", dare(0.5, 101))  # not seeds 1, 2: those drew the task vectors
     same = parity.compare_random(a, write(tmp_path / "b", dare(0.5, 102)), inputs)
     assert row(parity, same, "dare_linear", True).verdict[0] == "agrees (in law)"
     other = parity.compare_random(a, write(tmp_path / "c", dare(0.9, 103)), inputs)
@@ -211,7 +240,10 @@ def test_refusals(parity):
     assert parity.Row("r", "m", refused, ok).verdict[0] == "DIFFERS"
     assert parity.Row("r", "m", ok, refused).verdict[0] == "mergekit refuses"
     assert parity.Row("r", "m", refused, refused).verdict[0] == "both refuse"
-    assert parity.first_error_line("Traceback...\n  File x\nValueError: bad t\n", "mergekit") == "ValueError: bad t"
+    assert (
+        parity.first_error_line("Traceback...\n  File x\nValueError: bad t\n", "mergekit")
+        == "ValueError: bad t"
+    )
     assert parity.first_error_line("warning: x\nerror: r.yml: bad\n", "ri-merge") == "error: r.yml: bad"
 
 

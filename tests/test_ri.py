@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import read_checkpoint, run_cli, write_recipe
 from helpers import EXPERTS, make_classifiers, ri_recipe, vit
+from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 from mergekit_ri.heads import looks_like_head  # noqa: E402
@@ -37,13 +36,22 @@ def load(folder: Path):
 def run_adaptation(vits, alpha: float, steps: int, lr: float = 1e-3):
     experts = [load(vits[e]) for e in EXPERTS]
     base = transformers.AutoModelForImageClassification.from_pretrained(
-        vits["base"], config=experts[0].config, ignore_mismatched_sizes=True).eval()
+        vits["base"], config=experts[0].config, ignore_mismatched_sizes=True
+    ).eval()
     head = head_module_name(experts[0], looks_like_head)
     generator = torch.Generator().manual_seed(0)
     batches = [{"pixel_values": torch.rand(32, 1, 8, 8, generator=generator)} for _ in range(steps)]
     log: list[tuple[float, float]] = []
-    adapted = adapt_expert(experts[0], base, [e.get_submodule(head) for e in experts[1:]], head, batches,
-                           RISettings(steps, lr, 0.0, alpha, 32), torch.device("cpu"), lambda s, l1, l2: log.append((l1, l2)))
+    adapted = adapt_expert(
+        experts[0],
+        base,
+        [e.get_submodule(head) for e in experts[1:]],
+        head,
+        batches,
+        RISettings(steps, lr, 0.0, alpha, 32),
+        torch.device("cpu"),
+        lambda s, l1, l2: log.append((l1, l2)),
+    )
     return experts, base, adapted, log
 
 
@@ -73,7 +81,11 @@ def test_l2_goes_toward_zero_while_l1_stays_small(vits):
     for (name, p), (_, q) in zip(adapted.state_dict().items(), original.state_dict().items()):
         if name.startswith("classifier."):
             assert torch.equal(p, q), name
-    moved = [n for (n, p), (_, q) in zip(adapted.state_dict().items(), original.state_dict().items()) if not torch.equal(p, q)]
+    moved = [
+        n
+        for (n, p), (_, q) in zip(adapted.state_dict().items(), original.state_dict().items())
+        if not torch.equal(p, q)
+    ]
     assert moved and all(not n.startswith("classifier.") for n in moved)
     for (name, p), (_, q) in zip(experts[0].state_dict().items(), original.state_dict().items()):
         assert torch.equal(p, q), f"the teacher {name} changed"
@@ -87,20 +99,34 @@ def test_cli_adapts_caches_and_merges_the_adapted_experts(tmp_path, vits, aux):
     assert sorted(status["trained"]) == EXPERTS and status["cache_hits"] == []
     # the merge is the method applied to the adapted experts, heads kept per expert
     adapted = {e: Path(status["adapted"][e]) for e in EXPERTS}
-    plain = write_recipe(tmp_path / "plain.yaml", merge_method="ties", base_model=str(vits["base"]), heads="auto",
-                         models=[{"model": str(adapted[e])} for e in EXPERTS], out_dtype="float32")
+    plain = write_recipe(
+        tmp_path / "plain.yaml",
+        merge_method="ties",
+        base_model=str(vits["base"]),
+        heads="auto",
+        models=[{"model": str(adapted[e])} for e in EXPERTS],
+        out_dtype="float32",
+    )
     assert run_cli("merge", plain, "-o", tmp_path / "plain", "-q").code == 0
     merged, expected = read_checkpoint(tmp_path / "out"), read_checkpoint(tmp_path / "plain")
     assert set(merged) == set(expected) and all(torch.equal(merged[n], expected[n]) for n in merged)
     index = json.loads((tmp_path / "out" / "heads" / "index.json").read_text())
     for e in EXPERTS:
-        original, written = load_file(vits[e] / "model.safetensors"), load_file(tmp_path / "out" / "heads" / index["heads"][e]["file"])
+        original, written = (
+            load_file(vits[e] / "model.safetensors"),
+            load_file(tmp_path / "out" / "heads" / index["heads"][e]["file"]),
+        )
         assert all(torch.equal(original[n], written[n]) for n in written)
         backbone_changed = load_file(adapted[e] / "model.safetensors")
-        assert not torch.equal(backbone_changed["vit.encoder.layer.0.output.dense.weight"], original["vit.encoder.layer.0.output.dense.weight"])
+        assert not torch.equal(
+            backbone_changed["vit.encoder.layer.0.output.dense.weight"],
+            original["vit.encoder.layer.0.output.dense.weight"],
+        )
     assert (vits["base"] / "model.safetensors").read_bytes() == base_bytes
     # a second merge, with another method, finds every adapted expert in the cache
-    again = run_cli("merge", ri_recipe(tmp_path, vits, aux, method="task_arithmetic"), "-o", tmp_path / "ta", "--json")
+    again = run_cli(
+        "merge", ri_recipe(tmp_path, vits, aux, method="task_arithmetic"), "-o", tmp_path / "ta", "--json"
+    )
     assert again.code == 0, again.stderr
     status = json.loads(again.stdout)["ri"]
     assert sorted(status["cache_hits"]) == EXPERTS and status["trained"] == []
@@ -118,11 +144,14 @@ def test_gaussian_auxiliary_data(tmp_path, vits):
     assert result.code == 0, result.stderr
 
 
-@pytest.mark.parametrize("inputs, needle", [
-    ({"inputs": torch.rand(8, 3, 8, 8)}, "[8, 3, 8, 8]"),
-    ({"inputs": torch.rand(0, 1, 8, 8)}, "empty"),
-    ({"pixels": torch.rand(8, 1, 8, 8)}, "no tensor 'inputs'"),
-])
+@pytest.mark.parametrize(
+    "inputs, needle",
+    [
+        ({"inputs": torch.rand(8, 3, 8, 8)}, "[8, 3, 8, 8]"),
+        ({"inputs": torch.rand(0, 1, 8, 8)}, "empty"),
+        ({"pixels": torch.rand(8, 1, 8, 8)}, "no tensor 'inputs'"),
+    ],
+)
 def test_bad_auxiliary_data_is_a_clear_error(tmp_path, vits, inputs, needle):
     path = tmp_path / "bad.safetensors"
     save_file(inputs, path)
@@ -132,7 +161,9 @@ def test_bad_auxiliary_data_is_a_clear_error(tmp_path, vits, inputs, needle):
 
 
 def test_missing_auxiliary_file(tmp_path, vits):
-    result = run_cli("merge", ri_recipe(tmp_path, vits, tmp_path / "nope.safetensors"), "-o", tmp_path / "out")
+    result = run_cli(
+        "merge", ri_recipe(tmp_path, vits, tmp_path / "nope.safetensors"), "-o", tmp_path / "out"
+    )
     assert result.code == 2 and "nope.safetensors" in result.stderr
 
 

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from helpers import EXPERTS, make_classifiers, vit
+from safetensors.torch import save_file
 
 transformers = pytest.importorskip("transformers")
 from mergekit_ri.recipe import parse_recipe  # noqa: E402
@@ -23,12 +22,20 @@ def setup(tmp_path):
     vits = make_classifiers(tmp_path / "vit", vit, [3, 5, 2], drift=0.3)
     aux = tmp_path / "aux.safetensors"
     save_file({"inputs": torch.rand(32, 1, 8, 8)}, aux)
-    recipe = parse_recipe({
-        "merge_method": "task_arithmetic", "base_model": str(vits["base"]),
-        "models": [{"model": str(vits[e])} for e in EXPERTS],
-        "resolve_interference": {"auxiliary_data": str(aux), "steps": 3, "batch_size": 8, "lr": 1e-3,
-                                 "cache_dir": str(tmp_path / "cache")},
-    })
+    recipe = parse_recipe(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": str(vits["base"]),
+            "models": [{"model": str(vits[e])} for e in EXPERTS],
+            "resolve_interference": {
+                "auxiliary_data": str(aux),
+                "steps": 3,
+                "batch_size": 8,
+                "lr": 1e-3,
+                "cache_dir": str(tmp_path / "cache"),
+            },
+        }
+    )
     return recipe, tmp_path
 
 
@@ -81,8 +88,11 @@ def test_a_merge_waits_for_the_lock_then_uses_the_entry(setup, counted):
     folder = Path(status.adapted["e0"])
     result = {}
     with train.cache_lock(folder):
-        worker = threading.Thread(target=lambda: result.update(
-            status=prepare.resolve_interference(recipe, root, torch.device("cpu"))[1]))
+        worker = threading.Thread(
+            target=lambda: result.update(
+                status=prepare.resolve_interference(recipe, root, torch.device("cpu"))[1]
+            )
+        )
         worker.start()
         time.sleep(1.5)
         assert worker.is_alive() and not counted and not train.is_cached(folder)  # blocked on e0's lock

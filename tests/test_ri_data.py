@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli, write_recipe
 from helpers import EXPERTS, make_classifiers, vit
 
@@ -27,7 +26,13 @@ def vits(tmp_path, monkeypatch):
 def write_images(folder: Path, count: int = 5, seed: int = 0) -> list[Path]:
     """Small RGB images of assorted sizes and formats, some in a subfolder."""
     rng = np.random.default_rng(seed)
-    formats = [("a/img{}.png", "PNG"), ("img{}.jpg", "JPEG"), ("b/c/img{}.bmp", "BMP"), ("img{}.png", "PNG"), ("img{}.webp", "WEBP")]
+    formats = [
+        ("a/img{}.png", "PNG"),
+        ("img{}.jpg", "JPEG"),
+        ("b/c/img{}.bmp", "BMP"),
+        ("img{}.png", "PNG"),
+        ("img{}.webp", "WEBP"),
+    ]
     paths = []
     for i in range(count):
         pattern, kind = formats[i % len(formats)]
@@ -57,8 +62,15 @@ def all_pixels(aux) -> torch.Tensor:
 
 def test_fallback_preprocessing_is_resize_and_half_normalisation(tmp_path, vits):
     files = write_images(tmp_path / "images")
-    aux = load_auxiliary(str(tmp_path / "images"), "pixel_values", config_of(vits["e0"]), None, None, 128,
-                         processor_folders=(vits["e0"], vits["base"]))
+    aux = load_auxiliary(
+        str(tmp_path / "images"),
+        "pixel_values",
+        config_of(vits["e0"]),
+        None,
+        None,
+        128,
+        processor_folders=(vits["e0"], vits["base"]),
+    )
     assert aux.count == len(files) and aux.images.files == files  # recursive, sorted, only images
     pixels = all_pixels(aux)
     assert pixels.shape == (5, 1, 8, 8) and pixels.dtype == torch.float32
@@ -77,11 +89,22 @@ def test_fallback_preprocessing_is_resize_and_half_normalisation(tmp_path, vits)
 
 def test_the_models_own_image_processor_is_used(tmp_path, vits):
     files = write_images(tmp_path / "images", count=3)
-    processor = transformers.ViTImageProcessor(size={"height": 8, "width": 8}, image_mean=[0.2], image_std=[0.4])
+    processor = transformers.ViTImageProcessor(
+        size={"height": 8, "width": 8}, image_mean=[0.2], image_std=[0.4]
+    )
     processor.save_pretrained(vits["e0"])
-    aux = load_auxiliary(str(tmp_path / "images"), "pixel_values", config_of(vits["e0"]), None, None, 128,
-                         processor_folders=(vits["e0"], vits["base"]))
-    expected = processor(images=[Image.open(f).convert("L") for f in files], return_tensors="pt")["pixel_values"]
+    aux = load_auxiliary(
+        str(tmp_path / "images"),
+        "pixel_values",
+        config_of(vits["e0"]),
+        None,
+        None,
+        128,
+        processor_folders=(vits["e0"], vits["base"]),
+    )
+    expected = processor(images=[Image.open(f).convert("L") for f in files], return_tensors="pt")[
+        "pixel_values"
+    ]
     torch.testing.assert_close(all_pixels(aux), expected.float())
     assert not torch.allclose(all_pixels(aux), torch.stack([expected_fallback(f) for f in files]))
 
@@ -90,17 +113,28 @@ def test_fingerprint_follows_the_images(tmp_path, vits):
     files = write_images(tmp_path / "images", count=3)
     config = config_of(vits["e0"])
     before = load_auxiliary(str(tmp_path / "images"), "pixel_values", config, None, None, 128).fingerprint
-    assert load_auxiliary(str(tmp_path / "images"), "pixel_values", config, None, None, 128).fingerprint == before
+    assert (
+        load_auxiliary(str(tmp_path / "images"), "pixel_values", config, None, None, 128).fingerprint
+        == before
+    )
     Image.new("RGB", (9, 9), (1, 2, 3)).save(files[0])
     os.utime(files[0], ns=(1, 1))
-    assert load_auxiliary(str(tmp_path / "images"), "pixel_values", config, None, None, 128).fingerprint != before
+    assert (
+        load_auxiliary(str(tmp_path / "images"), "pixel_values", config, None, None, 128).fingerprint
+        != before
+    )
 
 
 def ri_recipe(tmp_path: Path, vits, aux, **ri) -> Path:
     settings = {"auxiliary_data": str(aux), "steps": 3, "batch_size": 4, "lr": 1e-3, **ri}
-    return write_recipe(tmp_path / "ri.yaml", merge_method="ties", base_model=str(vits["base"]),
-                        models=[{"model": str(vits[e])} for e in EXPERTS], out_dtype="float32",
-                        resolve_interference=settings)
+    return write_recipe(
+        tmp_path / "ri.yaml",
+        merge_method="ties",
+        base_model=str(vits["base"]),
+        models=[{"model": str(vits[e])} for e in EXPERTS],
+        out_dtype="float32",
+        resolve_interference=settings,
+    )
 
 
 def test_cli_merges_with_an_image_folder_relative_to_the_recipe(tmp_path, vits):
@@ -114,7 +148,9 @@ def test_empty_image_folder_is_a_one_line_error(tmp_path, vits):
     (tmp_path / "images" / "sub").mkdir(parents=True)
     (tmp_path / "images" / "readme.txt").write_text("no images here")
     result = run_cli("merge", ri_recipe(tmp_path, vits, tmp_path / "images"), "-o", tmp_path / "out")
-    assert result.code == 2 and "holds no images" in result.stderr and str(tmp_path / "images") in result.stderr
+    assert (
+        result.code == 2 and "holds no images" in result.stderr and str(tmp_path / "images") in result.stderr
+    )
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
@@ -133,7 +169,9 @@ def test_truncated_image_is_named_when_decoded(tmp_path, vits):
     Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8) + 7).save(good)
     good.write_bytes(good.read_bytes()[:60])  # the header survives, the pixels do not
     with pytest.raises(UserError, match="img3.png"):
-        load_auxiliary(str(tmp_path / "images"), "pixel_values", config_of(vits["e0"]), None, None, 128).images.load([0, 1, 2])
+        load_auxiliary(
+            str(tmp_path / "images"), "pixel_values", config_of(vits["e0"]), None, None, 128
+        ).images.load([0, 1, 2])
 
 
 def test_image_folder_for_a_text_model_is_refused(tmp_path):

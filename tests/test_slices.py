@@ -19,8 +19,11 @@ from conftest import TINY, assert_nothing_written, assert_user_error, read_check
 from mergekit_ri import api
 from mergekit_ri.synthetic import save_checkpoint
 
-LAYER_SUFFIXES = [name.removeprefix("model.layers.0.") for name in TINY.tensor_shapes()
-                  if name.startswith("model.layers.0.")]
+LAYER_SUFFIXES = [
+    name.removeprefix("model.layers.0.")
+    for name in TINY.tensor_shapes()
+    if name.startswith("model.layers.0.")
+]
 
 
 def _source(folder: Path, start: int, end: int, **parameters) -> dict:
@@ -37,8 +40,11 @@ def _merge(recipe: Path, out: Path) -> dict[str, torch.Tensor]:
 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and \
-        torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    )
 
 
 def _tasks(recipe: Path) -> dict:
@@ -50,13 +56,22 @@ def _tasks(recipe: Path) -> dict:
 
 def test_one_slice_over_all_layers_equals_the_models_recipe(tmp_path, family):
     """gradient-slerp.yml says the slices: form and the models: form are equivalent."""
-    t = [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"filter": "mlp", "value": [1, 0.3, 0]},
-         {"value": 0.5}]
+    t = [
+        {"filter": "self_attn", "value": [0, 0.5, 1]},
+        {"filter": "mlp", "value": [1, 0.3, 0]},
+        {"value": 0.5},
+    ]
     common = {"merge_method": "slerp", "base_model": str(family["base"]), "parameters": {"t": t}}
-    plain = write_recipe(tmp_path / "plain.yaml", models=[{"model": str(family["base"])},
-                                                          {"model": str(family["a"])}], **common)
-    sliced = write_recipe(tmp_path / "sliced.yaml", slices=[{"sources": [
-        _source(family["base"], 0, TINY.layers), _source(family["a"], 0, TINY.layers)]}], **common)
+    plain = write_recipe(
+        tmp_path / "plain.yaml",
+        models=[{"model": str(family["base"])}, {"model": str(family["a"])}],
+        **common,
+    )
+    sliced = write_recipe(
+        tmp_path / "sliced.yaml",
+        slices=[{"sources": [_source(family["base"], 0, TINY.layers), _source(family["a"], 0, TINY.layers)]}],
+        **common,
+    )
     want, got = _merge(plain, tmp_path / "plain"), _merge(sliced, tmp_path / "sliced")
     assert set(got) == set(want)
     for name in want:
@@ -70,8 +85,11 @@ def test_one_slice_over_all_layers_equals_the_models_recipe(tmp_path, family):
 
 def _frankenmerge(tmp_path: Path, family) -> Path:
     """orcamini-platy-44layer.yml in small: layers [0, 2) of a, then [1, 3) of b."""
-    return write_recipe(tmp_path / "franken.yaml", merge_method="passthrough", slices=[
-        {"sources": [_source(family["a"], 0, 2)]}, {"sources": [_source(family["b"], 1, 3)]}])
+    return write_recipe(
+        tmp_path / "franken.yaml",
+        merge_method="passthrough",
+        slices=[{"sources": [_source(family["a"], 0, 2)]}, {"sources": [_source(family["b"], 1, 3)]}],
+    )
 
 
 def test_passthrough_stacks_layers_renumbered_with_the_source_bytes(tmp_path, family):
@@ -116,12 +134,21 @@ def test_parameter_precedence_source_then_slice_then_top_level(tmp_path, family)
     """mergekit's ConfigReader.parameter: the source's value, else the slice's, else the top
     level's; a filtered value that matches nothing falls through to the next level."""
     recipe = write_recipe(
-        tmp_path / "r.yaml", merge_method="task_arithmetic", base_model=str(family["base"]),
+        tmp_path / "r.yaml",
+        merge_method="task_arithmetic",
+        base_model=str(family["base"]),
         parameters={"weight": 0.1},
-        slices=[{"parameters": {"weight": [{"filter": "self_attn", "value": 0.7}]},
-                 "sources": [_source(family["base"], 0, 3),
-                             _source(family["a"], 0, 3, weight=[{"filter": "mlp", "value": 0.3}]),
-                             _source(family["b"], 0, 3)]}])
+        slices=[
+            {
+                "parameters": {"weight": [{"filter": "self_attn", "value": 0.7}]},
+                "sources": [
+                    _source(family["base"], 0, 3),
+                    _source(family["a"], 0, 3, weight=[{"filter": "mlp", "value": 0.3}]),
+                    _source(family["b"], 0, 3),
+                ],
+            }
+        ],
+    )
     tasks = _tasks(recipe)
     weights = {name: task.params.per_model["weight"] for name, task in tasks.items()}
     assert weights["model.layers.1.mlp.up_proj.weight"] == pytest.approx([0.3, 0.1])  # source; top level
@@ -139,10 +166,18 @@ def test_parameter_precedence_source_then_slice_then_top_level(tmp_path, family)
 
 def test_slice_parameters_apply_to_their_slice_only(tmp_path, family):
     recipe = write_recipe(
-        tmp_path / "r.yaml", merge_method="slerp", base_model=str(family["base"]), parameters={"t": 0.5},
-        slices=[{"parameters": {"t": 0.2},
-                 "sources": [_source(family["base"], 0, 1), _source(family["a"], 0, 1)]},
-                {"sources": [_source(family["base"], 1, 3), _source(family["a"], 1, 3)]}])
+        tmp_path / "r.yaml",
+        merge_method="slerp",
+        base_model=str(family["base"]),
+        parameters={"t": 0.5},
+        slices=[
+            {
+                "parameters": {"t": 0.2},
+                "sources": [_source(family["base"], 0, 1), _source(family["a"], 0, 1)],
+            },
+            {"sources": [_source(family["base"], 1, 3), _source(family["a"], 1, 3)]},
+        ],
+    )
     tasks = _tasks(recipe)
     assert tasks["model.layers.0.mlp.up_proj.weight"].params["t"] == pytest.approx(0.2)
     assert tasks["model.layers.1.mlp.up_proj.weight"].params["t"] == pytest.approx(0.5)
@@ -154,10 +189,15 @@ def test_gradients_run_over_each_slice(tmp_path, family):
     """mergekit's plan_slice: layer i of an n-layer slice has t = i / (n - 1), t = 1 for a
     one-layer slice; tensors outside the layers take t = 0."""
     recipe = write_recipe(
-        tmp_path / "r.yaml", merge_method="slerp", base_model=str(family["base"]),
+        tmp_path / "r.yaml",
+        merge_method="slerp",
+        base_model=str(family["base"]),
         parameters={"t": [0.0, 0.4, 1.0]},
-        slices=[{"sources": [_source(family["base"], 0, 1), _source(family["a"], 0, 1)]},
-                {"sources": [_source(family["base"], 0, 3), _source(family["a"], 0, 3)]}])
+        slices=[
+            {"sources": [_source(family["base"], 0, 1), _source(family["a"], 0, 1)]},
+            {"sources": [_source(family["base"], 0, 3), _source(family["a"], 0, 3)]},
+        ],
+    )
     tasks = _tasks(recipe)
     t = {i: tasks[f"model.layers.{i}.self_attn.q_proj.weight"].params["t"] for i in range(4)}
     assert t == pytest.approx({0: 1.0, 1: 0.0, 2: 0.4, 3: 1.0})
@@ -171,23 +211,28 @@ def test_gradients_run_over_each_slice(tmp_path, family):
 
 
 def _no_layers(tmp_path: Path) -> Path:
-    weights = {"model.embed_tokens.weight": torch.zeros(TINY.vocab, TINY.hidden),
-               "model.norm.weight": torch.ones(TINY.hidden)}
+    weights = {
+        "model.embed_tokens.weight": torch.zeros(TINY.vocab, TINY.hidden),
+        "model.norm.weight": torch.ones(TINY.hidden),
+    }
     return save_checkpoint(tmp_path / "flat", weights, TINY.config("bfloat16"))
 
 
-@pytest.mark.parametrize("case, needles", [
-    ("outside", ["slices[1].sources[0].layer_range", "[1, 5]", "3 layers"]),
-    ("reversed", ["slices[0].sources[0].layer_range", "[2, 1]", "reversed"]),
-    ("lengths", ["slices[0].sources", "same number of layers"]),
-    ("no_layers", ["no numbered layers"]),
-    ("both", ["models or slices"]),
-    ("two_for_passthrough", ["slices[0].sources", "passthrough"]),
-    ("base_missing", ["slices[0].sources", "base_model", "not a source"]),
-    ("duplicate", ["slices[0].sources[1]", "already"]),
-    ("unknown_key", ["slices[0].sources[0]", "layer_rnge", "layer_range"]),
-    ("trim_scope", ["trim_scope: model", "same models"]),
-])
+@pytest.mark.parametrize(
+    "case, needles",
+    [
+        ("outside", ["slices[1].sources[0].layer_range", "[1, 5]", "3 layers"]),
+        ("reversed", ["slices[0].sources[0].layer_range", "[2, 1]", "reversed"]),
+        ("lengths", ["slices[0].sources", "same number of layers"]),
+        ("no_layers", ["no numbered layers"]),
+        ("both", ["models or slices"]),
+        ("two_for_passthrough", ["slices[0].sources", "passthrough"]),
+        ("base_missing", ["slices[0].sources", "base_model", "not a source"]),
+        ("duplicate", ["slices[0].sources[1]", "already"]),
+        ("unknown_key", ["slices[0].sources[0]", "layer_rnge", "layer_range"]),
+        ("trim_scope", ["trim_scope: model", "same models"]),
+    ],
+)
 def test_bad_slices_are_one_line_exit_2_nothing_written(tmp_path, family, case, needles):
     a, b, base = str(family["a"]), str(family["b"]), str(family["base"])
     fields: dict = {"merge_method": "passthrough"}
@@ -196,8 +241,7 @@ def test_bad_slices_are_one_line_exit_2_nothing_written(tmp_path, family, case, 
     elif case == "reversed":
         fields["slices"] = [{"sources": [_source(a, 2, 1)]}]
     elif case == "lengths":
-        fields.update(merge_method="linear",
-                      slices=[{"sources": [_source(a, 0, 2), _source(b, 0, 3)]}])
+        fields.update(merge_method="linear", slices=[{"sources": [_source(a, 0, 2), _source(b, 0, 3)]}])
     elif case == "no_layers":
         fields["slices"] = [{"sources": [_source(_no_layers(tmp_path), 0, 1)]}]
     elif case == "both":
@@ -205,16 +249,25 @@ def test_bad_slices_are_one_line_exit_2_nothing_written(tmp_path, family, case, 
     elif case == "two_for_passthrough":
         fields["slices"] = [{"sources": [_source(a, 0, 1), _source(b, 0, 1)]}]
     elif case == "base_missing":
-        fields.update(merge_method="task_arithmetic", base_model=base,
-                      slices=[{"sources": [_source(a, 0, 1), _source(b, 0, 1)]}])
+        fields.update(
+            merge_method="task_arithmetic",
+            base_model=base,
+            slices=[{"sources": [_source(a, 0, 1), _source(b, 0, 1)]}],
+        )
     elif case == "duplicate":
         fields.update(merge_method="linear", slices=[{"sources": [_source(a, 0, 1), _source(a, 1, 2)]}])
     elif case == "unknown_key":
         fields["slices"] = [{"sources": [{"model": a, "layer_rnge": [0, 1]}]}]
     elif case == "trim_scope":
-        fields.update(merge_method="ties", base_model=base, parameters={"trim_scope": "model"},
-                      slices=[{"sources": [_source(base, 0, 1), _source(a, 0, 1)]},
-                              {"sources": [_source(base, 1, 3), _source(b, 1, 3)]}])
+        fields.update(
+            merge_method="ties",
+            base_model=base,
+            parameters={"trim_scope": "model"},
+            slices=[
+                {"sources": [_source(base, 0, 1), _source(a, 0, 1)]},
+                {"sources": [_source(base, 1, 3), _source(b, 1, 3)]},
+            ],
+        )
     recipe = write_recipe(tmp_path / "bad.yaml", **fields)
     out = tmp_path / "out"
     assert_user_error(run_cli("merge", recipe, "-o", out), *needles)
@@ -231,7 +284,10 @@ def test_dry_run_json_shows_the_layer_map(tmp_path, family):
     summary = json.loads(result.stdout)
     assert summary["num_hidden_layers"] == 4
     assert [(e["layer"], e["slice"], e["sources"]) for e in summary["layers"]] == [
-        (0, 0, [{"model": "a", "layer": 0}]), (1, 0, [{"model": "a", "layer": 1}]),
-        (2, 1, [{"model": "b", "layer": 1}]), (3, 1, [{"model": "b", "layer": 2}])]
+        (0, 0, [{"model": "a", "layer": 0}]),
+        (1, 0, [{"model": "a", "layer": 1}]),
+        (2, 1, [{"model": "b", "layer": 1}]),
+        (3, 1, [{"model": "b", "layer": 2}]),
+    ]
     assert summary["tensors"] == 3 + 4 * len(LAYER_SUFFIXES)
     assert not out.exists()

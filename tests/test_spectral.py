@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import read_any, read_checkpoint, run_cli
+
 from mergekit_ri.methods.layers import is_matrix
 from mergekit_ri.methods.spectral import common_space_size, iso_c_merge, iso_cts_merge, tsv_merge
 
@@ -14,6 +14,7 @@ NAMES = ["a", "b", "c"]
 
 
 # ---- references, step by step ---------------------------------------------------------------
+
 
 def orthogonalise(x):
     """Step "orthogonalise by the polar factor": svd(X) = P Σ Qᵀ → P Qᵀ."""
@@ -33,9 +34,9 @@ def ref_tsv(taus):
     sum_v = torch.zeros(k, taus[0].shape[1], dtype=taus[0].dtype)
     for i, t in enumerate(taus):
         u, s, vh = torch.linalg.svd(t, full_matrices=False)
-        sum_u[:, i * r:(i + 1) * r] = u[:, :r]
-        sum_s[i * r:(i + 1) * r] = s[:r]
-        sum_v[i * r:(i + 1) * r] = vh[:r]
+        sum_u[:, i * r : (i + 1) * r] = u[:, :r]
+        sum_s[i * r : (i + 1) * r] = s[:r]
+        sum_v[i * r : (i + 1) * r] = vh[:r]
     return orthogonalise(sum_u) @ torch.diag(sum_s) @ orthogonalise(sum_v)  # padding: zero singular values
 
 
@@ -60,7 +61,11 @@ def ref_iso_cts(taus, fraction=0.8):
         ut, st, vt = torch.linalg.svd(residual, full_matrices=False)
         us.append(ut[:, :per_task]), ss.append(st[:per_task]), vs.append(vt[:per_task])
     flat = torch.cat(ss).mean()
-    return orthogonalise(torch.cat(us, 1)) @ (flat * torch.eye(k, dtype=u.dtype)) @ orthogonalise(torch.cat(vs, 0))
+    return (
+        orthogonalise(torch.cat(us, 1))
+        @ (flat * torch.eye(k, dtype=u.dtype))
+        @ orthogonalise(torch.cat(vs, 0))
+    )
 
 
 def random_taus(n, out, inp, seed=0):
@@ -95,7 +100,7 @@ def test_iso_cts_matches_the_papers_steps(shape, fraction):
 
 
 def test_common_space_split_follows_the_reference_rounding():
-    assert common_space_size(8, 3, 0.8) == (5, 1)    # ⌊6.4⌋ = 6, remainder 2 → round(2/3)·3 = 3
+    assert common_space_size(8, 3, 0.8) == (5, 1)  # ⌊6.4⌋ = 6, remainder 2 → round(2/3)·3 = 3
     assert common_space_size(16, 8, 0.8) == (16, 0)  # round(4/8) = 0 (half to even)
     assert common_space_size(768, 8, 0.8) == (616, 19)
 
@@ -104,27 +109,41 @@ def test_tsv_is_lossless_for_orthogonal_low_rank_tasks():
     """Tasks in mutually orthogonal singular subspaces, rank ≤ ⌊k/N⌋: TSV-M returns Σ τ_i."""
     q_out, _ = torch.linalg.qr(torch.randn(9, 9, dtype=torch.float64))
     q_in, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))
-    taus = torch.stack([q_out[:, 2 * i:2 * i + 2] @ torch.diag(torch.rand(2, dtype=torch.float64) + 0.5)
-                        @ q_in[:, 2 * i:2 * i + 2].T for i in range(4)])
+    taus = torch.stack(
+        [
+            q_out[:, 2 * i : 2 * i + 2]
+            @ torch.diag(torch.rand(2, dtype=torch.float64) + 0.5)
+            @ q_in[:, 2 * i : 2 * i + 2].T
+            for i in range(4)
+        ]
+    )
     torch.testing.assert_close(tsv_merge(taus.clone()), taus.sum(0))
 
 
 # ---- through the CLI ------------------------------------------------------------------------
 
+
 def merge_and_load(tmp_path, recipe_for, family, method, **parameters):
-    result = run_cli("merge", recipe_for(method, out_dtype="float32", parameters=parameters), "-o", tmp_path / "out", "-q")
+    result = run_cli(
+        "merge", recipe_for(method, out_dtype="float32", parameters=parameters), "-o", tmp_path / "out", "-q"
+    )
     assert result.code == 0, result.stderr
     base = {k: v.double() for k, v in read_any(family["base"]).items()}
     experts = [{k: v.double() for k, v in read_any(family[n]).items()} for n in NAMES]
     return read_checkpoint(tmp_path / "out"), base, experts
 
 
-@pytest.mark.parametrize("method, reference, parameters", [
-    ("tsv", ref_tsv, {"alpha": 0.7}),
-    ("iso_c", ref_iso_c, {}),
-    ("iso_cts", lambda taus: ref_iso_cts(taus, 0.5), {"common_space_fraction": 0.5, "alpha": 1.3}),
-])
-def test_merge_through_cli_matches_reference_per_tensor(tmp_path, recipe_for, family, method, reference, parameters):
+@pytest.mark.parametrize(
+    "method, reference, parameters",
+    [
+        ("tsv", ref_tsv, {"alpha": 0.7}),
+        ("iso_c", ref_iso_c, {}),
+        ("iso_cts", lambda taus: ref_iso_cts(taus, 0.5), {"common_space_fraction": 0.5, "alpha": 1.3}),
+    ],
+)
+def test_merge_through_cli_matches_reference_per_tensor(
+    tmp_path, recipe_for, family, method, reference, parameters
+):
     merged, base, experts = merge_and_load(tmp_path, recipe_for, family, method, **parameters)
     alpha = parameters.get("alpha", 1.0)
     decomposed = 0
@@ -134,5 +153,7 @@ def test_merge_through_cli_matches_reference_per_tensor(tmp_path, recipe_for, fa
             expected, decomposed = base[name] + alpha * reference(taus), decomposed + 1
         else:  # embeddings, lm_head, norms: the mean of the task vectors
             expected = base[name] + alpha * sum(taus) / len(taus)
-        torch.testing.assert_close(tensor.double(), expected, rtol=1e-4, atol=2e-6, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            tensor.double(), expected, rtol=1e-4, atol=2e-6, msg=lambda m, name=name: f"{name}: {m}"
+        )
     assert decomposed == 21 and not is_matrix("model.embed_tokens.weight", base["model.embed_tokens.weight"])

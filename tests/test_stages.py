@@ -7,9 +7,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import (
+    assert_nothing_written,
+    assert_user_error,
+    read_any,
+    read_checkpoint,
+    run_cli,
+    tree_digest,
+)
 
 import mergekit_ri as m
-from conftest import assert_nothing_written, assert_user_error, read_any, read_checkpoint, run_cli, tree_digest
 from mergekit_ri.events import MergeEvents
 
 
@@ -18,12 +25,24 @@ def documents(*docs: dict) -> str:
 
 
 def three_stages(family: dict[str, Path]) -> list[dict]:
-    first = {"name": "soup", "merge_method": "linear",
-             "models": [{"model": str(family["a"])}, {"model": str(family["b"])}]}
-    second = {"name": "arith", "merge_method": "task_arithmetic", "base_model": str(family["base"]),
-              "models": [{"model": "soup"}, {"model": str(family["c"])}], "parameters": {"lambda": 0.5}}
-    final = {"merge_method": "ties", "base_model": str(family["base"]),
-             "models": [{"model": "arith"}, {"model": str(family["a"])}], "parameters": {"density": 0.5}}
+    first = {
+        "name": "soup",
+        "merge_method": "linear",
+        "models": [{"model": str(family["a"])}, {"model": str(family["b"])}],
+    }
+    second = {
+        "name": "arith",
+        "merge_method": "task_arithmetic",
+        "base_model": str(family["base"]),
+        "models": [{"model": "soup"}, {"model": str(family["c"])}],
+        "parameters": {"lambda": 0.5},
+    }
+    final = {
+        "merge_method": "ties",
+        "base_model": str(family["base"]),
+        "models": [{"model": "arith"}, {"model": str(family["a"])}],
+        "parameters": {"density": 0.5},
+    }
     return [first, second, final]
 
 
@@ -94,10 +113,16 @@ def test_dry_run_lists_the_stages_in_order(tmp_path: Path, family) -> None:
     assert [s["needs"] for s in report.summary()["stages"]] == [[], ["soup"], ["arith"]]
 
 
-@pytest.mark.parametrize("case, needle", [
-    ("typo", "stage name"), ("cycle", "cycle"), ("two unnamed", "no name"), ("duplicate", "two stages"),
-    ("two finals", "all final"),
-])
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("typo", "stage name"),
+        ("cycle", "cycle"),
+        ("two unnamed", "no name"),
+        ("duplicate", "two stages"),
+        ("two finals", "all final"),
+    ],
+)
 def test_bad_stage_graphs_fail_before_any_stage_runs(tmp_path: Path, family, case: str, needle: str) -> None:
     first, second, final = three_stages(family)
     if case == "typo":
@@ -134,7 +159,15 @@ def test_cli_runs_stages_with_a_kept_intermediate_dir_and_shows_them(tmp_path: P
     recipe.write_text(documents(*three_stages(family)))
     dry = run_cli("merge", recipe, "-o", tmp_path / "out", "--dry-run")
     assert dry.code == 0 and "1. soup: linear" in dry.stdout and "3. final: ties (uses arith)" in dry.stdout
-    args = ("merge", recipe, "--out-path", tmp_path / "out", "--intermediate-dir", tmp_path / "inter", "--force")
+    args = (
+        "merge",
+        recipe,
+        "--out-path",
+        tmp_path / "out",
+        "--intermediate-dir",
+        tmp_path / "inter",
+        "--force",
+    )
     first = run_cli(*args)
     assert first.code == 0, first.stderr
     assert "stage 1/3 'soup'" in first.stderr and "stage 3/3 final" in first.stderr
@@ -145,9 +178,13 @@ def test_cli_runs_stages_with_a_kept_intermediate_dir_and_shows_them(tmp_path: P
 def test_a_sliced_stage_takes_an_earlier_stage_as_a_source(tmp_path: Path, family) -> None:
     """A frankenmerge of a merge: the final stage's slices read the 'soup' stage's layers."""
     first = three_stages(family)[0]
-    final = {"merge_method": "passthrough", "slices": [
-        {"sources": [{"model": "soup", "layer_range": [0, 2]}]},
-        {"sources": [{"model": str(family["a"]), "layer_range": [1, 3]}]}]}
+    final = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": "soup", "layer_range": [0, 2]}]},
+            {"sources": [{"model": str(family["a"]), "layer_range": [1, 3]}]},
+        ],
+    }
     out = tmp_path / "out"
     m.merge(documents(first, final), out)
     m.merge({k: v for k, v in first.items() if k != "name"}, tmp_path / "soup")

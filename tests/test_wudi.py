@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import read_any, read_checkpoint, run_cli
+
 from mergekit_ri.methods import wudi as W
 from mergekit_ri.methods.layers import is_matrix, is_projection
 from mergekit_ri.methods.registry import TensorParams
@@ -19,6 +19,7 @@ NAMES = ["a", "b", "c"]
 
 
 # ---- references, straight from the formulas -------------------------------------------------
+
 
 def paper_loss(merged, taus, weights):
     """Σ_i w_i ‖(M − τ_i) τ_iᵀ‖²_F, literally."""
@@ -43,7 +44,7 @@ def adam_loop(init, taus, weights, iterations, lr, beta1=0.9, beta2=0.999, eps=1
         g = autograd_gradient(m, taus, weights)
         first = beta1 * first + (1 - beta1) * g
         second = beta2 * second + (1 - beta2) * g * g
-        m = m - lr * (first / (1 - beta1 ** k)) / ((second / (1 - beta2 ** k)).sqrt() + eps)
+        m = m - lr * (first / (1 - beta1**k)) / ((second / (1 - beta2**k)).sqrt() + eps)
     return m
 
 
@@ -78,8 +79,17 @@ def problem(taus, init=None):
 
 
 def params(**values):
-    defaults = dict(solver="aswudi", iterations=300, lr=1e-5, momentum=0.9, t=None, rank_ratio=0.65,
-                    scope="linear", eigh_dtype="float64", **{"lambda": 1.0})
+    defaults = dict(
+        solver="aswudi",
+        iterations=300,
+        lr=1e-5,
+        momentum=0.9,
+        t=None,
+        rank_ratio=0.65,
+        scope="linear",
+        eigh_dtype="float64",
+        **{"lambda": 1.0},
+    )
     defaults.update(values)
     return TensorParams({}, defaults)
 
@@ -88,10 +98,13 @@ def random_taus(n, out, inp, seed=0, rank=None):
     g = torch.Generator().manual_seed(seed)
     if rank is None:
         return torch.randn(n, out, inp, generator=g, dtype=torch.float64)
-    return torch.randn(n, out, rank, generator=g, dtype=torch.float64) @ torch.randn(n, rank, inp, generator=g, dtype=torch.float64)
+    return torch.randn(n, out, rank, generator=g, dtype=torch.float64) @ torch.randn(
+        n, rank, inp, generator=g, dtype=torch.float64
+    )
 
 
 # ---- the maths ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shape", [(6, 5), (4, 7)])  # both ways of accumulating B (out > in, out <= in)
 def test_loss_and_gradient_match_autograd_on_the_paper_loss(shape):
@@ -112,7 +125,9 @@ def test_zero_task_vector_carries_no_weight():
     prob = problem(taus)
     merged = torch.randn(5, 4, dtype=torch.float64)
     keep = [0, 2]
-    assert W.loss(prob, merged) == pytest.approx(float(paper_loss(merged, taus[keep], paper_weights(taus[keep]))))
+    assert W.loss(prob, merged) == pytest.approx(
+        float(paper_loss(merged, taus[keep], paper_weights(taus[keep])))
+    )
 
 
 def test_adam_solver_equals_a_plain_adam_loop_and_lowers_the_loss():
@@ -211,6 +226,7 @@ def test_float32_eigh_matches_float64_on_a_well_conditioned_layer():
 
 # ---- through the CLI ------------------------------------------------------------------------
 
+
 def load_family(family):
     base = {k: v.double() for k, v in read_any(family["base"]).items()}
     experts = [{k: v.double() for k, v in read_any(family[n]).items()} for n in NAMES]
@@ -228,32 +244,51 @@ def check_per_tensor(merged, base, experts, solved, reference, rest):
     for name, tensor in merged.items():
         taus = torch.stack([e[name] - base[name] for e in experts])
         expected = base[name] + (reference(taus) if solved(name, base[name]) else rest(taus, base[name]))
-        torch.testing.assert_close(tensor.double(), expected, rtol=1e-4, atol=2e-6, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            tensor.double(), expected, rtol=1e-4, atol=2e-6, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def test_wudi_default_merge_through_cli(tmp_path, recipe_for, family):
     merged = merge(tmp_path, recipe_for("wudi", out_dtype="float32"))
     base, experts = load_family(family)
-    check_per_tensor(merged, base, experts, is_projection,
-                     lambda taus: ref_aswudi(taus.sum(0), taus, paper_weights(taus)),
-                     lambda taus, b: torch.zeros_like(b))  # scope linear: the rest is the base
-    assert not torch.equal(merged["model.layers.0.mlp.down_proj.weight"].double(), base["model.layers.0.mlp.down_proj.weight"])
+    check_per_tensor(
+        merged,
+        base,
+        experts,
+        is_projection,
+        lambda taus: ref_aswudi(taus.sum(0), taus, paper_weights(taus)),
+        lambda taus, b: torch.zeros_like(b),
+    )  # scope linear: the rest is the base
+    assert not torch.equal(
+        merged["model.layers.0.mlp.down_proj.weight"].double(), base["model.layers.0.mlp.down_proj.weight"]
+    )
 
 
 def test_wudi_adam_all_2d_through_cli(tmp_path, recipe_for, family):
-    recipe = recipe_for("wudi", out_dtype="float32",
-                        parameters={"solver": "adam", "iterations": 15, "lr": 1e-4, "scope": "all_2d", "lambda": 0.5})
+    recipe = recipe_for(
+        "wudi",
+        out_dtype="float32",
+        parameters={"solver": "adam", "iterations": 15, "lr": 1e-4, "scope": "all_2d", "lambda": 0.5},
+    )
     merged = merge(tmp_path, recipe)
     base, experts = load_family(family)
-    check_per_tensor(merged, base, experts, is_matrix,
-                     lambda taus: 0.5 * adam_loop(taus.sum(0), taus, paper_weights(taus), 15, 1e-4),
-                     lambda taus, b: 0.5 * taus.mean(0))  # embeddings, lm_head, norms: mean of τ_i
+    check_per_tensor(
+        merged,
+        base,
+        experts,
+        is_matrix,
+        lambda taus: 0.5 * adam_loop(taus.sum(0), taus, paper_weights(taus), 15, 1e-4),
+        lambda taus, b: 0.5 * taus.mean(0),
+    )  # embeddings, lm_head, norms: mean of τ_i
 
 
 def test_wudi2_merge_through_cli_equals_optmerge_sgd_loop(tmp_path, recipe_for, family):
     # the default solver (sgd_spectral) with fewer, larger steps than OptMerge's 300 x 1e-4,
     # so that the reference loop stays fast and the merge moves visibly from the mean
-    merged = merge(tmp_path, recipe_for("wudi2", out_dtype="float32", parameters={"iterations": 30, "lr": 1e-2}))
+    merged = merge(
+        tmp_path, recipe_for("wudi2", out_dtype="float32", parameters={"iterations": 30, "lr": 1e-2})
+    )
     base, experts = load_family(family)
 
     def optmerge(taus):

@@ -36,8 +36,11 @@ def calls(monkeypatch):
         monkeypatch.setattr(W, name, lambda *a, _n=name, _f=original, **k: seen.append(_n) or _f(*a, **k))
     for optimizer in (torch.optim.Adam, torch.optim.SGD):
         original = optimizer.step
-        monkeypatch.setattr(optimizer, "step", lambda self, *a, _n=optimizer.__name__, _f=original, **k:
-                            seen.append(_n) or _f(self, *a, **k))
+        monkeypatch.setattr(
+            optimizer,
+            "step",
+            lambda self, *a, _n=optimizer.__name__, _f=original, **k: seen.append(_n) or _f(self, *a, **k),
+        )
     monkeypatch.setattr(W, "spectrum", lambda *a, _f=W.spectrum: seen.append("eigh") or _f(*a))
     return seen
 
@@ -61,8 +64,12 @@ def spread_taus(n=4, out=10, inp=24, seed=2):
     well-conditioned G every filter is 1 everywhere and the closed forms all coincide."""
     g = torch.Generator().manual_seed(seed)
     decay = torch.arange(1, inp + 1, dtype=torch.float64) ** -1.5
-    rotations = [torch.linalg.qr(torch.randn(inp, inp, generator=g, dtype=torch.float64))[0] for _ in range(n)]
-    return torch.stack([(torch.randn(out, inp, generator=g, dtype=torch.float64) * decay) @ q for q in rotations])
+    rotations = [
+        torch.linalg.qr(torch.randn(inp, inp, generator=g, dtype=torch.float64))[0] for _ in range(n)
+    ]
+    return torch.stack(
+        [(torch.randn(out, inp, generator=g, dtype=torch.float64) * decay) @ q for q in rotations]
+    )
 
 
 def test_solvers_differ_except_sgd_and_its_spectral_form():
@@ -87,7 +94,7 @@ def test_momentum_sgd_is_a_short_gradient_flow():
     Adam's) that is t ≈ 0.06 against `flow`'s 300: the merge stays at Σ τ_i."""
     values = torch.linspace(0, 1, 21, dtype=torch.float64)
     k, lr, mu = 300, 1e-5, 0.9
-    time = 2 * lr * (k - mu * (1 - mu ** k) / (1 - mu)) / (1 - mu)
+    time = 2 * lr * (k - mu * (1 - mu**k) / (1 - mu)) / (1 - mu)
     sgd = 1 - W.momentum_residual(values, k, lr, mu)
     torch.testing.assert_close(sgd, W.flow_filter(values, time), rtol=3e-3, atol=1e-12)
     assert time == pytest.approx(0.0582) and float(sgd.max()) < 0.06
@@ -104,13 +111,24 @@ def test_wudi_offers_its_own_solvers_and_wudi2_optmerges_too():
     assert wudi2.param("momentum").default == 0.9
 
 
-@pytest.mark.parametrize("parameters, expected", [
-    ({"solver": "sgd"}, "parameters.solver: 'sgd' is not one of aswudi, swudi, flow, exact, adam"),
-    ({"solver": "sgd_spectral"}, "parameters.solver: 'sgd_spectral' is not one of aswudi, swudi, flow, exact, adam"),
-    ({"solver": [{"filter": "mlp", "value": "sgd"}, {"value": "flow"}]}, "parameters.solver: 'sgd' is not one of"),
-    ({"momentum": 0.5}, "unknown parameter 'momentum' for merge_method 'wudi'"),
-])
-def test_wudi_refuses_optmerge_solvers_naming_the_field_and_the_choices(tmp_path, recipe_for, parameters, expected):
+@pytest.mark.parametrize(
+    "parameters, expected",
+    [
+        ({"solver": "sgd"}, "parameters.solver: 'sgd' is not one of aswudi, swudi, flow, exact, adam"),
+        (
+            {"solver": "sgd_spectral"},
+            "parameters.solver: 'sgd_spectral' is not one of aswudi, swudi, flow, exact, adam",
+        ),
+        (
+            {"solver": [{"filter": "mlp", "value": "sgd"}, {"value": "flow"}]},
+            "parameters.solver: 'sgd' is not one of",
+        ),
+        ({"momentum": 0.5}, "unknown parameter 'momentum' for merge_method 'wudi'"),
+    ],
+)
+def test_wudi_refuses_optmerge_solvers_naming_the_field_and_the_choices(
+    tmp_path, recipe_for, parameters, expected
+):
     result = run_cli("merge", recipe_for("wudi", parameters=parameters), "-o", tmp_path / "out")
     assert result.code == 2, result.stderr
     assert expected in result.stderr and "Traceback" not in result.stderr
@@ -118,15 +136,23 @@ def test_wudi_refuses_optmerge_solvers_naming_the_field_and_the_choices(tmp_path
 
 
 @pytest.mark.parametrize("solver, forbidden", [("sgd", "momentum_residual"), ("sgd_spectral", "solve_sgd")])
-def test_wudi2_sgd_routes_through_the_cli_are_separate_and_agree(tmp_path, recipe_for, monkeypatch, solver, forbidden):
+def test_wudi2_sgd_routes_through_the_cli_are_separate_and_agree(
+    tmp_path, recipe_for, monkeypatch, solver, forbidden
+):
     """Through the CLI, `sgd` never touches the spectral residual and `sgd_spectral` never runs
     the SGD loop (each would fail here), and the two merges agree to fp32 rounding."""
     outputs = {}
     for name in ("sgd", "sgd_spectral"):
-        recipe = recipe_for("wudi2", out_dtype="float32", parameters={"solver": name, "iterations": 30, "lr": 1e-2})
+        recipe = recipe_for(
+            "wudi2", out_dtype="float32", parameters={"solver": name, "iterations": 30, "lr": 1e-2}
+        )
         with monkeypatch.context() as m:
             if name == solver:
-                m.setattr(W, forbidden, lambda *a, _n=name, **k: (_ for _ in ()).throw(AssertionError(f"{_n} ran {forbidden}")))
+                m.setattr(
+                    W,
+                    forbidden,
+                    lambda *a, _n=name, **k: (_ for _ in ()).throw(AssertionError(f"{_n} ran {forbidden}")),
+                )
             result = run_cli("merge", recipe, "-o", tmp_path / name, "-q")
         assert result.code == 0, result.stderr
         outputs[name] = read_checkpoint(tmp_path / name)

@@ -18,9 +18,18 @@ if TYPE_CHECKING:
     from ..ri.prepare import RIProvenance
 
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
-    "chat_template.json", "generation_config.json", "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "preprocessor_config.json",
 )
 DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
@@ -57,9 +66,11 @@ def copy_tokenizer(folder: Path, plan: MergePlan) -> list[str]:
 def _heads_section(plan: MergePlan) -> str:
     if not plan.heads:
         return ""
-    rows = "\n".join(f"| {label} | `heads/{label}.safetensors` | "
-                      f"{', '.join(f'{n} {list(r.shape)}' for n, r in refs.items())} |"
-                      for label, refs in plan.heads.items())
+    rows = "\n".join(
+        f"| {label} | `heads/{label}.safetensors` | "
+        f"{', '.join(f'{n} {list(r.shape)}' for n, r in refs.items())} |"
+        for label, refs in plan.heads.items()
+    )
     return f"""## Task heads
 
 The backbone is merged; each expert keeps its own head. The checkpoint carries
@@ -78,7 +89,10 @@ def _ri_section(plan: MergePlan, applied: RIProvenance | None) -> str:
     ri = plan.recipe.resolve_interference
     if applied is None or ri is None:
         return ""
-    rows = "\n".join(f"| {label} | `{applied.references[label]}` | `{applied.adapted[label]}` |" for label in applied.adapted)
+    rows = "\n".join(
+        f"| {label} | `{applied.references[label]}` | `{applied.adapted[label]}` |"
+        for label in applied.adapted
+    )
     return f"""## Resolving Interference (RI)
 
 Before the merge, every expert was adapted by RI (Ramesh et al., 2026, "Resolving Interference";
@@ -138,8 +152,11 @@ def _front_matter(plan: MergePlan, applied: RIProvenance | None) -> str:
     for model in plan.experts:
         original = applied.references.get(model.label) if applied is not None else None
         references.append(original or model.reference)
-    header = {"base_model": [ref.partition("@")[0] for ref in references], "library_name": "transformers",
-              "tags": ["mergekit", "merge", "ri-merge"]}
+    header = {
+        "base_model": [ref.partition("@")[0] for ref in references],
+        "library_name": "transformers",
+        "tags": ["mergekit", "merge", "ri-merge"],
+    }
     return yaml.safe_dump(header, sort_keys=False, allow_unicode=True)
 
 
@@ -152,8 +169,11 @@ def write_heads(folder: Path, plan: MergePlan, reader: TensorReader) -> None:
     for model in plan.experts:
         refs = plan.heads[model.label]
         file = f"{model.label}.safetensors"
-        save_file({name: reader.read(ref).clone() for name, ref in refs.items()}, folder / "heads" / file,
-                  metadata={"format": "pt", "expert": model.reference})
+        save_file(
+            {name: reader.read(ref).clone() for name, ref in refs.items()},
+            folder / "heads" / file,
+            metadata={"format": "pt", "expert": model.reference},
+        )
         shapes = {name: list(ref.shape) for name, ref in refs.items()}
         entries[model.label] = head_entry(model.label, model.reference, file, shapes, model.config())
     index = {"default": plan.heads_default, "heads": entries}

@@ -37,15 +37,18 @@ def file_sha256(path: Path) -> str:
 def file_manifest(folder: Path, checksums: bool = True) -> tuple[FileRecord, ...]:
     """Every regular file under `folder`, sorted by name; hashed on a few threads (hashlib
     releases the GIL on big buffers, so shards hash in parallel)."""
-    paths = sorted((p for p in folder.rglob("*") if p.is_file()),
-                   key=lambda p: p.relative_to(folder).as_posix())
+    paths = sorted(
+        (p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.relative_to(folder).as_posix()
+    )
     if checksums and paths:
         with ThreadPoolExecutor(min(4, len(paths)), "ri-hash") as pool:
             digests: list[str | None] = list(pool.map(file_sha256, paths))
     else:
         digests = [None] * len(paths)
-    return tuple(FileRecord(p.relative_to(folder).as_posix(), p.stat().st_size, digest)
-                 for p, digest in zip(paths, digests))
+    return tuple(
+        FileRecord(p.relative_to(folder).as_posix(), p.stat().st_size, digest)
+        for p, digest in zip(paths, digests)
+    )
 
 
 def top_level_names(files: tuple[FileRecord, ...]) -> list[str]:

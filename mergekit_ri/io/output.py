@@ -29,7 +29,11 @@ def hidden_name(out: Path, kind: str, pid: int | None = None) -> str:
     NAME itself is near the 255-byte limit."""
     name = out.name
     if len(name.encode()) > 180:
-        name = name.encode()[:150].decode(errors="ignore") + "-" + hashlib.sha256(out.name.encode()).hexdigest()[:12]
+        name = (
+            name.encode()[:150].decode(errors="ignore")
+            + "-"
+            + hashlib.sha256(out.name.encode()).hexdigest()[:12]
+        )
     return f".{name}.ri-merge-{kind}" + (f"-{pid}" if pid is not None else "")
 
 
@@ -49,9 +53,13 @@ def _check_target(out: Path, inputs: Iterable[Path], force: bool) -> None:
         if real == target:
             raise UserError(f"output {out} is input {path}; inputs are never modified, choose another folder")
         if target in real.parents:
-            raise UserError(f"output {out} contains input {path}; --force would delete it, choose another folder")
+            raise UserError(
+                f"output {out} contains input {path}; --force would delete it, choose another folder"
+            )
         if real in target.parents:
-            raise UserError(f"output {out} is inside input {real}; inputs are never modified, choose another folder")
+            raise UserError(
+                f"output {out} is inside input {real}; inputs are never modified, choose another folder"
+            )
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -65,8 +73,10 @@ def check_space(out: Path, needed: int) -> None:
     except OSError:
         return
     if free < needed + SPACE_MARGIN:
-        raise UserError(f"not enough disk space for {out}: the merge writes {needed / 1e9:.2f} GB, "
-                        f"{free / 1e9:.2f} GB free in {out.parent}")
+        raise UserError(
+            f"not enough disk space for {out}: the merge writes {needed / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB free in {out.parent}"
+        )
 
 
 class OutputLock:
@@ -85,8 +95,10 @@ class OutputLock:
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="ignore").strip() or "?"
                 os.close(fd)
-                raise UserError(f"another ri-merge (pid {holder}) is writing {self.out}; wait for it "
-                                "or choose another folder") from None
+                raise UserError(
+                    f"another ri-merge (pid {holder}) is writing {self.out}; wait for it "
+                    "or choose another folder"
+                ) from None
             try:  # the previous holder may have removed the file between our open and lock
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -134,8 +146,10 @@ def clean_stale(out: Path) -> list[str]:
             continue
         size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file() and not p.is_symlink())
         shutil.rmtree(entry, ignore_errors=True)
-        notes.append(f"removed {entry.name} ({size / 1e9:.2f} GB), left by an interrupted merge "
-                     f"(process {match.group(2)} is gone)")
+        notes.append(
+            f"removed {entry.name} ({size / 1e9:.2f} GB), left by an interrupted merge "
+            f"(process {match.group(2)} is gone)"
+        )
     return notes
 
 
@@ -170,8 +184,10 @@ def output_error(exc: OSError, out: Path, staging: Path | None, needed: int) -> 
     if staging is not None:
         where = where.replace(str(staging), str(out))
     if exc.errno == errno.ENOSPC:
-        return UserError(f"no space left on the device writing {out}: the merge needs {needed / 1e9:.2f} GB "
-                         f"in {out.parent}")
+        return UserError(
+            f"no space left on the device writing {out}: the merge needs {needed / 1e9:.2f} GB "
+            f"in {out.parent}"
+        )
     if exc.errno == errno.ENAMETOOLONG:
         return UserError(f"cannot write output {out}: file name too long")
     return UserError(f"cannot write output {out} ({where}): {exc.strerror or exc}")

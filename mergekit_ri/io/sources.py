@@ -25,8 +25,15 @@ import torch
 from ..errors import UserError
 
 ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
@@ -137,8 +144,10 @@ def _parse_entry(path: Path, name: str, info: object) -> tuple[str, tuple[int, .
     if not isinstance(dtype, str) or not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         raise bad
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
-        raise UserError(f"{path}: corrupt safetensors header: tensor '{name}' has data_offsets {offsets!r}; "
-                        "expected [start, end], non-negative")
+        raise UserError(
+            f"{path}: corrupt safetensors header: tensor '{name}' has data_offsets {offsets!r}; "
+            "expected [start, end], non-negative"
+        )
     if dtype not in ST_DTYPES:
         raise UserError(f"{path}: tensor '{name}' has dtype {dtype}, which ri-merge cannot read")
     return dtype, tuple(shape), offsets[0], offsets[1]
@@ -158,8 +167,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorRef], bytes]:
                 raise UserError(f"{path}: not a safetensors file (shorter than 8 bytes)")
             (length,) = struct.unpack("<Q", head)
             if length > MAX_HEADER or 8 + length > size:
-                raise UserError(f"{path}: corrupt safetensors header (declared header length {length} "
-                                f"does not fit in a {size}-byte file)")
+                raise UserError(
+                    f"{path}: corrupt safetensors header (declared header length {length} "
+                    f"does not fit in a {size}-byte file)"
+                )
             raw = f.read(length)
     except OSError as exc:
         raise UserError(f"{path}: cannot read: {exc.strerror}") from None
@@ -182,8 +193,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorRef], bytes]:
         dtype, shape, start, end = _parse_entry(path, name, info)
         ref = TensorRef(path, dtype, shape, base + start, base + end, name)
         if end < start or ref.nbytes != ref.numel * ST_DTYPES[dtype].itemsize:
-            raise UserError(f"{path}: corrupt safetensors header: tensor '{name}' of shape {list(shape)} "
-                            f"{dtype} does not fit its byte range")
+            raise UserError(
+                f"{path}: corrupt safetensors header: tensor '{name}' of shape {list(shape)} "
+                f"{dtype} does not fit its byte range"
+            )
         refs[name] = ref
     _check_layout(path, refs, base, size)
     return refs, raw
@@ -195,15 +208,21 @@ def _check_layout(path: Path, refs: dict[str, TensorRef], base: int, size: int) 
     for ref in sorted(refs.values(), key=lambda r: (r.start, r.end)):
         if ref.start != position:
             what = "overlaps the tensor before it" if ref.start < position else "leaves a gap before it"
-            raise UserError(f"{path}: corrupt safetensors header: tensor '{ref.name}' at data offset "
-                            f"{ref.start - base} {what} (expected {position - base})")
+            raise UserError(
+                f"{path}: corrupt safetensors header: tensor '{ref.name}' at data offset "
+                f"{ref.start - base} {what} (expected {position - base})"
+            )
         if ref.end > size:
-            raise UserError(f"{path}: truncated file: tensor '{ref.name}' ends at byte {ref.end} "
-                            f"but the file has {size} bytes")
+            raise UserError(
+                f"{path}: truncated file: tensor '{ref.name}' ends at byte {ref.end} "
+                f"but the file has {size} bytes"
+            )
         position = ref.end
     if position != size:
-        raise UserError(f"{path}: corrupt safetensors file: {size - position} bytes after the last tensor "
-                        "that no header entry covers")
+        raise UserError(
+            f"{path}: corrupt safetensors file: {size - position} bytes after the last tensor "
+            "that no header entry covers"
+        )
 
 
 def _index_shards(folder: Path, index: Path) -> list[Path]:
@@ -211,14 +230,21 @@ def _index_shards(folder: Path, index: Path) -> list[Path]:
     Hub repo, must not pull `../x` or `/etc/passwd` into a merge), each a regular file."""
     data = read_json_object(index, "safetensors index")
     weight_map = data.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map or \
-            not all(isinstance(v, str) and v for v in weight_map.values()):
-        raise UserError(f"{index}: not a valid safetensors index (needs a 'weight_map' of tensor → file name)")
+    if (
+        not isinstance(weight_map, dict)
+        or not weight_map
+        or not all(isinstance(v, str) and v for v in weight_map.values())
+    ):
+        raise UserError(
+            f"{index}: not a valid safetensors index (needs a 'weight_map' of tensor → file name)"
+        )
     files = sorted(set(weight_map.values()))
     for name in files:
         relative = Path(name)
         if relative.is_absolute() or ".." in relative.parts or "\\" in name:
-            raise UserError(f"{index}: shard '{name}' is outside {folder}; shard paths must be file names in the folder")
+            raise UserError(
+                f"{index}: shard '{name}' is outside {folder}; shard paths must be file names in the folder"
+            )
         if not (folder / relative).exists():
             raise UserError(f"{index}: lists shard '{name}', which is missing from {folder}")
         require_regular_file(folder / relative)
@@ -243,7 +269,12 @@ def _shard_files(folder: Path) -> list[Path]:
 def load_source(reference: str, label: str, relative_to: Path | None = None) -> ModelSource:
     """Resolve a model reference and parse all its headers (no weight is read)."""
     path = Path(reference).expanduser()
-    if not path.exists() and not path.is_absolute() and relative_to is not None and (relative_to / path).exists():
+    if (
+        not path.exists()
+        and not path.is_absolute()
+        and relative_to is not None
+        and (relative_to / path).exists()
+    ):
         path = relative_to / path  # mergekit resolves against the working folder; we also try the recipe's
     revision = None
     if path.exists():
@@ -262,14 +293,24 @@ def load_source(reference: str, label: str, relative_to: Path | None = None) -> 
         digest.update(str(file.stat().st_size).encode())
         for name, ref in refs.items():
             if name in tensors:
-                raise UserError(f"model '{label}': tensor '{name}' appears in both {tensors[name].path.name} and {file.name}")
+                raise UserError(
+                    f"model '{label}': tensor '{name}' appears in both {tensors[name].path.name} and {file.name}"
+                )
             tensors[name] = ref
     if not tensors:
         raise UserError(f"model '{label}': {reference} holds no tensors")
     return ModelSource(reference, label, folder, tensors, digest.hexdigest()[:16], revision)
 
 
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt", "*.jinja"]
+HUB_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "tokenizer.model",
+    "*.tiktoken",
+    "merges.txt",
+    "vocab.txt",
+    "*.jinja",
+]
 
 
 def _download(reference: str) -> tuple[Path, str | None]:
@@ -308,8 +349,13 @@ class TensorReader:
                 self._fds[path] = fd
             return fd
 
-    def read(self, ref: TensorRef, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None,
-             pin: bool = False) -> torch.Tensor:
+    def read(
+        self,
+        ref: TensorRef,
+        rows: tuple[int, int] | None = None,
+        out: torch.Tensor | None = None,
+        pin: bool = False,
+    ) -> torch.Tensor:
         """The whole tensor, or rows [r0, r1) of its first axis (a contiguous byte range).
 
         With `out` (a contiguous CPU tensor of the right size, e.g. one row of a stacked buffer)
@@ -317,14 +363,25 @@ class TensorReader:
         copies to a GPU."""
         if rows is not None:
             row_bytes = ref.nbytes // ref.shape[0]
-            ref = TensorRef(ref.path, ref.dtype, (rows[1] - rows[0], *ref.shape[1:]),
-                            ref.start + rows[0] * row_bytes, ref.start + rows[1] * row_bytes, ref.name)
+            ref = TensorRef(
+                ref.path,
+                ref.dtype,
+                (rows[1] - rows[0], *ref.shape[1:]),
+                ref.start + rows[0] * row_bytes,
+                ref.start + rows[1] * row_bytes,
+                ref.name,
+            )
         fd = self._fd(ref.path)
         dtype = ST_DTYPES[ref.dtype]
         if out is None and pin and ref.nbytes > 0:
             out = torch.empty(ref.shape, dtype=dtype, pin_memory=True)
         if out is not None:
-            if out.dtype != dtype or out.numel() != ref.numel or not out.is_contiguous() or out.device.type != "cpu":
+            if (
+                out.dtype != dtype
+                or out.numel() != ref.numel
+                or not out.is_contiguous()
+                or out.device.type != "cpu"
+            ):
                 raise ValueError(f"read into a buffer of the wrong kind for {ref.path}")
             buffer = (ctypes.c_char * ref.nbytes).from_address(out.data_ptr()) if ref.nbytes else bytearray()
         else:

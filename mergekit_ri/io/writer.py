@@ -77,6 +77,8 @@ class ShardWriter:
 def write_index(folder: Path, plan: MergePlan) -> None:
     index = {
         "metadata": {"total_size": plan.bytes_written},
-        "weight_map": {t.name: plan.shards[t.shard].filename for t in sorted(plan.tasks, key=lambda t: t.name)},
+        "weight_map": {
+            t.name: plan.shards[t.shard].filename for t in sorted(plan.tasks, key=lambda t: t.name)
+        },
     }
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

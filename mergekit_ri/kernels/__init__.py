@@ -30,15 +30,23 @@ def _backend(src: Source, out_dtype: torch.dtype) -> tuple[FusedMerge, Callable[
     return None
 
 
-def task_arithmetic(base: torch.Tensor, experts: torch.Tensor, weights: list[float], lam: float, normalize: bool,
-                    out_dtype: torch.dtype) -> torch.Tensor:
+def task_arithmetic(
+    base: torch.Tensor,
+    experts: torch.Tensor,
+    weights: list[float],
+    lam: float,
+    normalize: bool,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     """θ0 + λ Σ w_i τ_i (/ Σ w_i): the C kernel on CPU where it runs, else torch."""
     if native.usable(base.device, base, experts, out_dtype=out_dtype):
         return native.task_arithmetic(base, experts, weights, lam, normalize, out_dtype)
     return blocked.task_arithmetic(base, experts, weights, lam, normalize, out_dtype)
 
 
-def weighted_sum(experts: torch.Tensor, weights: list[float], normalize: bool, out_dtype: torch.dtype) -> torch.Tensor:
+def weighted_sum(
+    experts: torch.Tensor, weights: list[float], normalize: bool, out_dtype: torch.dtype
+) -> torch.Tensor:
     """Σ w_i θ_i (/ Σ w_i): the C kernel on CPU where it runs, else torch."""
     if native.usable(experts.device, experts, out_dtype=out_dtype):
         return native.weighted_sum(experts, weights, normalize, out_dtype)
@@ -59,29 +67,70 @@ def magnitude_thresholds_source(src: Source, densities: list[float]) -> list[flo
     return blocked.magnitude_thresholds_source(src, densities, blocked.SelectOps(band, native.kth_largest))
 
 
-def magnitude_histograms(base: torch.Tensor, experts: torch.Tensor, buckets: list[int | None] | None) -> torch.Tensor:
+def magnitude_histograms(
+    base: torch.Tensor, experts: torch.Tensor, buckets: list[int | None] | None
+) -> torch.Tensor:
     """`select.magnitude_histograms`: in C on CPU where that runs, else torch."""
     if native.usable(base.device, base, experts):
         return native.histograms(base, experts, buckets)
     return select.magnitude_histograms(base, experts, buckets)
 
 
-def ties(src: Source, thresholds: list[float], weights: list[float], lam: float, normalize: bool,
-         out_dtype: torch.dtype) -> torch.Tensor:
+def ties(
+    src: Source,
+    thresholds: list[float],
+    weights: list[float],
+    lam: float,
+    normalize: bool,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     """TIES with known thresholds: a fused kernel chunk by chunk where one runs, else torch."""
-    out = _fused_chunks(src, mode=fused.MODE_TIES, elect=True, weights=weights, lam=lam, normalize=normalize,
-                        out_dtype=out_dtype, thresholds=thresholds)
-    return out if out is not None else blocked.ties_source(src, thresholds, weights, lam, normalize, out_dtype)
+    out = _fused_chunks(
+        src,
+        mode=fused.MODE_TIES,
+        elect=True,
+        weights=weights,
+        lam=lam,
+        normalize=normalize,
+        out_dtype=out_dtype,
+        thresholds=thresholds,
+    )
+    return (
+        out if out is not None else blocked.ties_source(src, thresholds, weights, lam, normalize, out_dtype)
+    )
 
 
-def dare(src: Source, offset: int, densities: list[float], keys: list[tuple[int, int]], weights: list[float],
-         lam: float, normalize: bool, rescale: bool, elect: bool, out_dtype: torch.dtype) -> torch.Tensor:
+def dare(
+    src: Source,
+    offset: int,
+    densities: list[float],
+    keys: list[tuple[int, int]],
+    weights: list[float],
+    lam: float,
+    normalize: bool,
+    rescale: bool,
+    elect: bool,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     """DARE (then sum or TIES election): a fused kernel where one runs, else torch."""
-    out = _fused_chunks(src, mode=fused.MODE_DARE, elect=elect, weights=weights, lam=lam, normalize=normalize,
-                        out_dtype=out_dtype, keys=keys, densities=densities, rescale=rescale, offset=offset)
+    out = _fused_chunks(
+        src,
+        mode=fused.MODE_DARE,
+        elect=elect,
+        weights=weights,
+        lam=lam,
+        normalize=normalize,
+        out_dtype=out_dtype,
+        keys=keys,
+        densities=densities,
+        rescale=rescale,
+        offset=offset,
+    )
     if out is not None:
         return out
-    return blocked.dare_source(src, offset, densities, keys, weights, lam, normalize, rescale, elect, out_dtype)
+    return blocked.dare_source(
+        src, offset, densities, keys, weights, lam, normalize, rescale, elect, out_dtype
+    )
 
 
 def _fused_chunks(src: Source, **kwargs) -> torch.Tensor | None:
@@ -100,8 +149,9 @@ def _fused_chunks(src: Source, **kwargs) -> torch.Tensor | None:
     for first, base, experts in src.chunks():  # (TIES ignores the offset: it draws nothing)
         if not supports(base, experts):
             return None
-        _, chunk_balance, where, chunk_minus = kernel(base, experts, **kwargs, offset=offset + first,
-                                                      out=out[first:first + base.shape[0]])
+        _, chunk_balance, where, chunk_minus = kernel(
+            base, experts, **kwargs, offset=offset + first, out=out[first : first + base.shape[0]]
+        )
         balance += chunk_balance
         undecided.append(where + first)
         minus.append(chunk_minus)
@@ -110,5 +160,13 @@ def _fused_chunks(src: Source, **kwargs) -> torch.Tensor | None:
     return out
 
 
-__all__ = ["Source", "TensorSource", "dare", "magnitude_histograms", "magnitude_thresholds_source", "task_arithmetic",
-           "ties", "weighted_sum"]
+__all__ = [
+    "Source",
+    "TensorSource",
+    "dare",
+    "magnitude_histograms",
+    "magnitude_thresholds_source",
+    "task_arithmetic",
+    "ties",
+    "weighted_sum",
+]

@@ -40,13 +40,20 @@ def spans(numel: int, device: torch.device) -> list[tuple[int, int]]:
 def for_blocks(numel: int, device: torch.device, fn: Callable[[int, int], T]) -> list[T]:
     """fn(start, stop) over the blocks of a tensor, in order; on the CPU the blocks are shared
     among `workers()` threads (see `parallel`), each running its torch ops single-threaded."""
-    return run_blocks(fn, spans(numel, device)) if device.type == "cpu" else [fn(a, b) for a, b in spans(numel, device)]
+    return (
+        run_blocks(fn, spans(numel, device))
+        if device.type == "cpu"
+        else [fn(a, b) for a, b in spans(numel, device)]
+    )
 
 
 def task_vectors(base: torch.Tensor, experts: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """τ_i = θ_i − θ0 for entries [start, stop), in fp32, in one pass."""
-    return torch.sub(experts[:, start:stop], base[start:stop].float(), out=torch.empty(
-        (experts.shape[0], stop - start), dtype=torch.float32, device=experts.device))
+    return torch.sub(
+        experts[:, start:stop],
+        base[start:stop].float(),
+        out=torch.empty((experts.shape[0], stop - start), dtype=torch.float32, device=experts.device),
+    )
 
 
 def column(values: list[float], like: torch.Tensor) -> torch.Tensor:
@@ -67,23 +74,32 @@ def safe_divisor(total: torch.Tensor) -> torch.Tensor:
     return torch.where(total.abs() < 1e-8, torch.ones_like(total), total)
 
 
-def weighted_sum(experts: torch.Tensor, weights: list[float], normalize: bool,
-                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def weighted_sum(
+    experts: torch.Tensor, weights: list[float], normalize: bool, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Σ w_i θ_i (/ Σ w_i): model soup, no base."""
     out = torch.empty(experts.shape[1], dtype=out_dtype, device=experts.device)
     w, unit = column(weights, experts), all_ones(weights)
     scale = 1.0 / float(safe_divisor(w.sum())) if normalize else 1.0
 
     def block(start: int, stop: int) -> None:
-        rows = experts[:, start:stop].to(torch.float32, copy=True)  # weigh() works in place: never on the input
+        rows = experts[:, start:stop].to(
+            torch.float32, copy=True
+        )  # weigh() works in place: never on the input
         torch.mul(rows_sum(weigh(rows, w, unit)), scale, out=out[start:stop])
 
     for_blocks(out.numel(), experts.device, block)
     return out
 
 
-def task_arithmetic(base: torch.Tensor, experts: torch.Tensor, weights: list[float], lam: float,
-                    normalize: bool, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def task_arithmetic(
+    base: torch.Tensor,
+    experts: torch.Tensor,
+    weights: list[float],
+    lam: float,
+    normalize: bool,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """θ0 + λ Σ w_i τ_i (/ Σ w_i)."""
     out = torch.empty(base.shape[0], dtype=out_dtype, device=base.device)
     w, unit = column(weights, experts), all_ones(weights)
@@ -97,8 +113,9 @@ def task_arithmetic(base: torch.Tensor, experts: torch.Tensor, weights: list[flo
     return out
 
 
-def disjoint_merge(weighted: torch.Tensor, gamma: torch.Tensor, weights: torch.Tensor,
-                   normalize: bool, unit: bool = False) -> torch.Tensor:
+def disjoint_merge(
+    weighted: torch.Tensor, gamma: torch.Tensor, weights: torch.Tensor, normalize: bool, unit: bool = False
+) -> torch.Tensor:
     """TIES step 3 on [N, m] weighted task vectors (overwritten) and elected signs γ = ±1: the
     (weighted) mean of the entries that agree with γ (γ·wτ_i > 0; zero entries never agree).
 
@@ -151,8 +168,9 @@ class Election:
         self.undecided: list[tuple[torch.Tensor, torch.Tensor]] = []  # (flat indices, merge with γ = −1)
         self._lock = threading.Lock()  # blocks are merged by several threads
 
-    def merge(self, weighted: torch.Tensor, start: int, minus: Callable[[torch.Tensor], torch.Tensor]
-              ) -> torch.Tensor:
+    def merge(
+        self, weighted: torch.Tensor, start: int, minus: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
         """The disjoint merge of a block's weighted task vectors [N, m] (overwritten), which sit at
         flat entries start.. ; `minus(local)` gives the output value (θ0 + λ·τ_m, fp32) of the
         block's entries `local` merged with γ = −1, asked for the undecided ones only."""
@@ -182,8 +200,9 @@ class Election:
     def finish(self, out: torch.Tensor) -> torch.Tensor:
         """Write the undecided entries' merge with γ = −1 if the tensor's majority is negative."""
         if self.balance < 0 and self.undecided:
-            out[torch.cat([where for where, _ in self.undecided])] = \
-                torch.cat([values for _, values in self.undecided]).to(out.dtype)
+            out[torch.cat([where for where, _ in self.undecided])] = torch.cat(
+                [values for _, values in self.undecided]
+            ).to(out.dtype)
         return out
 
 
@@ -204,8 +223,15 @@ def float_below(value: float) -> float:
     return float(torch.nextafter(t, torch.zeros_like(t)))
 
 
-def ties_apply(base: torch.Tensor, experts: torch.Tensor, thresholds: list[float], weights: list[float],
-               lam: float, normalize: bool, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def ties_apply(
+    base: torch.Tensor,
+    experts: torch.Tensor,
+    thresholds: list[float],
+    weights: list[float],
+    lam: float,
+    normalize: bool,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """TIES with known per-expert magnitude thresholds: keep |τ_i| >= t_i, elect, disjoint mean."""
     return ties_source(TensorSource(base, experts), thresholds, weights, lam, normalize, out_dtype)
 
@@ -219,22 +245,43 @@ def ties_weighting(thresholds: list[float], weights: list[float], device: torch.
     return lambda tau, at: weigh(trim(tau, thresholds), w, unit)
 
 
-def dare_weighting(offset: int, densities: list[float], keys: list[tuple[int, int]], weights: list[float],
-                   rescale: bool, device: torch.device) -> WeightedTau:
+def dare_weighting(
+    offset: int,
+    densities: list[float],
+    keys: list[tuple[int, int]],
+    weights: list[float],
+    rescale: bool,
+    device: torch.device,
+) -> WeightedTau:
     """DARE's drop-and-rescale then weights, in place on fp32 task vectors [N, m] whose entries
     sit at `at` (a first index or each index) in a source starting at flat index `offset`."""
     w, unit = column(weights, torch.empty(0, device=device)), all_ones(weights)
     return lambda tau, at: weigh(dare_drop(tau, at + offset, densities, keys, rescale), w, unit)
 
 
-def ties_source(src: Source, thresholds: list[float], weights: list[float], lam: float, normalize: bool,
-                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def ties_source(
+    src: Source,
+    thresholds: list[float],
+    weights: list[float],
+    lam: float,
+    normalize: bool,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """`ties_apply` over a `Source`, chunk by chunk, block by block."""
-    return merge_blocks(src, ties_weighting(thresholds, weights, src.device), weights, lam, normalize, True, out_dtype)
+    return merge_blocks(
+        src, ties_weighting(thresholds, weights, src.device), weights, lam, normalize, True, out_dtype
+    )
 
 
-def merge_blocks(src: Source, weighted_tau: WeightedTau, weights: list[float], lam: float, normalize: bool,
-                 elect: bool, out_dtype: torch.dtype) -> torch.Tensor:
+def merge_blocks(
+    src: Source,
+    weighted_tau: WeightedTau,
+    weights: list[float],
+    lam: float,
+    normalize: bool,
+    elect: bool,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     """θ0 + λ · merge of w_i τ_i over a source, block by block: a TIES election (elect) or a sum.
 
     `weighted_tau(tau, at)` trims or drops and weighs fp32 task vectors [N, m] in place; `at` is
@@ -243,6 +290,7 @@ def merge_blocks(src: Source, weighted_tau: WeightedTau, weights: list[float], l
     w = column(weights, torch.empty(0, device=src.device))
     election = Election(w, normalize)
     for first, base, experts in src.chunks():
+
         def block(start: int, stop: int) -> None:
             tau = weighted_tau(task_vectors(base, experts, start, stop), first + start)
             if elect:
@@ -251,7 +299,7 @@ def merge_blocks(src: Source, weighted_tau: WeightedTau, weights: list[float], l
                 mixed = rows_sum(tau)
                 if normalize:
                     mixed /= safe_divisor(w.sum())
-            torch.add(base[start:stop], mixed, alpha=lam, out=out[first + start:first + stop])
+            torch.add(base[start:stop], mixed, alpha=lam, out=out[first + start : first + stop])
 
         def minus(at: torch.Tensor) -> torch.Tensor:
             """θ0 + λ·τ_m with γ = −1 at entries `at` of this chunk, from the inputs in memory."""
@@ -271,7 +319,9 @@ def magnitude_thresholds(base: torch.Tensor, experts: torch.Tensor, densities: l
     return magnitude_thresholds_source(TensorSource(base, experts), densities)
 
 
-def magnitude_thresholds_source(src: Source, densities: list[float], ops: SelectOps | None = None) -> list[float]:
+def magnitude_thresholds_source(
+    src: Source, densities: list[float], ops: SelectOps | None = None
+) -> list[float]:
     """Each expert's exact k-th largest |τ_i| (k = ⌊density·n⌋; inf keeps nothing, 0 keeps all).
 
     A strided sample brackets the k-th value in a narrow band [lo, hi); one blocked pass counts
@@ -301,7 +351,9 @@ def magnitude_thresholds_source(src: Source, densities: list[float], ops: Select
         rank = q * size
         margin = 6.0 * (rank * (1 - q)) ** 0.5 + 8
         # the (position+1)-th largest sampled |τ_i| on either side of the expected rank
-        hi[i] = ops.kth_largest(sample[i], max(0, int(rank - margin)) + 1) if rank - margin >= 1 else float("inf")
+        hi[i] = (
+            ops.kth_largest(sample[i], max(0, int(rank - margin)) + 1) if rank - margin >= 1 else float("inf")
+        )
         lo[i] = ops.kth_largest(sample[i], min(size - 1, int(rank + margin)) + 1)
     limit = numel // 8  # a band wider than this is not worth collecting: select over everything
     per_chunk = [ops.band(base, experts, lo, hi, limit) for _, base, experts in src.chunks()]
@@ -312,13 +364,16 @@ def magnitude_thresholds_source(src: Source, densities: list[float], ops: Select
         if 0 <= band_size <= limit and 0 < rank <= band_size:
             result[i] = ops.kth_largest(torch.cat(parts), rank)
         else:  # the bracket missed: an exact radix select over this expert's whole |τ_i|
-            tau = torch.cat([task_vectors(b, e[i:i + 1], 0, b.shape[0])[0] for _, b, e in src.chunks()]).abs_()
+            tau = torch.cat(
+                [task_vectors(b, e[i : i + 1], 0, b.shape[0])[0] for _, b, e in src.chunks()]
+            ).abs_()
             result[i] = ops.kth_largest(tau, keeps[i])
     return [float(r) for r in result]
 
 
-BandCounter = Callable[[torch.Tensor, torch.Tensor, list[float], list[float], int],
-                       tuple[list[int], list[torch.Tensor | None]]]
+BandCounter = Callable[
+    [torch.Tensor, torch.Tensor, list[float], list[float], int], tuple[list[int], list[torch.Tensor | None]]
+]
 
 
 @dataclass(frozen=True)
@@ -330,10 +385,12 @@ class SelectOps:
     kth_largest: Callable[[torch.Tensor, int], float]
 
 
-def band_counts(base: torch.Tensor, experts: torch.Tensor, lo: list[float], hi: list[float], limit: int
-                ) -> tuple[list[int], list[torch.Tensor | None]]:
+def band_counts(
+    base: torch.Tensor, experts: torch.Tensor, lo: list[float], hi: list[float], limit: int
+) -> tuple[list[int], list[torch.Tensor | None]]:
     """The threshold search's counting pass over flat base [n] and experts [N, n]: per expert, the
     number of |τ_i| >= hi_i and the values with lo_i <= |τ_i| < hi_i (None if more than `limit`)."""
+
     def block(start: int, stop: int) -> list[tuple[int, torch.Tensor]]:
         tau = task_vectors(base, experts, start, stop).abs_()
         found = []
@@ -345,7 +402,10 @@ def band_counts(base: torch.Tensor, experts: torch.Tensor, lo: list[float], hi: 
     per_block = for_blocks(base.shape[0], base.device, block)
     above = [sum(b[i][0] for b in per_block) for i in range(experts.shape[0])]
     sizes = [sum(b[i][1].numel() for b in per_block) for i in range(experts.shape[0])]
-    bands = [torch.cat([b[i][1] for b in per_block]) if sizes[i] <= limit else None for i in range(experts.shape[0])]
+    bands = [
+        torch.cat([b[i][1] for b in per_block]) if sizes[i] <= limit else None
+        for i in range(experts.shape[0])
+    ]
     return above, bands
 
 
@@ -363,8 +423,13 @@ def rescale_factor(keep: float) -> float:
     return float(torch.tensor(1.0 / keep, dtype=torch.float32))
 
 
-def dare_drop(tau: torch.Tensor, at: int | torch.Tensor, densities: list[float], keys: list[tuple[int, int]],
-              rescale: bool) -> torch.Tensor:
+def dare_drop(
+    tau: torch.Tensor,
+    at: int | torch.Tensor,
+    densities: list[float],
+    keys: list[tuple[int, int]],
+    rescale: bool,
+) -> torch.Tensor:
     """DARE in place on [N, m] task vectors at flat entries `at` (a first index, or each index)."""
     for i, keep in enumerate(densities):
         if keep >= 1.0:
@@ -379,22 +444,68 @@ def dare_drop(tau: torch.Tensor, at: int | torch.Tensor, densities: list[float],
     return tau
 
 
-def dare(base: torch.Tensor, experts: torch.Tensor, offset: int, densities: list[float],
-         keys: list[tuple[int, int]], weights: list[float], lam: float, normalize: bool, rescale: bool,
-         elect: bool, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dare(
+    base: torch.Tensor,
+    experts: torch.Tensor,
+    offset: int,
+    densities: list[float],
+    keys: list[tuple[int, int]],
+    weights: list[float],
+    lam: float,
+    normalize: bool,
+    rescale: bool,
+    elect: bool,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """DARE drop-and-rescale, then a weighted sum (dare_linear) or TIES election (dare_ties)."""
-    return dare_source(TensorSource(base, experts), offset, densities, keys, weights, lam, normalize, rescale,
-                       elect, out_dtype)
+    return dare_source(
+        TensorSource(base, experts),
+        offset,
+        densities,
+        keys,
+        weights,
+        lam,
+        normalize,
+        rescale,
+        elect,
+        out_dtype,
+    )
 
 
-def dare_source(src: Source, offset: int, densities: list[float], keys: list[tuple[int, int]],
-                weights: list[float], lam: float, normalize: bool, rescale: bool, elect: bool,
-                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dare_source(
+    src: Source,
+    offset: int,
+    densities: list[float],
+    keys: list[tuple[int, int]],
+    weights: list[float],
+    lam: float,
+    normalize: bool,
+    rescale: bool,
+    elect: bool,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """`dare` over a `Source`; `offset` is the flat index of the source's first entry."""
     weighted_tau = dare_weighting(offset, densities, keys, weights, rescale, src.device)
     return merge_blocks(src, weighted_tau, weights, lam, normalize, elect, out_dtype)
 
 
-__all__ = ["BLOCK", "Election", "SelectOps", "TORCH_SELECT", "band_counts", "dare", "dare_drop", "dare_source",
-           "disjoint_merge", "magnitude_thresholds", "magnitude_thresholds_source", "merge_blocks", "spans",
-           "task_arithmetic", "task_vectors", "ties_apply", "ties_source", "weighted_sum"]
+__all__ = [
+    "BLOCK",
+    "Election",
+    "SelectOps",
+    "TORCH_SELECT",
+    "band_counts",
+    "dare",
+    "dare_drop",
+    "dare_source",
+    "disjoint_merge",
+    "magnitude_thresholds",
+    "magnitude_thresholds_source",
+    "merge_blocks",
+    "spans",
+    "task_arithmetic",
+    "task_vectors",
+    "ties_apply",
+    "ties_source",
+    "weighted_sum",
+]

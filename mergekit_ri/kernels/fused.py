@@ -48,11 +48,23 @@ def _merge_kernel():
     return merge
 
 
-def fused_merge(base: torch.Tensor, experts: torch.Tensor, *, mode: int, elect: bool, weights: list[float],
-                lam: float, normalize: bool, out_dtype: torch.dtype, thresholds: list[float] | None = None,
-                keys: list[tuple[int, int]] | None = None, densities: list[float] | None = None,
-                rescale: bool = True, offset: int = 0, out: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
+def fused_merge(
+    base: torch.Tensor,
+    experts: torch.Tensor,
+    *,
+    mode: int,
+    elect: bool,
+    weights: list[float],
+    lam: float,
+    normalize: bool,
+    out_dtype: torch.dtype,
+    thresholds: list[float] | None = None,
+    keys: list[tuple[int, int]] | None = None,
+    densities: list[float] | None = None,
+    rescale: bool = True,
+    offset: int = 0,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
     """One pass of TIES (mode 1) or DARE (mode 2) over flat base [n] and experts [N, n], into
     `out` (contiguous [n], out_dtype) when given.
 
@@ -73,7 +85,9 @@ def fused_merge(base: torch.Tensor, experts: torch.Tensor, *, mode: int, elect: 
     keeps = densities if densities is not None else [1.0] * count
     keep_t = torch.tensor(keeps, **f32)
     inverse_t = torch.tensor([rescale_factor(d) if d > 0 else 0.0 for d in keeps], **f32)
-    key_t = torch.tensor([k for pair in (keys or [(0, 0)] * count) for k in pair], dtype=torch.int64, device=device)
+    key_t = torch.tensor(
+        [k for pair in (keys or [(0, 0)] * count) for k in pair], dtype=torch.int64, device=device
+    )
     below_t = torch.tensor([keep_threshold(d) for d in keeps], dtype=torch.int64, device=device)
     sum_scale = 1.0
     if not elect and normalize:
@@ -81,9 +95,30 @@ def fused_merge(base: torch.Tensor, experts: torch.Tensor, *, mode: int, elect: 
         sum_scale = 1.0 / (total if abs(total) >= 1e-8 else 1.0)
     if numel:
         grid = (triton.cdiv(numel, BLOCK),)
-        _merge_kernel()[grid](base, experts, out, stats, flags, minus, numel, offset, float(lam), float(sum_scale),
-                              threshold_t, weight_t, key_t, below_t, keep_t, inverse_t,
-                              N=count, MODE=mode, ELECT=elect, NORMALIZE=normalize, RESCALE=rescale, BLOCK=BLOCK)
+        _merge_kernel()[grid](
+            base,
+            experts,
+            out,
+            stats,
+            flags,
+            minus,
+            numel,
+            offset,
+            float(lam),
+            float(sum_scale),
+            threshold_t,
+            weight_t,
+            key_t,
+            below_t,
+            keep_t,
+            inverse_t,
+            N=count,
+            MODE=mode,
+            ELECT=elect,
+            NORMALIZE=normalize,
+            RESCALE=rescale,
+            BLOCK=BLOCK,
+        )
     balance, undecided = (int(v) for v in stats.tolist())
     where = flags.nonzero().reshape(-1) if undecided else torch.empty(0, dtype=torch.int64, device=device)
     return out, balance, where, minus[where]

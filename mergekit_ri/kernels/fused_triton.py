@@ -9,6 +9,7 @@ import triton.language as tl
 def mul32(x, c: tl.constexpr):
     return x * tl.full(x.shape, c, tl.uint32)
 
+
 @triton.jit
 def mix32(x):
     x = x ^ (x >> 16)
@@ -17,9 +18,25 @@ def mix32(x):
     x = mul32(x, 0x846CA68B)
     return x ^ (x >> 16)
 
+
 @triton.jit
-def weighted_tau(base, experts_ptr, i, n, offs, mask, offset, thresholds_ptr, weights_ptr, keys_ptr,
-                 below_ptr, keep_ptr, inverse_ptr, MODE: tl.constexpr, RESCALE: tl.constexpr):
+def weighted_tau(
+    base,
+    experts_ptr,
+    i,
+    n,
+    offs,
+    mask,
+    offset,
+    thresholds_ptr,
+    weights_ptr,
+    keys_ptr,
+    below_ptr,
+    keep_ptr,
+    inverse_ptr,
+    MODE: tl.constexpr,
+    RESCALE: tl.constexpr,
+):
     """w_i · τ_i after TIES trimming (MODE 1) or DARE dropping (MODE 2)."""
     e = tl.load(experts_ptr + i * n + offs, mask=mask, other=0.0).to(tl.float32)
     tau = e - base
@@ -38,18 +55,54 @@ def weighted_tau(base, experts_ptr, i, n, offs, mask, offset, thresholds_ptr, we
                     tau = tau * tl.load(inverse_ptr + i)
     return tau * tl.load(weights_ptr + i)
 
+
 @triton.jit
-def merge(base_ptr, experts_ptr, out_ptr, stats_ptr, flags_ptr, minus_ptr, n, offset, lam, sum_scale,
-          thresholds_ptr, weights_ptr, keys_ptr, below_ptr, keep_ptr, inverse_ptr,
-          N: tl.constexpr, MODE: tl.constexpr, ELECT: tl.constexpr, NORMALIZE: tl.constexpr,
-          RESCALE: tl.constexpr, BLOCK: tl.constexpr):
+def merge(
+    base_ptr,
+    experts_ptr,
+    out_ptr,
+    stats_ptr,
+    flags_ptr,
+    minus_ptr,
+    n,
+    offset,
+    lam,
+    sum_scale,
+    thresholds_ptr,
+    weights_ptr,
+    keys_ptr,
+    below_ptr,
+    keep_ptr,
+    inverse_ptr,
+    N: tl.constexpr,
+    MODE: tl.constexpr,
+    ELECT: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    RESCALE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     base = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for i in tl.static_range(N):
-        total += weighted_tau(base, experts_ptr, i, n, offs, mask, offset, thresholds_ptr, weights_ptr,
-                              keys_ptr, below_ptr, keep_ptr, inverse_ptr, MODE, RESCALE)
+        total += weighted_tau(
+            base,
+            experts_ptr,
+            i,
+            n,
+            offs,
+            mask,
+            offset,
+            thresholds_ptr,
+            weights_ptr,
+            keys_ptr,
+            below_ptr,
+            keep_ptr,
+            inverse_ptr,
+            MODE,
+            RESCALE,
+        )
     if ELECT:
         gamma = tl.where(total < 0.0, -1.0, 1.0)
         mixed = tl.zeros([BLOCK], dtype=tl.float32)
@@ -57,8 +110,23 @@ def merge(base_ptr, experts_ptr, out_ptr, stats_ptr, flags_ptr, minus_ptr, n, of
         minus = tl.zeros([BLOCK], dtype=tl.float32)  # the merge with γ = −1, for zero sums
         minus_count = tl.zeros([BLOCK], dtype=tl.float32)
         for i in tl.static_range(N):  # the second read of each block comes from cache
-            wt = weighted_tau(base, experts_ptr, i, n, offs, mask, offset, thresholds_ptr, weights_ptr,
-                              keys_ptr, below_ptr, keep_ptr, inverse_ptr, MODE, RESCALE)
+            wt = weighted_tau(
+                base,
+                experts_ptr,
+                i,
+                n,
+                offs,
+                mask,
+                offset,
+                thresholds_ptr,
+                weights_ptr,
+                keys_ptr,
+                below_ptr,
+                keep_ptr,
+                inverse_ptr,
+                MODE,
+                RESCALE,
+            )
             agree = (wt * gamma) > 0.0
             mixed += tl.where(agree, wt, 0.0)
             count += tl.where(agree, tl.load(weights_ptr + i), 0.0)

@@ -43,13 +43,35 @@ _failure: str | None = None
 class Params(ctypes.Structure):
     """Mirror of `Params` in native.c (natural alignment on both sides)."""
 
-    _fields_ = [(name, ctypes.c_int32) for name in (
-        "mode", "elect", "normalize", "unit", "clamp_count", "subtract_base", "rescale",
-        "base_dtype", "expert_dtype", "out_dtype", "count", "pad")] + [
-        ("expert_stride", ctypes.c_int64), ("offset", ctypes.c_int64),
-        ("lam", ctypes.c_float), ("divisor", ctypes.c_float), ("out_scale", ctypes.c_float), ("pad2", ctypes.c_float),
-        ("weights", ctypes.c_void_p), ("below", ctypes.c_void_p), ("keys", ctypes.c_void_p),
-        ("keep_below", ctypes.c_void_p), ("inverse", ctypes.c_void_p)]
+    _fields_ = [
+        (name, ctypes.c_int32)
+        for name in (
+            "mode",
+            "elect",
+            "normalize",
+            "unit",
+            "clamp_count",
+            "subtract_base",
+            "rescale",
+            "base_dtype",
+            "expert_dtype",
+            "out_dtype",
+            "count",
+            "pad",
+        )
+    ] + [
+        ("expert_stride", ctypes.c_int64),
+        ("offset", ctypes.c_int64),
+        ("lam", ctypes.c_float),
+        ("divisor", ctypes.c_float),
+        ("out_scale", ctypes.c_float),
+        ("pad2", ctypes.c_float),
+        ("weights", ctypes.c_void_p),
+        ("below", ctypes.c_void_p),
+        ("keys", ctypes.c_void_p),
+        ("keep_below", ctypes.c_void_p),
+        ("inverse", ctypes.c_void_p),
+    ]
 
 
 def _cache_dir() -> Path:
@@ -73,8 +95,13 @@ def _build(compiler: str, flags: list[str]) -> Path:
     """The cached library, compiled first if needed; into a temporary folder (once per process)
     where the cache cannot be written (a read-only home)."""
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), compiler.encode(), _cpu_features().encode(),
-                 platform.machine().encode()):
+    for part in (
+        SOURCE.read_bytes(),
+        " ".join(flags).encode(),
+        compiler.encode(),
+        _cpu_features().encode(),
+        platform.machine().encode(),
+    ):
         digest.update(part)
     name = f"native-{digest.hexdigest()[:16]}.so"
     target: Path | None = _cache_dir() / name
@@ -87,8 +114,9 @@ def _build(compiler: str, flags: list[str]) -> Path:
         target, folder = None, Path(tempfile.mkdtemp(prefix="mergekit-ri-native-"))
     built = folder / name
     try:
-        done = subprocess.run([compiler, *flags, "-o", str(built), str(SOURCE)], capture_output=True, text=True,
-                              timeout=120)
+        done = subprocess.run(
+            [compiler, *flags, "-o", str(built), str(SOURCE)], capture_output=True, text=True, timeout=120
+        )
         if done.returncode != 0:
             detail = (done.stderr.strip().splitlines() or ["no message"])[0]
             raise OSError(f"{Path(compiler).name} {' '.join(flags)} failed: {detail}")
@@ -122,14 +150,29 @@ def library() -> ctypes.CDLL | None:
                     raise FileNotFoundError("no C compiler (cc/gcc) on PATH")
                 lib = ctypes.CDLL(str(_compile(compiler)))
                 lib.ri_merge.restype = ctypes.c_int64
-                lib.ri_merge.argtypes = [ctypes.POINTER(Params)] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [
-                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+                lib.ri_merge.argtypes = (
+                    [ctypes.POINTER(Params)]
+                    + [ctypes.c_void_p] * 3
+                    + [ctypes.c_int64] * 2
+                    + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+                )
                 lib.ri_band.restype = ctypes.c_int
-                lib.ri_band.argtypes = [ctypes.POINTER(Params), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2
+                lib.ri_band.argtypes = (
+                    [ctypes.POINTER(Params), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+                    + [ctypes.c_void_p] * 3
+                    + [ctypes.c_int64]
+                    + [ctypes.c_void_p] * 2
+                )
                 lib.ri_histogram.restype = ctypes.c_int
-                lib.ri_histogram.argtypes = [ctypes.POINTER(Params), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                             ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+                lib.ri_histogram.argtypes = [
+                    ctypes.POINTER(Params),
+                    ctypes.c_void_p,
+                    ctypes.c_void_p,
+                    ctypes.c_int64,
+                    ctypes.c_int64,
+                    ctypes.c_void_p,
+                    ctypes.c_void_p,
+                ]
                 lib.ri_kth_largest.restype = ctypes.c_float
                 lib.ri_kth_largest.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
                 _library = lib
@@ -174,10 +217,24 @@ def _uint32(values: list[int]) -> torch.Tensor:
     return torch.tensor([v - (1 << 32) if v >= 1 << 31 else v for v in values], dtype=torch.int32)
 
 
-def _params(experts: torch.Tensor, base: torch.Tensor | None, out_dtype: torch.dtype, *, mode: int, elect: bool,
-            weights: list[float], lam: float, normalize: bool, divisor: float = 1.0, out_scale: float = 1.0,
-            below: list[float] | None = None, keys: list[tuple[int, int]] | None = None,
-            densities: list[float] | None = None, rescale: bool = False, offset: int = 0) -> tuple[Params, list]:
+def _params(
+    experts: torch.Tensor,
+    base: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    *,
+    mode: int,
+    elect: bool,
+    weights: list[float],
+    lam: float,
+    normalize: bool,
+    divisor: float = 1.0,
+    out_scale: float = 1.0,
+    below: list[float] | None = None,
+    keys: list[tuple[int, int]] | None = None,
+    densities: list[float] | None = None,
+    rescale: bool = False,
+    offset: int = 0,
+) -> tuple[Params, list]:
     """The C struct and the tensors its pointers point into (kept alive by the caller)."""
     count = experts.shape[0]
     weight_t = _floats(weights)
@@ -186,28 +243,64 @@ def _params(experts: torch.Tensor, base: torch.Tensor | None, out_dtype: torch.d
     key_t = _uint32([k for pair in (keys or [(0, 0)] * count) for k in pair])
     keep_t = _uint32([DARE_SKIP if d >= 1.0 else keep_threshold(d) for d in keeps])
     inverse_t = _floats([rescale_factor(d) if 0 < d < 1.0 else 0.0 for d in keeps])
-    p = Params(mode=mode, elect=int(elect), normalize=int(normalize), unit=int(all(w == 1.0 for w in weights)),
-               clamp_count=int(all(w == 1.0 for w in weights) or min(weights) >= 1e-8),
-               subtract_base=int(base is not None), rescale=int(rescale),
-               base_dtype=DTYPES[base.dtype] if base is not None else 0, expert_dtype=DTYPES[experts.dtype],
-               out_dtype=DTYPES[out_dtype], count=count, expert_stride=experts.stride(0) if count > 1 else 0,
-               offset=offset, lam=lam, divisor=divisor, out_scale=out_scale,
-               weights=weight_t.data_ptr(), below=below_t.data_ptr(), keys=key_t.data_ptr(),
-               keep_below=keep_t.data_ptr(), inverse=inverse_t.data_ptr())
+    p = Params(
+        mode=mode,
+        elect=int(elect),
+        normalize=int(normalize),
+        unit=int(all(w == 1.0 for w in weights)),
+        clamp_count=int(all(w == 1.0 for w in weights) or min(weights) >= 1e-8),
+        subtract_base=int(base is not None),
+        rescale=int(rescale),
+        base_dtype=DTYPES[base.dtype] if base is not None else 0,
+        expert_dtype=DTYPES[experts.dtype],
+        out_dtype=DTYPES[out_dtype],
+        count=count,
+        expert_stride=experts.stride(0) if count > 1 else 0,
+        offset=offset,
+        lam=lam,
+        divisor=divisor,
+        out_scale=out_scale,
+        weights=weight_t.data_ptr(),
+        below=below_t.data_ptr(),
+        keys=key_t.data_ptr(),
+        keep_below=keep_t.data_ptr(),
+        inverse=inverse_t.data_ptr(),
+    )
     return p, [weight_t, below_t, key_t, keep_t, inverse_t]
 
 
 def _input_params(base: torch.Tensor, experts: torch.Tensor) -> tuple[Params, list]:
     """The struct for the kernels that only read inputs (band, histograms): dtypes and strides."""
-    return _params(experts, base, torch.float32, mode=MODE_SUM, elect=False, weights=[1.0] * experts.shape[0],
-                   lam=1.0, normalize=False)
+    return _params(
+        experts,
+        base,
+        torch.float32,
+        mode=MODE_SUM,
+        elect=False,
+        weights=[1.0] * experts.shape[0],
+        lam=1.0,
+        normalize=False,
+    )
 
 
-def merge(base: torch.Tensor | None, experts: torch.Tensor, *, mode: int, elect: bool, weights: list[float],
-          lam: float, normalize: bool, out_dtype: torch.dtype, thresholds: list[float] | None = None,
-          keys: list[tuple[int, int]] | None = None, densities: list[float] | None = None, rescale: bool = True,
-          offset: int = 0, out_scale: float = 1.0, out: torch.Tensor | None = None
-          ) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
+def merge(
+    base: torch.Tensor | None,
+    experts: torch.Tensor,
+    *,
+    mode: int,
+    elect: bool,
+    weights: list[float],
+    lam: float,
+    normalize: bool,
+    out_dtype: torch.dtype,
+    thresholds: list[float] | None = None,
+    keys: list[tuple[int, int]] | None = None,
+    densities: list[float] | None = None,
+    rescale: bool = True,
+    offset: int = 0,
+    out_scale: float = 1.0,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
     """One fused pass over flat base [n] (None: linear, no base) and experts [N, n], in blocks over
     the kernel threads; the arguments are `fused.fused_merge`'s, plus `out` to write into.
     Returns (merged [n], Σ sign of the elected sums, indices of the undecided entries, their values
@@ -220,22 +313,44 @@ def merge(base: torch.Tensor | None, experts: torch.Tensor, *, mode: int, elect:
         raise ValueError("tensors of more than 2^32 entries are not supported by the DARE generator")
     out = torch.empty(numel, dtype=out_dtype) if out is None else out
     divisor = float(safe_divisor(column(weights, experts).sum())) if normalize and not elect else 1.0
-    params, keep_alive = _params(experts, base, out_dtype, mode=mode, elect=elect, weights=weights, lam=lam,
-                                 normalize=normalize, divisor=divisor, out_scale=out_scale, offset=offset,
-                                 below=[float_below(t) for t in thresholds] if thresholds is not None else None,
-                                 keys=keys, densities=densities, rescale=rescale)
+    params, keep_alive = _params(
+        experts,
+        base,
+        out_dtype,
+        mode=mode,
+        elect=elect,
+        weights=weights,
+        lam=lam,
+        normalize=normalize,
+        divisor=divisor,
+        out_scale=out_scale,
+        offset=offset,
+        below=[float_below(t) for t in thresholds] if thresholds is not None else None,
+        keys=keys,
+        densities=densities,
+        rescale=rescale,
+    )
     pointers = (base.data_ptr() if base is not None else None, experts.data_ptr(), out.data_ptr())
 
     def block(start: int, stop: int) -> tuple[int, torch.Tensor, torch.Tensor, bool]:
         found, bad, cap = ctypes.c_int64(0), ctypes.c_int32(0), max(UNDECIDED, (stop - start) // 16)
         while True:  # a buffer for 1/16 of the block, and a rerun with one big enough if not
             where, minus = torch.empty(cap, dtype=torch.int64), torch.empty(cap, dtype=torch.float32)
-            balance = lib.ri_merge(ctypes.byref(params), *pointers, start, stop, where.data_ptr(), minus.data_ptr(),
-                                   cap, ctypes.byref(found), ctypes.byref(bad))
+            balance = lib.ri_merge(
+                ctypes.byref(params),
+                *pointers,
+                start,
+                stop,
+                where.data_ptr(),
+                minus.data_ptr(),
+                cap,
+                ctypes.byref(found),
+                ctypes.byref(bad),
+            )
             if balance == -(1 << 63):
                 raise MemoryError("native merge kernel: out of memory")
             if found.value <= cap:
-                return balance, where[:found.value], minus[:found.value], bool(bad.value)
+                return balance, where[: found.value], minus[: found.value], bool(bad.value)
             cap = found.value
 
     results = run_blocks(block, _spans(numel, BLOCK))
@@ -243,7 +358,12 @@ def merge(base: torch.Tensor | None, experts: torch.Tensor, *, mode: int, elect:
     WATCH.record(numel, any(r[3] for r in results))
     if not results:
         return out, 0, torch.empty(0, dtype=torch.int64), torch.empty(0)
-    return out, sum(r[0] for r in results), torch.cat([r[1] for r in results]), torch.cat([r[2] for r in results])
+    return (
+        out,
+        sum(r[0] for r in results),
+        torch.cat([r[1] for r in results]),
+        torch.cat([r[2] for r in results]),
+    )
 
 
 class FiniteWatch:
@@ -270,23 +390,49 @@ class FiniteWatch:
 WATCH = FiniteWatch()
 
 
-def task_arithmetic(base: torch.Tensor, experts: torch.Tensor, weights: list[float], lam: float, normalize: bool,
-                    out_dtype: torch.dtype) -> torch.Tensor:
+def task_arithmetic(
+    base: torch.Tensor,
+    experts: torch.Tensor,
+    weights: list[float],
+    lam: float,
+    normalize: bool,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     """`blocked.task_arithmetic`, fused."""
     scale = lam / float(safe_divisor(column(weights, experts).sum())) if normalize else lam
-    return merge(base, experts, mode=MODE_SUM, elect=False, weights=weights, lam=scale, normalize=False,
-                 out_dtype=out_dtype)[0]
+    return merge(
+        base,
+        experts,
+        mode=MODE_SUM,
+        elect=False,
+        weights=weights,
+        lam=scale,
+        normalize=False,
+        out_dtype=out_dtype,
+    )[0]
 
 
-def weighted_sum(experts: torch.Tensor, weights: list[float], normalize: bool, out_dtype: torch.dtype) -> torch.Tensor:
+def weighted_sum(
+    experts: torch.Tensor, weights: list[float], normalize: bool, out_dtype: torch.dtype
+) -> torch.Tensor:
     """`blocked.weighted_sum`, fused."""
     scale = 1.0 / float(safe_divisor(column(weights, experts).sum())) if normalize else 1.0
-    return merge(None, experts, mode=MODE_SUM, elect=False, weights=weights, lam=1.0, normalize=False,
-                 out_dtype=out_dtype, out_scale=scale)[0]
+    return merge(
+        None,
+        experts,
+        mode=MODE_SUM,
+        elect=False,
+        weights=weights,
+        lam=1.0,
+        normalize=False,
+        out_dtype=out_dtype,
+        out_scale=scale,
+    )[0]
 
 
-def band(base: torch.Tensor, experts: torch.Tensor, lo: list[float], hi: list[float], limit: int
-         ) -> tuple[list[int], list[torch.Tensor | None]]:
+def band(
+    base: torch.Tensor, experts: torch.Tensor, lo: list[float], hi: list[float], limit: int
+) -> tuple[list[int], list[torch.Tensor | None]]:
     """The threshold search's counting pass (see `blocked.magnitude_thresholds_source`): per
     expert, the count of |τ_i| >= hi_i and the values in [lo_i, hi_i) (None if more than `limit`)."""
     lib = library()
@@ -299,8 +445,19 @@ def band(base: torch.Tensor, experts: torch.Tensor, lo: list[float], hi: list[fl
         cap = min(stop - start, limit + 1)
         values = torch.empty((count, cap), dtype=torch.float32)
         above, inside = torch.zeros(count, dtype=torch.int64), torch.zeros(count, dtype=torch.int64)
-        if lib.ri_band(ctypes.byref(params), base.data_ptr(), experts.data_ptr(), start, stop, lo_t.data_ptr(),
-                       hi_t.data_ptr(), values.data_ptr(), cap, above.data_ptr(), inside.data_ptr()):
+        if lib.ri_band(
+            ctypes.byref(params),
+            base.data_ptr(),
+            experts.data_ptr(),
+            start,
+            stop,
+            lo_t.data_ptr(),
+            hi_t.data_ptr(),
+            values.data_ptr(),
+            cap,
+            above.data_ptr(),
+            inside.data_ptr(),
+        ):
             raise MemoryError("native band kernel: out of memory")
         return values, above, inside
 
@@ -336,14 +493,23 @@ def histograms(base: torch.Tensor, experts: torch.Tensor, buckets: list[int | No
     assert lib is not None
     count, numel = experts.shape
     params, keep_alive = _input_params(base, experts)
-    wanted = torch.tensor([-1] * count if buckets is None else [SKIP_BUCKET if b is None else b for b in buckets],
-                          dtype=torch.int32)
+    wanted = torch.tensor(
+        [-1] * count if buckets is None else [SKIP_BUCKET if b is None else b for b in buckets],
+        dtype=torch.int32,
+    )
     per_call = max(1, -(-numel // max(1, workers())))  # one call per worker: one counts array each
 
     def block(start: int, stop: int) -> torch.Tensor:
         counts = torch.zeros((count, 1 << 16), dtype=torch.int64)
-        if lib.ri_histogram(ctypes.byref(params), base.data_ptr(), experts.data_ptr(), start, stop,
-                            wanted.data_ptr(), counts.data_ptr()):
+        if lib.ri_histogram(
+            ctypes.byref(params),
+            base.data_ptr(),
+            experts.data_ptr(),
+            start,
+            stop,
+            wanted.data_ptr(),
+            counts.data_ptr(),
+        ):
             raise MemoryError("native histogram kernel: out of memory")
         return counts
 

@@ -51,7 +51,9 @@ def keep_threshold(keep: float) -> int:
     return min(1 << UNIFORM_BITS, max(0, round(keep * (1 << UNIFORM_BITS))))
 
 
-def keep_mask(start: int, count: int, keep: float, key: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+def keep_mask(
+    start: int, count: int, keep: float, key: tuple[int, int], device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Bernoulli(keep) mask for flat entries [start, start + count) of a tensor."""
     if start + count > 1 << 32:
         raise ValueError("tensors of more than 2^32 entries are not supported by the DARE generator")

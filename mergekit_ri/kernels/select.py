@@ -31,7 +31,9 @@ def low_histogram(bits: torch.Tensor, bucket: int) -> torch.Tensor:
     return torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=BUCKETS)
 
 
-def magnitude_histograms(base: torch.Tensor, experts: torch.Tensor, buckets: list[int | None] | None) -> torch.Tensor:
+def magnitude_histograms(
+    base: torch.Tensor, experts: torch.Tensor, buckets: list[int | None] | None
+) -> torch.Tensor:
     """[N, BUCKETS] histograms of |τ_i| = |θ_i − θ0| (fp32 bit patterns) for flat base [n] and
     experts [N, n]: of the high 16 bits (buckets None), or of the low 16 bits of the entries in
     bucket[i] (a None bucket: that row stays 0). The passes of a streaming radix select."""

@@ -16,10 +16,20 @@ from .registry import MethodSpec, Param, TensorContext, TensorParams, register
 WEIGHT = Param("weight", 1.0, True, "scale of this model's task vector (or of the model, for linear)")
 LAMBDA = Param("lambda", 1.0, False, "scale of the merged task vector")
 # density defaults to mergekit's 1 (no trimming, no drop), so that a mergekit recipe without it merges alike
-TIES_DENSITY = Param("density", 1.0, True, "fraction of each task vector kept, by magnitude "
-                     "(1: no trimming, mergekit's default; the paper uses 0.2)")
-DARE_DENSITY = Param("density", 1.0, True, "fraction of each task vector kept at random "
-                     "(1: no drop, mergekit's default; the paper drops 90%, density 0.1)")
+TIES_DENSITY = Param(
+    "density",
+    1.0,
+    True,
+    "fraction of each task vector kept, by magnitude "
+    "(1: no trimming, mergekit's default; the paper uses 0.2)",
+)
+DARE_DENSITY = Param(
+    "density",
+    1.0,
+    True,
+    "fraction of each task vector kept at random "
+    "(1: no drop, mergekit's default; the paper drops 90%, density 0.1)",
+)
 
 
 def _normalize(default: bool) -> Param:
@@ -35,16 +45,24 @@ def task_vectors(base: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     return experts.sub_(base)
 
 
-def linear(base: torch.Tensor | None, experts: torch.Tensor, p: TensorParams, ctx: TensorContext) -> torch.Tensor:
+def linear(
+    base: torch.Tensor | None, experts: torch.Tensor, p: TensorParams, ctx: TensorContext
+) -> torch.Tensor:
     """Model soup: Σ w_i θ_i (/ Σ w_i when normalize)."""
     _, flat = _flat(None, experts)
-    return kernels.weighted_sum(flat, p.per_model["weight"], p["normalize"], ctx.out_dtype).reshape(experts.shape[1:])
+    return kernels.weighted_sum(flat, p.per_model["weight"], p["normalize"], ctx.out_dtype).reshape(
+        experts.shape[1:]
+    )
 
 
-def task_arithmetic(base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: TensorContext) -> torch.Tensor:
+def task_arithmetic(
+    base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: TensorContext
+) -> torch.Tensor:
     """θ0 + λ Σ w_i τ_i (Ilharco et al.)."""
     b, e = _flat(base, experts)
-    return kernels.task_arithmetic(b, e, p.per_model["weight"], p["lambda"], p["normalize"], ctx.out_dtype).reshape(base.shape)
+    return kernels.task_arithmetic(
+        b, e, p.per_model["weight"], p["lambda"], p["normalize"], ctx.out_dtype
+    ).reshape(base.shape)
 
 
 def _source(base: torch.Tensor | None, experts: torch.Tensor | None, ctx: TensorContext) -> kernels.Source:
@@ -52,7 +70,9 @@ def _source(base: torch.Tensor | None, experts: torch.Tensor | None, ctx: Tensor
     return ctx.source if ctx.source is not None else kernels.TensorSource(base, experts)
 
 
-def ties(base: torch.Tensor | None, experts: torch.Tensor | None, p: TensorParams, ctx: TensorContext) -> torch.Tensor:
+def ties(
+    base: torch.Tensor | None, experts: torch.Tensor | None, p: TensorParams, ctx: TensorContext
+) -> torch.Tensor:
     """TIES-Merging (Yadav et al.): trim to the top-k magnitudes (ties at the threshold kept),
     elect signs by total mass, disjoint mean; θ0 + λ τ_m."""
     src = _source(base, experts, ctx)
@@ -60,21 +80,35 @@ def ties(base: torch.Tensor | None, experts: torch.Tensor | None, p: TensorParam
         thresholds = ctx.prepass
     else:
         thresholds = kernels.magnitude_thresholds_source(src, p.per_model["density"])
-    return kernels.ties(src, list(thresholds), p.per_model["weight"], p["lambda"], p["normalize"],
-                        ctx.out_dtype).reshape(src.shape)
+    return kernels.ties(
+        src, list(thresholds), p.per_model["weight"], p["lambda"], p["normalize"], ctx.out_dtype
+    ).reshape(src.shape)
 
 
-def _dare(base: torch.Tensor | None, experts: torch.Tensor | None, p: TensorParams, ctx: TensorContext,
-          elect: bool) -> torch.Tensor:
+def _dare(
+    base: torch.Tensor | None, experts: torch.Tensor | None, p: TensorParams, ctx: TensorContext, elect: bool
+) -> torch.Tensor:
     """DARE (Yu et al.): drop each τ entry with probability 1 − density (a counter-based draw keyed
     by seed, tensor, expert and entry index), rescale by 1/density, then sum or TIES-elect."""
     src = _source(base, experts, ctx)
     keys = [rng_key(ctx.seed, ctx.name, i) for i in range(src.count)]
-    return kernels.dare(src, ctx.offset, p.per_model["density"], keys, p.per_model["weight"], p["lambda"],
-                        p["normalize"], p["rescale"], elect, ctx.out_dtype).reshape(src.shape)
+    return kernels.dare(
+        src,
+        ctx.offset,
+        p.per_model["density"],
+        keys,
+        p.per_model["weight"],
+        p["lambda"],
+        p["normalize"],
+        p["rescale"],
+        elect,
+        ctx.out_dtype,
+    ).reshape(src.shape)
 
 
-def dare_linear(base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: TensorContext) -> torch.Tensor:
+def dare_linear(
+    base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: TensorContext
+) -> torch.Tensor:
     return _dare(base, experts, p, ctx, elect=False)
 
 
@@ -83,37 +117,77 @@ def dare_ties(base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: T
 
 
 RESCALE = Param("rescale", True, False, "divide kept entries by density (DARE's rescaling)")
-TRIM_SCOPE = Param("trim_scope", "tensor", False,
-                   "where the top-k magnitude threshold is computed: per tensor (mergekit) or over the "
-                   "whole model per expert (the TIES paper; one extra streaming pass)", ("tensor", "model"))
+TRIM_SCOPE = Param(
+    "trim_scope",
+    "tensor",
+    False,
+    "where the top-k magnitude threshold is computed: per tensor (mergekit) or over the "
+    "whole model per expert (the TIES paper; one extra streaming pass)",
+    ("tensor", "model"),
+)
 
-register(MethodSpec(
-    "linear", linear, (WEIGHT, _normalize(True)), needs_base=False, base_as_model=True,
-    summary="weighted average of the models (model soup)", elementwise=True, raw_inputs=True,
-    citation="Wortsman et al., Model soups, ICML 2022 (arXiv:2203.05482)",
-))
-register(MethodSpec(
-    "task_arithmetic", task_arithmetic, (WEIGHT, LAMBDA, _normalize(False)), needs_base=True,
-    summary="base + λ · weighted sum of task vectors", elementwise=True, raw_inputs=True,
-    citation="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv:2212.04089)",
-))
-register(MethodSpec(
-    "ties", ties, (WEIGHT, TIES_DENSITY, LAMBDA, _normalize(True), TRIM_SCOPE), needs_base=True,
-    summary="trim to the top-density magnitudes, elect signs, disjoint mean", raw_inputs=True, streams=True,
-    prepass=MODEL_TRIM,
-    citation="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023 (arXiv:2306.01708)",
-))
-register(MethodSpec(
-    "dare_linear", dare_linear, (WEIGHT, DARE_DENSITY, LAMBDA, _normalize(False), RESCALE), needs_base=True,
-    summary="random drop + rescale (DARE), then task arithmetic", elementwise=True, raw_inputs=True,
-    citation="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv:2311.03099)",
-))
-register(MethodSpec(
-    "dare_ties", dare_ties, (WEIGHT, DARE_DENSITY, LAMBDA, _normalize(False), RESCALE), needs_base=True,
-    summary="random drop + rescale (DARE), then TIES sign election and disjoint mean", raw_inputs=True,
-    streams=True,
-    citation="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv:2311.03099); "
-             "Yadav et al., TIES-Merging, NeurIPS 2023",
-))
+register(
+    MethodSpec(
+        "linear",
+        linear,
+        (WEIGHT, _normalize(True)),
+        needs_base=False,
+        base_as_model=True,
+        summary="weighted average of the models (model soup)",
+        elementwise=True,
+        raw_inputs=True,
+        citation="Wortsman et al., Model soups, ICML 2022 (arXiv:2203.05482)",
+    )
+)
+register(
+    MethodSpec(
+        "task_arithmetic",
+        task_arithmetic,
+        (WEIGHT, LAMBDA, _normalize(False)),
+        needs_base=True,
+        summary="base + λ · weighted sum of task vectors",
+        elementwise=True,
+        raw_inputs=True,
+        citation="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv:2212.04089)",
+    )
+)
+register(
+    MethodSpec(
+        "ties",
+        ties,
+        (WEIGHT, TIES_DENSITY, LAMBDA, _normalize(True), TRIM_SCOPE),
+        needs_base=True,
+        summary="trim to the top-density magnitudes, elect signs, disjoint mean",
+        raw_inputs=True,
+        streams=True,
+        prepass=MODEL_TRIM,
+        citation="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023 (arXiv:2306.01708)",
+    )
+)
+register(
+    MethodSpec(
+        "dare_linear",
+        dare_linear,
+        (WEIGHT, DARE_DENSITY, LAMBDA, _normalize(False), RESCALE),
+        needs_base=True,
+        summary="random drop + rescale (DARE), then task arithmetic",
+        elementwise=True,
+        raw_inputs=True,
+        citation="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv:2311.03099)",
+    )
+)
+register(
+    MethodSpec(
+        "dare_ties",
+        dare_ties,
+        (WEIGHT, DARE_DENSITY, LAMBDA, _normalize(False), RESCALE),
+        needs_base=True,
+        summary="random drop + rescale (DARE), then TIES sign election and disjoint mean",
+        raw_inputs=True,
+        streams=True,
+        citation="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv:2311.03099); "
+        "Yadav et al., TIES-Merging, NeurIPS 2023",
+    )
+)
 
 __all__ = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]

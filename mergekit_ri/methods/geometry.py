@@ -20,7 +20,7 @@ def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.reshape(-1), b.reshape(-1)
     total = 0.0
     for start in range(0, a.numel(), CHUNK):
-        total += float(torch.dot(a[start:start + CHUNK].double(), b[start:start + CHUNK].double()))
+        total += float(torch.dot(a[start : start + CHUNK].double(), b[start : start + CHUNK].double()))
     return total
 
 

@@ -15,8 +15,24 @@ import torch
 
 # substrings of the names of attention / MLP projection weights across HF and OpenCLIP models
 PROJECTION_MARKERS = (
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-    "query", "key", "value", "dense", "fc1", "fc2", "c_attn", "c_proj", "c_fc", "out_proj", "in_proj",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "query",
+    "key",
+    "value",
+    "dense",
+    "fc1",
+    "fc2",
+    "c_attn",
+    "c_proj",
+    "c_fc",
+    "out_proj",
+    "in_proj",
 )
 # token / position embeddings and output heads (Llama, GPT-2, BERT, CLIP, T5-style names)
 EMBEDDING_MARKERS = ("embed", "lm_head", "wte", "wpe")

@@ -81,8 +81,9 @@ class Param:
         if self.integer and value != int(value):
             raise UserError(f"{where}: expected a whole number, got {shown(value)}")
         if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
-            raise UserError(f"{where}: {shown(value)} is outside the range of {self.name} "
-                            f"({self.range_text()})")
+            raise UserError(
+                f"{where}: {shown(value)} is outside the range of {self.name} ({self.range_text()})"
+            )
         return int(value) if self.integer else value
 
 
@@ -133,11 +134,30 @@ def with_range(param: Param) -> Param:
 # Every parameter name some merge method of mergekit 0.1.5 declares: a recipe written for mergekit
 # may set any of them whatever its method (mergekit ignores those its method lacks); ri-merge takes
 # them with a plan warning when the method does not use them, and refuses other unknown names.
-MERGEKIT_PARAMETERS = frozenset({
-    "weight", "density", "lambda", "normalize", "rescale", "int8_mask", "gamma", "epsilon",  # task arithmetic
-    "t", "nuslerp_row_wise", "nuslerp_flatten", "normalize_weights", "eps", "max_iter", "tol",  # slerp family
-    "filter_wise", "scale", "select_topk", "r", "alpha",  # model_stock, passthrough, sce, ram
-})
+MERGEKIT_PARAMETERS = frozenset(
+    {
+        "weight",
+        "density",
+        "lambda",
+        "normalize",
+        "rescale",
+        "int8_mask",
+        "gamma",
+        "epsilon",  # task arithmetic
+        "t",
+        "nuslerp_row_wise",
+        "nuslerp_flatten",
+        "normalize_weights",
+        "eps",
+        "max_iter",
+        "tol",  # slerp family
+        "filter_wise",
+        "scale",
+        "select_topk",
+        "r",
+        "alpha",  # model_stock, passthrough, sce, ram
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -227,8 +247,12 @@ class MethodSpec:
     def unused_parameters(self, recipe: Recipe) -> list[str]:
         """Where the recipe sets a parameter that mergekit knows but this method does not use."""
         names = {p.name for p in self.params}
-        return [f"{where}.{key}" for where, values in _places(recipe) for key in values
-                if key not in names and key in MERGEKIT_PARAMETERS]
+        return [
+            f"{where}.{key}"
+            for where, values in _places(recipe)
+            for key in values
+            if key not in names and key in MERGEKIT_PARAMETERS
+        ]
 
     def check_parameters(self, recipe: Recipe, source: str) -> None:
         """Refuse parameter names this method does not take (with the closest spelling), global
@@ -245,8 +269,9 @@ class MethodSpec:
                     )
                 param = self.param(key)
                 if where.startswith("models") and not param.per_model:
-                    raise UserError(f"{source}: {where}: '{key}' is a global parameter; "
-                                    "set it under top-level parameters")
+                    raise UserError(
+                        f"{source}: {where}: '{key}' is a global parameter; set it under top-level parameters"
+                    )
                 for leaf, entry in _leaves(value):
                     try:
                         param.check(leaf, f"{source}: {where}.{key}")
@@ -285,8 +310,10 @@ def register(spec: MethodSpec) -> MethodSpec:
 
 def get_method(name: str, source: str = "recipe") -> MethodSpec:
     if name not in _REGISTRY:
-        raise UserError(f"{source}: unknown merge_method '{shown(name)}'{hint(name, _REGISTRY)}; "
-                        f"known: {', '.join(sorted(all_methods()))}")
+        raise UserError(
+            f"{source}: unknown merge_method '{shown(name)}'{hint(name, _REGISTRY)}; "
+            f"known: {', '.join(sorted(all_methods()))}"
+        )
     return _REGISTRY[name]
 
 

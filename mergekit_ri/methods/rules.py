@@ -37,8 +37,10 @@ def pair_with_base(method: str) -> RecipeCheck:
 
     def check(recipe: Recipe, source: str) -> None:
         if recipe.base_model is None or len(others(recipe)) != 1:
-            raise UserError(f"{source}: models: merge_method '{method}' needs exactly 2 models, one of them "
-                            f"base_model (the other listed under models); {_counted(recipe)}")
+            raise UserError(
+                f"{source}: models: merge_method '{method}' needs exactly 2 models, one of them "
+                f"base_model (the other listed under models); {_counted(recipe)}"
+            )
 
     return check
 
@@ -48,13 +50,17 @@ def exactly(method: str, count: int, base: str) -> RecipeCheck:
 
     def check(recipe: Recipe, source: str) -> None:
         if base == "none" and recipe.base_model is not None and len(others(recipe)) > 0:
-            raise UserError(f"{source}: base_model: merge_method '{method}' takes exactly {count} model "
-                            f"and no base_model; {_counted(recipe)}")
+            raise UserError(
+                f"{source}: base_model: merge_method '{method}' takes exactly {count} model "
+                f"and no base_model; {_counted(recipe)}"
+            )
         n = len(others(recipe)) if base != "none" else len({m.model for m in recipe.models})
         if n != count:
             extra = " (plus an optional base_model)" if base == "optional" else ""
-            raise UserError(f"{source}: models: merge_method '{method}' needs exactly {count} "
-                            f"model{'s' if count != 1 else ''}{extra}; {_counted(recipe)}")
+            raise UserError(
+                f"{source}: models: merge_method '{method}' needs exactly {count} "
+                f"model{'s' if count != 1 else ''}{extra}; {_counted(recipe)}"
+            )
 
     return check
 
@@ -64,8 +70,10 @@ def at_least(method: str, count: int) -> RecipeCheck:
 
     def check(recipe: Recipe, source: str) -> None:
         if len(others(recipe)) < count:
-            raise UserError(f"{source}: models: merge_method '{method}' needs base_model and at least "
-                            f"{count} other models; {_counted(recipe)}")
+            raise UserError(
+                f"{source}: models: merge_method '{method}' needs base_model and at least "
+                f"{count} other models; {_counted(recipe)}"
+            )
 
     return check
 

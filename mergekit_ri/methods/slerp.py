@@ -50,8 +50,9 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-7)
 
 
-def nuslerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, flatten: bool,
-                    eps: float = 1e-8) -> torch.Tensor:
+def nuslerp_tensors(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, flatten: bool, eps: float = 1e-8
+) -> torch.Tensor:
     """mergekit's nuslerp: slerp over the flattened tensor, or per row of the last axis
     (`row_wise`: of the first axis), with a per-row fallback to lerp where sin θ < eps."""
     if flatten:
@@ -69,8 +70,9 @@ def nuslerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool
     return merged.transpose(0, -1) if row_wise else merged
 
 
-def nuslerp(base: torch.Tensor | None, experts: torch.Tensor,
-            p: TensorParams, ctx: TensorContext) -> torch.Tensor:
+def nuslerp(
+    base: torch.Tensor | None, experts: torch.Tensor, p: TensorParams, ctx: TensorContext
+) -> torch.Tensor:
     w0, w1 = p.per_model["weight"][:2]
     t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)  # mergekit's fallback for weights summing to 0
     options = {"row_wise": bool(p["nuslerp_row_wise"]), "flatten": bool(p["nuslerp_flatten"])}
@@ -79,24 +81,41 @@ def nuslerp(base: torch.Tensor | None, experts: torch.Tensor,
     return base + nuslerp_tensors(t, experts[0] - base, experts[1] - base, **options)
 
 
-T = Param("t", 0.5, False, "interpolation factor: 0 gives the base, 1 the other model (in [0, 1])",
-          low=0.0, high=1.0)
+T = Param(
+    "t",
+    0.5,
+    False,
+    "interpolation factor: 0 gives the base, 1 the other model (in [0, 1])",
+    low=0.0,
+    high=1.0,
+)
 NU_WEIGHT = Param("weight", 1.0, True, "relative weight; t = w₂ / (w₁ + w₂)")
-ROW_WISE = Param("nuslerp_row_wise", False, False,
-                 "slerp each column vector (along the first axis) instead of rows")
+ROW_WISE = Param(
+    "nuslerp_row_wise", False, False, "slerp each column vector (along the first axis) instead of rows"
+)
 FLATTEN = Param("nuslerp_flatten", True, False, "slerp the flattened tensor as one vector (else per row)")
 
-register(MethodSpec(
-    "slerp", slerp, (T,), needs_base=True,
-    summary="spherical interpolation from the base (t = 0) to one other model (t = 1)",
-    citation="Shoemake, Animating Rotation with Quaternion Curves, SIGGRAPH 1985; mergekit's slerp",
-    check_recipe=rules.all_of(rules.pair_with_base("slerp"), rules.requires("slerp", "t")),
-))
-register(MethodSpec(
-    "nuslerp", nuslerp, (NU_WEIGHT, ROW_WISE, FLATTEN), needs_base=False,
-    summary="slerp of two models by weight (of their task vectors, with a base), per row or flattened",
-    citation="mergekit's nuslerp (Goddard, arcee-ai/mergekit)",
-    check_recipe=rules.exactly("nuslerp", 2, base="optional"),
-))
+register(
+    MethodSpec(
+        "slerp",
+        slerp,
+        (T,),
+        needs_base=True,
+        summary="spherical interpolation from the base (t = 0) to one other model (t = 1)",
+        citation="Shoemake, Animating Rotation with Quaternion Curves, SIGGRAPH 1985; mergekit's slerp",
+        check_recipe=rules.all_of(rules.pair_with_base("slerp"), rules.requires("slerp", "t")),
+    )
+)
+register(
+    MethodSpec(
+        "nuslerp",
+        nuslerp,
+        (NU_WEIGHT, ROW_WISE, FLATTEN),
+        needs_base=False,
+        summary="slerp of two models by weight (of their task vectors, with a base), per row or flattened",
+        citation="mergekit's nuslerp (Goddard, arcee-ai/mergekit)",
+        check_recipe=rules.exactly("nuslerp", 2, base="optional"),
+    )
+)
 
 __all__ = ["nuslerp", "nuslerp_tensors", "partner", "slerp", "slerp_tensors"]

@@ -40,7 +40,7 @@ def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.T
         top, bottom = top + bottom, 0
     order = torch.sort(tau.abs().reshape(-1), stable=True).indices
     mask = torch.zeros(n, dtype=torch.bool, device=tau.device)
-    mask[order[bottom:n - top]] = True
+    mask[order[bottom : n - top]] = True
     return mask.reshape(tau.shape)
 
 
@@ -56,8 +56,9 @@ def della_keep_probability(tau: torch.Tensor, density: float, epsilon: float) ->
     return ((density - epsilon) + fraction * (2 * epsilon)).reshape(tau.shape)
 
 
-def della_drop(tau: torch.Tensor, density: float, epsilon: float, rescale: bool,
-               key: tuple[int, int], where: str) -> torch.Tensor:
+def della_drop(
+    tau: torch.Tensor, density: float, epsilon: float, rescale: bool, key: tuple[int, int], where: str
+) -> torch.Tensor:
     """DELLA's random drop: entry j is kept when the counter-based draw u(key, j) < its keep
     probability p_j, and divided by p_j when `rescale` (the paper's 1/p, as our DARE)."""
     if density >= 1:
@@ -65,8 +66,9 @@ def della_drop(tau: torch.Tensor, density: float, epsilon: float, rescale: bool,
     if density <= 0:
         return torch.zeros_like(tau)
     if density - epsilon <= 0 or density + epsilon >= 1:
-        raise UserError(f"{where}: density ± epsilon must lie in (0, 1); got density {density:g}, "
-                        f"epsilon {epsilon:g}")
+        raise UserError(
+            f"{where}: density ± epsilon must lie in (0, 1); got density {density:g}, epsilon {epsilon:g}"
+        )
     probability = della_keep_probability(tau, density, epsilon)
     index = torch.arange(tau.numel(), dtype=torch.int64, device=tau.device).reshape(tau.shape)
     draws = hash_counter(index, key) >> (32 - UNIFORM_BITS)
@@ -74,8 +76,9 @@ def della_drop(tau: torch.Tensor, density: float, epsilon: float, rescale: bool,
     return torch.where(kept, tau / probability if rescale else tau, torch.zeros_like(tau))
 
 
-def combine(base: torch.Tensor, taus: torch.Tensor, weights: list[float], elect: bool, normalize: bool,
-            lam: float) -> torch.Tensor:
+def combine(
+    base: torch.Tensor, taus: torch.Tensor, weights: list[float], elect: bool, normalize: bool, lam: float
+) -> torch.Tensor:
     """θ₀ + λ·Σ wᵢτ̂ᵢ (over the agreeing signs when `elect`), / Σ of those wᵢ when `normalize`."""
     w = torch.tensor(weights, dtype=taus.dtype, device=taus.device).reshape(-1, *([1] * (taus.dim() - 1)))
     weighted = taus * w
@@ -104,22 +107,31 @@ def _breadcrumbs(base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ele
     return combine(base, taus, p.per_model["weight"], elect, bool(p["normalize"]), float(p["lambda"]))
 
 
-def breadcrumbs(base: torch.Tensor, experts: torch.Tensor,
-                p: TensorParams, ctx: TensorContext) -> torch.Tensor:
+def breadcrumbs(
+    base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: TensorContext
+) -> torch.Tensor:
     return _breadcrumbs(base, experts, p, elect=False)
 
 
-def breadcrumbs_ties(base: torch.Tensor, experts: torch.Tensor,
-                     p: TensorParams, ctx: TensorContext) -> torch.Tensor:
+def breadcrumbs_ties(
+    base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: TensorContext
+) -> torch.Tensor:
     return _breadcrumbs(base, experts, p, elect=True)
 
 
-def _della(base: torch.Tensor, experts: torch.Tensor,
-           p: TensorParams, ctx: TensorContext, elect: bool) -> torch.Tensor:
+def _della(
+    base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: TensorContext, elect: bool
+) -> torch.Tensor:
     taus = task_vectors(base, experts)
     for i, tau in enumerate(taus):
-        taus[i] = della_drop(tau, p.per_model["density"][i], p.per_model["epsilon"][i], bool(p["rescale"]),
-                             rng_key(ctx.seed, ctx.name, i), f"tensor '{ctx.name}', models[{i}]")
+        taus[i] = della_drop(
+            tau,
+            p.per_model["density"][i],
+            p.per_model["epsilon"][i],
+            bool(p["rescale"]),
+            rng_key(ctx.seed, ctx.name, i),
+            f"tensor '{ctx.name}', models[{i}]",
+        )
     return combine(base, taus, p.per_model["weight"], elect, bool(p["normalize"]), float(p["lambda"]))
 
 
@@ -127,8 +139,9 @@ def della(base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: Tenso
     return _della(base, experts, p, ctx, elect=True)
 
 
-def della_linear(base: torch.Tensor, experts: torch.Tensor,
-                 p: TensorParams, ctx: TensorContext) -> torch.Tensor:
+def della_linear(
+    base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: TensorContext
+) -> torch.Tensor:
     return _della(base, experts, p, ctx, elect=False)
 
 
@@ -169,13 +182,15 @@ def check_della(method: str) -> rules.RecipeCheck:
                     if 0 < density < 1 and (density - epsilon <= 0 or density + epsilon >= 1):
                         raise UserError(
                             f"{source}: models[{i}]: merge_method '{method}' needs density ± epsilon "
-                            f"in (0, 1) where 0 < density < 1; got density {density:g}, epsilon {epsilon:g}")
+                            f"in (0, 1) where 0 < density < 1; got density {density:g}, epsilon {epsilon:g}"
+                        )
 
     return check
 
 
-def _gta_params(density_doc: str, extra: Param, normalize: bool, rescale: bool,
-                rescale_doc: str) -> tuple[Param, ...]:
+def _gta_params(
+    density_doc: str, extra: Param, normalize: bool, rescale: bool, rescale_doc: str
+) -> tuple[Param, ...]:
     return (
         Param("weight", 1.0, True, "scale of this model's task vector"),
         Param("density", 1.0, True, density_doc),
@@ -192,36 +207,76 @@ CRUMBS_DENSITY = "fraction of each task vector kept (1: no sparsification; the p
 DELLA_DENSITY = "mean keep probability (1: no drop; the paper tunes 0.3–0.7)"
 L1 = "rescale the kept entries to the task vector's L1 norm (mergekit's rule)"
 INVERSE = "divide each kept entry by its keep probability (the paper; mergekit preserves the L1 norm)"
-BREADCRUMBS = "Davari & Belilovsky, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks, " \
-              "ECCV 2024 (arXiv:2312.06795)"
-DELLA = "Deep et al., DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based " \
-        "Sampling (arXiv:2406.11617)"
+BREADCRUMBS = (
+    "Davari & Belilovsky, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks, "
+    "ECCV 2024 (arXiv:2312.06795)"
+)
+DELLA = (
+    "Deep et al., DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based "
+    "Sampling (arXiv:2406.11617)"
+)
 
-register(MethodSpec(
-    "breadcrumbs", breadcrumbs, _gta_params(CRUMBS_DENSITY, GAMMA, False, False, L1), needs_base=True,
-    summary="drop the smallest and the γ largest magnitudes of each τ, then task arithmetic",
-    citation=BREADCRUMBS,
-))
-register(MethodSpec(
-    "breadcrumbs_ties", breadcrumbs_ties, _gta_params(CRUMBS_DENSITY, GAMMA, False, False, L1),
-    needs_base=True,
-    summary="Breadcrumbs' sparsification, then TIES-style sign election", citation=BREADCRUMBS,
-))
-register(MethodSpec(
-    "della", della, _gta_params(DELLA_DENSITY, EPSILON, True, True, INVERSE), needs_base=True,
-    summary="random drop with magnitude-ranked keep probabilities (MAGPRUNE), sign election, mean",
-    citation=DELLA, check_recipe=check_della("della"),
-))
-register(MethodSpec(
-    "della_linear", della_linear, _gta_params(DELLA_DENSITY, EPSILON, False, True, INVERSE), needs_base=True,
-    summary="DELLA's magnitude-ranked random drop, then task arithmetic",
-    citation=DELLA, check_recipe=check_della("della_linear"),
-))
-register(MethodSpec(
-    "sce", sce, (Param("select_topk", 1.0, False, "fraction of entries kept, by variance across models"),),
-    needs_base=True, summary="select high-variance entries, weight experts by mean τ², erase minority signs",
-    citation="Wan et al., FuseChat: Knowledge Fusion of Chat Models (SCE), arXiv:2408.07990",
-))
+register(
+    MethodSpec(
+        "breadcrumbs",
+        breadcrumbs,
+        _gta_params(CRUMBS_DENSITY, GAMMA, False, False, L1),
+        needs_base=True,
+        summary="drop the smallest and the γ largest magnitudes of each τ, then task arithmetic",
+        citation=BREADCRUMBS,
+    )
+)
+register(
+    MethodSpec(
+        "breadcrumbs_ties",
+        breadcrumbs_ties,
+        _gta_params(CRUMBS_DENSITY, GAMMA, False, False, L1),
+        needs_base=True,
+        summary="Breadcrumbs' sparsification, then TIES-style sign election",
+        citation=BREADCRUMBS,
+    )
+)
+register(
+    MethodSpec(
+        "della",
+        della,
+        _gta_params(DELLA_DENSITY, EPSILON, True, True, INVERSE),
+        needs_base=True,
+        summary="random drop with magnitude-ranked keep probabilities (MAGPRUNE), sign election, mean",
+        citation=DELLA,
+        check_recipe=check_della("della"),
+    )
+)
+register(
+    MethodSpec(
+        "della_linear",
+        della_linear,
+        _gta_params(DELLA_DENSITY, EPSILON, False, True, INVERSE),
+        needs_base=True,
+        summary="DELLA's magnitude-ranked random drop, then task arithmetic",
+        citation=DELLA,
+        check_recipe=check_della("della_linear"),
+    )
+)
+register(
+    MethodSpec(
+        "sce",
+        sce,
+        (Param("select_topk", 1.0, False, "fraction of entries kept, by variance across models"),),
+        needs_base=True,
+        summary="select high-variance entries, weight experts by mean τ², erase minority signs",
+        citation="Wan et al., FuseChat: Knowledge Fusion of Chat Models (SCE), arXiv:2408.07990",
+    )
+)
 
-__all__ = ["breadcrumbs", "breadcrumbs_mask", "breadcrumbs_ties", "della", "della_drop",
-           "della_keep_probability", "della_linear", "sce", "sce_mask"]
+__all__ = [
+    "breadcrumbs",
+    "breadcrumbs_mask",
+    "breadcrumbs_ties",
+    "della",
+    "della_drop",
+    "della_keep_probability",
+    "della_linear",
+    "sce",
+    "sce_mask",
+]

@@ -18,8 +18,12 @@ from .layers import is_matrix
 from .registry import MethodSpec, Param, TensorContext, TensorParams, register
 
 ALPHA = Param("alpha", 1.0, False, "scale of the merged task vector")
-COMMON_SPACE_FRACTION = Param("common_space_fraction", 0.8, False,
-                              "share of the singular directions of Σ τ_i kept as the common subspace")
+COMMON_SPACE_FRACTION = Param(
+    "common_space_fraction",
+    0.8,
+    False,
+    "share of the singular directions of Σ τ_i kept as the common subspace",
+)
 
 
 def top_components(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -86,9 +90,14 @@ def iso_cts_merge(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
     return recombine(blocks, isotropic=True)
 
 
-def merge_matrices(base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: TensorContext,
-                   merge: Callable[[torch.Tensor], torch.Tensor],
-                   directions: Callable[[int, int], int]) -> torch.Tensor:
+def merge_matrices(
+    base: torch.Tensor,
+    experts: torch.Tensor,
+    p: TensorParams,
+    ctx: TensorContext,
+    merge: Callable[[torch.Tensor], torch.Tensor],
+    directions: Callable[[int, int], int],
+) -> torch.Tensor:
     """θ0 + α·merge(τ) for projection-like 2-D weights, θ0 + α·mean(τ) for every other tensor.
 
     Each decomposed tensor is reported to `ctx.report` (if any) with the number of singular
@@ -126,24 +135,42 @@ def _svd_workspace(shape: tuple[int, ...], n: int) -> int:
     return 4 * 4 * (n + 2) * shape[0] * shape[-1] if len(shape) == 2 else 0
 
 
-register(MethodSpec(
-    "tsv", tsv, (ALPHA,), needs_base=True, workspace=_svd_workspace,
-    summary="TSV-M: top ⌊min(m,n)/N⌋ singular components per task, orthogonalised (data-free)",
-    citation="Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, "
-             "CVPR 2025 (arXiv:2412.00081)",
-    aliases=("tsv_m",),
-))
-register(MethodSpec(
-    "iso_c", iso_c, (ALPHA,), needs_base=True, workspace=_svd_workspace,
-    summary="Iso-C: singular vectors of Σ τ_i with a flat (isotropic) spectrum (data-free)",
-    citation="Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and "
-             "Task-Specific Subspaces, ICML 2025 (arXiv:2502.04959)",
-))
-register(MethodSpec(
-    "iso_cts", iso_cts, (ALPHA, COMMON_SPACE_FRACTION), needs_base=True, workspace=_svd_workspace,
-    summary="Iso-CTS: common subspace of Σ τ_i plus task-specific directions, isotropic spectrum (data-free)",
-    citation="Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and "
-             "Task-Specific Subspaces, ICML 2025 (arXiv:2502.04959)",
-))
+register(
+    MethodSpec(
+        "tsv",
+        tsv,
+        (ALPHA,),
+        needs_base=True,
+        workspace=_svd_workspace,
+        summary="TSV-M: top ⌊min(m,n)/N⌋ singular components per task, orthogonalised (data-free)",
+        citation="Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, "
+        "CVPR 2025 (arXiv:2412.00081)",
+        aliases=("tsv_m",),
+    )
+)
+register(
+    MethodSpec(
+        "iso_c",
+        iso_c,
+        (ALPHA,),
+        needs_base=True,
+        workspace=_svd_workspace,
+        summary="Iso-C: singular vectors of Σ τ_i with a flat (isotropic) spectrum (data-free)",
+        citation="Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and "
+        "Task-Specific Subspaces, ICML 2025 (arXiv:2502.04959)",
+    )
+)
+register(
+    MethodSpec(
+        "iso_cts",
+        iso_cts,
+        (ALPHA, COMMON_SPACE_FRACTION),
+        needs_base=True,
+        workspace=_svd_workspace,
+        summary="Iso-CTS: common subspace of Σ τ_i plus task-specific directions, isotropic spectrum (data-free)",
+        citation="Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and "
+        "Task-Specific Subspaces, ICML 2025 (arXiv:2502.04959)",
+    )
+)
 
 __all__ = ["iso_c", "iso_c_merge", "iso_cts", "iso_cts_merge", "polar", "top_components", "tsv", "tsv_merge"]

@@ -17,8 +17,9 @@ from .geometry import dot64, norm64
 from .registry import MethodSpec, Param, TensorContext, TensorParams, register
 
 
-def multislerp_tensors(points: torch.Tensor, weights: list[float], normalize: bool,
-                       eps: float) -> torch.Tensor:
+def multislerp_tensors(
+    points: torch.Tensor, weights: list[float], normalize: bool, eps: float
+) -> torch.Tensor:
     """mergekit's multislerp on [N, ...] points (task vectors when there is a base)."""
     w = torch.tensor(weights, dtype=torch.float64)
     if normalize:
@@ -38,8 +39,9 @@ def multislerp_tensors(points: torch.Tensor, weights: list[float], normalize: bo
     return result * float(sum(float(wi) * n for wi, n in zip(w, norms)))
 
 
-def multislerp(base: torch.Tensor | None, experts: torch.Tensor,
-               p: TensorParams, ctx: TensorContext) -> torch.Tensor:
+def multislerp(
+    base: torch.Tensor | None, experts: torch.Tensor, p: TensorParams, ctx: TensorContext
+) -> torch.Tensor:
     if experts.shape[0] == 1:
         return experts[0]
     points = experts - base if base is not None else experts
@@ -81,8 +83,9 @@ def karcher_tensors(points: list[torch.Tensor], max_iter: int, tol: float) -> to
     return u * (alpha * sum(norms))
 
 
-def karcher(base: torch.Tensor | None, experts: torch.Tensor,
-            p: TensorParams, ctx: TensorContext) -> torch.Tensor:
+def karcher(
+    base: torch.Tensor | None, experts: torch.Tensor, p: TensorParams, ctx: TensorContext
+) -> torch.Tensor:
     """Every input is a point, the base included when the recipe has one (as in mergekit)."""
     points = ([base] if base is not None else []) + list(experts)
     if len(points) == 1:
@@ -90,22 +93,32 @@ def karcher(base: torch.Tensor | None, experts: torch.Tensor,
     return karcher_tensors(points, int(p["max_iter"]), float(p["tol"]))
 
 
-register(MethodSpec(
-    "multislerp", multislerp,
-    (Param("weight", 1.0, True, "this model's weight in the barycentre"),
-     Param("normalize_weights", True, False, "divide the weights by their sum"),
-     Param("eps", 1e-8, False, "guard against division by zero norms")),
-    needs_base=False,
-    summary="barycentric slerp of any number of models (of task vectors, with a base)",
-    citation="Goddard, Multi-SLERP (goddard.blog/posts/multislerp-wow-what-a-cool-idea); mergekit",
-))
-register(MethodSpec(
-    "karcher", karcher,
-    (Param("max_iter", 10, False, "most Riemannian gradient steps"),
-     Param("tol", 1e-5, False, "stop when a step is shorter; norms below it are zero")),
-    needs_base=False,
-    summary="Karcher (Riemannian) mean of the models' directions, times their mean norm",
-    citation="Karcher, Riemannian center of mass and mollifier smoothing, CPAM 1977; mergekit's karcher",
-))
+register(
+    MethodSpec(
+        "multislerp",
+        multislerp,
+        (
+            Param("weight", 1.0, True, "this model's weight in the barycentre"),
+            Param("normalize_weights", True, False, "divide the weights by their sum"),
+            Param("eps", 1e-8, False, "guard against division by zero norms"),
+        ),
+        needs_base=False,
+        summary="barycentric slerp of any number of models (of task vectors, with a base)",
+        citation="Goddard, Multi-SLERP (goddard.blog/posts/multislerp-wow-what-a-cool-idea); mergekit",
+    )
+)
+register(
+    MethodSpec(
+        "karcher",
+        karcher,
+        (
+            Param("max_iter", 10, False, "most Riemannian gradient steps"),
+            Param("tol", 1e-5, False, "stop when a step is shorter; norms below it are zero"),
+        ),
+        needs_base=False,
+        summary="Karcher (Riemannian) mean of the models' directions, times their mean norm",
+        citation="Karcher, Riemannian center of mass and mollifier smoothing, CPAM 1977; mergekit's karcher",
+    )
+)
 
 __all__ = ["karcher", "karcher_tensors", "multislerp", "multislerp_tensors"]

@@ -39,8 +39,9 @@ def mean_pairwise_cosine(deltas: torch.Tensor, filter_wise: bool) -> torch.Tenso
     return total / (k * (k - 1) // 2)
 
 
-def model_stock(base: torch.Tensor, experts: torch.Tensor,
-                p: TensorParams, ctx: TensorContext) -> torch.Tensor:
+def model_stock(
+    base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: TensorContext
+) -> torch.Tensor:
     filter_wise = bool(p["filter_wise"])
     shape = base.shape
     if filter_wise and base.dim() == 1:
@@ -59,14 +60,17 @@ def model_stock(base: torch.Tensor, experts: torch.Tensor,
     return (t * average + (1 - t) * base).reshape(shape)
 
 
-register(MethodSpec(
-    "model_stock", model_stock,
-    (Param("filter_wise", False, False, "one angle per row (output filter) instead of per tensor"),),
-    needs_base=True,
-    summary="average of the fine-tunes moved toward the base by t = k·cosθ / (1 + (k−1)·cosθ)",
-    citation="Jang et al., Model Stock: All we need is just a few fine-tuned models, ECCV 2024 "
-             "(arXiv:2403.19522)",
-    check_recipe=rules.at_least("model_stock", 2),
-))
+register(
+    MethodSpec(
+        "model_stock",
+        model_stock,
+        (Param("filter_wise", False, False, "one angle per row (output filter) instead of per tensor"),),
+        needs_base=True,
+        summary="average of the fine-tunes moved toward the base by t = k·cosθ / (1 + (k−1)·cosθ)",
+        citation="Jang et al., Model Stock: All we need is just a few fine-tuned models, ECCV 2024 "
+        "(arXiv:2403.19522)",
+        check_recipe=rules.at_least("model_stock", 2),
+    )
+)
 
 __all__ = ["mean_pairwise_cosine", "model_stock"]

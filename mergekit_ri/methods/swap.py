@@ -46,24 +46,34 @@ def arcee_fusion_tensors(base: torch.Tensor, other: torch.Tensor) -> torch.Tenso
     return base + (other - base) * mask
 
 
-def arcee_fusion(base: torch.Tensor, experts: torch.Tensor,
-                 p: TensorParams, ctx: TensorContext) -> torch.Tensor:
+def arcee_fusion(
+    base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: TensorContext
+) -> torch.Tensor:
     return arcee_fusion_tensors(base, partner(base, experts))
 
 
-register(MethodSpec(
-    "nearswap", nearswap,
-    (Param("t", 1e-3, False, "distance below which the other model's value is taken whole"),),
-    needs_base=True, elementwise=True,
-    summary="the base, with the other model's values where the two are within t (weight t/|Δ| beyond)",
-    citation="alchemonaut, NearSwap (huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001); mergekit",
-    check_recipe=rules.all_of(rules.pair_with_base("nearswap"), rules.requires("nearswap", "t")),
-))
-register(MethodSpec(
-    "arcee_fusion", arcee_fusion, (), needs_base=True,
-    summary="the base plus the other model's changes whose importance (|Δ|·KL) is an outlier",
-    citation="Arcee AI, Arcee Fusion (mergekit's arcee_fusion)",
-    check_recipe=rules.pair_with_base("arcee_fusion"),
-))
+register(
+    MethodSpec(
+        "nearswap",
+        nearswap,
+        (Param("t", 1e-3, False, "distance below which the other model's value is taken whole"),),
+        needs_base=True,
+        elementwise=True,
+        summary="the base, with the other model's values where the two are within t (weight t/|Δ| beyond)",
+        citation="alchemonaut, NearSwap (huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001); mergekit",
+        check_recipe=rules.all_of(rules.pair_with_base("nearswap"), rules.requires("nearswap", "t")),
+    )
+)
+register(
+    MethodSpec(
+        "arcee_fusion",
+        arcee_fusion,
+        (),
+        needs_base=True,
+        summary="the base plus the other model's changes whose importance (|Δ|·KL) is an outlier",
+        citation="Arcee AI, Arcee Fusion (mergekit's arcee_fusion)",
+        check_recipe=rules.pair_with_base("arcee_fusion"),
+    )
+)
 
 __all__ = ["arcee_fusion", "arcee_fusion_tensors", "fusion_importance", "nearswap", "nearswap_tensors"]

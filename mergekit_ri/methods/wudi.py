@@ -57,7 +57,7 @@ SOLVERS = ("aswudi", "swudi", "flow", "exact", "adam", "sgd", "sgd_spectral")  #
 # barely leaves Σ τ_i (task arithmetic on the projections), and any larger lr is `flow` again.
 WUDI_SOLVERS = ("aswudi", "swudi", "flow", "exact", "adam")
 ITERATIVE = ("adam", "sgd")
-FLOW_TIME = 300.0    # `flow`: methods.md's t ≈ 300 (85.1 on ViT-B/32, 8 tasks)
+FLOW_TIME = 300.0  # `flow`: methods.md's t ≈ 300 (85.1 on ViT-B/32, 8 tasks)
 SWUDI_TIME = 1300.0  # `swudi`: the time published with rank_ratio 0.65 (85.6 on ViT-B/32)
 
 
@@ -65,10 +65,10 @@ SWUDI_TIME = 1300.0  # `swudi`: the time published with rank_ratio 0.65 (85.6 on
 class WudiProblem:
     """The quadratic L(M) = tr(M G Mᵀ) − 2 tr(M Bᵀ) + c and the solvers' starting point M0."""
 
-    gram: torch.Tensor   # G, in×in
+    gram: torch.Tensor  # G, in×in
     cross: torch.Tensor  # B, out×in
-    const: float         # c, only needed to report L itself
-    init: torch.Tensor   # M0, out×in
+    const: float  # c, only needed to report L itself
+    init: torch.Tensor  # M0, out×in
 
 
 @dataclass(frozen=True)
@@ -97,12 +97,12 @@ def build_problem(deltas: torch.Tensor, weights: torch.Tensor, init: torch.Tenso
             continue
         if out_features <= in_features:
             gram.addmm_(tau.T, tau, alpha=w)
-            small = tau @ tau.T                    # out×out
-            cross.addmm_(small, tau, alpha=w)      # (τ τᵀ) τ
+            small = tau @ tau.T  # out×out
+            cross.addmm_(small, tau, alpha=w)  # (τ τᵀ) τ
         else:
-            small = tau.T @ tau                    # in×in
+            small = tau.T @ tau  # in×in
             gram.add_(small, alpha=w)
-            cross.addmm_(tau, small, alpha=w)      # τ (τᵀ τ)
+            cross.addmm_(tau, small, alpha=w)  # τ (τᵀ τ)
         const += w * float(torch.linalg.vector_norm(small, dtype=torch.float64).square())
         del small
     return WudiProblem(gram, cross, const, init)
@@ -122,8 +122,10 @@ def gradient(problem: WudiProblem, merged: torch.Tensor) -> torch.Tensor:
 
 # ---- iterative solvers -------------------------------------------------------------------------
 
-def run_optimizer(problem: WudiProblem, optimizer_class: type[torch.optim.Optimizer], iterations: int,
-                  **options: float) -> torch.Tensor:
+
+def run_optimizer(
+    problem: WudiProblem, optimizer_class: type[torch.optim.Optimizer], iterations: int, **options: float
+) -> torch.Tensor:
     """`iterations` steps of a torch optimizer on L from M0, fed the analytic gradient."""
     merged = problem.init.clone()
     optimizer = optimizer_class([merged], **options)
@@ -146,6 +148,7 @@ def solve_sgd(problem: WudiProblem, iterations: int, lr: float, momentum: float)
 
 # ---- closed forms ------------------------------------------------------------------------------
 
+
 def spectrum(gram: torch.Tensor, dtype: torch.dtype = torch.float32) -> Spectrum:
     """One symmetric eigendecomposition of G, in `dtype` (float64 resolves smaller eigenvalues)."""
     values, vectors = torch.linalg.eigh(gram.to(dtype))
@@ -154,8 +157,9 @@ def spectrum(gram: torch.Tensor, dtype: torch.dtype = torch.float32) -> Spectrum
     return Spectrum(values.to(torch.float64), vectors.to(gram.dtype), tolerance)
 
 
-def apply_filter(problem: WudiProblem, spec: Spectrum, removed: torch.Tensor,
-                 stats: dict[str, float] | None = None) -> torch.Tensor:
+def apply_filter(
+    problem: WudiProblem, spec: Spectrum, removed: torch.Tensor, stats: dict[str, float] | None = None
+) -> torch.Tensor:
     """M0 + (B V diag(f/λ) − M0 V diag(f)) Vᵀ for a filter f that vanishes wherever λ ≤ 0.
 
     Every filter here is zero on a prefix of the ascending eigenvalues, so only the suffix of V
@@ -284,6 +288,7 @@ def solve(problem: WudiProblem, p: TensorParams, stats: dict[str, float] | None 
 
 # ---- the methods -------------------------------------------------------------------------------
 
+
 def truncate(deltas: torch.Tensor, rank: int) -> torch.Tensor:
     """Each τ_i replaced in place by its best rank-`rank` approximation (OptMerge)."""
     for tau in deltas:
@@ -292,8 +297,13 @@ def truncate(deltas: torch.Tensor, rank: int) -> torch.Tensor:
     return deltas
 
 
-def merge_layers(base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: TensorContext,
-                 solve_layer: Callable[[torch.Tensor, dict[str, float] | None], torch.Tensor]) -> torch.Tensor:
+def merge_layers(
+    base: torch.Tensor,
+    experts: torch.Tensor,
+    p: TensorParams,
+    ctx: TensorContext,
+    solve_layer: Callable[[torch.Tensor, dict[str, float] | None], torch.Tensor],
+) -> torch.Tensor:
     """θ0 + λ·M: solved layers per `scope`, the rest kept at the base (`linear`) or the mean of
     τ_i (`all_2d`: embeddings, heads and non-2-D tensors). Each solved layer's loss before and
     after goes to `ctx.report` when there is one."""
@@ -312,6 +322,7 @@ def merge_layers(base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx
 
 def wudi(base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: TensorContext) -> torch.Tensor:
     """WUDI-Merging: M minimises L from M0 = Σ τ_i."""
+
     def solve_layer(deltas: torch.Tensor, stats: dict[str, float] | None) -> torch.Tensor:
         return solve(build_problem(deltas, task_weights(deltas), deltas.sum(dim=0)), p, stats)
 
@@ -321,6 +332,7 @@ def wudi(base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: Tensor
 def wudi2(base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: TensorContext) -> torch.Tensor:
     """OptMerge: L on rank-⌊min(m,n)/N⌋ truncations of τ_i, weights 1/‖τ_i‖² of the full τ_i,
     from M0 = mean τ_i (whose part outside the truncated span every solver but Adam keeps)."""
+
     def solve_layer(deltas: torch.Tensor, stats: dict[str, float] | None) -> torch.Tensor:
         weights, init = task_weights(deltas), deltas.mean(dim=0)
         truncated = truncate(deltas, min(deltas.shape[1:]) // deltas.shape[0])
@@ -334,19 +346,34 @@ def _params(solver: str, lr: float, solvers: tuple[str, ...]) -> tuple[Param, ..
     closed = "/".join(s for s in solvers if s not in ITERATIVE)
     steps = "adam / sgd / sgd_spectral" if sgd else "adam"
     return (
-        Param("solver", solver, False,
-              f"{closed}: closed forms from one eigh(G); adam (WUDI paper)"
-              + (", sgd (OptMerge)" if sgd else "") + ": iterative", solvers),
+        Param(
+            "solver",
+            solver,
+            False,
+            f"{closed}: closed forms from one eigh(G); adam (WUDI paper)"
+            + (", sgd (OptMerge)" if sgd else "")
+            + ": iterative",
+            solvers,
+        ),
         Param("iterations", 300, False, f"steps of {steps}"),
         Param("lr", lr, False, f"learning rate of {steps}"),
         *((Param("momentum", 0.9, False, "momentum of sgd / sgd_spectral"),) if sgd else ()),
-        Param("t", None, False, f"gradient-flow time of flow (default {FLOW_TIME:g}) and swudi "
-                                f"(default {SWUDI_TIME:g}); flow of L/2, G has trace N"),
+        Param(
+            "t",
+            None,
+            False,
+            f"gradient-flow time of flow (default {FLOW_TIME:g}) and swudi "
+            f"(default {SWUDI_TIME:g}); flow of L/2, G has trace N",
+        ),
         Param("rank_ratio", 0.65, False, "swudi: share of G's eigen-directions kept"),
-        Param("scope", "linear", False,
-              "linear: attention/MLP projections solved, all else kept at the base (official code); "
-              "all_2d: every 2-D weight but embeddings/lm_head solved, all else the mean of τ_i",
-              ("linear", "all_2d")),
+        Param(
+            "scope",
+            "linear",
+            False,
+            "linear: attention/MLP projections solved, all else kept at the base (official code); "
+            "all_2d: every 2-D weight but embeddings/lm_head solved, all else the mean of τ_i",
+            ("linear", "all_2d"),
+        ),
         Param("lambda", 1.0, False, "scale of the merged task vector"),
         Param("eigh_dtype", "float32", False, "precision of the eigendecomposition", ("float32", "float64")),
     )
@@ -357,19 +384,49 @@ def _gram_workspace(shape: tuple[int, ...], n: int) -> int:
     return 4 * 4 * shape[-1] ** 2 if len(shape) == 2 else 0
 
 
-register(MethodSpec(
-    "wudi", wudi, _params("aswudi", 1e-5, WUDI_SOLVERS), needs_base=True, workspace=_gram_workspace,
-    summary="WUDI: per linear layer, minimise Σ‖(M − τᵢ)τᵢᵀ‖²/‖τᵢ‖² (data-free); closed form or Adam",
-    citation="Cheng et al., Whoever Started the Interference Should End It: Guiding Data-Free Model "
-             "Merging via Task Vectors, ICML 2025 (arXiv:2503.08099)",
-))
-register(MethodSpec(
-    "wudi2", wudi2, _params("sgd_spectral", 1e-4, SOLVERS), needs_base=True, workspace=_gram_workspace,
-    summary="OptMerge (WUDI v2): the WUDI loss on rank-⌊min(m,n)/N⌋ task vectors, from their mean",
-    citation="Wei et al., Unifying Multimodal Large Language Model Capabilities and Modalities via "
-             "Model Merging (OptMerge), 2025 (arXiv:2505.19892); Cheng et al., ICML 2025",
-))
+register(
+    MethodSpec(
+        "wudi",
+        wudi,
+        _params("aswudi", 1e-5, WUDI_SOLVERS),
+        needs_base=True,
+        workspace=_gram_workspace,
+        summary="WUDI: per linear layer, minimise Σ‖(M − τᵢ)τᵢᵀ‖²/‖τᵢ‖² (data-free); closed form or Adam",
+        citation="Cheng et al., Whoever Started the Interference Should End It: Guiding Data-Free Model "
+        "Merging via Task Vectors, ICML 2025 (arXiv:2503.08099)",
+    )
+)
+register(
+    MethodSpec(
+        "wudi2",
+        wudi2,
+        _params("sgd_spectral", 1e-4, SOLVERS),
+        needs_base=True,
+        workspace=_gram_workspace,
+        summary="OptMerge (WUDI v2): the WUDI loss on rank-⌊min(m,n)/N⌋ task vectors, from their mean",
+        citation="Wei et al., Unifying Multimodal Large Language Model Capabilities and Modalities via "
+        "Model Merging (OptMerge), 2025 (arXiv:2505.19892); Cheng et al., ICML 2025",
+    )
+)
 
-__all__ = ["ITERATIVE", "SOLVERS", "WUDI_SOLVERS", "Spectrum", "WudiProblem", "apply_filter", "build_problem", "closed_form_filter", "filtered_loss_change",
-           "gradient", "loss", "participation_rank", "solve", "solve_adam", "solve_sgd", "spectrum", "task_weights",
-           "wudi", "wudi2"]
+__all__ = [
+    "ITERATIVE",
+    "SOLVERS",
+    "WUDI_SOLVERS",
+    "Spectrum",
+    "WudiProblem",
+    "apply_filter",
+    "build_problem",
+    "closed_form_filter",
+    "filtered_loss_change",
+    "gradient",
+    "loss",
+    "participation_rank",
+    "solve",
+    "solve_adam",
+    "solve_sgd",
+    "spectrum",
+    "task_weights",
+    "wudi",
+    "wudi2",
+]

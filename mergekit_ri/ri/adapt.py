@@ -39,7 +39,8 @@ def head_module_name(model: nn.Module, is_head: Callable[[str], bool]) -> str:
     if not names:
         raise UserError(
             f"RI needs a task head per expert and {type(model).__name__} has none (no parameter matches the heads "
-            "filter): RI keeps each expert itself through its own head and like the base through the others'")
+            "filter): RI keeps each expert itself through its own head and like the base through the others'"
+        )
     parts = [n.split(".")[:-1] for n in names]
     common = []
     for level in zip(*parts):
@@ -47,7 +48,9 @@ def head_module_name(model: nn.Module, is_head: Callable[[str], bool]) -> str:
             break
         common.append(level[0])
     if not common:
-        raise UserError(f"the head parameters {names[:3]} do not share one module; give RI a heads filter such as 'classifier.'")
+        raise UserError(
+            f"the head parameters {names[:3]} do not share one module; give RI a heads filter such as 'classifier.'"
+        )
     return ".".join(common)
 
 
@@ -73,9 +76,15 @@ def kl_teacher_student(teacher_logits: torch.Tensor, student_logits: torch.Tenso
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
-def ri_losses(student: nn.Module, student_input: HeadInput, own_teacher: nn.Module, base: nn.Module,
-              base_input: HeadInput, other_heads: list[nn.Module], batch: dict[str, torch.Tensor]
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def ri_losses(
+    student: nn.Module,
+    student_input: HeadInput,
+    own_teacher: nn.Module,
+    base: nn.Module,
+    base_input: HeadInput,
+    other_heads: list[nn.Module],
+    batch: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(L1, L2) for one batch."""
     with torch.no_grad():
         own_target = own_teacher(**batch).logits
@@ -87,13 +96,23 @@ def ri_losses(student: nn.Module, student_input: HeadInput, own_teacher: nn.Modu
     l1 = kl_teacher_student(own_target, own)
     if not other_heads:
         return l1, torch.zeros((), device=l1.device)
-    l2 = torch.stack([kl_teacher_student(t, head(features)) for t, head in zip(other_targets, other_heads)]).mean()
+    l2 = torch.stack(
+        [kl_teacher_student(t, head(features)) for t, head in zip(other_targets, other_heads)]
+    ).mean()
     return l1, l2
 
 
-def adapt_expert(expert: nn.Module, base: nn.Module, other_heads: list[nn.Module], head_name: str,
-                 batches: Iterable[dict[str, torch.Tensor]], settings: RISettings, device: torch.device,
-                 report: StepReport | None = None, label: str = "expert") -> nn.Module:
+def adapt_expert(
+    expert: nn.Module,
+    base: nn.Module,
+    other_heads: list[nn.Module],
+    head_name: str,
+    batches: Iterable[dict[str, torch.Tensor]],
+    settings: RISettings,
+    device: torch.device,
+    report: StepReport | None = None,
+    label: str = "expert",
+) -> nn.Module:
     """The adapted copy of `expert` (backbone trained, head untouched). Inputs are not modified.
     A non-finite loss or result is a UserError naming `label`: nothing diverged may be cached."""
     own_teacher = expert.to(device).eval()
@@ -131,12 +150,16 @@ def adapt_expert(expert: nn.Module, base: nn.Module, other_heads: list[nn.Module
 def require_finite_loss(loss: torch.Tensor, label: str, step: int, steps: int) -> None:
     """Stop before a NaN/Inf loss reaches the weights (one host sync a step; a step costs far more)."""
     if not torch.isfinite(loss).item():
-        raise UserError(f"RI adaptation of expert '{label}' diverged: the loss is {loss.item()} at step {step} "
-                        f"of {steps} (check the expert's weights and the auxiliary data, or lower lr)")
+        raise UserError(
+            f"RI adaptation of expert '{label}' diverged: the loss is {loss.item()} at step {step} "
+            f"of {steps} (check the expert's weights and the auxiliary data, or lower lr)"
+        )
 
 
 def require_finite_weights(params: list[nn.Parameter], label: str) -> None:
     """The last optimizer step is never followed by a loss: check what it wrote before it is cached."""
     if params and not torch.stack([torch.isfinite(p).all() for p in params]).all().item():  # one sync
-        raise UserError(f"RI adaptation of expert '{label}' diverged: its adapted weights hold NaN or Inf "
-                        "after the last step (lower lr)")
+        raise UserError(
+            f"RI adaptation of expert '{label}' diverged: its adapted weights hold NaN or Inf "
+            "after the last step (lower lr)"
+        )

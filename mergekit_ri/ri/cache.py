@@ -31,8 +31,10 @@ def entry_files(folder: Path) -> dict[str, Path]:
 
 def write_manifest(folder: Path) -> None:
     """Record each file's size and sha256 in the (unpublished) entry; call last, before the rename."""
-    files = {name: {"size": path.stat().st_size, "sha256": file_sha256(path)}
-             for name, path in sorted(entry_files(folder).items())}
+    files = {
+        name: {"size": path.stat().st_size, "sha256": file_sha256(path)}
+        for name, path in sorted(entry_files(folder).items())
+    }
     text = json.dumps({"version": MANIFEST_VERSION, "files": files}, indent=1, sort_keys=True) + "\n"
     (folder / MANIFEST).write_text(text)
 
@@ -46,7 +48,8 @@ def _read_manifest(folder: Path) -> dict[str, dict] | str:
         manifest = json.loads(path.read_text())
         files = manifest["files"]
         if manifest.get("version") != MANIFEST_VERSION or not all(
-                isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str) for v in files.values()):
+            isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str) for v in files.values()
+        ):
             return "unreadable manifest"
         return files
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -90,5 +93,8 @@ def discard(folder: Path) -> None:
 
 def warn_bad_entry(folder: Path, problem: str) -> None:
     """One line on stderr: the merge goes on, retraining the entry."""
-    print(f"warning: RI cache entry {folder} is damaged ({problem}); discarding it and adapting again",
-          file=sys.stderr, flush=True)
+    print(
+        f"warning: RI cache entry {folder} is damaged ({problem}); discarding it and adapting again",
+        file=sys.stderr,
+        flush=True,
+    )

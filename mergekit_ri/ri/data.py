@@ -56,11 +56,14 @@ class AuxiliaryData:
         for _ in range(steps):
             start = int(torch.randint(0, self.count - size + 1, (1,), generator=generator))
             if handle is not None:
-                batch = {self.input_name: handle.get_slice("inputs")[start:start + size]}
+                batch = {self.input_name: handle.get_slice("inputs")[start : start + size]}
                 if "attention_mask" in handle.keys():
-                    batch["attention_mask"] = handle.get_slice("attention_mask")[start:start + size]
+                    batch["attention_mask"] = handle.get_slice("attention_mask")[start : start + size]
             else:
-                batch = {self.input_name if k == "inputs" else k: v[start:start + size] for k, v in self.tensors.items()}
+                batch = {
+                    self.input_name if k == "inputs" else k: v[start : start + size]
+                    for k, v in self.tensors.items()
+                }
             yield batch
 
 
@@ -79,24 +82,36 @@ def _check_inputs(where: str, shape: tuple[int, ...], dtype: torch.dtype, input_
     if input_name == "pixel_values":
         expected = expected_image_shape(config)
         if expected is not None and tuple(shape[1:]) != expected:
-            raise UserError(f"auxiliary data {where}: inputs have shape {list(shape)}, the model takes "
-                            f"pixel_values of shape [N, {', '.join(map(str, expected))}]")
+            raise UserError(
+                f"auxiliary data {where}: inputs have shape {list(shape)}, the model takes "
+                f"pixel_values of shape [N, {', '.join(map(str, expected))}]"
+            )
         if not dtype.is_floating_point:
             raise UserError(f"auxiliary data {where}: pixel_values must be floating point, not {dtype}")
     elif input_name == "input_ids" and (dtype.is_floating_point or len(shape) != 2):
-        raise UserError(f"auxiliary data {where}: input_ids must be integers of shape [N, T], got {dtype} {list(shape)}")
+        raise UserError(
+            f"auxiliary data {where}: input_ids must be integers of shape [N, T], got {dtype} {list(shape)}"
+        )
 
 
-def load_auxiliary(spec: str, input_name: str, config, tokenizer_folder: Path | None,
-                   relative_to: Path | None, max_length: int,
-                   processor_folders: tuple[Path | None, ...] = ()) -> AuxiliaryData:
+def load_auxiliary(
+    spec: str,
+    input_name: str,
+    config,
+    tokenizer_folder: Path | None,
+    relative_to: Path | None,
+    max_length: int,
+    processor_folders: tuple[Path | None, ...] = (),
+) -> AuxiliaryData:
     """The auxiliary source named by `spec`; `processor_folders` are searched in order for the
     model's `preprocessor_config.json` (image folders)."""
     if spec == "gaussian":
         shape = expected_image_shape(config)
         if input_name != "pixel_values" or shape is None:
-            raise UserError("auxiliary_data: gaussian needs an image model (pixel_values with image_size and "
-                            "num_channels in config.json); give a .safetensors or text file instead")
+            raise UserError(
+                "auxiliary_data: gaussian needs an image model (pixel_values with image_size and "
+                "num_channels in config.json); give a .safetensors or text file instead"
+            )
         return AuxiliaryData(input_name, "gaussian", example_shape=shape)
     path = Path(spec).expanduser()
     if not path.exists() and relative_to is not None and (relative_to / path).exists():
@@ -109,8 +124,10 @@ def load_auxiliary(spec: str, input_name: str, config, tokenizer_folder: Path | 
         return _from_safetensors(path, input_name, config)
     if path.suffix in (".txt", ".jsonl"):
         return _from_text(path, input_name, tokenizer_folder, max_length)
-    raise UserError(f"auxiliary_data {path}: use a .safetensors file (key 'inputs'), a folder of images, "
-                    "a .txt/.jsonl text file, or 'gaussian'")
+    raise UserError(
+        f"auxiliary_data {path}: use a .safetensors file (key 'inputs'), a folder of images, "
+        "a .txt/.jsonl text file, or 'gaussian'"
+    )
 
 
 def _from_safetensors(path: Path, input_name: str, config) -> AuxiliaryData:
@@ -118,7 +135,9 @@ def _from_safetensors(path: Path, input_name: str, config) -> AuxiliaryData:
         with safe_open(path, "pt") as f:
             keys = list(f.keys())
             if "inputs" not in keys:
-                raise UserError(f"auxiliary data {path} has no tensor 'inputs' (it has: {', '.join(keys) or 'none'})")
+                raise UserError(
+                    f"auxiliary data {path} has no tensor 'inputs' (it has: {', '.join(keys) or 'none'})"
+                )
             sliced = f.get_slice("inputs")
             shape = tuple(sliced.get_shape())
             dtype = f.get_slice("inputs")[0:1].dtype if shape and shape[0] else torch.float32
@@ -165,21 +184,28 @@ def _scan_rows(path: Path, key: str, sliced) -> None:
         return
     rows = max(1, SCAN_BYTES // (4 * max(1, math.prod(shape[1:]))))
     for start in range(0, shape[0], rows):
-        bad = first_non_finite(sliced[start:start + rows])
+        bad = first_non_finite(sliced[start : start + rows])
         if bad is not None:
-            raise UserError(f"auxiliary data {path}: example {start + bad} of '{key}' holds NaN or Inf "
-                            "(RI would train non-finite experts on it)")
+            raise UserError(
+                f"auxiliary data {path}: example {start + bad} of '{key}' holds NaN or Inf "
+                "(RI would train non-finite experts on it)"
+            )
 
 
 def _from_text(path: Path, input_name: str, tokenizer_folder: Path | None, max_length: int) -> AuxiliaryData:
     if input_name != "input_ids":
         raise UserError(f"auxiliary data {path}: text needs a text model, this one takes {input_name}")
-    lines = [l for l in path.read_text().splitlines() if l.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
     if path.suffix == ".jsonl":
         try:
-            lines = [json.loads(l)["text"] if l.lstrip().startswith("{") else json.loads(l) for l in lines]
+            lines = [
+                json.loads(line)["text"] if line.lstrip().startswith("{") else json.loads(line)
+                for line in lines
+            ]
         except (ValueError, KeyError, TypeError):
-            raise UserError(f"auxiliary data {path}: each line must be a JSON object with a 'text' field") from None
+            raise UserError(
+                f"auxiliary data {path}: each line must be a JSON object with a 'text' field"
+            ) from None
     if not lines:
         raise UserError(f"auxiliary data {path} is empty")
     if tokenizer_folder is None:
@@ -187,7 +213,9 @@ def _from_text(path: Path, input_name: str, tokenizer_folder: Path | None, max_l
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-    encoded = tokenizer(lines, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    encoded = tokenizer(
+        lines, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    )
     tensors = {"inputs": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
     fingerprint = hashlib.sha256(path.read_bytes() + str(max_length).encode()).hexdigest()
     return AuxiliaryData(input_name, fingerprint, tensors=tensors, count=len(lines))
@@ -206,7 +234,9 @@ class ImageFolder:
     Folders whose pixels fit in `PRELOAD_BYTES` are decoded once and kept in memory.
     """
 
-    def __init__(self, folder: Path, files: list[Path], shape: tuple[int, ...], processor_folder: Path | None) -> None:
+    def __init__(
+        self, folder: Path, files: list[Path], shape: tuple[int, ...], processor_folder: Path | None
+    ) -> None:
         self.folder, self.files, self.shape, self.processor_folder = folder, files, shape, processor_folder
         self._processor = None
         self._all: torch.Tensor | None = None
@@ -225,7 +255,9 @@ class ImageFolder:
             with Image.open(path) as image:
                 return image.convert(self._mode())
         except Exception as exc:  # PIL raises several types for damaged or foreign files
-            raise UserError(f"auxiliary image {path} cannot be read ({type(exc).__name__}: {exc})".replace("\n", " ")) from None
+            raise UserError(
+                f"auxiliary image {path} cannot be read ({type(exc).__name__}: {exc})".replace("\n", " ")
+            ) from None
 
     def decode(self, indices: list[int]) -> torch.Tensor:
         images = [self._open(self.files[i]) for i in indices]
@@ -237,47 +269,72 @@ class ImageFolder:
             try:
                 pixels = self._processor(images=images, return_tensors="pt")["pixel_values"]
             except Exception as exc:
-                raise UserError(f"auxiliary images in {self.folder}: the image processor of {self.processor_folder} "
-                                f"failed ({type(exc).__name__}: {exc})".replace("\n", " ")) from None
+                raise UserError(
+                    f"auxiliary images in {self.folder}: the image processor of {self.processor_folder} "
+                    f"failed ({type(exc).__name__}: {exc})".replace("\n", " ")
+                ) from None
             return self._finite(pixels.float(), indices)
         import numpy as np
         from PIL import Image
 
         height, width = self.shape[1:]
-        arrays = [np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32) for image in images]
-        pixels = torch.from_numpy(np.stack(arrays)).reshape(len(images), height, width, -1).permute(0, 3, 1, 2)
+        arrays = [
+            np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
+            for image in images
+        ]
+        pixels = (
+            torch.from_numpy(np.stack(arrays)).reshape(len(images), height, width, -1).permute(0, 3, 1, 2)
+        )
         return (pixels / 255.0 - 0.5) / 0.5
 
     def _finite(self, pixels: torch.Tensor, indices: list[int]) -> torch.Tensor:
         """An image processor's output, refused if it holds NaN/Inf (a zero image_std, say)."""
         bad = first_non_finite(pixels)
         if bad is not None:
-            raise UserError(f"auxiliary image {self.files[indices[bad]]}: the image processor of "
-                            f"{self.processor_folder} makes NaN or Inf pixels from it")
+            raise UserError(
+                f"auxiliary image {self.files[indices[bad]]}: the image processor of "
+                f"{self.processor_folder} makes NaN or Inf pixels from it"
+            )
         return pixels
 
     def load(self, indices: list[int]) -> torch.Tensor:
         if self._all is None and len(self.files) * math.prod(self.shape) * 4 <= PRELOAD_BYTES:
-            self._all = torch.cat([self.decode(list(range(i, min(i + 256, len(self.files)))))
-                                   for i in range(0, len(self.files), 256)])
+            self._all = torch.cat(
+                [
+                    self.decode(list(range(i, min(i + 256, len(self.files)))))
+                    for i in range(0, len(self.files), 256)
+                ]
+            )
         if self._all is not None:
             return self._all[indices]
         return self.decode(indices)
 
 
-def _from_images(folder: Path, input_name: str, config, processor_folders: tuple[Path | None, ...]) -> AuxiliaryData:
+def _from_images(
+    folder: Path, input_name: str, config, processor_folders: tuple[Path | None, ...]
+) -> AuxiliaryData:
     if input_name != "pixel_values":
-        raise UserError(f"auxiliary data {folder}: a folder of images needs an image model, this one takes {input_name}")
+        raise UserError(
+            f"auxiliary data {folder}: a folder of images needs an image model, this one takes {input_name}"
+        )
     shape = expected_image_shape(config)
     if shape is None:
-        raise UserError(f"auxiliary data {folder}: images need image_size and num_channels in the model's config.json")
+        raise UserError(
+            f"auxiliary data {folder}: images need image_size and num_channels in the model's config.json"
+        )
     if shape[0] not in (1, 3, 4):
-        raise UserError(f"auxiliary data {folder}: the model takes {shape[0]}-channel images; "
-                        "give a .safetensors file of pixel_values instead")
-    files = sorted((p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
-                   key=lambda p: p.relative_to(folder).as_posix())
+        raise UserError(
+            f"auxiliary data {folder}: the model takes {shape[0]}-channel images; "
+            "give a .safetensors file of pixel_values instead"
+        )
+    files = sorted(
+        (p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+        key=lambda p: p.relative_to(folder).as_posix(),
+    )
     if not files:
-        raise UserError(f"auxiliary data {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}, searched recursively)")
+        raise UserError(
+            f"auxiliary data {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}, searched recursively)"
+        )
     from PIL import Image
 
     for path in files:  # headers only: a file that is not an image fails now, not mid-training
@@ -286,12 +343,18 @@ def _from_images(folder: Path, input_name: str, config, processor_folders: tuple
                 pass
         except Exception as exc:
             raise UserError(f"auxiliary image {path} cannot be read ({type(exc).__name__})") from None
-    processor = next((f for f in processor_folders if f is not None and (f / "preprocessor_config.json").is_file()), None)
+    processor = next(
+        (f for f in processor_folders if f is not None and (f / "preprocessor_config.json").is_file()), None
+    )
     images = ImageFolder(folder, files, shape, processor)
     first = images.decode([0])
-    _check_inputs(f"{folder} (after preprocessing {files[0].name})", tuple(first.shape), first.dtype, input_name, config)
+    _check_inputs(
+        f"{folder} (after preprocessing {files[0].name})", tuple(first.shape), first.dtype, input_name, config
+    )
     digest = hashlib.sha256(repr(shape).encode())
-    digest.update((processor / "preprocessor_config.json").read_bytes() if processor else b"resize, mean=std=0.5")
+    digest.update(
+        (processor / "preprocessor_config.json").read_bytes() if processor else b"resize, mean=std=0.5"
+    )
     for path in files:
         stat = path.stat()
         digest.update(f"{path.relative_to(folder).as_posix()}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())

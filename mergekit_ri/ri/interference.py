@@ -17,8 +17,16 @@ from .adapt import kl_teacher_student
 from .data import AuxiliaryData
 
 
-def interference(merged: Path, experts: list[ModelSource], model_class, aux: AuxiliaryData,
-                 device: torch.device, batches: int = 4, batch_size: int = 64, seed: int = 0) -> float:
+def interference(
+    merged: Path,
+    experts: list[ModelSource],
+    model_class,
+    aux: AuxiliaryData,
+    device: torch.device,
+    batches: int = 4,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> float:
     """ξ of the merged folder (with heads/) against the original experts."""
     inputs = list(aux.batches(batch_size, batches, seed))
     total = 0.0
@@ -26,8 +34,12 @@ def interference(merged: Path, experts: list[ModelSource], model_class, aux: Aux
         for source in experts:
             expert = model_class.from_pretrained(source.folder, use_safetensors=True).to(device).eval()
             merged_model = load_with_head(merged, source.label, model_class).to(device).eval()
-            drift = [kl_teacher_student(expert(**_to(b, device)).logits, merged_model(**_to(b, device)).logits).item()
-                     for b in inputs]
+            drift = [
+                kl_teacher_student(
+                    expert(**_to(b, device)).logits, merged_model(**_to(b, device)).logits
+                ).item()
+                for b in inputs
+            ]
             total += sum(drift) / len(drift)
     return total
 

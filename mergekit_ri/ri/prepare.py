@@ -57,13 +57,19 @@ class RIStatus:
     adapted: dict[str, str]  # expert label → cached folder
     cache_hits: list[str]
     trained: list[str]
-    devices: list[str] = field(default_factory=list)  # where the experts were trained (one worker each if several)
+    devices: list[str] = field(
+        default_factory=list
+    )  # where the experts were trained (one worker each if several)
     provenance: RIProvenance | None = None  # None for a dry run: nothing was adapted
 
     def summary(self) -> dict[str, object]:
         """The JSON form (`--json`'s "ri")."""
-        return {"adapted": dict(self.adapted), "cache_hits": list(self.cache_hits),
-                "trained": list(self.trained), "devices": list(self.devices)}
+        return {
+            "adapted": dict(self.adapted),
+            "cache_hits": list(self.cache_hits),
+            "trained": list(self.trained),
+            "devices": list(self.devices),
+        }
 
 
 def cache_root(setting: str | None) -> Path:
@@ -88,14 +94,18 @@ def auto_class(config: dict, label: str):
         for suffix, name in AUTO_CLASSES.items():
             if arch.endswith(suffix):
                 return getattr(transformers, name)
-    raise UserError(f"RI needs classifier experts with per-task heads (*ForImageClassification, "
-                    f"*ForSequenceClassification, ...); model '{label}' is {config.get('architectures')}")
+    raise UserError(
+        f"RI needs classifier experts with per-task heads (*ForImageClassification, "
+        f"*ForSequenceClassification, ...); model '{label}' is {config.get('architectures')}"
+    )
 
 
 def _require_config(source: ModelSource) -> dict:
     config = source.config()
     if config is None:
-        raise UserError(f"RI runs the models, so model '{source.label}' must be a folder with config.json ({source.reference})")
+        raise UserError(
+            f"RI runs the models, so model '{source.label}' must be a folder with config.json ({source.reference})"
+        )
     return config
 
 
@@ -125,40 +135,68 @@ def ri_context(recipe: Recipe, recipe_dir: Path | None) -> RIContext:
     configs = [_require_config(m) for m in experts]
     _require_config(base)
     if len(experts) < 2:
-        raise UserError("resolve_interference needs at least two experts (the others' heads define interference)")
+        raise UserError(
+            "resolve_interference needs at least two experts (the others' heads define interference)"
+        )
     heads = settings.heads or recipe.heads or "auto"
     is_head = head_selector(heads, configs[0], "resolve_interference")
     model_class = auto_class(configs[0], experts[0].label)
-    aux = load_auxiliary(settings.auxiliary_data, main_input_name(configs[0]), transformers_config(experts[0].folder),
-                         base.folder, recipe_dir, settings.max_length, processor_folders=(experts[0].folder, base.folder))
+    aux = load_auxiliary(
+        settings.auxiliary_data,
+        main_input_name(configs[0]),
+        transformers_config(experts[0].folder),
+        base.folder,
+        recipe_dir,
+        settings.max_length,
+        processor_folders=(experts[0].folder, base.folder),
+    )
     return RIContext(base, experts, heads, is_head, model_class, aux)
 
 
-def resolve_interference(recipe: Recipe, recipe_dir: Path | None, device: torch.device,
-                         report: ReportFactory | None = None, dry_run: bool = False) -> tuple[Recipe, RIStatus]:
+def resolve_interference(
+    recipe: Recipe,
+    recipe_dir: Path | None,
+    device: torch.device,
+    report: ReportFactory | None = None,
+    dry_run: bool = False,
+) -> tuple[Recipe, RIStatus]:
     """The recipe with its models replaced by their RI-adapted versions (trained or cached), and
     what RI did (`RIStatus`, with the provenance the model card reports)."""
     settings_in = recipe.resolve_interference
     assert settings_in is not None
     if recipe.base_model is None:
-        raise UserError("resolve_interference needs base_model: experts are pulled toward it through the other heads")
+        raise UserError(
+            "resolve_interference needs base_model: experts are pulled toward it through the other heads"
+        )
     try:
         import transformers  # noqa: F401
     except ImportError:
         raise UserError("resolve_interference needs transformers: pip install 'mergekit-ri[ri]'") from None
     ctx = ri_context(recipe, recipe_dir)
     base, experts, heads, model_class, aux = ctx.base, ctx.experts, ctx.heads, ctx.model_class, ctx.aux
-    settings = RISettings(settings_in.steps, settings_in.lr, settings_in.weight_decay, settings_in.alpha,
-                          settings_in.batch_size)
+    settings = RISettings(
+        settings_in.steps, settings_in.lr, settings_in.weight_decay, settings_in.alpha, settings_in.batch_size
+    )
     hashes = [content_hash(m) for m in experts]
     base_hash = content_hash(base)
     root = cache_root(settings_in.cache_dir)
     folders, seeds = {}, {}
     for model, own in zip(experts, hashes):
-        key = hashlib.sha256(json.dumps({
-            "version": RI_VERSION, "expert": own, "others": sorted(h for h in hashes if h != own), "base": base_hash,
-            "aux": aux.fingerprint, "settings": asdict(settings), "seed": recipe.seed, "heads": heads,
-        }, sort_keys=True).encode()).hexdigest()[:24]
+        key = hashlib.sha256(
+            json.dumps(
+                {
+                    "version": RI_VERSION,
+                    "expert": own,
+                    "others": sorted(h for h in hashes if h != own),
+                    "base": base_hash,
+                    "aux": aux.fingerprint,
+                    "settings": asdict(settings),
+                    "seed": recipe.seed,
+                    "heads": heads,
+                },
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()[:24]
         folders[model.label] = root / key / model.label
         seeds[model.label] = (recipe.seed * 1_000_003 + int(own[:8], 16)) % (1 << 62)
     hits = [label for label, folder in folders.items() if is_cached(folder)]
@@ -168,7 +206,7 @@ def resolve_interference(recipe: Recipe, recipe_dir: Path | None, device: torch.
         job = TrainJob(experts, base, model_class, heads, aux, settings, folders, seeds)
         devices = ri_devices(settings_in.devices, recipe.device, device)
         if len(devices) > 1 and len(todo) > 1:
-            devices = devices[:len(todo)]
+            devices = devices[: len(todo)]
             done = train_parallel(job, todo, devices, report)
         else:
             done = train_experts(job, todo, devices[0], report)
@@ -178,9 +216,17 @@ def resolve_interference(recipe: Recipe, recipe_dir: Path | None, device: torch.
     status = RIStatus({k: str(v) for k, v in folders.items()}, hits, trained, [str(d) for d in devices])
     if dry_run:  # plan over the original experts: the adapted ones have the same names and shapes
         return recipe.model_copy(update={"heads": heads}), status
-    models = [ModelEntry(model=str(folders[m.label]), parameters=entry.parameters) for m, entry in zip(experts, recipe.models)]
-    status.provenance = RIProvenance(list(recipe.models), {m.label: m.reference for m in experts},
-                                     {k: str(v) for k, v in folders.items()}, str(root), aux.fingerprint)
+    models = [
+        ModelEntry(model=str(folders[m.label]), parameters=entry.parameters)
+        for m, entry in zip(experts, recipe.models)
+    ]
+    status.provenance = RIProvenance(
+        list(recipe.models),
+        {m.label: m.reference for m in experts},
+        {k: str(v) for k, v in folders.items()},
+        str(root),
+        aux.fingerprint,
+    )
     return recipe.model_copy(update={"models": models, "heads": heads}), status
 
 

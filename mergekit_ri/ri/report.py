@@ -12,8 +12,9 @@ from pathlib import Path
 from ..recipe import Recipe
 
 
-def interference_report(original: Recipe, recipe_dir: Path | None, merged: Path,
-                        device: str) -> dict[str, float]:
+def interference_report(
+    original: Recipe, recipe_dir: Path | None, merged: Path, device: str
+) -> dict[str, float]:
     """ξ on the auxiliary data of `merged` (RI) and of `original` merged without RI."""
     from ..engine import resolve_device, run_merge
     from ..plan import build_plan

@@ -71,8 +71,9 @@ def cache_lock(folder: Path) -> Iterator[None]:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def train_experts(job: TrainJob, labels: list[str], device: torch.device,
-                  report: ReportFactory | None = None) -> dict[str, bool]:
+def train_experts(
+    job: TrainJob, labels: list[str], device: torch.device, report: ReportFactory | None = None
+) -> dict[str, bool]:
     """Adapt the experts named by `labels` on `device` into their cache entries, one at a time.
 
     Returns label → True if trained here, False if another merge had cached it meanwhile."""
@@ -95,8 +96,17 @@ def train_experts(job: TrainJob, labels: list[str], device: torch.device,
             others = [head for other, head in heads.items() if other != label]
             batches = job.aux.batches(job.settings.batch_size, job.settings.steps, job.seeds[label])
             step_report = report(label, job.settings.steps) if report else None
-            adapted = adapt_expert(models.pop(label), base_model, others, head_name, batches, job.settings,
-                                   device, step_report, label=label)
+            adapted = adapt_expert(
+                models.pop(label),
+                base_model,
+                others,
+                head_name,
+                batches,
+                job.settings,
+                device,
+                step_report,
+                label=label,
+            )
             save_adapted(adapted, source, folder, is_head)
             del adapted
             done[label] = True
@@ -113,8 +123,12 @@ def _load(job: TrainJob, labels: list[str]):
         heads[source.label] = model.get_submodule(head_name)
         if source.label in labels:
             models[source.label] = model
-    base_model = job.model_class.from_pretrained(job.base.folder, config=next(iter(models.values())).config,
-                                                 ignore_mismatched_sizes=True, use_safetensors=True).eval()
+    base_model = job.model_class.from_pretrained(
+        job.base.folder,
+        config=next(iter(models.values())).config,
+        ignore_mismatched_sizes=True,
+        use_safetensors=True,
+    ).eval()
     return models, heads, base_model, head_name, is_head
 
 
@@ -126,14 +140,20 @@ def save_adapted(adapted, source: ModelSource, folder: Path, is_head) -> None:
         adapted.to("cpu").save_pretrained(staging)
         saved = load_source(str(staging), source.label)
         if set(saved.tensors) != set(source.tensors):
-            raise RuntimeError(f"RI: transformers saved {source.label} under other tensor names than its checkpoint; "
-                               f"e.g. {sorted(set(saved.tensors) ^ set(source.tensors))[:3]}")
+            raise RuntimeError(
+                f"RI: transformers saved {source.label} under other tensor names than its checkpoint; "
+                f"e.g. {sorted(set(saved.tensors) ^ set(source.tensors))[:3]}"
+            )
         with TensorReader() as reader:
             for name, ref in source.tensors.items():
                 if is_head(name) and not torch.equal(reader.read(ref), reader.read(saved.tensors[name])):
                     raise RuntimeError(f"RI changed head tensor {name} of {source.label}")
         for name in os.listdir(source.folder):  # tokenizer/preprocessor files travel with the expert
-            if not (staging / name).exists() and not name.endswith(".safetensors") and name != "model.safetensors.index.json":
+            if (
+                not (staging / name).exists()
+                and not name.endswith(".safetensors")
+                and name != "model.safetensors.index.json"
+            ):
                 if (source.folder / name).is_file():
                     shutil.copyfile(source.folder / name, staging / name)
         write_manifest(staging)
@@ -143,8 +163,9 @@ def save_adapted(adapted, source: ModelSource, folder: Path, is_head) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def train_parallel(job: TrainJob, labels: list[str], devices: list[torch.device],
-                   report: ReportFactory | None = None) -> dict[str, bool]:
+def train_parallel(
+    job: TrainJob, labels: list[str], devices: list[torch.device], report: ReportFactory | None = None
+) -> dict[str, bool]:
     """`train_experts` in one spawned worker process per device, experts dealt round-robin.
 
     Each expert gets the same seed and batches as in the sequential run, so the results are the
@@ -155,7 +176,7 @@ def train_parallel(job: TrainJob, labels: list[str], devices: list[torch.device]
 
     import torch.multiprocessing as torch_mp
 
-    groups = [(devices[i], labels[i::len(devices)]) for i in range(min(len(devices), len(labels)))]
+    groups = [(devices[i], labels[i :: len(devices)]) for i in range(min(len(devices), len(labels)))]
     context = torch_mp.get_context("spawn")
     progress = context.Queue() if report is not None else None
     threads = max(1, (os.cpu_count() or 1) // len(groups))
@@ -172,8 +193,9 @@ def train_parallel(job: TrainJob, labels: list[str], devices: list[torch.device]
             bars[label](step, l1, l2)
             timeout = 0.0
 
-    with ProcessPoolExecutor(len(groups), mp_context=context, initializer=_worker_init,
-                             initargs=(progress, threads)) as pool:
+    with ProcessPoolExecutor(
+        len(groups), mp_context=context, initializer=_worker_init, initargs=(progress, threads)
+    ) as pool:
         futures = [pool.submit(_worker, job, group, str(device)) for device, group in groups]
         pending = set(futures)
         while pending:

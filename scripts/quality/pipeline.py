@@ -118,8 +118,12 @@ def pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=quiet_torch)
 
 
-def run_all(executor: ProcessPoolExecutor, fn: Callable[..., Any], jobs: Iterable[tuple],
-            on_done: Callable[[Any], None]) -> list[Any]:
+def run_all(
+    executor: ProcessPoolExecutor,
+    fn: Callable[..., Any],
+    jobs: Iterable[tuple],
+    on_done: Callable[[Any], None],
+) -> list[Any]:
     """Submit every job, report each as it finishes, return results in job order."""
     futures = [executor.submit(fn, *job) for job in jobs]
     pending = set(futures)
@@ -137,8 +141,12 @@ def run_all(executor: ProcessPoolExecutor, fn: Callable[..., Any], jobs: Iterabl
 
 
 def save_task(task: Task, path: Path) -> None:
-    np.savez_compressed(path, labels=np.array(task.labels), source=np.array(task.source),
-                        **{f"{s}_{k}": getattr(getattr(task, s), k) for s in ("train", "val", "test") for k in ("x", "y")})
+    np.savez_compressed(
+        path,
+        labels=np.array(task.labels),
+        source=np.array(task.source),
+        **{f"{s}_{k}": getattr(getattr(task, s), k) for s in ("train", "val", "test") for k in ("x", "y")},
+    )
 
 
 def load_task(path: Path) -> Task:
@@ -165,7 +173,12 @@ def build_data(cfg: Config, paths: Paths, rebuild: bool) -> list[Task]:
 
 
 def base_inputs(cfg: Config) -> dict[str, Any]:
-    return {"data": data_inputs(cfg), "arch": cfg.arch, "samples": cfg.pretext_samples, "schedule": cfg.pretrain}
+    return {
+        "data": data_inputs(cfg),
+        "arch": cfg.arch,
+        "samples": cfg.pretext_samples,
+        "schedule": cfg.pretrain,
+    }
 
 
 def build_base(cfg: Config, paths: Paths, tasks: list[Task], rebuild: bool) -> bool:
@@ -187,8 +200,13 @@ def load_vit(folder: Path):
 
 
 def expert_inputs(cfg: Config, task: str) -> dict[str, Any]:
-    return {"base": base_inputs(cfg), "task": task, "probe_shots": cfg.probe_shots,
-            "probe_weight_decay": cfg.probe_weight_decay, "expert": cfg.expert}
+    return {
+        "base": base_inputs(cfg),
+        "task": task,
+        "probe_shots": cfg.probe_shots,
+        "probe_weight_decay": cfg.probe_weight_decay,
+        "expert": cfg.expert,
+    }
 
 
 def probe_split(split: Split, shots: int) -> Split:
@@ -199,8 +217,15 @@ def probe_split(split: Split, shots: int) -> Split:
     return Split(split.x[keep], split.y[keep])
 
 
-def train_expert(root: str, task_name: str, arch: Arch, probe_shots: int, probe_weight_decay: float,
-                 schedule: Schedule, seed: int) -> dict[str, Any]:
+def train_expert(
+    root: str,
+    task_name: str,
+    arch: Arch,
+    probe_shots: int,
+    probe_weight_decay: float,
+    schedule: Schedule,
+    seed: int,
+) -> dict[str, Any]:
     """Worker: fit the task's probe head on pretrained features, fine-tune the backbone under it,
     save the expert, and measure probe and expert accuracy (the expert as reloaded from disk)."""
     paths = Paths(Path(root))
@@ -208,22 +233,33 @@ def train_expert(root: str, task_name: str, arch: Arch, probe_shots: int, probe_
     task = load_task(paths.data / f"{task_name}.npz")
     base = load_vit(paths.base)
     shots = probe_split(task.train, probe_shots)
-    head = fit_probe(features(base, shots.pixel_values()), torch.from_numpy(shots.y), task.num_labels,
-                     probe_weight_decay, seed=seed)
+    head = fit_probe(
+        features(base, shots.pixel_values()),
+        torch.from_numpy(shots.y),
+        task.num_labels,
+        probe_weight_decay,
+        seed=seed,
+    )
     model = with_head(base, head, task.labels, arch)
     probe = {"val": accuracy(model, task.val), "test": accuracy(model, task.test)}
     losses = finetune_expert(model, task.train, schedule, seed + 1)
     folder = paths.expert(task_name)
     model.save_pretrained(folder)
     reloaded = load_vit(folder)
-    metrics = {"task": task_name, "probe": probe,
-               "expert": {"val": accuracy(reloaded, task.val), "test": accuracy(reloaded, task.test)},
-               "losses": losses, "seconds": time.perf_counter() - start}
+    metrics = {
+        "task": task_name,
+        "probe": probe,
+        "expert": {"val": accuracy(reloaded, task.val), "test": accuracy(reloaded, task.test)},
+        "losses": losses,
+        "seconds": time.perf_counter() - start,
+    }
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
 
 
-def build_experts(cfg: Config, paths: Paths, executor: ProcessPoolExecutor, rebuild: bool) -> dict[str, dict[str, Any]]:
+def build_experts(
+    cfg: Config, paths: Paths, executor: ProcessPoolExecutor, rebuild: bool
+) -> dict[str, dict[str, Any]]:
     """Train the experts whose cache is stale; return every task's metrics."""
     stale = [t for t in cfg.tasks if rebuild or not cache.is_fresh(paths.expert(t), expert_inputs(cfg, t))]
     for task in stale:
@@ -232,12 +268,20 @@ def build_experts(cfg: Config, paths: Paths, executor: ProcessPoolExecutor, rebu
 
     def done(metrics: dict[str, Any]) -> None:
         cache.mark_done(paths.expert(metrics["task"]), expert_inputs(cfg, metrics["task"]))
-        log(f"expert {metrics['task']:>10}: probe {metrics['probe']['test']:.3f} → expert "
-            f"{metrics['expert']['test']:.3f} ({metrics['seconds']:.0f}s)")
+        log(
+            f"expert {metrics['task']:>10}: probe {metrics['probe']['test']:.3f} → expert "
+            f"{metrics['expert']['test']:.3f} ({metrics['seconds']:.0f}s)"
+        )
 
-    run_all(executor, train_expert,
-            [(str(paths.root), t, cfg.arch, cfg.probe_shots, cfg.probe_weight_decay, cfg.expert, cfg.seed)
-             for t in stale], done)
+    run_all(
+        executor,
+        train_expert,
+        [
+            (str(paths.root), t, cfg.arch, cfg.probe_shots, cfg.probe_weight_decay, cfg.expert, cfg.seed)
+            for t in stale
+        ],
+        done,
+    )
     return {t: json.loads((paths.expert(t) / "metrics.json").read_text()) for t in cfg.tasks}
 
 
@@ -296,8 +340,15 @@ def cached_result(paths: Paths, key: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def merge_and_evaluate(root: str, key: str, label: str, recipe_path: str, task_names: list[str],
-                       splits: tuple[str, ...], env_extra: dict[str, str]) -> dict[str, Any]:
+def merge_and_evaluate(
+    root: str,
+    key: str,
+    label: str,
+    recipe_path: str,
+    task_names: list[str],
+    splits: tuple[str, ...],
+    env_extra: dict[str, str],
+) -> dict[str, Any]:
     """Worker: merge with the API, check the heads, evaluate `splits`, delete the merged folder,
     and add the scores to the job's result file, where the next run finds them."""
     from .merging import merge_recipe
@@ -305,8 +356,13 @@ def merge_and_evaluate(root: str, key: str, label: str, recipe_path: str, task_n
     paths = Paths(Path(root))
     out = paths.merges / key
     outcome = merge_recipe(Path(recipe_path), out, env_extra)
-    result: dict[str, Any] = {"key": key, "label": label, "ok": outcome.ok, "error": outcome.error,
-                              "merge_seconds": round(outcome.seconds, 2)}
+    result: dict[str, Any] = {
+        "key": key,
+        "label": label,
+        "ok": outcome.ok,
+        "error": outcome.error,
+        "merge_seconds": round(outcome.seconds, 2),
+    }
     if not outcome.ok:
         return result
     start = time.perf_counter()

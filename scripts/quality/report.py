@@ -48,14 +48,23 @@ def short(task: str) -> str:
 def table_lines(rows: list[Row], tasks: list[str], experts: dict[str, float], markdown: bool) -> list[str]:
     """The table as text: Markdown pipes, or aligned columns for the terminal."""
     header = ["model", *[short(t) for t in tasks], "avg", "norm"]
-    body = [[row.name, *[f"{100 * row.test[t]:.1f}" for t in tasks], f"{100 * row.average:.1f}",
-             f"{100 * row.normalised_average(experts):.1f}"] for row in rows]
+    body = [
+        [
+            row.name,
+            *[f"{100 * row.test[t]:.1f}" for t in tasks],
+            f"{100 * row.average:.1f}",
+            f"{100 * row.normalised_average(experts):.1f}",
+        ]
+        for row in rows
+    ]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(cells) + " |" for cells in body]
         return lines
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    fmt = lambda cells: "  ".join(
+        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+    )  # noqa: E731
     return [fmt(header), fmt(["-" * w for w in widths]), *[fmt(c) for c in body]]
 
 
@@ -72,32 +81,77 @@ def summary_lines(rows: list[Row]) -> list[str]:
         cells.setdefault(row.group.removeprefix("RI + "), {})[row.kind] = value
     kinds = ["default", "tuned", "ri-default", "ri-tuned"]
     present = [k for k in kinds if any(k in c for c in cells.values())]
-    titles = {"default": "defaults", "tuned": "λ / α on val", "ri-default": "RI + defaults", "ri-tuned": "RI + λ / α on val"}
+    titles = {
+        "default": "defaults",
+        "tuned": "λ / α on val",
+        "ri-default": "RI + defaults",
+        "ri-tuned": "RI + λ / α on val",
+    }
     refs = {r.kind: f"{100 * r.average:.1f}" for r in rows if r.method is None}
-    lines = [f"pretrained (probe heads): **{refs.get('pretrained', '?')}** · individual experts: "
-             f"**{refs.get('experts', '?')}** (average test accuracy, %)", "",
-             "| method | " + " | ".join(titles[k] for k in present) + " |", "|---|" + "---|" * len(present)]
-    lines += [f"| {group} | " + " | ".join(c.get(k, "–") for k in present) + " |" for group, c in cells.items()]
+    lines = [
+        f"pretrained (probe heads): **{refs.get('pretrained', '?')}** · individual experts: "
+        f"**{refs.get('experts', '?')}** (average test accuracy, %)",
+        "",
+        "| method | " + " | ".join(titles[k] for k in present) + " |",
+        "|---|" + "---|" * len(present),
+    ]
+    lines += [
+        f"| {group} | " + " | ".join(c.get(k, "–") for k in present) + " |" for group, c in cells.items()
+    ]
     return lines
 
 
-def write_json(path: Path, rows: list[Row], tasks: list[str], experts: dict[str, float], extra: dict[str, Any]) -> None:
-    data = {**extra, "tasks": tasks, "rows": [
-        {**asdict(row), "average": row.average, "normalised": row.normalised(experts),
-         "normalised_average": row.normalised_average(experts)} for row in rows]}
+def write_json(
+    path: Path, rows: list[Row], tasks: list[str], experts: dict[str, float], extra: dict[str, Any]
+) -> None:
+    data = {
+        **extra,
+        "tasks": tasks,
+        "rows": [
+            {
+                **asdict(row),
+                "average": row.average,
+                "normalised": row.normalised(experts),
+                "normalised_average": row.normalised_average(experts),
+            }
+            for row in rows
+        ],
+    }
     path.write_text(json.dumps(data, indent=1))
 
 
-def write_markdown(path: Path, rows: list[Row], tasks: list[str], experts: dict[str, float], notes: list[str]) -> None:
-    lines = ["# Merge quality", "", *summary_lines(rows), "", "## Every row", "",
-             *table_lines(rows, tasks, experts, markdown=True), "", *notes, ""]
+def write_markdown(
+    path: Path, rows: list[Row], tasks: list[str], experts: dict[str, float], notes: list[str]
+) -> None:
+    lines = [
+        "# Merge quality",
+        "",
+        *summary_lines(rows),
+        "",
+        "## Every row",
+        "",
+        *table_lines(rows, tasks, experts, markdown=True),
+        "",
+        *notes,
+        "",
+    ]
     path.write_text("\n".join(lines))
 
 
-COLOURS = {"pretrained": "#9e9e9e", "experts": "#2e7d32", "default": "#90caf9", "tuned": "#1565c0",
-           "ri-default": "#ffcc80", "ri-tuned": "#ef6c00"}
-LEGEND = {"default": "defaults", "tuned": "λ / α chosen on validation", "ri-default": "RI, defaults",
-          "ri-tuned": "RI, λ / α on validation"}
+COLOURS = {
+    "pretrained": "#9e9e9e",
+    "experts": "#2e7d32",
+    "default": "#90caf9",
+    "tuned": "#1565c0",
+    "ri-default": "#ffcc80",
+    "ri-tuned": "#ef6c00",
+}
+LEGEND = {
+    "default": "defaults",
+    "tuned": "λ / α chosen on validation",
+    "ri-default": "RI, defaults",
+    "ri-tuned": "RI, λ / α on validation",
+}
 
 
 def write_chart(path: Path, rows: list[Row], experts: dict[str, float], title: str) -> bool:
@@ -121,7 +175,13 @@ def write_chart(path: Path, rows: list[Row], experts: dict[str, float], title: s
             y = len(groups) - 1 - line + 0.4 - height * (k + 0.5)
             label = LEGEND.get(row.kind) if row.kind not in seen else None
             seen.add(row.kind)
-            ax.barh(y, 100 * row.average, height=height * 0.92, color=COLOURS.get(row.kind, "#757575"), label=label)
+            ax.barh(
+                y,
+                100 * row.average,
+                height=height * 0.92,
+                color=COLOURS.get(row.kind, "#757575"),
+                label=label,
+            )
             ax.text(100 * row.average + 0.3, y, f"{100 * row.average:.1f}", va="center", fontsize=6)
     for kind, style in (("pretrained", ":"), ("experts", "--")):
         ref = next((r for r in rows if r.kind == kind), None)
