@@ -3,10 +3,15 @@ the test modules themselves so that no test module imports another."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
-from conftest import write_recipe
+from conftest import read_any, write_recipe
+
+from mergekit_ri.methods import reference
+from mergekit_ri.methods import wudi as W
+from mergekit_ri.methods.registry import TensorParams
 
 EXPERTS = ["e0", "e1", "e2"]
 
@@ -59,3 +64,165 @@ def ri_recipe(tmp_path: Path, vits, aux, method: str = "ties", **ri) -> Path:
         out_dtype="float32",
         resolve_interference=settings,
     )
+
+
+# ---- moved from test_methods.py ----
+
+
+def ref_task_arithmetic(base, experts, weights, lam=1.0):
+    return reference.task_arithmetic(base, torch.stack(experts), weights, lam)
+
+
+def ref_linear(experts, weights):
+    return reference.linear(torch.stack(experts), weights)
+
+
+def ref_trim(tau, density):
+    """Keep every entry whose magnitude is >= the k-th largest (ties kept), k = floor(density*n)."""
+    return reference.trim(tau, reference.magnitude_threshold(tau, density))
+
+
+def ref_disjoint_merge(taus, weights, normalize=True):
+    """TIES elect (with the zero-sum majority rule) + disjoint (weighted) mean of trimmed taus."""
+    weighted = reference.per_expert(weights, torch.stack(taus)) * torch.stack(taus)
+    return reference.disjoint_mean(weighted, reference.elect_signs(weighted), weights, normalize)
+
+
+def assert_close(merged, expected, name, dtype=torch.float32):
+    exp = expected.to(dtype).float()
+    assert merged.dtype == dtype, name
+    torch.testing.assert_close(merged.float(), exp, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+# ---- moved from test_kernels.py ----
+
+
+def ref_threshold(tau: torch.Tensor, density: float) -> float:
+    flat = tau.flatten().abs()
+    k = int(density * flat.numel())
+    if k <= 0:
+        return float("inf")
+    if k >= flat.numel():
+        return 0.0
+    return float(torch.sort(flat, descending=True).values[k - 1])
+
+
+def awkward_inputs(kind: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(n, generator=g)
+    if kind == "normal":
+        tau = 0.01 * torch.randn(3, n, generator=g)
+    elif kind == "heavy":
+        tau = 0.01 * torch.randn(3, n, generator=g) ** 5
+    elif kind == "ties":  # a few distinct magnitudes: the k-th value is tied many times
+        tau = 0.01 * torch.randint(-3, 4, (3, n), generator=g).float()
+    elif kind == "zeros":
+        tau = torch.zeros(3, n)
+    else:  # sparse: mostly exact zeros
+        tau = 0.01 * torch.randn(3, n, generator=g) * (torch.rand(3, n, generator=g) < 0.05)
+    return base.bfloat16(), (base + tau).bfloat16()
+
+
+def cancelling_inputs(n: int = 5000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Task vectors where many entries sum to exactly 0 with non-zero parts, and most non-zero
+    sums are negative: the zero-sum entries must take the tensor's (negative) majority sign."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(n, generator=g).bfloat16().float()
+    a = (0.25 * torch.randint(1, 4, (n,), generator=g)).float()
+    tau = torch.stack([a, -a, -0.5 * a])
+    cancel = torch.rand(n, generator=g) < 0.3
+    tau[2][cancel] = 0.0  # a + (-a) + 0 = 0 exactly
+    return base, base + tau
+
+
+# ---- moved from test_wudi.py ----
+
+NAMES = ["a", "b", "c"]
+
+
+def paper_loss(merged, taus, weights):
+    """Σ_i w_i ‖(M − τ_i) τ_iᵀ‖²_F, literally."""
+    return sum(w * ((merged - t) @ t.T).square().sum() for t, w in zip(taus, weights))
+
+
+def paper_weights(taus):
+    return [1.0 / t.square().sum() for t in taus]
+
+
+def autograd_gradient(merged, taus, weights):
+    m = merged.clone().requires_grad_(True)
+    paper_loss(m, taus, weights).backward()
+    return m.grad
+
+
+def adam_loop(init, taus, weights, iterations, lr, beta1=0.9, beta2=0.999, eps=1e-8):
+    """Adam (Kingma & Ba) written out, on autograd gradients of the paper's loss."""
+    m = init.clone()
+    first, second = torch.zeros_like(m), torch.zeros_like(m)
+    for k in range(1, iterations + 1):
+        g = autograd_gradient(m, taus, weights)
+        first = beta1 * first + (1 - beta1) * g
+        second = beta2 * second + (1 - beta2) * g * g
+        m = m - lr * (first / (1 - beta1**k)) / ((second / (1 - beta2**k)).sqrt() + eps)
+    return m
+
+
+def momentum_loop(init, taus, weights, iterations, lr, momentum):
+    """Heavy-ball SGD as torch defines it (buffer = gradient on the first step)."""
+    m, buffer = init.clone(), torch.zeros_like(init)
+    for _ in range(iterations):
+        buffer = momentum * buffer + autograd_gradient(m, taus, weights)
+        m = m - lr * buffer
+    return m
+
+
+def gram_and_cross(taus, weights):
+    gram = sum(w * t.T @ t for t, w in zip(taus, weights))
+    cross = sum(w * t @ t.T @ t for t, w in zip(taus, weights))
+    return gram, cross
+
+
+def ref_aswudi(init, taus, weights):
+    """M0 + (B V_K Λ_K⁻¹ − M0 V_K) V_Kᵀ on the top K = ⌈(Σ√λ)²/Σλ⌉ eigenvectors of G."""
+    gram, cross = gram_and_cross(taus, weights)
+    lam, vec = torch.linalg.eigh(gram)
+    lam = lam.clamp(min=0)
+    k = math.ceil(lam.sqrt().sum() ** 2 / lam.sum() - 1e-9)
+    vk, lk = vec[:, -k:], lam[-k:]
+    return init + (cross @ vk / lk - init @ vk) @ vk.T
+
+
+def problem(taus, init=None):
+    weights = W.task_weights(taus)
+    return W.build_problem(taus, weights, taus.sum(0) if init is None else init)
+
+
+def params(**values):
+    defaults = dict(
+        solver="aswudi",
+        iterations=300,
+        lr=1e-5,
+        momentum=0.9,
+        t=None,
+        rank_ratio=0.65,
+        scope="linear",
+        eigh_dtype="float64",
+        **{"lambda": 1.0},
+    )
+    defaults.update(values)
+    return TensorParams({}, defaults)
+
+
+def random_taus(n, out, inp, seed=0, rank=None):
+    g = torch.Generator().manual_seed(seed)
+    if rank is None:
+        return torch.randn(n, out, inp, generator=g, dtype=torch.float64)
+    return torch.randn(n, out, rank, generator=g, dtype=torch.float64) @ torch.randn(
+        n, rank, inp, generator=g, dtype=torch.float64
+    )
+
+
+def load_family(family):
+    base = {k: v.double() for k, v in read_any(family["base"]).items()}
+    experts = [{k: v.double() for k, v in read_any(family[n]).items()} for n in NAMES]
+    return base, experts

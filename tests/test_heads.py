@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import read_checkpoint, run_cli, write_recipe
-from helpers import EXPERTS, make_classifiers, vit
+from helpers import EXPERTS, assert_close, make_classifiers, ref_task_arithmetic, vit
 from safetensors.torch import load_file, save_file
-from test_methods import assert_close, ref_task_arithmetic
 
 from mergekit_ri.errors import UserError
 from mergekit_ri.heads import load_with_head

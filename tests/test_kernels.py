@@ -9,13 +9,14 @@ import os
 import sys
 
 import torch
+from helpers import awkward_inputs, cancelling_inputs, ref_threshold  # noqa: F401
 
 if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton is imported: before anything else does
 
 import numpy as np
 import pytest
-from test_methods import ref_disjoint_merge, ref_trim
+from helpers import ref_disjoint_merge, ref_trim
 
 import mergekit_ri.kernels.blocked as blocked
 from mergekit_ri.kernels.parallel import single_threaded_ops
@@ -57,32 +58,6 @@ def test_dare_generator_equals_a_uint32_hash_and_does_not_depend_on_blocks():
 # ---- exact thresholds -----------------------------------------------------------------------
 
 
-def ref_threshold(tau: torch.Tensor, density: float) -> float:
-    flat = tau.flatten().abs()
-    k = int(density * flat.numel())
-    if k <= 0:
-        return float("inf")
-    if k >= flat.numel():
-        return 0.0
-    return float(torch.sort(flat, descending=True).values[k - 1])
-
-
-def awkward_inputs(kind: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(n)
-    base = torch.randn(n, generator=g)
-    if kind == "normal":
-        tau = 0.01 * torch.randn(3, n, generator=g)
-    elif kind == "heavy":
-        tau = 0.01 * torch.randn(3, n, generator=g) ** 5
-    elif kind == "ties":  # a few distinct magnitudes: the k-th value is tied many times
-        tau = 0.01 * torch.randint(-3, 4, (3, n), generator=g).float()
-    elif kind == "zeros":
-        tau = torch.zeros(3, n)
-    else:  # sparse: mostly exact zeros
-        tau = 0.01 * torch.randn(3, n, generator=g) * (torch.rand(3, n, generator=g) < 0.05)
-    return base.bfloat16(), (base + tau).bfloat16()
-
-
 @pytest.mark.parametrize("kind", ["normal", "heavy", "ties", "zeros", "sparse"])
 @pytest.mark.parametrize("n", [1, 999, 70_001, 300_007])
 def test_magnitude_thresholds_equal_a_sort(kind, n):
@@ -105,18 +80,6 @@ def test_threshold_fallback_when_the_sample_misses(monkeypatch):
 
 
 # ---- TIES / DARE by blocks --------------------------------------------------------------------
-
-
-def cancelling_inputs(n: int = 5000) -> tuple[torch.Tensor, torch.Tensor]:
-    """Task vectors where many entries sum to exactly 0 with non-zero parts, and most non-zero
-    sums are negative: the zero-sum entries must take the tensor's (negative) majority sign."""
-    g = torch.Generator().manual_seed(0)
-    base = torch.randn(n, generator=g).bfloat16().float()
-    a = (0.25 * torch.randint(1, 4, (n,), generator=g)).float()
-    tau = torch.stack([a, -a, -0.5 * a])
-    cancel = torch.rand(n, generator=g) < 0.3
-    tau[2][cancel] = 0.0  # a + (-a) + 0 = 0 exactly
-    return base, base + tau
 
 
 @pytest.mark.parametrize("block", [64, 1000, 1 << 20])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import ODD, TINY, read_any, read_checkpoint, run_cli, write_recipe
+from helpers import assert_close, ref_disjoint_merge, ref_linear, ref_task_arithmetic, ref_trim  # noqa: F401
 
 from mergekit_ri.kernels.rng import keep_mask, rng_key
 from mergekit_ri.methods import reference
@@ -16,25 +17,6 @@ NAMES = ["a", "b", "c"]
 
 
 # ---- the reference (mergekit_ri.methods.reference), in the shapes these tests use -------------
-
-
-def ref_task_arithmetic(base, experts, weights, lam=1.0):
-    return reference.task_arithmetic(base, torch.stack(experts), weights, lam)
-
-
-def ref_linear(experts, weights):
-    return reference.linear(torch.stack(experts), weights)
-
-
-def ref_trim(tau, density):
-    """Keep every entry whose magnitude is >= the k-th largest (ties kept), k = floor(density*n)."""
-    return reference.trim(tau, reference.magnitude_threshold(tau, density))
-
-
-def ref_disjoint_merge(taus, weights, normalize=True):
-    """TIES elect (with the zero-sum majority rule) + disjoint (weighted) mean of trimmed taus."""
-    weighted = reference.per_expert(weights, torch.stack(taus)) * torch.stack(taus)
-    return reference.disjoint_mean(weighted, reference.elect_signs(weighted), weights, normalize)
 
 
 def ref_ties(base, experts, weights, densities, lam=1.0):
@@ -64,12 +46,6 @@ def merge_via_cli(tmp_path, folders, method, out_dtype="float32", **fields):
     result = run_cli("merge", path, "-o", tmp_path / "out", "--quiet")
     assert result.code == 0, result.stderr
     return read_checkpoint(tmp_path / "out")
-
-
-def assert_close(merged, expected, name, dtype=torch.float32):
-    exp = expected.to(dtype).float()
-    assert merged.dtype == dtype, name
-    torch.testing.assert_close(merged.float(), exp, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
 # ---- the tests ------------------------------------------------------------------------------

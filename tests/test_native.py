@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 from conftest import read_checkpoint, run_cli
-from test_kernels import awkward_inputs, cancelling_inputs, ref_threshold
+from helpers import awkward_inputs, cancelling_inputs, ref_threshold
 
 from mergekit_ri import kernels
 from mergekit_ri.kernels import blocked, native

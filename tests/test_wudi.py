@@ -9,98 +9,26 @@ import math
 
 import pytest
 import torch
-from conftest import read_any, read_checkpoint, run_cli
+from conftest import read_checkpoint, run_cli
+from helpers import (  # noqa: F401
+    NAMES,
+    adam_loop,
+    autograd_gradient,
+    gram_and_cross,
+    load_family,
+    momentum_loop,
+    paper_loss,
+    paper_weights,
+    params,
+    problem,
+    random_taus,
+    ref_aswudi,
+)
 
 from mergekit_ri.methods import wudi as W
 from mergekit_ri.methods.layers import is_matrix, is_projection
-from mergekit_ri.methods.registry import TensorParams
-
-NAMES = ["a", "b", "c"]
-
 
 # ---- references, straight from the formulas -------------------------------------------------
-
-
-def paper_loss(merged, taus, weights):
-    """Σ_i w_i ‖(M − τ_i) τ_iᵀ‖²_F, literally."""
-    return sum(w * ((merged - t) @ t.T).square().sum() for t, w in zip(taus, weights))
-
-
-def paper_weights(taus):
-    return [1.0 / t.square().sum() for t in taus]
-
-
-def autograd_gradient(merged, taus, weights):
-    m = merged.clone().requires_grad_(True)
-    paper_loss(m, taus, weights).backward()
-    return m.grad
-
-
-def adam_loop(init, taus, weights, iterations, lr, beta1=0.9, beta2=0.999, eps=1e-8):
-    """Adam (Kingma & Ba) written out, on autograd gradients of the paper's loss."""
-    m = init.clone()
-    first, second = torch.zeros_like(m), torch.zeros_like(m)
-    for k in range(1, iterations + 1):
-        g = autograd_gradient(m, taus, weights)
-        first = beta1 * first + (1 - beta1) * g
-        second = beta2 * second + (1 - beta2) * g * g
-        m = m - lr * (first / (1 - beta1**k)) / ((second / (1 - beta2**k)).sqrt() + eps)
-    return m
-
-
-def momentum_loop(init, taus, weights, iterations, lr, momentum):
-    """Heavy-ball SGD as torch defines it (buffer = gradient on the first step)."""
-    m, buffer = init.clone(), torch.zeros_like(init)
-    for _ in range(iterations):
-        buffer = momentum * buffer + autograd_gradient(m, taus, weights)
-        m = m - lr * buffer
-    return m
-
-
-def gram_and_cross(taus, weights):
-    gram = sum(w * t.T @ t for t, w in zip(taus, weights))
-    cross = sum(w * t @ t.T @ t for t, w in zip(taus, weights))
-    return gram, cross
-
-
-def ref_aswudi(init, taus, weights):
-    """M0 + (B V_K Λ_K⁻¹ − M0 V_K) V_Kᵀ on the top K = ⌈(Σ√λ)²/Σλ⌉ eigenvectors of G."""
-    gram, cross = gram_and_cross(taus, weights)
-    lam, vec = torch.linalg.eigh(gram)
-    lam = lam.clamp(min=0)
-    k = math.ceil(lam.sqrt().sum() ** 2 / lam.sum() - 1e-9)
-    vk, lk = vec[:, -k:], lam[-k:]
-    return init + (cross @ vk / lk - init @ vk) @ vk.T
-
-
-def problem(taus, init=None):
-    weights = W.task_weights(taus)
-    return W.build_problem(taus, weights, taus.sum(0) if init is None else init)
-
-
-def params(**values):
-    defaults = dict(
-        solver="aswudi",
-        iterations=300,
-        lr=1e-5,
-        momentum=0.9,
-        t=None,
-        rank_ratio=0.65,
-        scope="linear",
-        eigh_dtype="float64",
-        **{"lambda": 1.0},
-    )
-    defaults.update(values)
-    return TensorParams({}, defaults)
-
-
-def random_taus(n, out, inp, seed=0, rank=None):
-    g = torch.Generator().manual_seed(seed)
-    if rank is None:
-        return torch.randn(n, out, inp, generator=g, dtype=torch.float64)
-    return torch.randn(n, out, rank, generator=g, dtype=torch.float64) @ torch.randn(
-        n, rank, inp, generator=g, dtype=torch.float64
-    )
 
 
 # ---- the maths ------------------------------------------------------------------------------
@@ -225,12 +153,6 @@ def test_float32_eigh_matches_float64_on_a_well_conditioned_layer():
 
 
 # ---- through the CLI ------------------------------------------------------------------------
-
-
-def load_family(family):
-    base = {k: v.double() for k, v in read_any(family["base"]).items()}
-    experts = [{k: v.double() for k, v in read_any(family[n]).items()} for n in NAMES]
-    return base, experts
 
 
 def merge(tmp_path, recipe):

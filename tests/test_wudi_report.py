@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 from conftest import run_cli
-from test_wudi import (
+from helpers import (
     adam_loop,
     load_family,
     momentum_loop,

@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 from conftest import read_checkpoint, run_cli
-from test_wudi import params, problem, random_taus
+from helpers import params, problem, random_taus
 
 from mergekit_ri.methods import get_method
 from mergekit_ri.methods import wudi as W
