@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # minutes on two cores; `-m 'not slow'` skips it
+
 pytest.importorskip("transformers")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_quality.py"

@@ -68,6 +68,7 @@ def test_loss_is_zero_at_step_zero_with_alpha_zero(vits):
     assert log[0][0] == pytest.approx(0.0, abs=1e-7)
 
 
+@pytest.mark.slow
 def test_l2_goes_toward_zero_while_l1_stays_small(vits):
     experts, base, adapted, log = run_adaptation(vits, alpha=1.0, steps=60)
     l1 = [a for a, _ in log]
@@ -91,6 +92,7 @@ def test_l2_goes_toward_zero_while_l1_stays_small(vits):
         assert torch.equal(p, q), f"the teacher {name} changed"
 
 
+@pytest.mark.slow
 def test_cli_adapts_caches_and_merges_the_adapted_experts(tmp_path, vits, aux):
     base_bytes = (vits["base"] / "model.safetensors").read_bytes()
     first = run_cli("merge", ri_recipe(tmp_path, vits, aux), "-o", tmp_path / "out", "--json")
@@ -173,6 +175,7 @@ def test_models_without_task_heads_are_refused_with_the_reason(tmp_path, recipe_
     assert result.code == 2 and "heads" in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 def test_verbose_reports_interference_before_and_after_ri(tmp_path, vits, aux):
     recipe = ri_recipe(tmp_path, vits, aux, method="task_arithmetic", steps=40)
     result = run_cli("merge", recipe, "-o", tmp_path / "out", "-v", "--json")

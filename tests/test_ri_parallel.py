@@ -16,6 +16,8 @@ from mergekit_ri.errors import UserError  # noqa: E402
 from mergekit_ri.recipe import parse_recipe  # noqa: E402
 from mergekit_ri.ri import prepare, train  # noqa: E402
 
+pytestmark = pytest.mark.slow  # minutes on two cores; `-m 'not slow'` skips it
+
 
 @pytest.fixture(scope="module")
 def vits(tmp_path_factory):
