@@ -29,7 +29,11 @@ stamp() { echo "[$(( $(date +%s) - started ))s] $*" | tee -a "$OUT/steps.txt"; }
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$OUT/machine.txt" 2>&1
 if want tests; then
   stamp "tests"
-  timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py tests/test_native.py > "$OUT/tests.txt" 2>&1
+  timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py tests/test_native.py \
+    tests/test_reference.py > "$OUT/tests.txt" 2>&1
+  # NaN/Inf detection on the device path (device auto = cuda here: torch checks, no C kernel)
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_adversarial_io.py -k nonfinite \
+    > "$OUT/tests_nonfinite.txt" 2>&1
   stamp "tests rc=$?"
 fi
 if want speed; then
