@@ -157,19 +157,28 @@ def count_params(folder: Path) -> int:
 
 def recipe_for(method: str, folders: dict[str, Path]) -> dict:
     """A recipe both ri-merge and mergekit accept."""
-    params: dict[str, float] = {"weight": 1.0}
+    params: dict[str, float] = {} if method in UNWEIGHTED else {"weight": 1.0}
     if method in ("ties", "dare_ties", "dare_linear", "della", "breadcrumbs_ties"):
         params["density"] = 0.2
-    return {
+    experts = [folder for name, folder in folders.items() if name != "base"]
+    if method in TWO_MODEL:  # the base and one other model
+        experts = experts[:1]
+    recipe = {
         "merge_method": method,
         "base_model": str(folders["base"].resolve()),
         "models": [
-            {"model": str(folder.resolve()), "parameters": dict(params)}
-            for name, folder in folders.items()
-            if name != "base"
+            {"model": str(folder.resolve()), **({"parameters": dict(params)} if params else {})}
+            for folder in experts
         ],
         "dtype": DTYPE,
     }
+    if method in TWO_MODEL:
+        recipe["parameters"] = {"t": 0.5}
+    return recipe
+
+
+TWO_MODEL = {"slerp"}  # mergekit's slerp interpolates the base and exactly one other model
+UNWEIGHTED = {"slerp", "model_stock"}  # methods without a per-model weight
 
 
 def write_recipe(path: Path, recipe: dict) -> Path:

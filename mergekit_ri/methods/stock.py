@@ -26,6 +26,7 @@ def mean_pairwise_cosine(deltas: torch.Tensor, filter_wise: bool) -> torch.Tenso
     products are clamped at 1e-6 and cosines to [−1, 1], as mergekit does."""
     k = deltas.shape[0]
     total = torch.zeros(deltas.shape[1] if filter_wise else 1, 1, dtype=torch.float64, device=deltas.device)
+    norms = [norm64(d) for d in deltas] if not filter_wise else []  # once per task vector, not per pair
     for i in range(k):
         for j in range(i + 1, k):
             if filter_wise:
@@ -33,7 +34,7 @@ def mean_pairwise_cosine(deltas: torch.Tensor, filter_wise: bool) -> torch.Tenso
                 norms = (_row_dot(a, a) * _row_dot(b, b)).sqrt()
                 cos = _row_dot(a, b) / norms.clamp(min=1e-6)
             else:
-                value = dot64(deltas[i], deltas[j]) / max(norm64(deltas[i]) * norm64(deltas[j]), 1e-6)
+                value = dot64(deltas[i], deltas[j]) / max(norms[i] * norms[j], 1e-6)
                 cos = torch.tensor([[value]], dtype=torch.float64, device=deltas.device)
             total += cos.clamp(-1, 1)
     return total / (k * (k - 1) // 2)
