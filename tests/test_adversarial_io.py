@@ -487,6 +487,7 @@ def test_stale_staging_of_a_dead_merge_is_removed(tmp_path: Path, models) -> Non
     assert f"removed {stale.name}" in result.stderr
 
 
+@pytest.mark.slow
 def test_killed_merges_leave_nothing_that_looks_complete_and_rerun_cleans_up(tmp_path: Path) -> None:
     models = make_family(tmp_path / "big", ["a", "b", "c"], dtype="bfloat16", shards=2)
     path = recipe(tmp_path, models, merge_method="ties")
@@ -558,6 +559,7 @@ def test_disk_filling_during_the_merge_names_the_output(tmp_path: Path, models, 
 # --- RI: the experts as given are inputs too, though the merge reads adapted copies ----------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["expert", "inside expert", "auxiliary data"])
 def test_ri_output_never_touches_the_original_experts(tmp_path: Path, where: str, monkeypatch) -> None:
     pytest.importorskip("transformers")

@@ -50,6 +50,7 @@ def test_the_api_page_examples_run(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "cache" / "demo" / "base").is_dir()  # the demo models, generated on first use
 
 
+@pytest.mark.slow
 def test_merging_the_demo_recipe_works_from_a_fresh_process(tmp_path):
     """The one-liner of the issue, from a folder holding configs/demo.yaml (as a checkout does)."""
     (tmp_path / "configs").mkdir()

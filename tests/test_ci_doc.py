@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from mergekit_ri.synthetic import make_family
@@ -45,6 +46,7 @@ def workspace(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_the_documented_job_passes_on_the_demo_models(tmp_path: Path) -> None:
     steps = job_steps()
     assert [s.get("name") for s in steps if "run" in s][-1] == "Upload"
@@ -56,6 +58,7 @@ def test_the_documented_job_passes_on_the_demo_models(tmp_path: Path) -> None:
     assert "files match the manifest" in done.stdout
 
 
+@pytest.mark.slow
 def test_the_check_step_catches_a_changed_file(tmp_path: Path) -> None:
     cwd = workspace(tmp_path)
     steps = [s for s in job_steps() if runnable(s)]

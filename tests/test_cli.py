@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import TINY, read_checkpoint, run_cli, write_recipe
 
@@ -119,6 +120,7 @@ def test_merged_checkpoint_loads_in_transformers_and_runs(tmp_path, recipe_for):
     assert logits.shape == (1, 5, TINY.vocab) and torch.isfinite(logits).all()
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     proc = subprocess.run([*CLI, "demo", "--dir", str(tmp_path / "demo")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -158,6 +160,7 @@ def _start_slow_merge(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
     return proc, out
 
 
+@pytest.mark.slow
 def test_killed_merge_leaves_no_complete_looking_output(tmp_path):
     proc, out = _start_slow_merge(tmp_path)
     proc.send_signal(signal.SIGKILL)
@@ -167,6 +170,7 @@ def test_killed_merge_leaves_no_complete_looking_output(tmp_path):
         assert not (partial / "model.safetensors.index.json").exists()
 
 
+@pytest.mark.slow
 def test_terminated_merge_cleans_up_and_exits_130(tmp_path):
     proc, out = _start_slow_merge(tmp_path)
     proc.send_signal(signal.SIGTERM)
