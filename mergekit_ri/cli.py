@@ -151,6 +151,12 @@ def _progress(quiet: bool) -> "Progress | _NoBars":
     )
 
 
+def _layer_source(layer: dict[str, Any]) -> str:
+    """`3 ← a[1] + b[1]  (slice 1, t 0.50)`: one output layer of a sliced recipe."""
+    sources = " + ".join(f"{source['model']}[{source['layer']}]" for source in layer["sources"])
+    return f"{layer['layer']} ← {sources}  (slice {layer['slice']}, t {layer['t']:.2f})"
+
+
 def _print_plan(plan, console: Console) -> None:
     from rich.table import Table
 
@@ -169,6 +175,8 @@ def _print_plan(plan, console: Console) -> None:
         "\n".join(f"{s['file']}  {s['tensors']} tensors, {_human(s['bytes'])}" for s in summary["shards"]),
     )
     table.add_row("peak memory (est.)", _human(summary["peak_memory_estimate"]))
+    if summary.get("layers"):  # slices: each output layer and where it comes from
+        table.add_row("layers", "\n".join(_layer_source(layer) for layer in summary["layers"]))
     if summary["heads"]:
         table.add_row(
             "task heads",

@@ -291,3 +291,10 @@ def test_dry_run_json_shows_the_layer_map(tmp_path, family):
     ]
     assert summary["tensors"] == 3 + 4 * len(LAYER_SUFFIXES)
     assert not out.exists()
+
+
+def test_dry_run_prints_the_layer_map(tmp_path, family):
+    result = run_cli("merge", _frankenmerge(tmp_path, family), "-o", tmp_path / "out", "--dry-run")
+    assert result.code == 0, result.stderr
+    text = " ".join(result.stdout.split())  # the table may wrap; compare word by word
+    assert "0 ← a[0] (slice 0, t 0.00)" in text and "3 ← b[2] (slice 1, t 1.00)" in text
