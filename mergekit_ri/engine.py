@@ -126,17 +126,12 @@ def _after_kernel(
     torch), the inputs are checked here instead."""
     if native.WATCH.nonfinite:
         guard.found(unit.task, unit.rows)
-    elif native.WATCH.entries < _unit_numel(unit):
+    elif native.WATCH.entries < unit.numel:
         if source is None:
             guard.check(unit.task, unit.rows, base, experts)
         else:
             for _, chunk_base, chunk_experts in source.chunks():
                 guard.check(unit.task, None, chunk_base, chunk_experts)
-
-
-def _unit_numel(unit: WorkUnit) -> int:
-    numel = unit.task.reference.numel
-    return numel if unit.rows is None else numel // unit.task.shape[0] * (unit.rows[1] - unit.rows[0])
 
 
 def prepass_reads(plan: MergePlan) -> int:

@@ -46,6 +46,11 @@ class WorkUnit:
         return self._share(self.task.in_nbytes)
 
     @property
+    def numel(self) -> int:
+        """Entries of the tensor in this unit (per input)."""
+        return self._share(self.task.reference.numel)
+
+    @property
     def out_nbytes(self) -> int:
         return self._share(self.task.out_nbytes)
 

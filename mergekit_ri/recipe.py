@@ -567,21 +567,26 @@ def _check_parameter_values(data: dict, source: str) -> None:
             if isinstance(m, dict)
         ]
     for where, params in sections:
-        if params is None:
-            continue
-        if not isinstance(params, dict):
-            raise UserError(
-                f"{source}: {where}: expected a mapping of parameter names to values, got {_kind(params)}"
-            )
-        for name, value in params.items():
-            field = f"{where}.{shown(name, 40)}"
-            if not isinstance(name, str):
-                raise UserError(f"{source}: {field}: a parameter name is text, got {_kind(name)}")
-            if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-                for i, entry in enumerate(value):
-                    _check_filtered(entry, f"{field}[{i}]", source)
-            else:
-                _check_leaf(value, field, source)
+        check_parameter_section(params, where, source)
+
+
+def check_parameter_section(params: Any, where: str, source: str) -> None:
+    """One `parameters:` mapping (global, per model, per slice or source), named `where`."""
+    if params is None:
+        return
+    if not isinstance(params, dict):
+        raise UserError(
+            f"{source}: {where}: expected a mapping of parameter names to values, got {_kind(params)}"
+        )
+    for name, value in params.items():
+        field = f"{where}.{shown(name, 40)}"
+        if not isinstance(name, str):
+            raise UserError(f"{source}: {field}: a parameter name is text, got {_kind(name)}")
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for i, entry in enumerate(value):
+                _check_filtered(entry, f"{field}[{i}]", source)
+        else:
+            _check_leaf(value, field, source)
 
 
 def _check_filtered(entry: dict, field: str, source: str) -> None:

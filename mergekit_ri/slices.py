@@ -56,7 +56,7 @@ def slice_length(entry: SliceEntry) -> int:
 def check_slice_data(data: Any, source: str) -> None:
     """Keys and parameter values of `slices:` as written, before pydantic coerces them: the same
     one-line errors as for `models:` (closest spelling, wrong kinds), naming the slice field."""
-    from .recipe import SliceSource, _check_keys  # the loader's own key check
+    from .recipe import SliceSource, _check_keys, check_parameter_section  # the loader's own checks
 
     if not isinstance(data, list):
         return  # pydantic says what `slices` should be
@@ -64,33 +64,12 @@ def check_slice_data(data: Any, source: str) -> None:
         if not isinstance(entry, dict):
             continue
         _check_keys(entry, SliceEntry, source, f"slices[{i}].")
-        _check_section(entry.get("parameters"), f"slices[{i}].parameters", source)
+        check_parameter_section(entry.get("parameters"), f"slices[{i}].parameters", source)
         sources = entry.get("sources")
         for j, src in enumerate(sources if isinstance(sources, list) else []):
             if isinstance(src, dict):
                 _check_keys(src, SliceSource, source, f"slices[{i}].sources[{j}].")
-                _check_section(src.get("parameters"), f"slices[{i}].sources[{j}].parameters", source)
-
-
-def _check_section(params: Any, where: str, source: str) -> None:
-    """One `parameters:` mapping, checked as the loader checks those of `models:`."""
-    from .recipe import _check_filtered, _check_leaf, _kind, shown
-
-    if params is None:
-        return
-    if not isinstance(params, dict):
-        raise UserError(
-            f"{source}: {where}: expected a mapping of parameter names to values, got {_kind(params)}"
-        )
-    for name, value in params.items():
-        field_name = f"{where}.{shown(name, 40)}"
-        if not isinstance(name, str):
-            raise UserError(f"{source}: {field_name}: a parameter name is text, got {_kind(name)}")
-        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            for k, item in enumerate(value):
-                _check_filtered(item, f"{field_name}[{k}]", source)
-        else:
-            _check_leaf(value, field_name, source)
+                check_parameter_section(src.get("parameters"), f"slices[{i}].sources[{j}].parameters", source)
 
 
 def check_slices(recipe: Recipe, spec: MethodSpec, source: str) -> None:
