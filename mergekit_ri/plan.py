@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import UserError
 from .heads import HeadSelector, head_selector, looks_like_head
-from .io.sources import FLOAT_CODES, ST_DTYPES, ModelSource, TensorRef, load_source
+from .io.sources import FLOAT_CODES, ST_ITEMSIZE, ModelSource, TensorRef, load_source
 from .methods import MethodSpec, TensorParams, get_method
 from .params import layer_depths, resolve
 from .recipe import ModelEntry, Recipe
@@ -42,7 +42,7 @@ class TensorTask:
         n = 1
         for d in self.shape:
             n *= d
-        return n * ST_DTYPES[self.out_dtype].itemsize
+        return n * ST_ITEMSIZE[self.out_dtype]
 
     @property
     def in_nbytes(self) -> int:

@@ -13,13 +13,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-import torch
-
 from .io.sources import ST_DTYPES, TensorReader
 from .kernels.source import Source
+from .lazy import torch  # --dry-run's peak estimate imports this module, and needs no torch
 from .plan import MergePlan, TensorTask
 
-RowCheck = Callable[[TensorTask, tuple[int, int], torch.Tensor, torch.Tensor], None]
+RowCheck = Callable[[TensorTask, tuple[int, int], "torch.Tensor", "torch.Tensor"], None]
 CHUNK_ELEMENTS = 1 << 22  # rows per work unit of an elementwise method: ~4M elements per model
 GPU_CHUNK_FACTOR = 8
 # TIES-like methods read a tensor by row chunks (twice) rather than whole once it would take more

@@ -17,25 +17,59 @@ import re
 import stat
 import struct
 import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..errors import UserError
+from ..lazy import torch
 
-ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+# safetensors dtype code → bytes per entry and torch dtype name: headers are checked with the
+# sizes alone, so that `validate` and `--dry-run` never import torch
+ST_ITEMSIZE: dict[str, int] = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
 }
+_TORCH_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+
+
+class _TorchDtypes(Mapping[str, "torch.dtype"]):
+    """safetensors dtype code → torch dtype, a dict to its users; torch is imported by the first
+    lookup of a dtype (membership and iteration need none)."""
+
+    def __getitem__(self, code: str) -> torch.dtype:
+        return getattr(torch, _TORCH_NAMES[code])
+
+    def __contains__(self, code: object) -> bool:
+        return code in _TORCH_NAMES
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_TORCH_NAMES)
+
+    def __len__(self) -> int:
+        return len(_TORCH_NAMES)
+
+
+ST_DTYPES: Mapping[str, torch.dtype] = _TorchDtypes()
 FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
 MAX_HEADER = 100 * 1024 * 1024
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -192,7 +226,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorRef], bytes]:
             continue
         dtype, shape, start, end = _parse_entry(path, name, info)
         ref = TensorRef(path, dtype, shape, base + start, base + end, name)
-        if end < start or ref.nbytes != ref.numel * ST_DTYPES[dtype].itemsize:
+        if end < start or ref.nbytes != ref.numel * ST_ITEMSIZE[dtype]:
             raise UserError(
                 f"{path}: corrupt safetensors header: tensor '{name}' of shape {list(shape)} "
                 f"{dtype} does not fit its byte range"

@@ -6,23 +6,27 @@ the counter-based random numbers DARE draws, identical on every device; `native`
 for the CPU (compiled on first use) and `fused` fused Triton kernels for CUDA, each a single pass
 with the maths of `blocked`, against which the tests hold them bit for bit (Triton under
 TRITON_INTERPRET=1 on CPU). The functions below pick one; RI_MERGE_KERNELS=torch forces torch.
+
+The backends are imported by the functions that use them, not with this package: the method
+modules import it to say which kernel they call, and `ri-merge methods`, `validate` and
+`--dry-run` load the method modules without torch (see `mergekit_ri.lazy`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
-
-from . import blocked, fused, native, select
+from ..lazy import torch
 from .source import Source, TensorSource
 
-FusedMerge = Callable[..., tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]]
+FusedMerge = Callable[..., tuple["torch.Tensor", int, "torch.Tensor", "torch.Tensor"]]
 
 
 def _backend(src: Source, out_dtype: torch.dtype) -> tuple[FusedMerge, Callable[..., bool]] | None:
     """The fused single-pass kernel for this source's device and output dtype, if there is one,
     with the test a chunk's inputs must pass for it."""
+    from . import fused, native
+
     if fused.enabled(src.device):
         return fused.fused_merge, lambda base, experts: True
     if src.device.type == "cpu" and out_dtype in native.DTYPES and native.library() is not None:
@@ -39,6 +43,8 @@ def task_arithmetic(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """θ0 + λ Σ w_i τ_i (/ Σ w_i): the C kernel on CPU where it runs, else torch."""
+    from . import blocked, native
+
     if native.usable(base.device, base, experts, out_dtype=out_dtype):
         return native.task_arithmetic(base, experts, weights, lam, normalize, out_dtype)
     return blocked.task_arithmetic(base, experts, weights, lam, normalize, out_dtype)
@@ -48,6 +54,8 @@ def weighted_sum(
     experts: torch.Tensor, weights: list[float], normalize: bool, out_dtype: torch.dtype
 ) -> torch.Tensor:
     """Σ w_i θ_i (/ Σ w_i): the C kernel on CPU where it runs, else torch."""
+    from . import blocked, native
+
     if native.usable(experts.device, experts, out_dtype=out_dtype):
         return native.weighted_sum(experts, weights, normalize, out_dtype)
     return blocked.weighted_sum(experts, weights, normalize, out_dtype)
@@ -56,6 +64,8 @@ def weighted_sum(
 def magnitude_thresholds_source(src: Source, densities: list[float]) -> list[float]:
     """Each expert's exact k-th largest |τ_i|: counting pass and selections in C on CPU where that
     runs (chunk by chunk: a chunk of dtypes C does not know is counted by torch)."""
+    from . import blocked, native
+
     if src.device.type != "cpu" or native.library() is None:
         return blocked.magnitude_thresholds_source(src, densities)
 
@@ -71,6 +81,8 @@ def magnitude_histograms(
     base: torch.Tensor, experts: torch.Tensor, buckets: list[int | None] | None
 ) -> torch.Tensor:
     """`select.magnitude_histograms`: in C on CPU where that runs, else torch."""
+    from . import native, select
+
     if native.usable(base.device, base, experts):
         return native.histograms(base, experts, buckets)
     return select.magnitude_histograms(base, experts, buckets)
@@ -85,6 +97,8 @@ def ties(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """TIES with known thresholds: a fused kernel chunk by chunk where one runs, else torch."""
+    from . import blocked, fused
+
     out = _fused_chunks(
         src,
         mode=fused.MODE_TIES,
@@ -113,6 +127,8 @@ def dare(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """DARE (then sum or TIES election): a fused kernel where one runs, else torch."""
+    from . import blocked, fused
+
     out = _fused_chunks(
         src,
         mode=fused.MODE_DARE,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 
-import torch
+from ..lazy import torch
 
 MASK32 = 0xFFFFFFFF
 M1, M2 = 0x7FEB352D, 0x846CA68B

@@ -11,8 +11,10 @@ MB of inputs at a time, not N+1 full copies.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # annotations only: the engine imports this without torch (`mergekit_ri.lazy`)
+    import torch
 
 
 class Source:

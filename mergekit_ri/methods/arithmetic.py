@@ -6,10 +6,9 @@ Maths from `shared/reference/methods.md` (Ilharco et al. 2023; Yadav et al. 2023
 
 from __future__ import annotations
 
-import torch
-
 from .. import kernels
 from ..kernels.rng import rng_key
+from ..lazy import torch
 from .model_trim import MODEL_TRIM
 from .registry import MethodSpec, Param, TensorContext, TensorParams, register
 

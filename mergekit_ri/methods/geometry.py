@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-import torch
+from ..lazy import torch
 
 BLOCK = 1 << 14
 

@@ -11,7 +11,7 @@ OptMerge); the methods say which.
 
 from __future__ import annotations
 
-import torch
+from ..lazy import torch
 
 # substrings of the names of attention / MLP projection weights across HF and OpenCLIP models
 PROJECTION_MARKERS = (

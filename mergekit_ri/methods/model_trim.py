@@ -13,11 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from .. import kernels
 from ..errors import UserError
-from ..kernels.select import BUCKETS, bits_to_float, bucket_of_kth
+from ..lazy import torch
 from .registry import PassStream, Prepass, TensorParams
 
 
@@ -29,6 +27,8 @@ def reads(params: Sequence[TensorParams]) -> int:
 def model_thresholds(params: Sequence[TensorParams], stream: PassStream) -> tuple[float, ...]:
     """Each expert's exact k-th largest |τ_i| over all merged tensors (k = ⌊density·n⌋ with n
     their total size; inf when k = 0, 0 when k = n), from two passes of `stream`."""
+    from ..kernels.select import bits_to_float, bucket_of_kth
+
     densities = {tuple(p.per_model["density"]) for p in params}
     if len(densities) != 1:
         raise UserError(
@@ -60,6 +60,8 @@ def histograms(
 ) -> torch.Tensor:
     """[N, BUCKETS] counts of |τ_i|'s high 16 bits (buckets None) or of the low 16 bits inside
     buckets[i] over one pass of `stream`, on the inputs' device; each tensor's size into `sizes`."""
+    from ..kernels.select import BUCKETS
+
     hist = None
     for base, experts in stream():
         part = kernels.magnitude_histograms(base, experts, buckets)

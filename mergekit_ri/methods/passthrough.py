@@ -6,8 +6,7 @@ whole model it copies one model, each tensor times its per-model `scale`.
 
 from __future__ import annotations
 
-import torch
-
+from ..lazy import torch
 from . import rules
 from .registry import MethodSpec, Param, TensorContext, TensorParams, register
 

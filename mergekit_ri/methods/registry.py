@@ -15,9 +15,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from ..errors import UserError
+from ..lazy import torch
 from ..recipe import hint, shown
 
 if TYPE_CHECKING:
@@ -186,7 +185,7 @@ class TensorContext:
     # flat index of the first entry when the engine passes a block of rows (counter-based draws)
     offset: int = 0
     # dtype the output will be saved in: raw-input kernels may store it directly (one rounding)
-    out_dtype: torch.dtype = torch.float32
+    out_dtype: torch.dtype = field(default_factory=lambda: torch.float32)
     # the inputs read on demand, for methods that stream (see MethodSpec.streams); None: in memory
     source: Any = None
     # optional per-layer report (tensor name, figures such as the solver's loss before/after),
@@ -194,9 +193,9 @@ class TensorContext:
     report: Callable[[str, dict[str, float]], None] | None = None
 
 
-MergeFn = Callable[[torch.Tensor | None, torch.Tensor, TensorParams, TensorContext], torch.Tensor]
+MergeFn = Callable[["torch.Tensor | None", "torch.Tensor", TensorParams, TensorContext], "torch.Tensor"]
 # one read of every merged tensor, each as flat base [n] and experts [N, n] in the file dtype
-PassStream = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+PassStream = Callable[[], Iterator[tuple["torch.Tensor", "torch.Tensor"]]]
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import math
 
-import torch
-
+from ..lazy import torch
 from . import rules
 from .geometry import dot64, norm64
 from .registry import MethodSpec, Param, TensorContext, TensorParams, register

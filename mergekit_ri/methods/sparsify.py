@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
 from ..errors import UserError
 from ..kernels.rng import UNIFORM_BITS, hash_counter, rng_key
+from ..lazy import torch
 from . import rules
 from .arithmetic import task_vectors
 from .registry import MethodSpec, Param, TensorContext, TensorParams, register

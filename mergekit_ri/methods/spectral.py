@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
-
+from ..lazy import torch
 from .arithmetic import task_vectors
 from .layers import is_matrix
 from .registry import MethodSpec, Param, TensorContext, TensorParams, register

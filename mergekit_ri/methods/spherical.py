@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from ..errors import UserError
+from ..lazy import torch
 from .geometry import dot64, norm64
 from .registry import MethodSpec, Param, TensorContext, TensorParams, register
 

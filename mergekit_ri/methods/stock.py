@@ -9,8 +9,7 @@ over pairs of task vectors, per tensor, or per row with `filter_wise` (a 1-D ten
 
 from __future__ import annotations
 
-import torch
-
+from ..lazy import torch
 from . import rules
 from .geometry import dot64, norm64
 from .registry import MethodSpec, Param, TensorContext, TensorParams, register

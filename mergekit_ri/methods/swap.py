@@ -8,8 +8,7 @@ divergence of the two rows' softmaxes, is an outlier: ≥ median + 1.5·IQR of t
 
 from __future__ import annotations
 
-import torch
-
+from ..lazy import torch
 from . import rules
 from .registry import MethodSpec, Param, TensorContext, TensorParams, register
 from .slerp import partner

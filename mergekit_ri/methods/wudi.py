@@ -44,8 +44,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
+from ..lazy import torch
 from .arithmetic import task_vectors
 from .layers import is_matrix, is_projection
 from .registry import MethodSpec, Param, TensorContext, TensorParams, register
@@ -149,8 +148,10 @@ def solve_sgd(problem: WudiProblem, iterations: int, lr: float, momentum: float)
 # ---- closed forms ------------------------------------------------------------------------------
 
 
-def spectrum(gram: torch.Tensor, dtype: torch.dtype = torch.float32) -> Spectrum:
-    """One symmetric eigendecomposition of G, in `dtype` (float64 resolves smaller eigenvalues)."""
+def spectrum(gram: torch.Tensor, dtype: torch.dtype | None = None) -> Spectrum:
+    """One symmetric eigendecomposition of G, in `dtype` (float32 when None; float64 resolves
+    smaller eigenvalues)."""
+    dtype = dtype or torch.float32
     values, vectors = torch.linalg.eigh(gram.to(dtype))
     largest = max(float(values[-1]), 0.0) if values.numel() else 0.0
     tolerance = largest * gram.shape[0] * torch.finfo(dtype).eps

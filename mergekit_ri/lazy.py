@@ -1,0 +1,43 @@
+"""`torch`, imported on its first use, for the modules that the torch-free commands load.
+
+`ri-merge --help`, `version`, `methods`, `validate` and `--dry-run` read YAML and safetensors
+headers only, yet they load the method modules (whose parameters `methods` prints and `validate`
+checks) and the planner, which are written against torch; importing torch takes 1.5-5 s, ten
+times the rest of such a command. These modules write `from .lazy import torch` instead of
+`import torch`: a stand-in that imports torch on the first attribute access (a tensor touched)
+and forwards every access to it from then on. `torch` is not in `sys.modules` until then, and
+type checkers see the real module.
+
+Rules for the modules that use it: no `torch.` at import time (module constants, default
+arguments, dataclass defaults: use a `default_factory`, quote type aliases); annotations are
+free under `from __future__ import annotations`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+__all__ = ["LazyModule", "torch"]
+
+
+class LazyModule(ModuleType):
+    """A module imported on the first attribute access; every access is forwarded to it."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):  # copy, pickle, inspect probing: no import
+            raise AttributeError(name)
+        module = sys.modules.get(self.__name__) or importlib.import_module(self.__name__)
+        return getattr(module, name)
+
+    def __repr__(self) -> str:
+        loaded = "loaded" if self.__name__ in sys.modules else "not imported yet"
+        return f"<lazy module {self.__name__!r} ({loaded})>"
+
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = LazyModule("torch")
