@@ -743,9 +743,12 @@ def main(argv: list[str] | None = None) -> None:
     allocates ~10^6 objects, and the default thresholds rescanned them all three times (0.15 s,
     10% of a small merge). Cycles are still collected, just in bigger batches. numpy's OpenBLAS
     (which no merge uses) gets one thread: its idle workers otherwise spin for 0.1 s of CPU at
-    import."""
+    import. pydantic looks for plugins (observability hooks) in the entry points of every
+    installed distribution the first time it builds a validator: a sixth of `ri-merge validate`,
+    for hooks the command has no use for, so the command turns them off."""
     gc.set_threshold(50_000, 20, 20)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] not in SUBCOMMANDS and not args[0].startswith("-"):
         args.insert(0, "merge")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import Any
 
 
 class UserError(Exception):
@@ -33,3 +34,16 @@ def closest(word: str, choices: Iterable[str]) -> str:
     """A ' (did you mean 'x'?)' hint, or '' when nothing is close."""
     match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """`value` quoted on one short line, for error messages about hostile input."""
+    if isinstance(value, int) and value.bit_length() > 10_000:  # repr refuses over 4300 digits
+        return f"a {value.bit_length()}-bit integer"
+    text = repr(value) if not isinstance(value, str) else repr(value)[1:-1]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def hint(word: Any, choices: Any) -> str:
+    """`closest` for a word that may be huge or not a string."""
+    return closest(word, choices) if isinstance(word, str) and len(word) <= 100 else ""

@@ -33,7 +33,7 @@ from pydantic import (
 )
 from yaml.nodes import MappingNode, Node, SequenceNode
 
-from .errors import UserError, closest
+from .errors import UserError, hint, shown
 
 Scalar = Union[bool, int, float, str]
 
@@ -43,19 +43,6 @@ MAX_NODES = 100_000  # values in the recipe once YAML aliases are expanded
 MAX_DOCUMENTS = 64  # stages of a multi-stage recipe
 MAX_DEPTH = 32  # nesting of mappings and lists (a real recipe nests 5 deep)
 INT64 = 2**63  # integers are kept below it: they end up in JSON, hashes and file offsets
-
-
-def shown(value: Any, limit: int = 60) -> str:
-    """`value` quoted on one short line, for error messages about hostile input."""
-    if isinstance(value, int) and value.bit_length() > 10_000:  # repr refuses over 4300 digits
-        return f"a {value.bit_length()}-bit integer"
-    text = repr(value) if not isinstance(value, str) else repr(value)[1:-1]
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def hint(word: Any, choices: Any) -> str:
-    """`closest` for a word that may be huge or not a string."""
-    return closest(word, choices) if isinstance(word, str) and len(word) <= 100 else ""
 
 
 class FilteredValue(BaseModel):

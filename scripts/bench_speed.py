@@ -9,6 +9,12 @@ writes one recipe per method that both tools accept, warms the page cache, then 
 `--reps` times, alternating which goes first, and reports the median wall time and the peak
 RSS of the child process. The "floor" is what no merge can beat: starting Python and importing
 torch, plus reading every input byte once from the page cache.
+
+    python scripts/bench_speed.py --startup [--reps 10] [--markdown]
+
+times the short commands instead (`--help`, `version`, `methods`, `validate`, `--dry-run` and a
+merge of a tiny model, against `mergekit-yaml --help` and its tiny merge): medians of wall and
+CPU time, and how many modules each loads, torch or not.
 """
 
 from __future__ import annotations
@@ -30,7 +36,14 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from mergekit_ri.synthetic import LlamaShape, base_weights, expert_weights, finetune_weights, save_checkpoint
+from mergekit_ri.synthetic import (
+    LlamaShape,
+    base_weights,
+    expert_weights,
+    finetune_weights,
+    make_family,
+    save_checkpoint,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mergekit_venv import find_mergekit  # noqa: E402  (shared with parity_mergekit.py)
@@ -493,6 +506,147 @@ def floor_line(import_s: float, read_s: float, input_bytes: int) -> str:
     )
 
 
+# ---------------------------------------------------------------- start-up
+
+STARTUP_SHAPE = LlamaShape(vocab=64, hidden=16, intermediate=40, layers=2, heads=2, kv_heads=1)
+
+# Runs ri-merge's CLI in this interpreter (argv[2:]) and writes the modules it loaded to argv[1].
+MODULES_PROBE = """
+import json, sys
+from mergekit_ri.cli import main
+try:
+    main(sys.argv[2:])
+except SystemExit:
+    pass
+with open(sys.argv[1], "w") as sink:
+    json.dump({"modules": len(sys.modules), "torch": "torch" in sys.modules}, sink)
+"""
+
+
+@dataclass
+class Startup:
+    """All runs of one short command, and what a run of it imports (ri-merge's commands only)."""
+
+    name: str
+    runs: list[Run]
+    modules: int | None = None
+    torch: bool | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(r.returncode == 0 for r in self.runs)
+
+
+def startup_commands(recipe: Path, out: Path, mergekit: str | None) -> list[tuple[str, list[str], bool]]:
+    """(label, argv, whether it is ri-merge's CLI) of each short command, with Python's own floors."""
+    ri = ri_merge_exe()
+    rows = [
+        ("python -c pass", [sys.executable, "-c", "pass"], False),
+        ("python -c 'import torch'", [sys.executable, "-c", "import torch"], False),
+        ("ri-merge --help", [*ri, "--help"], True),
+        ("ri-merge version", [*ri, "version"], True),
+        ("ri-merge methods", [*ri, "methods"], True),
+        ("ri-merge validate", [*ri, "validate", str(recipe)], True),
+        ("ri-merge --dry-run", [*ri, str(recipe), "--dry-run"], True),
+        ("ri-merge (tiny merge)", [*ri, str(recipe), "-o", str(out / "ri"), "--force", "-q"], True),
+    ]
+    if mergekit:
+        rows += [
+            ("mergekit-yaml --help", [mergekit, "--help"], False),
+            ("mergekit-yaml (tiny merge)", mergekit_command(mergekit, recipe, out / "mergekit"), False),
+        ]
+    return rows
+
+
+def cli_args(argv: list[str]) -> list[str]:
+    """The arguments after the ri-merge executable (or its `python -c` stand-in)."""
+    return argv[len(ri_merge_exe()) :]
+
+
+def bench_startup(work: Path, reps: int, mergekit: str | None) -> list[Startup]:
+    """Each short command `reps` times in turn (round-robin, so load drifts hit all alike)."""
+    folders = make_family(
+        work / "models", ["expert1", "expert2", "expert3"], shape=STARTUP_SHAPE, dtype=DTYPE
+    )
+    recipe = write_recipe(work / "ties.yaml", recipe_for("ties", folders))
+    commands = startup_commands(recipe, work / "out", mergekit)
+    results = [Startup(name, []) for name, _, _ in commands]
+    for rep in range(reps + 1):  # one warm-up round, not counted
+        for (name, argv, _), result in zip(commands, results):
+            run = run_child(argv, work / "logs" / f"{name.replace(' ', '_').replace(chr(39), '')}.log")
+            if rep > 0 or run.returncode != 0:
+                result.runs.append(run)
+            if name.endswith("(tiny merge)"):
+                remove(work / "out")
+    for (name, argv, is_ri), result in zip(commands, results):
+        if is_ri:
+            probe = work / "logs" / "modules.json"
+            subprocess.run(
+                [sys.executable, "-c", MODULES_PROBE, str(probe), *cli_args(argv)],
+                capture_output=True,
+                check=True,
+            )
+            found = json.loads(probe.read_text())
+            result.modules, result.torch = found["modules"], found["torch"]
+            remove(work / "out")
+    return results
+
+
+STARTUP_HEADERS = ["command", "median wall s", "median CPU s", "modules loaded", "imports torch"]
+
+
+def startup_rows(results: list[Startup]) -> list[list[str]]:
+    """command | median wall s | median CPU s (user + system) | modules loaded | torch imported."""
+    rows = []
+    for r in results:
+        if not r.ok:
+            rows.append([r.name, "failed", "—", "—", "—"])
+            continue
+        rows.append(
+            [
+                r.name,
+                f"{statistics.median(x.seconds for x in r.runs):.3f}",
+                f"{statistics.median(x.cpu_seconds for x in r.runs):.3f}",
+                "—" if r.modules is None else str(r.modules),
+                "—" if r.torch is None else ("yes" if r.torch else "no"),
+            ]
+        )
+    return rows
+
+
+def format_startup(rows: list[list[str]], markdown: bool) -> str:
+    """The start-up table as Markdown or aligned text."""
+    if markdown:
+        lines = ["| " + " | ".join(STARTUP_HEADERS) + " |", "|---|" + "---:|" * (len(STARTUP_HEADERS) - 1)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(STARTUP_HEADERS)]
+    line = lambda cells: "  ".join(
+        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+    )
+    return "\n".join([line(STARTUP_HEADERS), line(["-" * w for w in widths])] + [line(row) for row in rows])
+
+
+def startup_main(args: argparse.Namespace) -> int:
+    """`--startup`: the short commands' table."""
+    work = args.workdir.resolve() / "startup"
+    load = warn_if_busy()
+    mergekit = None if args.no_mergekit else find_mergekit(args.mergekit)
+    results = bench_startup(work, args.reps, mergekit)
+    report = "\n".join(
+        [
+            f"start-up: median of {args.reps} run(s) each (round-robin after a warm-up round), "
+            f"{os.cpu_count()} CPU(s), load average {load:.2f} at start; tiny merge: TIES over "
+            f"base + 3 experts of {shape_params(STARTUP_SHAPE)} parameters",
+            "",
+            format_startup(startup_rows(results), args.markdown),
+        ]
+    )
+    print(report)
+    if args.out:
+        args.out.write_text(report + "\n")
+    return 0 if all(r.ok for r in results) else 1
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -529,6 +683,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda: ri-merge --device, and mergekit --cuda")
     parser.add_argument("--out", type=Path, default=None, help="also write the report to this file")
     parser.add_argument(
+        "--startup",
+        action="store_true",
+        help="time the short commands (--help, methods, validate, --dry-run, a tiny merge) instead",
+    )
+    parser.add_argument(
         "--family",
         choices=sorted(FAMILIES),
         default="finetune",
@@ -539,6 +698,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.startup:
+        return startup_main(args)
     work = args.workdir.resolve()
     shape = shape_for(parse_count(args.params))
     key = shape_key(shape) + ("" if args.family == "noise" else f"-{args.family}")  # "noise": the older cache

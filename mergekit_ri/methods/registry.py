@@ -15,9 +15,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UserError
+from ..errors import UserError, hint, shown
 from ..lazy import torch
-from ..recipe import hint, shown
 
 if TYPE_CHECKING:
     from ..recipe import Recipe

@@ -1,0 +1,144 @@
+"""Start-up: the commands that read only YAML and headers (`--help`, `version`, `methods`,
+`validate`, `--dry-run`) import no torch, and print exactly what they print with torch loaded."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import write_recipe
+
+from mergekit_ri.io.sources import ST_DTYPES, ST_ITEMSIZE
+from mergekit_ri.lazy import LazyModule
+
+# Runs each command line of argv[2] (JSON) through the CLI in this one fresh interpreter, after
+# importing torch first when argv[1] says so; prints each one's exit code, output and whether
+# torch was imported by then.
+PROBE = r"""
+import contextlib, io, json, sys
+if sys.argv[1] == "torch":
+    import torch  # noqa: F401
+from mergekit_ri.cli import main
+results = []
+for args in json.loads(sys.argv[2]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(args)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+    results.append({"args": args, "code": code, "stdout": out.getvalue(), "stderr": err.getvalue(),
+                    "torch": "torch" in sys.modules})
+print(json.dumps(results))
+"""
+
+
+def probe(commands: list[list[str]], preload_torch: bool) -> list[dict]:
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, "torch" if preload_torch else "-", json.dumps(commands)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(proc.stdout)
+
+
+def header_only_commands(tmp_path: Path, family) -> list[tuple[list[str], int]]:
+    """(command line, exit code): every header-only path, sliced and multi-stage recipes, and
+    refusals (an unknown method; a damaged header, found from the header)."""
+    models = [{"model": str(family[n]), "parameters": {"weight": 1.0, "density": 0.5}} for n in "abc"]
+    ties = write_recipe(
+        tmp_path / "ties.yaml", merge_method="ties", base_model=str(family["base"]), models=models
+    )
+    sliced = write_recipe(
+        tmp_path / "sliced.yaml",
+        merge_method="passthrough",
+        slices=[{"sources": [{"model": str(family[n]), "layer_range": [0, 2]}]} for n in "ab"],
+    )
+    stages = tmp_path / "stages.yaml"
+    first = {"name": "soup", "merge_method": "linear", "models": [{"model": str(family[n])} for n in "ab"]}
+    final = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(family["base"]),
+        "models": [{"model": "soup"}],
+    }
+    stages.write_text("---\n".join(yaml.safe_dump(d, sort_keys=False) for d in (first, final)))
+    unknown = write_recipe(tmp_path / "unknown.yaml", merge_method="tie", models=models)
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "model.safetensors").write_bytes((10**9).to_bytes(8, "little") + b"{}")
+    broken = write_recipe(
+        tmp_path / "broken.yaml", merge_method="linear", models=[{"model": str(damaged)}, *models[:1]]
+    )
+    return [
+        (["--help"], 0),
+        (["version"], 0),
+        (["methods"], 0),
+        (["methods", "--json"], 0),
+        (["validate", str(ties)], 0),
+        (["validate", str(ties), "--json"], 0),
+        ([str(ties), "--dry-run"], 0),
+        (["merge", str(ties), "--dry-run", "--json"], 0),
+        ([str(sliced), "--dry-run"], 0),
+        ([str(stages), "--dry-run"], 0),
+        (["validate", str(unknown)], 2),
+        ([str(broken), "--dry-run"], 2),
+    ]
+
+
+def test_header_only_commands_import_no_torch_and_print_what_they_print_with_it(tmp_path, family):
+    cases = header_only_commands(tmp_path, family)
+    commands = [args for args, _ in cases]
+    lazy, eager = probe(commands, preload_torch=False), probe(commands, preload_torch=True)
+    for (args, code), without, with_torch in zip(cases, lazy, eager):
+        assert not without["torch"], f"ri-merge {' '.join(args)} imported torch"
+        assert with_torch["torch"]  # the probe sees torch when it is there
+        assert without["code"] == with_torch["code"] == code, (args, without["stderr"])
+        assert without["stdout"] == with_torch["stdout"], args
+        assert without["stderr"] == with_torch["stderr"], args
+        assert without["stdout"] or without["stderr"], args  # each said something
+    assert "ties" in json.loads(lazy[3]["stdout"]) and json.loads(lazy[5]["stdout"])["valid"]
+    assert "unknown merge_method 'tie'" in lazy[-2]["stderr"] and "corrupt" in lazy[-1]["stderr"]
+
+
+def test_safetensors_dtypes_are_read_without_torch_and_map_to_torch_on_use():
+    """`ST_DTYPES` acts as the dict of torch dtypes it was; header checks use `ST_ITEMSIZE`."""
+    expected = {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
+    assert dict(ST_DTYPES) == expected and sorted(ST_DTYPES) == sorted(expected)
+    assert {code: dtype.itemsize for code, dtype in expected.items()} == ST_ITEMSIZE
+    assert "BF16" in ST_DTYPES and "F8_E4M3" not in ST_DTYPES and 3 not in ST_DTYPES
+    with pytest.raises(KeyError):
+        ST_DTYPES["F8_E4M3"]
+
+
+def test_the_lazy_module_imports_on_first_use_and_forwards_to_the_real_one():
+    code = (
+        "import sys; from mergekit_ri.lazy import torch; before = 'torch' in sys.modules; "
+        "dtype = torch.bfloat16; import torch as real; "
+        "print(before, 'torch' in sys.modules, dtype is real.bfloat16, torch.nn.functional is real.nn.functional)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.split() == ["False", "True", "True", "True"]
+    lazy = LazyModule("json")
+    assert lazy.dumps([1]) == "[1]" and "lazy module 'json'" in repr(lazy)
+    with pytest.raises(AttributeError):
+        lazy.no_such_function  # noqa: B018
+    with pytest.raises(AttributeError):  # dunder probes (copy, pickle, inspect) do not import
+        lazy.__wrapped__  # noqa: B018
