@@ -744,12 +744,16 @@ def main(argv: list[str] | None = None) -> None:
     10% of a small merge). Cycles are still collected, just in bigger batches. numpy's OpenBLAS
     (which no merge uses) gets one thread: its idle workers otherwise spin for 0.1 s of CPU at
     import. pydantic looks for plugins (observability hooks) in the entry points of every
-    installed distribution the first time it builds a validator: a sixth of `ri-merge validate`,
-    for hooks the command has no use for, so the command turns them off."""
+    installed distribution the first time it builds a validator, for hooks these commands have
+    no use for: they are turned off. `ri-merge version` is answered before typer parses
+    anything, which would import pydantic for an option-less command (half of its start-up)."""
     gc.set_threshold(50_000, 20, 20)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     args = list(sys.argv[1:] if argv is None else argv)
+    if args == ["version"]:
+        print(__version__)
+        sys.exit(0)  # as typer ends a command
     if args and args[0] not in SUBCOMMANDS and not args[0].startswith("-"):
         args.insert(0, "merge")
     app(args, prog_name="ri-merge")

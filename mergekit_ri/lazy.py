@@ -4,8 +4,10 @@
 headers only, yet they load the method modules (whose parameters `methods` prints and `validate`
 checks) and the planner, which are written against torch; importing torch takes 1.5-5 s, ten
 times the rest of such a command. These modules write `from .lazy import torch` instead of
-`import torch`: a stand-in that imports torch on the first attribute access (a tensor touched)
-and forwards every access to it from then on. `torch` is not in `sys.modules` until then, and
+`import torch`: a stand-in that imports torch on the first attribute access (a tensor touched).
+Then every module's global `torch` (`mergekit_ri.lazy.torch` itself included) still bound to
+the stand-in is rebound to the real module, so from there on those modules hold torch exactly as
+`import torch` would have given it, at no cost per access. `torch` is not in `sys.modules` until then, and
 type checkers see the real module.
 
 Rules for the modules that use it: no `torch.` at import time (module constants, default
@@ -24,13 +26,23 @@ __all__ = ["LazyModule", "torch"]
 
 
 class LazyModule(ModuleType):
-    """A module imported on the first attribute access; every access is forwarded to it."""
+    """A module imported on the first attribute access, which then takes this stand-in's place
+    as a global of every loaded module that bound it under the module's own name (`from .lazy
+    import torch`); an access through any other reference is forwarded."""
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") and name.endswith("__"):  # copy, pickle, inspect probing: no import
             raise AttributeError(name)
         module = sys.modules.get(self.__name__) or importlib.import_module(self.__name__)
+        self._replace_with(module)
         return getattr(module, name)
+
+    def _replace_with(self, module: ModuleType) -> None:
+        key = self.__name__.rpartition(".")[2]
+        for loaded in list(sys.modules.values()):
+            namespace = getattr(loaded, "__dict__", None)
+            if isinstance(namespace, dict) and namespace.get(key) is self:
+                namespace[key] = module
 
     def __repr__(self) -> str:
         loaded = "loaded" if self.__name__ in sys.modules else "not imported yet"

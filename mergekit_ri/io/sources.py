@@ -9,7 +9,6 @@ memory maps: mapped pages of an open file count in RSS as the merge moves on, bu
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
@@ -417,6 +416,8 @@ class TensorReader:
                 or out.device.type != "cpu"
             ):
                 raise ValueError(f"read into a buffer of the wrong kind for {ref.path}")
+            import ctypes  # here: header checks need none
+
             buffer = (ctypes.c_char * ref.nbytes).from_address(out.data_ptr()) if ref.nbytes else bytearray()
         else:
             buffer = bytearray(ref.nbytes)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # annotations only: the engine imports this without torch (`mergekit_ri.lazy`)
+if TYPE_CHECKING:  # annotations only: --dry-run imports this (reading.py) without torch
     import torch
 
 
