@@ -588,10 +588,11 @@ def bench_startup(work: Path, reps: int, mergekit: str | None) -> list[Startup]:
     for (name, argv, is_ri), result in zip(commands, results):
         if is_ri:
             probe = work / "logs" / "modules.json"
-            subprocess.run(
+            subprocess.run(  # run from the workdir: `python -c` puts the current folder on sys.path
                 [sys.executable, "-c", MODULES_PROBE, str(probe), *cli_args(argv)],
                 capture_output=True,
                 check=True,
+                cwd=work,
             )
             found = json.loads(probe.read_text())
             result.modules, result.torch = found["modules"], found["torch"]
