@@ -47,27 +47,28 @@ ROW_NAMES = {
 class DemoSettings:
     """Everything that decides the numbers (`FULL` for the CLI, `QUICK` for tests)."""
 
-    tasks: tuple[str, ...] = ("shapes", "stripes", "count", "digits")
+    tasks: tuple[str, ...] = ("shapes", "stripes", "textures", "digits")
     train: int = 600  # examples per task
     test: int = 400
     pretext: int = 2400
     hidden: int = 48
     layers: int = 2
-    pretrain_epochs: float = 4.0
+    pretrain_epochs: float = 6.0
     pretrain_lr: float = 2e-3
-    probe_shots: int = 8  # examples per class each probe head is fitted on
-    expert_epochs: float = 4.0
-    expert_lr: float = 1e-3
+    probe_shots: int = 20  # examples per class each probe head is fitted on
+    expert_epochs: float = 10.0
+    expert_lr: float = 2e-3
     batch: int = 64
     aux: int = 512
-    ri_steps: int = 120
-    ri_lr: float = 1e-3
+    aux_task_like: bool = True  # half of the auxiliary images unlabeled ones of the tasks' kinds
+    ri_steps: int = 150
+    ri_lr: float = 2e-3
     ri_batch: int = 64
     seed: int = 0
 
 
 FULL = DemoSettings()
-QUICK = replace(FULL, train=300, test=200, pretext=1200, ri_steps=60)
+QUICK = replace(FULL, test=200, ri_steps=80)
 
 
 @dataclass
@@ -307,7 +308,7 @@ def recipe_text(settings: DemoSettings, tasks: list[TaskData], folder: Path, ri:
     if ri:
         text += (
             "resolve_interference:\n"
-            "  auxiliary_data: auxiliary.safetensors   # unlabeled noise and scribbles, key 'inputs'\n"
+            "  auxiliary_data: auxiliary.safetensors   # unlabeled images (key 'inputs'), none a training image\n"
             f"  steps: {settings.ri_steps}\n"
             f"  batch_size: {settings.ri_batch}\n"
             f"  lr: {settings.ri_lr}                # the paper's 1e-6 is for CLIP-size weights\n"
@@ -389,7 +390,14 @@ def ri_demo(
         tasks = make_tasks(settings.tasks, settings.train, settings.test, settings.seed)
         from safetensors.torch import save_file
 
-        save_file({"inputs": make_auxiliary(settings.aux, settings.seed)}, folder / "auxiliary.safetensors")
+        save_file(
+            {
+                "inputs": make_auxiliary(
+                    settings.aux, settings.seed, settings.tasks if settings.aux_task_like else ()
+                )
+            },
+            folder / "auxiliary.safetensors",
+        )
         base_scores = build_models(folder, tasks, settings, bars)
         (folder / "settings.json").write_text(json.dumps(asdict(settings), indent=1))
         recipe, plain_recipe = folder / "recipe.yaml", folder / "recipe-no-ri.yaml"

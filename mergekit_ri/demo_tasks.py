@@ -179,14 +179,31 @@ MAKERS: dict[str, Maker] = {
 }
 
 
+def draw(name: str, split: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """`n` images of task `name`, from a stream of their own per split (so that a smaller test
+    split leaves the training split, and everything trained on it, unchanged)."""
+    images, labels, label_names = MAKERS[name](np.random.default_rng(seed_for(f"{name}:{split}", seed)), n)
+    return pixel_values(images), torch.from_numpy(labels.astype(np.int64)), label_names
+
+
 def make_tasks(names: tuple[str, ...], train: int, test: int, seed: int) -> list[TaskData]:
     tasks = []
     for name in names:
-        rng = np.random.default_rng(seed_for(name, seed))
-        images, labels, label_names = MAKERS[name](rng, train + test)
-        x, y = pixel_values(images), torch.from_numpy(labels.astype(np.int64))
-        tasks.append(TaskData(name, label_names, x[:train], y[:train], x[train:], y[train:]))
+        train_x, train_y, label_names = draw(name, "train", train, seed)
+        test_x, test_y, _ = draw(name, "test", test, seed)
+        tasks.append(TaskData(name, label_names, train_x, train_y, test_x, test_y))
     return tasks
+
+
+def unlabeled_task_images(names: tuple[str, ...], n: int, seed: int) -> np.ndarray:
+    """`n` fresh images of the tasks' kinds, labels thrown away, as [0, 1] floats."""
+    per = [n // len(names) + (i < n % len(names)) for i in range(len(names))]
+    return np.concatenate(
+        [
+            MAKERS[name](np.random.default_rng(seed_for(f"{name}:unlabeled", seed)), k)[0]
+            for name, k in zip(names, per)
+        ]
+    )
 
 
 def ink_quadrant(x: torch.Tensor) -> torch.Tensor:
@@ -257,7 +274,7 @@ def ellipses(rng: np.random.Generator, n: int) -> np.ndarray:
         u = np.cos(t) * (gx - cx) + np.sin(t) * (gy - cy)
         v = -np.sin(t) * (gx - cx) + np.cos(t) * (gy - cy)
         keep = rng.random((n, 1, 1)) < 0.6
-        out = np.maximum(out, keep / (1 + np.exp(((u / a) ** 2 + (v / b) ** 2 - 1) / 0.2)))
+        out = np.maximum(out, keep / (1 + np.exp(np.minimum(((u / a) ** 2 + (v / b) ** 2 - 1) / 0.2, 50.0))))
     return out
 
 
@@ -271,12 +288,15 @@ def bit_blocks(rng: np.random.Generator, n: int) -> np.ndarray:
     return out
 
 
-def make_auxiliary(n: int, seed: int) -> torch.Tensor:
-    """RI's unlabeled auxiliary images, from generators no task uses: smooth noise, scribbles,
-    random ellipses and random bit blocks, a quarter each."""
+def make_auxiliary(n: int, seed: int, tasks: tuple[str, ...] = ()) -> torch.Tensor:
+    """RI's unlabeled auxiliary images: from generators no task uses (smooth noise, scribbles,
+    random ellipses, random bit blocks), and with `tasks` half of them fresh unlabeled images of
+    those tasks' kinds."""
     rng = np.random.default_rng(seed_for("auxiliary", seed))
-    k = n // 4
+    own = n // 2 if tasks else 0
+    k = (n - own) // 4
     images = np.concatenate(
-        [smooth_noise(rng, k), scribbles(rng, k), ellipses(rng, k), bit_blocks(rng, n - 3 * k)]
+        [smooth_noise(rng, k), scribbles(rng, k), ellipses(rng, k), bit_blocks(rng, n - own - 3 * k)]
+        + ([unlabeled_task_images(tasks, own, seed)] if own else [])
     )
     return pixel_values(finish(images[rng.permutation(n)], rng)).contiguous()
