@@ -187,6 +187,8 @@ def _print_plan(plan, console: Console) -> None:
             ),
         )
     console.print(table)
+    for label, note in summary.get("inputs", {}).items():
+        console.print(f"input {label}: {note}", markup=False)
     for warning in summary["warnings"]:
         console.print(f"warning: {warning}", markup=False)
 

@@ -131,8 +131,14 @@ class MergePlan:
                 label: {n: list(r.shape) for n, r in refs.items()} for label, refs in self.heads.items()
             },
             "heads_default": self.heads_default,
+            "inputs": {m.label: m.note for m in self.sources if m.note},
             "warnings": self.warnings,
         }
+
+    @property
+    def sources(self) -> list[ModelSource]:
+        """The base (when there is one) and the experts."""
+        return ([self.base] if self.base else []) + self.experts
 
 
 def _label(reference: str, index: int, taken: set[str]) -> str:
