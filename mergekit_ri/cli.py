@@ -528,7 +528,7 @@ CacheOpt = Annotated[
     Optional[str],
     _noop("--transformers-cache", text="No effect: downloads go to the Hugging Face cache (HF_HOME)."),
 ]
-NO_LORA = "No effect: LoRA inputs are not supported."
+NO_LORA = "No effect: LoRA adapters are applied per tensor in fp32 while streaming; no merged copy is cached."
 LoraCacheOpt = Annotated[Optional[str], _noop("--lora-merge-cache", text=NO_LORA)]
 LoraDtypeOpt = Annotated[Optional[str], _noop("--lora-merge-dtype", text=NO_LORA)]
 

@@ -248,9 +248,8 @@ def check_compatible(
             warnings.append(
                 f"model '{model.label}' has {len(extra)} tensor(s) the base lacks, ignored (e.g. '{extra[0]}')"
             )
-        mixed = sorted(
-            {m.dtype for m in model.tensors.values()} - {r.dtype for r in reference.tensors.values()}
-        )
+        stored = {m.dtype for m in model.tensors.values() if getattr(m, "lora_a", None) is None}
+        mixed = sorted(stored - {r.dtype for r in reference.tensors.values()})  # LoRA'd tensors come as fp32
         if mixed:
             warnings.append(
                 f"model '{model.label}' stores {', '.join(mixed)} tensors where the base differs; all maths is fp32"

@@ -396,6 +396,8 @@ class TensorReader:
         With `out` (a contiguous CPU tensor of the right size, e.g. one row of a stacked buffer)
         the bytes land there directly; `pin` reads into page-locked memory for fast, asynchronous
         copies to a GPU."""
+        if getattr(ref, "lora_a", None) is not None:
+            return self._read_lora(ref, rows, out, pin)
         if rows is not None:
             row_bytes = ref.nbytes // ref.shape[0]
             ref = TensorRef(
@@ -435,6 +437,29 @@ class TensorReader:
         if ref.nbytes == 0:
             return torch.empty(ref.shape, dtype=dtype)
         return torch.frombuffer(buffer, dtype=dtype).reshape(ref.shape)
+
+    def _read_lora(
+        self, ref: TensorRef, rows: tuple[int, int] | None, out: torch.Tensor | None, pin: bool
+    ) -> torch.Tensor:
+        """W + scale·B·A (see `lora.LoraTensorRef`) for the rows asked, in fp32: only those rows of
+        the base and of the factor along them are read, so memory is that of the rows."""
+        weight = self.read(ref.weight, rows).float()  # type: ignore[attr-defined]
+        lora_a = self.read(ref.lora_a).float()  # type: ignore[attr-defined]
+        if ref.transpose:  # type: ignore[attr-defined]
+            lora_b = self.read(ref.lora_b).float()  # type: ignore[attr-defined]
+            part = lora_a if rows is None else lora_a[:, rows[0] : rows[1]]
+            delta = (lora_b @ part).T
+        else:
+            delta = self.read(ref.lora_b, rows).float() @ lora_a  # type: ignore[attr-defined]
+        result = weight.add_(delta * ref.scale)  # type: ignore[attr-defined]
+        if out is None and pin:
+            out = torch.empty(result.shape, dtype=torch.float32, pin_memory=True)
+        if out is not None:
+            if out.dtype != torch.float32 or out.numel() != result.numel() or out.device.type != "cpu":
+                raise ValueError(f"read into a buffer of the wrong kind for {ref.name}")
+            out.view(result.shape).copy_(result)
+            return out.view(result.shape)
+        return result
 
     def close(self) -> None:
         for fd in self._fds.values():
