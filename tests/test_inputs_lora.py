@@ -19,10 +19,9 @@ from conftest import (
     tree_digest,
     write_recipe,
 )
-from helpers import save_lora_adapter
 
 from mergekit_ri.io.sources import TensorReader, load_source
-from mergekit_ri.synthetic import LlamaShape, make_family, save_checkpoint
+from mergekit_ri.synthetic import LlamaShape, make_family, save_checkpoint, save_lora_adapter
 
 TARGETS = [f"model.layers.{i}.{m}" for i in range(TINY.layers) for m in ("self_attn.q_proj", "mlp.down_proj")]
 
