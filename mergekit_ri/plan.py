@@ -248,7 +248,7 @@ def check_compatible(
             warnings.append(
                 f"model '{model.label}' has {len(extra)} tensor(s) the base lacks, ignored (e.g. '{extra[0]}')"
             )
-        stored = {m.dtype for m in model.tensors.values() if getattr(m, "lora_a", None) is None}
+        stored = {m.dtype for m in model.tensors.values() if getattr(m, "lora_b", None) is None}
         mixed = sorted(stored - {r.dtype for r in reference.tensors.values()})  # LoRA'd tensors come as fp32
         if mixed:
             warnings.append(

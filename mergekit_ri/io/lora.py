@@ -32,17 +32,18 @@ from .sources import (
 
 PREFIX = "base_model.model."
 _FACTOR = re.compile(
-    r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$|^(?P<emb>.+)\.lora_embedding_(?P<ekind>[AB])$"
+    r"^(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_B\.bias)$"
+    r"|^(?P<emb>.+)\.lora_embedding_(?P<ekind>[AB])$"
 )
 _UNSUPPORTED = {
     "use_dora": "DoRA (use_dora)",
-    "lora_bias": "LoRA biases (lora_bias)",
 }
 
 
 @dataclass(frozen=True)
 class LoraTensorRef(TensorRef):
-    """A base tensor with a LoRA update: read as fp32 W + scale·(B·A) (transposed when `transpose`).
+    """A base tensor with a LoRA update: read as fp32 W + scale·(B·A) (transposed when `transpose`),
+    or for a bias (`lora_a` None) b + scale·lora_B.bias.
 
     `path`/`start` are the base tensor's (reads are ordered by them); `dtype` is F32, the dtype
     the adapted tensor is handed to the merge in."""
@@ -184,6 +185,7 @@ def load_lora_source(reference: str, label: str, relative_to: Path | None = None
     tensors = dict(base.tensors)
     factors: dict[str, dict[str, TensorRef]] = {}
     embedding: set[str] = set()
+    biases: dict[str, TensorRef] = {}
     replaced = 0
     for key, ref in refs.items():
         if not key.startswith(PREFIX):
@@ -198,7 +200,10 @@ def load_lora_source(reference: str, label: str, relative_to: Path | None = None
             replaced += 1
             continue
         module = match["module"] or match["emb"]
-        kind = match["kind"] or f"lora_{match['ekind']}"
+        kind = (match["kind"] or f"lora_{match['ekind']}.weight").replace(".weight", "")
+        if kind == "lora_B.bias":
+            biases[module] = ref
+            continue
         if match["emb"]:
             embedding.add(module)
         factors.setdefault(module, {})[kind] = ref
@@ -206,12 +211,14 @@ def load_lora_source(reference: str, label: str, relative_to: Path | None = None
         tensors[f"{module}.weight"] = _adapted(
             module, pair, tensors, config, module in embedding, weights, base
         )
+    for module, ref in biases.items():  # lora_bias: b + scale·lora_B.bias
+        tensors[f"{module}.bias"] = _adapted_bias(module, ref, tensors, config, weights, base)
     if not factors and not replaced:
         raise UserError(f"{weights}: the adapter holds no LoRA weights")
     digest = hashlib.sha256(base.fingerprint.encode() + raw + config_path.read_bytes()).hexdigest()[:16]
     scales = sorted({round(config.scale(m)[1], 6) for m in factors})
     note = (
-        f"base {parts[0]} + LoRA adapter {parts[1]} ({len(factors)} tensors adapted, scale "
+        f"base {parts[0]} + LoRA adapter {parts[1]} ({len(factors) + len(biases)} tensors adapted, scale "
         f"{', '.join(f'{s:g}' for s in scales)}{f', {replaced} replaced' if replaced else ''}), "
         "applied per tensor while streaming"
     )
@@ -281,3 +288,24 @@ def _adapted(
     return LoraTensorRef(
         weight.path, "F32", weight.shape, weight.start, weight.end, name, weight, a, b, scale, transpose
     )
+
+
+def _adapted_bias(
+    module: str,
+    ref: TensorRef,
+    tensors: dict[str, TensorRef],
+    config: LoraConfig,
+    weights: Path,
+    base: ModelSource,
+) -> LoraTensorRef:
+    name = f"{module}.bias"
+    bias = tensors.get(name)
+    if bias is None:
+        raise UserError(f"{weights}: LoRA bias of '{module}' has no '{name}' in the base {base.reference}")
+    if bias.shape != ref.shape or ref.dtype not in FLOAT_CODES:
+        raise UserError(
+            f"{weights}: LoRA bias of '{module}' has shape {list(ref.shape)} but the base has "
+            f"'{name}' of shape {list(bias.shape)}"
+        )
+    scale = config.scale(module)[1]
+    return LoraTensorRef(bias.path, "F32", bias.shape, bias.start, bias.end, name, bias, None, ref, scale)

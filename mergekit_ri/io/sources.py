@@ -396,7 +396,7 @@ class TensorReader:
         With `out` (a contiguous CPU tensor of the right size, e.g. one row of a stacked buffer)
         the bytes land there directly; `pin` reads into page-locked memory for fast, asynchronous
         copies to a GPU."""
-        if getattr(ref, "lora_a", None) is not None:
+        if getattr(ref, "lora_b", None) is not None:
             return self._read_lora(ref, rows, out, pin)
         if rows is not None:
             row_bytes = ref.nbytes // ref.shape[0]
@@ -444,12 +444,15 @@ class TensorReader:
         """W + scale·B·A (see `lora.LoraTensorRef`) for the rows asked, in fp32: only those rows of
         the base and of the factor along them are read, so memory is that of the rows."""
         weight = self.read(ref.weight, rows).float()  # type: ignore[attr-defined]
-        lora_a = self.read(ref.lora_a).float()  # type: ignore[attr-defined]
-        if ref.transpose:  # type: ignore[attr-defined]
+        if ref.lora_a is None:  # type: ignore[attr-defined]  # a bias: b + scale·lora_B.bias
+            delta = self.read(ref.lora_b, rows).float()  # type: ignore[attr-defined]
+        elif ref.transpose:  # type: ignore[attr-defined]
+            lora_a = self.read(ref.lora_a).float()  # type: ignore[attr-defined]
             lora_b = self.read(ref.lora_b).float()  # type: ignore[attr-defined]
             part = lora_a if rows is None else lora_a[:, rows[0] : rows[1]]
             delta = (lora_b @ part).T
         else:
+            lora_a = self.read(ref.lora_a).float()  # type: ignore[attr-defined]
             delta = self.read(ref.lora_b, rows).float() @ lora_a  # type: ignore[attr-defined]
         result = weight.add_(delta * ref.scale)  # type: ignore[attr-defined]
         if out is None and pin:
