@@ -88,16 +88,6 @@ class ExtractPlan:
     modules_to_save: list[str]
     bytes_read: int
 
-    def summary(self) -> dict:
-        return {
-            "model": self.model.reference,
-            "base": self.base.reference,
-            "decomposed": len(self.decompose),
-            "saved_whole": len(self.save),
-            "modules_to_save": self.modules_to_save,
-            "bytes_read": self.bytes_read,
-        }
-
 
 @dataclass
 class ExtractResult:

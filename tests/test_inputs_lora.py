@@ -211,3 +211,35 @@ def test_lora_on_a_bf16_base_enters_the_merge_in_fp32(tmp_path: Path, stored: st
     expected, result = read_checkpoint(tmp_path / "p"), read_checkpoint(tmp_path / "l")
     for name, tensor in expected.items():
         assert result[name].dtype == torch.bfloat16 and torch.equal(result[name], tensor), name
+
+
+def test_lora_bias_adds_the_scaled_bias(tmp_path: Path) -> None:
+    """lora_bias (PEFT's `lora_B.bias`, which extract-lora writes for a module with a bias):
+    b + scale·lora_B.bias, rows read alone equal to the whole."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    base = {
+        "lin.weight": torch.randn(6, 5, generator=generator),
+        "lin.bias": torch.randn(6, generator=generator),
+    }
+    (tmp_path / "base").mkdir()
+    save_file(base, tmp_path / "base" / "model.safetensors")
+    factors = {
+        "base_model.model.lin.lora_A.weight": torch.randn(2, 5, generator=generator),
+        "base_model.model.lin.lora_B.weight": torch.randn(6, 2, generator=generator),
+        "base_model.model.lin.lora_B.bias": torch.randn(6, generator=generator),
+    }
+    (tmp_path / "adapter").mkdir()
+    save_file(factors, tmp_path / "adapter" / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 3, "lora_bias": True}
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    source = load_source(f"{tmp_path / 'base'}+{tmp_path / 'adapter'}", "x")
+    scale = 3 / 2
+    with TensorReader() as reader:
+        bias = reader.read(source.tensors["lin.bias"])
+        weight = reader.read(source.tensors["lin.weight"])
+        assert torch.equal(reader.read(source.tensors["lin.bias"], (2, 5)), bias[2:5])
+    torch.testing.assert_close(bias, base["lin.bias"] + scale * factors["base_model.model.lin.lora_B.bias"])
+    delta = factors["base_model.model.lin.lora_B.weight"] @ factors["base_model.model.lin.lora_A.weight"]
+    torch.testing.assert_close(weight, base["lin.weight"] + scale * delta)
