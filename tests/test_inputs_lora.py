@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import (
     TINY,
     assert_nothing_written,
@@ -104,6 +105,8 @@ def test_lora_expert_merges_as_the_premerged_expert(tmp_path: Path, models, case
         changed += not torch.equal(tensor, read_any(models["base"])[name])
     assert changed > len(TARGETS)
     assert not any(p.name.startswith("adapter") for p in (tmp_path / "lora").iterdir())
+    card = yaml.safe_load((tmp_path / "lora" / "README.md").read_text().split("---")[1])
+    assert card["base_model"] == [str(models["base"]), str(models["a"]), str(adapter)]  # as mergekit's card
 
 
 @pytest.mark.parametrize("transpose", [False, True])
