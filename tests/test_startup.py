@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import write_recipe
+from conftest import read_any, write_recipe
 
 from mergekit_ri.io.sources import ST_DTYPES, ST_ITEMSIZE
 from mergekit_ri.lazy import LazyModule
+from mergekit_ri.synthetic import save_lora_adapter
 
 # Runs each command line of argv[2] (JSON) through the CLI in this one fresh interpreter, after
 # importing torch first when argv[1] says so; prints each one's exit code, output and whether
@@ -50,8 +51,8 @@ def probe(commands: list[list[str]], preload_torch: bool) -> list[dict]:
 
 
 def header_only_commands(tmp_path: Path, family) -> list[tuple[list[str], int]]:
-    """(command line, exit code): every header-only path, sliced and multi-stage recipes, and
-    refusals (an unknown method; a damaged header, found from the header)."""
+    """(command line, exit code): every header-only path, sliced, multi-stage and LoRA recipes,
+    and refusals (an unknown method; a damaged header, found from the header)."""
     models = [{"model": str(family[n]), "parameters": {"weight": 1.0, "density": 0.5}} for n in "abc"]
     ties = write_recipe(
         tmp_path / "ties.yaml", merge_method="ties", base_model=str(family["base"]), models=models
@@ -69,6 +70,14 @@ def header_only_commands(tmp_path: Path, family) -> list[tuple[list[str], int]]:
         "models": [{"model": "soup"}],
     }
     stages.write_text("---\n".join(yaml.safe_dump(d, sort_keys=False) for d in (first, final)))
+    base = read_any(family["base"])
+    save_lora_adapter(tmp_path / "lora", base, [n[: -len(".weight")] for n in base if "q_proj" in n])
+    lora = write_recipe(
+        tmp_path / "lora.yaml",
+        merge_method="task_arithmetic",
+        base_model=str(family["base"]),
+        models=[{"model": f"{family['base']}+{tmp_path / 'lora'}"}, {"model": str(family["a"])}],
+    )
     unknown = write_recipe(tmp_path / "unknown.yaml", merge_method="tie", models=models)
     damaged = tmp_path / "damaged"
     damaged.mkdir()
@@ -87,6 +96,7 @@ def header_only_commands(tmp_path: Path, family) -> list[tuple[list[str], int]]:
         (["merge", str(ties), "--dry-run", "--json"], 0),
         ([str(sliced), "--dry-run"], 0),
         ([str(stages), "--dry-run"], 0),
+        (["validate", str(lora)], 0),
         (["validate", str(unknown)], 2),
         ([str(broken), "--dry-run"], 2),
     ]
