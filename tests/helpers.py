@@ -226,3 +226,74 @@ def load_family(family):
     base = {k: v.double() for k, v in read_any(family["base"]).items()}
     experts = [{k: v.double() for k, v in read_any(family[n]).items()} for n in NAMES]
     return base, experts
+
+
+# ---- different vocabularies (tests/test_vocab.py) ----
+
+ADDED_TOKENS = ("<tool>", "<think>", "</think>")
+
+
+def tiny_bpe(letters: str, seed: int = 0, added: tuple[str, ...] = ()):
+    """A 200-token byte-level BPE tokenizer trained offline on random words over `letters`,
+    plus `added` tokens (ids 200, 201, ...)."""
+    import random
+
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    rng = random.Random(seed)
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 7))) for _ in range(400)]
+    text = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        text, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"])
+    )
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    if added:
+        fast.add_tokens(list(added))
+    assert len(fast) == 200 + len(added)
+    return fast
+
+
+def tiny_llama(vocab: int, seed: int, tie: bool = False):
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config)
+
+
+def make_vocab_models(root: Path, tie: bool = False, template: str | None = None) -> dict[str, Path]:
+    """base and `a` share a 200-token BPE tokenizer; `b` has another one trained on other text,
+    with 3 added tokens (203 rows). Backbones drift from the base; embeddings are each model's own.
+    `template`: a chat template for `a` and `b` (the base has none)."""
+    first = tiny_bpe("abcdefghijklmnop", 0)
+    second = tiny_bpe("efghijklmnopqrstuvwxyz", 1, ADDED_TOKENS)
+    base = tiny_llama(200, 0, tie)
+    folders = {}
+    for name, tok, seed in (("base", first, 0), ("a", first, 1), ("b", second, 2)):
+        model = base if name == "base" else tiny_llama(len(tok), seed, tie)
+        if name != "base":
+            with torch.no_grad():
+                for key, param in model.named_parameters():
+                    if "embed_tokens" not in key and "lm_head" not in key:
+                        param.copy_(base.get_parameter(key) + 0.01 * torch.randn_like(param))
+        folders[name] = root / name
+        model.save_pretrained(folders[name])
+        tok.chat_template = template if name != "base" else None
+        tok.save_pretrained(folders[name])
+    return folders
