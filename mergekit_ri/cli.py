@@ -157,6 +157,20 @@ def _layer_source(layer: dict[str, Any]) -> str:
     return f"{layer['layer']} ← {sources}  (slice {layer['slice']}, t {layer['t']:.2f})"
 
 
+def _vocabulary_lines(vocab: dict[str, Any]) -> str:
+    """The output vocabulary: its size and source, where its tokens' rows come from, what is re-laid."""
+    lines = []
+    if "vocab_size" in vocab:
+        lines.append(
+            f"{vocab['vocab_size']} rows ({vocab['tokens']} tokens, tokenizer {vocab['tokenizer_source']})"
+        )
+        lines += [f"  {count} tokens: {origin}" for origin, count in vocab["token_rows"].items()]
+        lines += [f"re-laid: {name} ({', '.join(models)})" for name, models in vocab["remapped"].items()]
+    if "chat_template" in vocab:
+        lines.append(f"chat template: {vocab['chat_template']}")
+    return "\n".join(lines)
+
+
 def _print_plan(plan, console: Console) -> None:
     from rich.table import Table
 
@@ -177,6 +191,8 @@ def _print_plan(plan, console: Console) -> None:
     table.add_row("peak memory (est.)", _human(summary["peak_memory_estimate"]))
     if summary.get("layers"):  # slices: each output layer and where it comes from
         table.add_row("layers", "\n".join(_layer_source(layer) for layer in summary["layers"]))
+    if summary.get("vocabulary"):
+        table.add_row("vocabulary", _vocabulary_lines(summary["vocabulary"]))
     if summary["heads"]:
         table.add_row(
             "task heads",

@@ -342,7 +342,7 @@ def build_plan(recipe: Recipe, recipe_dir: Path | None = None) -> MergePlan:
     if recipe.heads_default is not None and is_head is None:
         raise UserError("recipe: heads_default needs heads (e.g. heads: auto)")
     heads, heads_default = find_heads(experts, is_head, recipe.heads_default) if is_head else ({}, None)
-    warnings = notes + check_compatible(reference, experts, is_head)
+    warnings = notes + (vocab.warnings if vocab else []) + check_compatible(reference, experts, is_head)
     out_code = recipe.output_dtype_code()
     backbone = {n: r for n, r in reference.tensors.items() if is_head is None or not is_head(n)}
     ordered = sorted(backbone.items(), key=lambda item: (str(item[1].path), item[1].start))

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..io.sources import ModelSource, read_json_object
-from .build import MISSING, BuiltTokenizer, build_tokenizer
+from .build import MISSING, TOKENIZER_MARKERS, BuiltTokenizer, build_tokenizer
 from .config import ModelTokenEmbedding, TokenEmbeddingConfig, ZeroEmbedding, named_template
 from .remap import Default, VocabTensor, remapped
 
@@ -47,6 +47,7 @@ class VocabPlan:
     remapped: dict[str, list[str]] = field(default_factory=dict)  # tensor → models re-laid
     chat_template: str | None = None  # the template text written, if any
     chat_template_choice: str | None = None  # as the recipe gives it (auto, a name, "jinja")
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"tokenizer_source": self.source}
@@ -120,13 +121,35 @@ def plan_vocabulary(
         base, experts = _remap_models(plan, built, models, reference, base, experts, tokens, pad, recipe)
     if recipe.chat_template is not None:
         plan = plan or VocabPlan(None, choice or "none")
-        plan.chat_template_choice = (
-            recipe.chat_template
-            if named_template(recipe.chat_template) or recipe.chat_template == "auto"
-            else "jinja"
-        )
-        plan.chat_template = resolve_chat_template(recipe.chat_template, models)
+        given = recipe.chat_template
+        plan.chat_template_choice = given if named_template(given) or given == "auto" else "jinja"
+        plan.chat_template = resolve_chat_template(given, models)
+        if plan.built is None and choice is None:
+            plan.warnings.append(
+                "chat_template is not saved: no tokenizer is written (--no-copy-tokenizer), as in mergekit"
+            )
+        elif plan.built is None:
+            holder = (
+                reference if choice in ("base", "union") else find_model(choice, models, "tokenizer_source")
+            )
+            if holder.folder is None or not any((holder.folder / n).is_file() for n in TOKENIZER_MARKERS):
+                raise UserError(
+                    f"model '{holder.label}' ({holder.reference}): no tokenizer files to set the "
+                    f"chat_template in (expected one of {', '.join(TOKENIZER_MARKERS)})"
+                )
     return plan, base, experts
+
+
+def relay_sources(
+    recipe: Any, sources: dict[str, ModelSource]
+) -> tuple[VocabPlan | None, dict[str, ModelSource]]:
+    """`plan_vocabulary` for a sliced recipe's models (reference → model, the base first)."""
+    models = list(sources.values())
+    has_base = recipe.base_model is not None and recipe.base_model in sources
+    base = sources[recipe.base_model] if has_base else None
+    vocab, base, others = plan_vocabulary(recipe, base, [m for m in models if m is not base])
+    relaid = {m.reference: m for m in ([base] if base else []) + others}
+    return vocab, {key: relaid[m.reference] for key, m in sources.items()}
 
 
 def _token_defaults(
