@@ -233,32 +233,6 @@ def load_family(family):
 ADDED_TOKENS = ("<tool>", "<think>", "</think>")
 
 
-def tiny_bpe(letters: str, seed: int = 0, added: tuple[str, ...] = ()):
-    """A 200-token byte-level BPE tokenizer trained offline on random words over `letters`,
-    plus `added` tokens (ids 200, 201, ...)."""
-    import random
-
-    import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    rng = random.Random(seed)
-    words = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 7))) for _ in range(400)]
-    text = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        text, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"])
-    )
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-    if added:
-        fast.add_tokens(list(added))
-    assert len(fast) == 200 + len(added)
-    return fast
-
-
 def tiny_llama(vocab: int, seed: int, tie: bool = False):
     import transformers
 
@@ -281,8 +255,10 @@ def make_vocab_models(root: Path, tie: bool = False, template: str | None = None
     """base and `a` share a 200-token BPE tokenizer; `b` has another one trained on other text,
     with 3 added tokens (203 rows). Backbones drift from the base; embeddings are each model's own.
     `template`: a chat template for `a` and `b` (the base has none)."""
-    first = tiny_bpe("abcdefghijklmnop", 0)
-    second = tiny_bpe("efghijklmnopqrstuvwxyz", 1, ADDED_TOKENS)
+    from mergekit_ri.synthetic import tiny_tokenizer
+
+    first = tiny_tokenizer("abcdefghijklmnop", 0)
+    second = tiny_tokenizer("efghijklmnopqrstuvwxyz", 1, ADDED_TOKENS)
     base = tiny_llama(200, 0, tie)
     folders = {}
     for name, tok, seed in (("base", first, 0), ("a", first, 1), ("b", second, 2)):
