@@ -348,6 +348,15 @@ def test_bad_vocabulary_settings_are_refused_with_the_plan(tmp_path, models, ext
     _refused(tmp_path, _recipe(tmp_path, models, **extra), *needles)
 
 
+def test_an_unnamed_tokenizer_source_stays_unnamed_with_options(tmp_path, models):
+    """Different vocabularies need a tokenizer_source the recipe names, with --device or not."""
+    recipe = _recipe(tmp_path, models)
+    result = run_cli(
+        "merge", recipe, "-o", tmp_path / "out", "--dry-run", "--device", "cpu", "--random-seed", "1"
+    )
+    assert_user_error(result, "vocabularies differ", "set tokenizer_source")
+
+
 @pytest.mark.parametrize(
     "extra, needles",
     [
