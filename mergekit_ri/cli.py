@@ -499,7 +499,7 @@ TruncateOpt = Annotated[
     typer.Option(
         "--unsafe-truncate-embeddings/--no-unsafe-truncate-embeddings",
         rich_help_panel=MK,
-        help="Refused: ri-merge never resizes embeddings (merge models that share a vocabulary).",
+        help="Refused: cutting rows loses tokens silently; set tokenizer_source to merge vocabularies.",
     ),
 ]
 
@@ -561,8 +561,8 @@ def _merge_device(device: str | None, cuda: bool, truncate: bool) -> str | None:
     """--device, else mergekit's --cuda/--gpu-rich; refuses flags that would change the model."""
     if truncate:
         raise UserError(
-            "--unsafe-truncate-embeddings is not supported: ri-merge never resizes "
-            "embeddings; merge models that share a vocabulary"
+            "--unsafe-truncate-embeddings is not supported: cutting embedding rows loses tokens "
+            "silently; set tokenizer_source (union, base or a model) to merge different vocabularies"
         )
     return device if device is not None else ("cuda" if cuda else None)
 
