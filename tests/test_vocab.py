@@ -191,13 +191,14 @@ def test_tokenizer_section_tokens_force_and_padding(tmp_path, models):
 
 
 def test_row_blocks_and_streamed_reads_give_the_same_rows(tmp_path, models, monkeypatch):
-    """The engine reads a re-laid tensor whole, by row blocks, or in scattered spans: same bytes."""
+    """The engine reads a re-laid tensor whole, by row blocks or by streamed chunks, each run of
+    rows on its own or through spans: same bytes."""
     recipe = _recipe(tmp_path, models, "ties", tokenizer_source="union", parameters={"density": 0.7})
     _merge(recipe, tmp_path / "whole")
     monkeypatch.setattr(reading, "CHUNK_ELEMENTS", 16 * 7)  # rows 7 at a time
     monkeypatch.setattr(reading, "STREAM_BYTES", 1)  # TIES reads the vocabulary tensors by row chunks
-    monkeypatch.setattr(remap, "MAX_RUNS", 1)  # every block read as spans, gathered
     monkeypatch.setattr(remap, "SPAN_ROWS", 5)
+    monkeypatch.setattr(remap, "READ_COST", 1 << 30)  # scattered rows: spans read through
     _merge(recipe, tmp_path / "blocks")
     whole, blocks = read_checkpoint(tmp_path / "whole"), read_checkpoint(tmp_path / "blocks")
     assert all(torch.equal(whole[n], blocks[n]) for n in whole)

@@ -20,8 +20,8 @@ import torch
 
 from ..io.sources import ST_DTYPES, TensorRef
 
-MAX_RUNS = 256  # a block needing more runs of source rows than this is read as whole spans
-SPAN_ROWS = 4096  # rows per span read when the permutation scatters them
+SPAN_ROWS = 4096  # rows per read when a span is read through (a mean row, a scattered permutation)
+READ_COST = 32 * 1024  # one positioned read costs about as much as reading this many more bytes
 
 
 @dataclass(frozen=True)
@@ -120,23 +120,26 @@ class VocabTensor:
     def _gather(
         reader: Any, source: TensorRef, src: np.ndarray, dst: np.ndarray, result: torch.Tensor
     ) -> None:
-        """result[dst[i]] = file row src[i]: runs of consecutive rows read at once, or, when the
-        rows are scattered, the span they cover read SPAN_ROWS rows at a time."""
+        """result[dst[i]] = file row src[i]: each run of rows consecutive in both is read straight
+        into its place, one positioned read per run; when the runs are so many that reading the
+        whole span they cover costs less, the span is read SPAN_ROWS rows at a time instead."""
         breaks = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
-        starts = np.concatenate(([0], breaks))
-        ends = np.concatenate((breaks, [src.size]))
-        if starts.size <= MAX_RUNS:
-            for s, e in zip(starts.tolist(), ends.tolist()):
-                r0 = int(src[s])
-                result[int(dst[s]) : int(dst[s]) + (e - s)] = reader.read(source, (r0, r0 + (e - s)))
-            return
+        starts = np.concatenate(([0], breaks)).tolist()
+        ends = np.concatenate((breaks, [src.size])).tolist()
         low, high = int(src.min()), int(src.max()) + 1
-        for first in range(low, high, SPAN_ROWS):
-            last = min(first + SPAN_ROWS, high)
-            inside = np.flatnonzero((src >= first) & (src < last))
-            if inside.size:
-                block = reader.read(source, (first, last))
-                result[torch.from_numpy(dst[inside])] = block[torch.from_numpy(src[inside] - first)]
+        row_bytes = source.nbytes // source.shape[0]
+        if len(starts) * READ_COST > (high - low) * row_bytes:  # cheaper to read the span through
+            for first in range(low, high, SPAN_ROWS):
+                last = min(first + SPAN_ROWS, high)
+                inside = np.flatnonzero((src >= first) & (src < last))
+                if inside.size:
+                    block = reader.read(source, (first, last))
+                    rows = block.index_select(0, torch.from_numpy(src[inside] - first))
+                    result.index_copy_(0, torch.from_numpy(dst[inside]), rows)  # (index_put is far slower)
+            return
+        for begin, end in zip(starts, ends):
+            first, at = int(src[begin]), int(dst[begin])
+            reader.read(source, (first, first + end - begin), out=result[at : at + end - begin])
 
 
 @dataclass(frozen=True)
