@@ -273,3 +273,27 @@ def make_vocab_models(root: Path, tie: bool = False, template: str | None = None
         tok.chat_template = template if name != "base" else None
         tok.save_pretrained(folders[name])
     return folders
+
+
+def save_pickled(folder: Path, source: Path, shards: int = 1) -> Path:
+    """The safetensors checkpoint `source` re-saved as transformers' pickled `pytorch_model.bin`
+    (with `pytorch_model.bin.index.json` when shards > 1), config.json beside it."""
+    import json
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = read_any(source)
+    names = list(tensors)
+    if shards <= 1:
+        torch.save(tensors, folder / "pytorch_model.bin")
+    else:
+        per = -(-len(names) // shards)
+        weight_map = {}
+        for index in range(shards):
+            file = f"pytorch_model-{index + 1:05d}-of-{shards:05d}.bin"
+            part = {k: tensors[k] for k in names[index * per : (index + 1) * per]}
+            torch.save(part, folder / file)
+            weight_map.update({k: file for k in part})
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    shutil.copy(source / "config.json", folder / "config.json")
+    return folder
