@@ -64,7 +64,9 @@ def magnitude_thresholds_source(src: Source, densities: list[float]) -> list[flo
             return native.band(base, experts, lo, hi, limit)
         return blocked.band_counts(base, experts, lo, hi, limit)
 
-    return blocked.magnitude_thresholds_source(src, densities, blocked.SelectOps(band, native.kth_largest))
+    return blocked.magnitude_thresholds_source(
+        src, densities, blocked.SelectOps(band, native.kth_largest, magnitude_histograms)
+    )
 
 
 def magnitude_histograms(

@@ -459,7 +459,8 @@ def band(
             inside.data_ptr(),
         ):
             raise MemoryError("native band kernel: out of memory")
-        return values, above, inside
+        # keep what was found, not the block-sized buffer: every block's result waits for the last
+        return values[:, : int(inside.max())].clone(), above, inside
 
     results = run_blocks(block, _spans(numel, BLOCK))
     del keep_alive
