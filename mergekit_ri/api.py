@@ -43,7 +43,7 @@ class MergeOptions:
     prefetch: tensors read ahead of the merge (memory ↔ overlap).
     max_memory: cap on the bytes of tensors the merge holds, as bytes or text ('512MiB', '2G' =
         2 GiB, '1.5GB' = 1.5·10⁹), overriding the recipe's max_memory (None: the recipe's, else
-        half the memory available). The planner fits read-ahead, writer queue and row chunks
+        half the machine's memory). The planner fits read-ahead, writer queue and row chunks
         under it, or refuses the merge up front naming the tensor that cannot fit (`memory.py`).
     force: replace a non-empty output folder.
     report_layers: per solved layer figures (WUDI's loss before → after) in `MergeResult.layers`

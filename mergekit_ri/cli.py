@@ -441,7 +441,7 @@ MaxMemoryOpt = Annotated[
         "--max-memory",
         metavar="SIZE",
         help="Cap on the tensors the merge holds, e.g. 512MiB, 2G (= 2GiB), 1.5GB; the Python/torch runtime "
-        "(~0.25 GB) comes on top. Default: the recipe's max_memory, else half the available memory.",
+        "(~0.25 GB) comes on top. Default: the recipe's max_memory, else half the machine's memory.",
     ),
 ]
 ThreadsOpt = Annotated[

@@ -35,7 +35,7 @@ MiB = 2**20
 # RSS of a merging process before it holds any tensor: Python, torch, numpy, the C kernels and the
 # threads' stacks (measured: 0.22-0.24 GiB on Linux x86-64 with torch 2.x)
 RUNTIME_BYTES = 240 * MiB
-DEFAULT_SHARE = 0.5  # of the memory available when the merge starts, when no cap is given
+DEFAULT_SHARE = 0.5  # of the machine's memory (or its cgroup's limit), when no cap is given
 WRITER_QUEUE = 2  # merged results that may wait for the writer thread
 MIN_CHUNK = 1 << 16  # entries: the smallest row chunk the planner goes down to
 NATIVE_BLOCK = 1 << 19  # entries per C-kernel call (kernels/native.py BLOCK)
@@ -97,36 +97,33 @@ def human(n: float) -> str:
     return f"{int(n)} B"
 
 
-def available_memory() -> int | None:
-    """Bytes this process could still take: MemAvailable, or less when a cgroup limits us."""
+def machine_memory() -> int | None:
+    """Bytes of memory this process may use: the machine's RAM, or less when a cgroup limits us.
+
+    The total, not what is free right now, so that the same recipe gets the same plan on the same
+    machine (a busy machine is what --max-memory is for)."""
     found: list[int] = []
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                found.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
+        found.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, AttributeError):
         pass
-    if not found:
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
-            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-        except (OSError, ValueError, AttributeError):
+            limit = Path(limit_file).read_text().strip()
+            if limit != "max":
+                found.append(int(limit))
+        except (OSError, ValueError):
             pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
-            found.append(max(0, int(limit) - used))
-    except (OSError, ValueError):
-        pass
+    found = [n for n in found if n > 0]
     return min(found) if found else None
 
 
 def default_cap() -> tuple[int | None, str]:
-    """The cap when none is given: a share of the memory available now (None: unknown)."""
-    available = available_memory()
-    if available is None:
-        return None, "none (available memory unknown)"
-    return int(available * DEFAULT_SHARE), f"default: {DEFAULT_SHARE:.0%} of the {human(available)} available"
+    """The cap when none is given: a share of the machine's memory (None: unknown)."""
+    memory = machine_memory()
+    if memory is None:
+        return None, "none: the machine's memory is unknown"
+    return int(memory * DEFAULT_SHARE), f"default: {DEFAULT_SHARE:.0%} of the machine's {human(memory)}"
 
 
 # ---------------------------------------------------------------- the plan
