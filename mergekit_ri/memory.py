@@ -38,6 +38,7 @@ RUNTIME_BYTES = 240 * MiB
 DEFAULT_SHARE = 0.5  # of the machine's memory (or its cgroup's limit), when no cap is given
 WRITER_QUEUE = 2  # merged results that may wait for the writer thread
 MIN_CHUNK = 1 << 16  # entries: the smallest row chunk the planner goes down to
+MIN_STREAM_BYTES = 4 * MiB  # the smallest inputs a streaming method is made to read by rows
 NATIVE_BLOCK = 1 << 19  # entries per C-kernel call (kernels/native.py BLOCK)
 TORCH_BLOCK = 1 << 18  # entries per torch-kernel block (kernels/blocked.py BLOCK)
 BAND_ENTRIES = 1 << 20  # |τ| values a TIES threshold search keeps at most (kernels/blocked.py)
@@ -210,6 +211,17 @@ def plan_memory(
     )
 
 
+def least_memory(plan: MergePlan, prefetch: int = 2, device: str = "cpu", threads: int | None = None) -> int:
+    """The smallest cap this merge can run under: its most frugal layout's planned peak."""
+    from . import reading
+
+    gpu = device.startswith("cuda")
+    model = _Model(plan, max(1, threads or os.cpu_count() or 1), gpu)
+    base_chunk = reading.CHUNK_ELEMENTS * (reading.GPU_CHUNK_FACTOR if gpu else 1)
+    layouts = _layouts(base_chunk, reading.STREAM_BYTES, reading.PREFETCH_BYTES, prefetch)
+    return min(model.peak(knobs)[0] for knobs in layouts)
+
+
 def _result(
     model: _Model, knobs: _Knobs, peak: int, largest: str, cap: int | None, source: str
 ) -> MemoryPlan:
@@ -240,7 +252,7 @@ def _layouts(chunk: int, stream_bytes: int, read_ahead: int, prefetch: int):
         budget //= 2
     io += [(1, 0, WRITER_QUEUE), (1, 0, 1)]
     streams = [stream_bytes]
-    while streams[-1] > 4 * MiB:
+    while streams[-1] > MIN_STREAM_BYTES:
         streams.append(streams[-1] // 2)
     chunks = [chunk]
     while chunks[-1] > MIN_CHUNK:
@@ -280,19 +292,24 @@ class _Model:
         scratch = 0 if self.gpu else self.workers * (self.count + 2) * min(numel, TORCH_BLOCK) * 4
         if unit.streamed:  # two row chunks of inputs (one merged, the next read), the whole result
             rows = task.shape[0]
-            step = max(1, chunk // max(1, task.reference.numel // rows))
-            chunk_in = task.in_nbytes // rows * min(step, rows)
-            return 2 * chunk_in + task.out_nbytes + scratch + self._select(task.reference.numel)
+            step = min(rows, max(1, chunk // max(1, task.reference.numel // rows)))
+            chunk_in = task.in_nbytes // rows * step
+            scratch = (
+                0
+                if self.gpu
+                else self.workers * (self.count + 2) * min(numel * step // rows, TORCH_BLOCK) * 4
+            )
+            return 2 * chunk_in + task.out_nbytes + scratch + self._select(numel, numel * step // rows)
         held = unit.in_nbytes + unit.out_nbytes
         if self.method.raw_inputs:
-            select = 0 if self.method.elementwise else self._select(numel)
+            select = 0 if self.method.elementwise else self._select(numel, numel)
             return held + scratch + select
         if self.gpu:
             return held
         copies = numel * 4 * (self.inputs + self.count + 2)  # fp32 inputs and the method's own
         return held + copies + self.method.workspace(task.shape, self.count)
 
-    def _select(self, numel: int) -> int:
+    def _select(self, numel: int, chunk: int) -> int:
         """A TIES threshold search: the C kernels' band buffers per worker, the |τ| band kept
         (bounded by BAND_ENTRIES) and its concatenation, and the radix-select histograms."""
         if self.gpu:
@@ -300,7 +317,7 @@ class _Model:
         if numel <= SMALL:  # |τ| of the whole (small) tensor, selected directly
             return 2 * self.count * numel * 4
         band = min(self.count * (numel // 8), BAND_ENTRIES)
-        blocks = self.workers * self.count * min(numel, NATIVE_BLOCK) * 4
+        blocks = self.workers * self.count * min(chunk, NATIVE_BLOCK) * 4
         return blocks + 2 * 4 * band + 2 * self.workers * self.count * HISTOGRAM_BYTES
 
     def peak(self, knobs: _Knobs) -> tuple[int, str]:
