@@ -21,6 +21,7 @@ import ctypes.util
 import math
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -183,43 +184,44 @@ def plan_memory(
     threads: int | None = None,
 ) -> MemoryPlan:
     """The most generous layout whose planned peak fits `cap` (default: `plan.max_memory`, else a
-    share of the available memory); a UserError naming the tensor if none does."""
-    from . import reading  # its constants are read when asked (tests patch them)
-
+    share of the machine's memory); a UserError naming the tensor if none does."""
     source = "given"
     if cap is None:
-        cap = plan.max_memory
-        source = plan.max_memory_source
+        cap, source = plan.max_memory, plan.max_memory_source
     if cap is None:
         cap, source = default_cap()
-    gpu = device.startswith("cuda")
-    base_chunk = reading.CHUNK_ELEMENTS * (reading.GPU_CHUNK_FACTOR if gpu else 1)
-    workers = max(1, threads or os.cpu_count() or 1)
-    model = _Model(plan, workers, gpu)
+    model, layouts = _search(plan, prefetch, device, threads)
     frugal: tuple[int, str, _Knobs] | None = None
-    for knobs in _layouts(base_chunk, reading.STREAM_BYTES, reading.PREFETCH_BYTES, prefetch):
+    for knobs in layouts:
         peak, largest = model.peak(knobs)
         if frugal is None or peak < frugal[0]:
             frugal = (peak, largest, knobs)
         if cap is None or peak <= cap:
             return _result(model, knobs, peak, largest, cap, source)
-    assert frugal is not None
+    assert frugal is not None and cap is not None
     peak, largest, knobs = frugal
     raise UserError(
         f"max_memory {human(cap)} ({source}) is too small for this merge: tensor {largest} needs "
-        f"at least {human(peak)}{model.why(knobs)}; give --max-memory {math.ceil(peak / MiB)}MiB or more"
+        f"at least {human(peak)}{model.why()}; give --max-memory {math.ceil(peak / MiB)}MiB or more"
     )
 
 
 def least_memory(plan: MergePlan, prefetch: int = 2, device: str = "cpu", threads: int | None = None) -> int:
     """The smallest cap this merge can run under: its most frugal layout's planned peak."""
-    from . import reading
+    model, layouts = _search(plan, prefetch, device, threads)
+    return min(model.peak(knobs)[0] for knobs in layouts)
+
+
+def _search(
+    plan: MergePlan, prefetch: int, device: str, threads: int | None
+) -> tuple[_Model, Iterator[_Knobs]]:
+    """The plan's memory model and its layouts, most generous first."""
+    from . import reading  # its constants are read when asked (tests patch them)
 
     gpu = device.startswith("cuda")
     model = _Model(plan, max(1, threads or os.cpu_count() or 1), gpu)
-    base_chunk = reading.CHUNK_ELEMENTS * (reading.GPU_CHUNK_FACTOR if gpu else 1)
-    layouts = _layouts(base_chunk, reading.STREAM_BYTES, reading.PREFETCH_BYTES, prefetch)
-    return min(model.peak(knobs)[0] for knobs in layouts)
+    chunk = reading.CHUNK_ELEMENTS * (reading.GPU_CHUNK_FACTOR if gpu else 1)
+    return model, _layouts(chunk, reading.STREAM_BYTES, reading.PREFETCH_BYTES, prefetch)
 
 
 def _result(
@@ -240,7 +242,7 @@ def _result(
     )
 
 
-def _layouts(chunk: int, stream_bytes: int, read_ahead: int, prefetch: int):
+def _layouts(chunk: int, stream_bytes: int, read_ahead: int, prefetch: int) -> Iterator[_Knobs]:
     """Layouts from the default down to the most frugal: first less read-ahead and writer queue
     (costs a little overlap), then smaller row blocks and chunks (costs calls), then streaming
     smaller tensors by rows (costs re-reads from the page cache), finally no read-ahead and a
@@ -289,25 +291,24 @@ class _Model:
         if not task.merge:
             return unit.in_nbytes  # read, then written as it is
         numel = unit.numel
-        scratch = 0 if self.gpu else self.workers * (self.count + 2) * min(numel, TORCH_BLOCK) * 4
         if unit.streamed:  # two row chunks of inputs (one merged, the next read), the whole result
             rows = task.shape[0]
-            step = min(rows, max(1, chunk // max(1, task.reference.numel // rows)))
-            chunk_in = task.in_nbytes // rows * step
-            scratch = (
-                0
-                if self.gpu
-                else self.workers * (self.count + 2) * min(numel * step // rows, TORCH_BLOCK) * 4
-            )
-            return 2 * chunk_in + task.out_nbytes + scratch + self._select(numel, numel * step // rows)
+            step = min(rows, max(1, chunk // max(1, numel // rows)))
+            entries = numel // rows * step
+            inputs = 2 * task.in_nbytes // rows * step
+            return inputs + task.out_nbytes + self._scratch(entries) + self._select(numel, entries)
         held = unit.in_nbytes + unit.out_nbytes
         if self.method.raw_inputs:
             select = 0 if self.method.elementwise else self._select(numel, numel)
-            return held + scratch + select
+            return held + self._scratch(numel) + select
         if self.gpu:
             return held
         copies = numel * 4 * (self.inputs + self.count + 2)  # fp32 inputs and the method's own
         return held + copies + self.method.workspace(task.shape, self.count)
+
+    def _scratch(self, entries: int) -> int:
+        """The kernels' fp32 blocks (task vectors and temporaries) on each worker thread."""
+        return 0 if self.gpu else self.workers * (self.count + 2) * min(entries, TORCH_BLOCK) * 4
 
     def _select(self, numel: int, chunk: int) -> int:
         """A TIES threshold search: the C kernels' band buffers per worker, the |τ| band kept
@@ -356,7 +357,7 @@ class _Model:
         ahead = min(max(knobs.depth, 0) * held, max(held, knobs.read_ahead)) if knobs.depth else 0
         return held + ahead + self.workers * self.count * HISTOGRAM_BYTES
 
-    def why(self, knobs: _Knobs) -> str:
+    def why(self) -> str:
         """Why the least a tensor needs cannot be lowered, for the refusal."""
         if self.method.elementwise:
             return ""
@@ -393,3 +394,26 @@ def return_freed_memory() -> None:
         return
     mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD)
+
+
+HUGE_PAGE = 2 * MiB
+MADV_HUGEPAGE = 14
+_libc: ctypes.CDLL | None = None
+
+
+def advise_huge_pages(address: int, size: int) -> None:
+    """Ask Linux to back the 2 MiB-aligned part of a fresh buffer with transparent huge pages
+    (where THP is set to `madvise`): with freed buffers given back to the system, every buffer
+    is fresh memory, and one fault per 2 MiB instead of per 4 KiB keeps that cheap. Advice only:
+    nothing changes where it is not supported."""
+    global _libc
+    start = -(-address // HUGE_PAGE) * HUGE_PAGE
+    end = (address + size) // HUGE_PAGE * HUGE_PAGE
+    if end <= start:
+        return
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_HUGEPAGE)
+    except (OSError, AttributeError):
+        pass

@@ -17,6 +17,7 @@ import torch
 
 from .io.sources import ST_DTYPES, TensorReader
 from .kernels.source import Source
+from .memory import advise_huge_pages
 from .plan import MergePlan, TensorTask
 
 RowCheck = Callable[[TensorTask, tuple[int, int], torch.Tensor, torch.Tensor], None]
@@ -114,6 +115,8 @@ def read_unit(reader: TensorReader, unit: WorkUnit, pin: bool) -> list[torch.Ten
     dtypes = {ref.dtype for ref in task.experts}
     dtype = ST_DTYPES[dtypes.pop()] if len(dtypes) == 1 else torch.float32
     stack = torch.empty((len(task.experts), *shape), dtype=dtype, pin_memory=pin)
+    if not pin:
+        advise_huge_pages(stack.data_ptr(), stack.numel() * stack.element_size())
     for i, ref in enumerate(task.experts):
         if ST_DTYPES[ref.dtype] == dtype:
             reader.read(ref, unit.rows, out=stack[i])

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..memory import advise_huge_pages
 from . import blocked, fused, native, select
 from .source import Source, TensorSource
 
@@ -146,6 +147,8 @@ def _fused_chunks(src: Source, **kwargs) -> torch.Tensor | None:
         return None
     kernel, supports = backend
     out = torch.empty(src.numel, dtype=kwargs["out_dtype"], device=src.device)
+    if out.device.type == "cpu":
+        advise_huge_pages(out.data_ptr(), out.numel() * out.element_size())
     balance, undecided, minus = 0, [], []
     offset = kwargs.pop("offset", 0)
     for first, base, experts in src.chunks():  # (TIES ignores the offset: it draws nothing)
