@@ -164,9 +164,11 @@ def _memory_text(memory: dict[str, Any]) -> str:
     cap = _human(memory["cap"]) if memory["cap"] is not None else "none"
     streamed = f", {memory['streamed_tensors']} tensor(s) read by rows" if memory["streamed_tensors"] else ""
     ahead = (
-        f"{memory['read_ahead_units']} unit(s) / {_human(memory['read_ahead_bytes'])} read ahead"
-        if memory["read_ahead_units"]
-        else "no read-ahead"
+        "no read-ahead"
+        if not memory["read_ahead_units"]
+        else "the next unit read ahead"
+        if memory["read_ahead_units"] == 1 or not memory["read_ahead_bytes"]
+        else f"{memory['read_ahead_units']} units / {_human(memory['read_ahead_bytes'])} read ahead"
     )
     return (
         f"{_human(memory['planned_peak'] + memory['runtime'])}: {_human(memory['planned_peak'])} of tensors "
