@@ -179,6 +179,20 @@ def _memory_text(memory: dict[str, Any]) -> str:
     )
 
 
+def _vocabulary_lines(vocab: dict[str, Any]) -> str:
+    """The output vocabulary: its size and source, where its tokens' rows come from, what is re-laid."""
+    lines = []
+    if "vocab_size" in vocab:
+        lines.append(
+            f"{vocab['vocab_size']} rows ({vocab['tokens']} tokens, tokenizer {vocab['tokenizer_source']})"
+        )
+        lines += [f"  {count} tokens: {origin}" for origin, count in vocab["token_rows"].items()]
+        lines += [f"re-laid: {name} ({', '.join(models)})" for name, models in vocab["remapped"].items()]
+    if "chat_template" in vocab:
+        lines.append(f"chat template: {vocab['chat_template']}")
+    return "\n".join(lines)
+
+
 def _print_plan(plan, console: Console) -> None:
     from rich.table import Table
 
@@ -199,6 +213,8 @@ def _print_plan(plan, console: Console) -> None:
     table.add_row("peak memory (planned)", _memory_text(summary["memory"]))
     if summary.get("layers"):  # slices: each output layer and where it comes from
         table.add_row("layers", "\n".join(_layer_source(layer) for layer in summary["layers"]))
+    if summary.get("vocabulary"):
+        table.add_row("vocabulary", _vocabulary_lines(summary["vocabulary"]))
     if summary["heads"]:
         table.add_row(
             "task heads",
@@ -516,7 +532,7 @@ TruncateOpt = Annotated[
     typer.Option(
         "--unsafe-truncate-embeddings/--no-unsafe-truncate-embeddings",
         rich_help_panel=MK,
-        help="Refused: ri-merge never resizes embeddings (merge models that share a vocabulary).",
+        help="Refused: cutting rows loses tokens silently; set tokenizer_source to merge vocabularies.",
     ),
 ]
 
@@ -578,8 +594,8 @@ def _merge_device(device: str | None, cuda: bool, truncate: bool) -> str | None:
     """--device, else mergekit's --cuda/--gpu-rich; refuses flags that would change the model."""
     if truncate:
         raise UserError(
-            "--unsafe-truncate-embeddings is not supported: ri-merge never resizes "
-            "embeddings; merge models that share a vocabulary"
+            "--unsafe-truncate-embeddings is not supported: cutting embedding rows loses tokens "
+            "silently; set tokenizer_source (union, base or a model) to merge different vocabularies"
         )
     return device if device is not None else ("cuda" if cuda else None)
 
@@ -789,34 +805,86 @@ def methods(as_json: JsonOpt = False) -> None:
 @app.command("demo")
 def demo(
     folder: Annotated[
-        Path, typer.Option("--dir", help="Where to write the demo checkpoints and the merge.")
-    ] = Path("ri-merge-demo"),
+        Optional[Path],
+        typer.Option(
+            "--dir",
+            show_default=False,
+            help="Where to write the demo checkpoints and the merge (default ri-merge-demo, with --ri "
+            "ri-merge-demo-ri).",
+        ),
+    ] = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
+    ri: Annotated[
+        bool,
+        typer.Option(
+            "--ri",
+            help="RI instead: train a tiny image-classifier base and 4 experts on procedural tasks, merge "
+            "them with task arithmetic with and without resolve_interference, print each task's accuracy "
+            "(about a minute on a CPU; default --dir ri-merge-demo-ri).",
+        ),
+    ] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="With --ri: a smaller, faster run (for tests).")
+    ] = False,
 ) -> None:
-    """Generate a tiny Llama-style base + 2 experts and merge them with configs/demo.yaml."""
+    """Generate a tiny Llama-style base + 2 experts and merge them with configs/demo.yaml
+    (--ri: show what RI does to a merge of image classifiers)."""
 
     def body() -> None:
         from .api import MergeOptions
 
-        recipe = prepare_demo_folder(folder)
+        if ri:
+            _ri_demo(folder or Path("ri-merge-demo-ri"), quick, quiet, as_json)
+            return
+        if quick:
+            raise UserError("--quick goes with --ri: ri-merge demo --ri --quick")
+        where = folder or Path("ri-merge-demo")
+        recipe = prepare_demo_folder(where)
         if not quiet and not as_json:
             out.print(
-                f"wrote a tiny base and 2 experts under {folder}/, recipe {recipe}",
+                f"wrote a tiny base and 2 experts under {where}/, recipe {recipe}",
                 markup=False,
                 highlight=False,
             )
         _run_merge(
             recipe,
-            folder / "merged",
+            where / "merged",
             MergeOptions(force=True, checksums=as_json),
             quiet=quiet or as_json,
             as_json=as_json,
         )
         if not quiet and not as_json:
-            out.print(_check_loads(folder / "merged"), markup=False, highlight=False)
+            out.print(_check_loads(where / "merged"), markup=False, highlight=False)
 
     _guarded(body)
+
+
+def _ri_demo(folder: Path, quick: bool, quiet: bool, as_json: bool) -> None:
+    """`ri-merge demo --ri`: the RI demo's table (or its JSON) on stdout, bars on stderr."""
+    from .demo_ri import render_table, ri_demo
+
+    bars = not quiet and not as_json and err.is_terminal
+    report = ri_demo(folder, quick=quick, progress=bars)
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+        return
+    if quiet:
+        return
+    out.print(render_table(report))
+    xi = report.interference
+    out.print(
+        f"interference ξ on the auxiliary images: {xi['without_ri']:.2f} without RI, "
+        f"{xi['with_ri']:.2f} with RI (lower: the merge stays closer to each expert)",
+        markup=False,
+        highlight=False,
+    )
+    out.print(
+        f"{report.seconds:.0f}s. Models, auxiliary images, merges and the recipes under {folder}/; rerun the "
+        f"RI merge with: ri-merge {report.recipe} -o my-merge -v",
+        markup=False,
+        highlight=False,
+    )
 
 
 def _check_loads(folder: Path) -> str:
