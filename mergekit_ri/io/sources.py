@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..lazy import torch
+from ..memory import HUGE_PAGE, advise_huge_pages
 
 # safetensors dtype code → bytes per entry and torch dtype name: headers are checked with the
 # sizes alone, so that `validate` and `--dry-run` never import torch
@@ -448,6 +449,9 @@ class TensorReader:
         dtype = ST_DTYPES[ref.dtype]
         if out is None and pin and ref.nbytes > 0:
             out = torch.empty(ref.shape, dtype=dtype, pin_memory=True)
+        elif out is None and ref.nbytes >= HUGE_PAGE:  # big reads: fresh memory in 2 MiB pages
+            out = torch.empty(ref.shape, dtype=dtype)
+            advise_huge_pages(out.data_ptr(), ref.nbytes)
         if out is not None:
             if (
                 out.dtype != dtype
