@@ -86,10 +86,14 @@ class SliceSource(BaseModel):
 
 
 class SliceEntry(BaseModel):
-    """mergekit's OutputSliceDefinition: sources of one length merged; slices in sequence stack."""
+    """mergekit's OutputSliceDefinition: sources of one length merged; slices in sequence stack.
+    `base_model` replaces the top-level one for this slice (it must be one of the sources);
+    `residual_weight` is accepted and, as in mergekit 0.1.5, has no effect (a plan warning)."""
 
     model_config = ConfigDict(extra="forbid")
     sources: list[SliceSource] = Field(min_length=1)
+    base_model: str | None = None
+    residual_weight: float | None = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
 
 
@@ -262,6 +266,9 @@ def parse_size(value: int | str) -> int:
 _MERGEKIT_ONLY = {
     "tokenizer": "the 'tokenizer' section is not supported; use tokenizer_source",
     "chat_template": "chat_template is not supported; the tokenizer files are copied as they are",
+    "modules": "modules: (mergekit's per-module recipes for models made of several modules, such as "
+    "vision-language models) is not supported: ri-merge has no architecture tables to tell a model's "
+    "modules apart; write models: or slices:, which merge the whole model",
 }
 
 
@@ -501,8 +508,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         slices.check_slices(recipe, spec, source)
     else:
         spec.check_parameters(recipe, source)
-    if spec.needs_base and recipe.base_model is None:
-        raise UserError(f"{source}: merge_method '{spec.name}' needs base_model")
+    if spec.needs_base and recipe.slices is None and recipe.base_model is None:
+        raise UserError(f"{source}: merge_method '{spec.name}' needs base_model")  # slices: per slice
     return recipe
 
 

@@ -179,6 +179,23 @@ def method_recipes() -> dict[str, str]:
             experts([{"weight": [{"filter": "*", "value": 0.7}], "density": 0.5}] * 2, (e1, e2)),
             params={"int8_mask": True},
         ),
+        # a slice's own base_model (mergekit's ConfigReader.base_model): layers 20-39 into expert1
+        "slices-base-per-slice": {
+            "merge_method": "task_arithmetic",
+            "base_model": b,
+            "slices": [
+                {"sources": [{"model": b, "layer_range": [0, 20]}, {"model": e1, "layer_range": [0, 20]}]},
+                {
+                    "sources": [
+                        {"model": e1, "layer_range": [20, 40]},
+                        {"model": e2, "layer_range": [20, 40]},
+                    ],
+                    "base_model": e1,
+                },
+            ],
+            "parameters": {"weight": 0.5},
+            "dtype": DTYPE,
+        },
     }
     return {name: yaml.safe_dump(recipe, sort_keys=False) for name, recipe in recipes.items()}
 
