@@ -4,7 +4,7 @@ The spherical methods (slerp, karcher, multislerp, model_stock) decide angles fr
 over tensors of up to 10⁹ entries; an fp32 accumulation loses digits exactly where arccos is
 ill-conditioned (nearly parallel fine-tunes), and a float64 copy of a whole embedding table
 would double its memory. So the inputs (in any float dtype: bf16 as read from the file, fp32)
-are upcast a chunk of 2²⁰ entries at a time into one fp32 buffer, each chunk's products summed
+are upcast a chunk of 2¹⁸ entries at a time into one fp32 buffer, each chunk's products summed
 in fp32 over blocks of 256 entries by one batched matrix product, and the blocks' sums added in
 float64: relative error ~10⁻⁸ or better (one fp32 sum over 10⁶ entries: ~5·10⁻⁶), one pass over
 the inputs for all k(k+1)/2 products of k tensors, and no copy of a whole tensor.
@@ -20,7 +20,7 @@ import torch
 from ..kernels.parallel import run_blocks, workers
 
 BLOCK = 1 << 8  # entries summed in fp32 (one row of a batched matrix product)
-CHUNK = 1 << 20  # entries per tensor upcast to fp32 at a time
+CHUNK = 1 << 18  # entries per tensor upcast to fp32 at a time (k rows of 1 MiB: in L2)
 
 
 def gram64(rows: Sequence[torch.Tensor], center: torch.Tensor | None = None) -> torch.Tensor:
