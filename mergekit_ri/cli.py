@@ -157,6 +157,42 @@ def _layer_source(layer: dict[str, Any]) -> str:
     return f"{layer['layer']} ← {sources}  (slice {layer['slice']}, t {layer['t']:.2f})"
 
 
+def _memory_text(memory: dict[str, Any]) -> str:
+    """The planned peak, what it is made of and how the engine is laid out under the cap."""
+    from .memory import human as _human  # binary units, as caps are written
+
+    cap = _human(memory["cap"]) if memory["cap"] is not None else "none"
+    streamed = f", {memory['streamed_tensors']} tensor(s) read by rows" if memory["streamed_tensors"] else ""
+    ahead = (
+        "no read-ahead"
+        if not memory["read_ahead_units"]
+        else "the next unit read ahead"
+        if memory["read_ahead_units"] == 1 or not memory["read_ahead_bytes"]
+        else f"{memory['read_ahead_units']} units / {_human(memory['read_ahead_bytes'])} read ahead"
+    )
+    return (
+        f"{_human(memory['planned_peak'] + memory['runtime'])}: {_human(memory['planned_peak'])} of tensors "
+        f"+ ~{_human(memory['runtime'])} runtime\n"
+        f"cap {cap} ({memory['cap_source']}); largest: {memory['largest']}\n"
+        f"{ahead}, writer queue {memory['writer_queue']}, row chunks of "
+        f"{memory['chunk_elements']:,} entries{streamed}"
+    )
+
+
+def _vocabulary_lines(vocab: dict[str, Any]) -> str:
+    """The output vocabulary: its size and source, where its tokens' rows come from, what is re-laid."""
+    lines = []
+    if "vocab_size" in vocab:
+        lines.append(
+            f"{vocab['vocab_size']} rows ({vocab['tokens']} tokens, tokenizer {vocab['tokenizer_source']})"
+        )
+        lines += [f"  {count} tokens: {origin}" for origin, count in vocab["token_rows"].items()]
+        lines += [f"re-laid: {name} ({', '.join(models)})" for name, models in vocab["remapped"].items()]
+    if "chat_template" in vocab:
+        lines.append(f"chat template: {vocab['chat_template']}")
+    return "\n".join(lines)
+
+
 def _print_plan(plan, console: Console) -> None:
     from rich.table import Table
 
@@ -174,9 +210,11 @@ def _print_plan(plan, console: Console) -> None:
         "output shards",
         "\n".join(f"{s['file']}  {s['tensors']} tensors, {_human(s['bytes'])}" for s in summary["shards"]),
     )
-    table.add_row("peak memory (est.)", _human(summary["peak_memory_estimate"]))
+    table.add_row("peak memory (planned)", _memory_text(summary["memory"]))
     if summary.get("layers"):  # slices: each output layer and where it comes from
         table.add_row("layers", "\n".join(_layer_source(layer) for layer in summary["layers"]))
+    if summary.get("vocabulary"):
+        table.add_row("vocabulary", _vocabulary_lines(summary["vocabulary"]))
     if summary["heads"]:
         table.add_row(
             "task heads",
@@ -417,6 +455,15 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a non-empty out
 PrefetchOpt = Annotated[
     int, typer.Option("--prefetch", min=1, max=64, help="Tensors read ahead of the merge.")
 ]
+MaxMemoryOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--max-memory",
+        metavar="SIZE",
+        help="Cap on the tensors the merge holds, e.g. 512MiB, 2G (= 2GiB), 1.5GB; the Python/torch runtime "
+        "(~0.25 GB) comes on top. Default: the recipe's max_memory, else half the machine's memory.",
+    ),
+]
 ThreadsOpt = Annotated[
     Optional[int],
     typer.Option(
@@ -485,7 +532,7 @@ TruncateOpt = Annotated[
     typer.Option(
         "--unsafe-truncate-embeddings/--no-unsafe-truncate-embeddings",
         rich_help_panel=MK,
-        help="Refused: ri-merge never resizes embeddings (merge models that share a vocabulary).",
+        help="Refused: cutting rows loses tokens silently; set tokenizer_source to merge vocabularies.",
     ),
 ]
 
@@ -547,8 +594,8 @@ def _merge_device(device: str | None, cuda: bool, truncate: bool) -> str | None:
     """--device, else mergekit's --cuda/--gpu-rich; refuses flags that would change the model."""
     if truncate:
         raise UserError(
-            "--unsafe-truncate-embeddings is not supported: ri-merge never resizes "
-            "embeddings; merge models that share a vocabulary"
+            "--unsafe-truncate-embeddings is not supported: cutting embedding rows loses tokens "
+            "silently; set tokenizer_source (union, base or a model) to merge different vocabularies"
         )
     return device if device is not None else ("cuda" if cuda else None)
 
@@ -566,6 +613,7 @@ def merge(  # noqa: PLR0913 -- one parameter per flag: mergekit-yaml's command l
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
     prefetch: PrefetchOpt = 2,
+    max_memory: MaxMemoryOpt = None,
     threads: ThreadsOpt = None,
     cuda: CudaOpt = False,
     gpu_rich: GpuRichOpt = False,
@@ -600,6 +648,7 @@ def merge(  # noqa: PLR0913 -- one parameter per flag: mergekit-yaml's command l
             device=_merge_device(device, cuda or gpu_rich, unsafe_truncate_embeddings),
             threads=threads,
             prefetch=prefetch,
+            max_memory=max_memory,
             force=force,
             report_layers=verbose,
             interference=verbose,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
 from .heads import HeadSelector, head_selector, looks_like_head
@@ -18,6 +18,10 @@ from .io.sources import FLOAT_CODES, ST_DTYPES, ModelSource, TensorRef, load_sou
 from .methods import MethodSpec, TensorParams, get_method
 from .params import layer_depths, resolve
 from .recipe import ModelEntry, Recipe
+from .vocab.plan import VocabPlan, plan_vocabulary
+
+if TYPE_CHECKING:
+    from .memory import MemoryPlan
 
 PREFETCH_DEFAULT = 2
 
@@ -71,6 +75,12 @@ class MergePlan:
     # paths the output must stay clear of besides the inputs read (the experts as the user gave
     # them, when RI merges adapted copies from its cache)
     protected: list[Path] = field(default_factory=list)
+    # the memory cap in bytes (--max-memory, MergeOptions.max_memory or the recipe's max_memory) and
+    # where it comes from; None: a share of the available memory (`memory.default_cap`)
+    max_memory: int | None = None
+    max_memory_source: str = "given"
+    prefetch: int = PREFETCH_DEFAULT  # units the engine may read ahead (MergeOptions.prefetch)
+    vocab: VocabPlan | None = None  # the output's tokenizer and re-laid vocabulary tensors (vocab/)
 
     @property
     def config_source(self) -> ModelSource:
@@ -85,11 +95,13 @@ class MergePlan:
 
     @property
     def tokenizer_source(self) -> ModelSource | None:
-        """Whose tokenizer files are copied: `tokenizer_source` names 'base' or one of the models."""
-        choice = self.recipe.tokenizer_source
+        """Whose tokenizer files are copied: `tokenizer_source` names 'base' or one of the models
+        (for `union`, or a `tokenizer:` section, whose extras: generation_config.json, ...)."""
+        section = self.recipe.tokenizer
+        choice = section.source if section is not None else self.recipe.tokenizer_source
         if choice is None:
             return None
-        if choice == "base":
+        if choice in ("base", "union"):
             return self.reference
         for model in ([self.base] if self.base else []) + self.experts:
             if choice in (model.reference, model.label):
@@ -107,13 +119,20 @@ class MergePlan:
     def bytes_written(self) -> int:
         return sum(t.out_nbytes for t in self.tasks)
 
-    def peak_memory_estimate(self, prefetch: int = PREFETCH_DEFAULT) -> int:
-        """Peak resident bytes of the merge on a CPU (see `reading.peak_memory_estimate`)."""
-        from .reading import peak_memory_estimate  # reading builds on plan: imported when asked
+    def memory(self, device: str = "cpu") -> MemoryPlan:
+        """How the merge is laid out under its memory cap (`memory.plan_memory`); a UserError
+        naming the tensor when the cap is too small for it."""
+        from .memory import plan_memory  # it builds on reading, which builds on plan
 
-        return peak_memory_estimate(self, prefetch)
+        return plan_memory(self, prefetch=self.prefetch, device=device)
+
+    def peak_memory_estimate(self) -> int:
+        """Planned peak resident bytes of the merge on a CPU: its tensors under the cap, plus the
+        runtime (Python, torch)."""
+        return self.memory().total
 
     def summary(self) -> dict[str, Any]:
+        memory = self.memory()
         return {
             "method": self.method.name,
             "base": self.base.reference if self.base else None,
@@ -126,11 +145,13 @@ class MergePlan:
             "shards": [
                 {"file": s.filename, "tensors": len(s.tensors), "bytes": s.data_bytes} for s in self.shards
             ],
-            "peak_memory_estimate": self.peak_memory_estimate(),
+            "peak_memory_estimate": memory.total,
+            "memory": memory.summary(),
             "heads": {
                 label: {n: list(r.shape) for n, r in refs.items()} for label, refs in self.heads.items()
             },
             "heads_default": self.heads_default,
+            **({"vocabulary": self.vocab.summary()} if self.vocab is not None else {}),
             "inputs": {m.label: m.note for m in self.sources if m.note},
             "warnings": self.warnings,
         }
@@ -206,8 +227,8 @@ def _vocab_hint(name: str, ref: tuple[int, ...], other: tuple[int, ...]) -> str:
     looks_like_vocab = any(k in name for k in ("embed", "lm_head", "wte", "word_embeddings", "output.weight"))
     if looks_like_vocab and len(ref) == len(other) and ref[0] != other[0] and ref[1:] == other[1:]:
         return (
-            f"; the vocabularies differ ({other[0]} vs {ref[0]} tokens): ri-merge does not resize "
-            "embeddings, so merge models that share the base's tokenizer"
+            f"; the vocabularies differ ({other[0]} vs {ref[0]} tokens): set tokenizer_source "
+            "(union, base or a model) to merge them into one vocabulary"
         )
     return ""
 
@@ -336,12 +357,13 @@ def build_plan(recipe: Recipe, recipe_dir: Path | None = None) -> MergePlan:
     recipe, notes = merge_inputs(recipe, method)
     notes = unused_parameters_warning(written, method) + notes
     base, experts = load_sources(recipe, recipe_dir)
+    vocab, base, experts = plan_vocabulary(recipe, base, experts)  # before the shape checks: re-laid refs
     reference = base or experts[0]
     is_head = head_selector(recipe.heads, experts[0].config())  # experts are the classifiers
     if recipe.heads_default is not None and is_head is None:
         raise UserError("recipe: heads_default needs heads (e.g. heads: auto)")
     heads, heads_default = find_heads(experts, is_head, recipe.heads_default) if is_head else ({}, None)
-    warnings = notes + check_compatible(reference, experts, is_head)
+    warnings = notes + (vocab.warnings if vocab else []) + check_compatible(reference, experts, is_head)
     out_code = recipe.output_dtype_code()
     backbone = {n: r for n, r in reference.tensors.items() if is_head is None or not is_head(n)}
     ordered = sorted(backbone.items(), key=lambda item: (str(item[1].path), item[1].start))
@@ -365,7 +387,9 @@ def build_plan(recipe: Recipe, recipe_dir: Path | None = None) -> MergePlan:
         for name, ref in heads[heads_default].items():
             tasks.append(TensorTask(name, ref.shape, ref.dtype, ref, None, (), False, None))
     tasks, shards = assign_shards(tasks, recipe.shard_size_bytes)
-    plan = MergePlan(written, method, base, experts, tasks, shards, warnings, heads, heads_default)
+    plan = MergePlan(
+        written, method, base, experts, tasks, shards, warnings, heads, heads_default, vocab=vocab
+    )
     plan.tokenizer_source  # noqa: B018 -- what is written beside the weights is checked with the plan,
     plan.config_source.config()  # not after hours of merging
     return plan

@@ -34,6 +34,7 @@ from pydantic import (
 from yaml.nodes import MappingNode, Node, SequenceNode
 
 from .errors import UserError, closest
+from .vocab.config import TokenizerConfig, check_chat_template
 
 Scalar = Union[bool, int, float, str]
 
@@ -198,6 +199,8 @@ class Recipe(BaseModel):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = "base"
+    tokenizer: TokenizerConfig | None = None  # mergekit's tokenizer section (vocab/config.py)
+    chat_template: str | None = None
     # task heads (classifier experts): kept per expert, never merged
     heads: str | None = None
     heads_default: str | None = None
@@ -207,6 +210,9 @@ class Recipe(BaseModel):
     seed: int = Field(0, ge=-INT64, lt=INT64)
     out_shard_size: Union[int, str] = Field("5GB", validate_default=True)
     on_nonfinite: Literal["error", "warn"] = "error"
+    max_memory: Union[int, str, None] = (
+        None  # cap on the tensors a merge holds (memory.py); None: a share of RAM
+    )
 
     _reference = field_validator("base_model", mode="before")(model_reference)
 
@@ -219,17 +225,18 @@ class Recipe(BaseModel):
             )
         return value
 
-    @field_validator("tokenizer_source")
+    @field_validator("chat_template")
     @classmethod
-    def _no_union(cls, value: str | None) -> str | None:
-        """mergekit's `union` builds a merged vocabulary and resizes the embeddings to it: refused
-        when the recipe is read, not after the merge (which names are models is checked with the plan)."""
-        if value == "union":
-            raise ValueError(
-                "'union' (mergekit's merged vocabulary) is not supported: ri-merge does not "
-                "resize embeddings; use base or one of the models"
-            )
-        return value
+    def _known_template(cls, value: str | None) -> str | None:
+        return check_chat_template(value)
+
+    @model_validator(mode="after")
+    def _one_tokenizer_choice(self) -> Recipe:
+        """mergekit refuses both: the section's `source` says what tokenizer_source would."""
+        if self.tokenizer is not None and "tokenizer_source" in self.model_fields_set:
+            if self.tokenizer_source is not None:
+                raise ValueError("give tokenizer_source or a tokenizer section, not both (as in mergekit)")
+        return self
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> Recipe:
@@ -246,6 +253,18 @@ class Recipe(BaseModel):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
             raise ValueError(f"unknown device '{shown(value)}'; use auto, cpu, cuda or cuda:N")
         return value
+
+    @field_validator("max_memory")
+    @classmethod
+    def _parse_memory(cls, value: int | str | None) -> int | None:
+        if value is None:
+            return None
+        from .memory import parse_memory
+
+        try:
+            return parse_memory(value, "max_memory")
+        except UserError as exc:  # pydantic reports a ValueError with the field's name
+            raise ValueError(str(exc).removeprefix("max_memory: ")) from None
 
     @field_validator("out_shard_size")
     @classmethod
@@ -302,9 +321,8 @@ def parse_size(value: int | str) -> int:
     return size
 
 
+# top-level keys of mergekit's that ri-merge refuses, with the reason (instead of "unknown key")
 _MERGEKIT_ONLY = {
-    "tokenizer": "the 'tokenizer' section is not supported; use tokenizer_source",
-    "chat_template": "chat_template is not supported; the tokenizer files are copied as they are",
     "modules": "modules: (mergekit's per-module recipes for models made of several modules, such as "
     "vision-language models) is not supported: ri-merge has no architecture tables to tell a model's "
     "modules apart; write models: or slices:, which merge the whole model",

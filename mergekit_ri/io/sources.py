@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..memory import HUGE_PAGE, advise_huge_pages
 
 ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -395,7 +396,10 @@ class TensorReader:
 
         With `out` (a contiguous CPU tensor of the right size, e.g. one row of a stacked buffer)
         the bytes land there directly; `pin` reads into page-locked memory for fast, asynchronous
-        copies to a GPU."""
+        copies to a GPU. A ref that reads itself (`vocab.remap.RemappedRef`: rows laid out in
+        another vocabulary) is handed this reader."""
+        if hasattr(ref, "read_rows"):
+            return ref.read_rows(self, rows, out, pin)
         if getattr(ref, "lora_b", None) is not None:
             return self._read_lora(ref, rows, out, pin)
         if rows is not None:
@@ -412,6 +416,9 @@ class TensorReader:
         dtype = ST_DTYPES[ref.dtype]
         if out is None and pin and ref.nbytes > 0:
             out = torch.empty(ref.shape, dtype=dtype, pin_memory=True)
+        elif out is None and ref.nbytes >= HUGE_PAGE:  # big reads: fresh memory in 2 MiB pages
+            out = torch.empty(ref.shape, dtype=dtype)
+            advise_huge_pages(out.data_ptr(), ref.nbytes)
         if out is not None:
             if (
                 out.dtype != dtype
