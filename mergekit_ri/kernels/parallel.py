@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TypeVar
 
-import torch
+from ..lazy import torch  # geometry.py imports this with the method modules
 
 T = TypeVar("T")
 
