@@ -375,12 +375,14 @@ def _distributed(original: Recipe, adapted: Recipe, folder: Path | None, options
         return None
     from .distributed import Distributed
 
-    knobs = {
-        "cpus_per_task": spec.cpus_per_task,
-        "gpus_per_task": spec.gpus_per_task,
-        "retries": spec.retries,
-    }
-    return Distributed(address.strip(), adapted, folder or Path.cwd(), **(knobs if spec is not None else {}))
+    knobs = {}
+    if spec is not None:
+        knobs = {
+            "cpus_per_task": spec.cpus_per_task,
+            "gpus_per_task": spec.gpus_per_task,
+            "retries": spec.retries,
+        }
+    return Distributed(address.strip(), adapted, folder or Path.cwd(), **knobs)
 
 
 def _layer_collector(layers: dict[str, dict[str, float]], events: MergeEvents):

@@ -82,9 +82,11 @@ class Distributed:
         if self._ray is not None:
             return self._ray
         ray = import_ray()
-        if not ray.is_initialized():
-            if self.address not in ("auto", "local"):
-                _probe(self.address)
+        if self.address not in ("auto", "local"):
+            _probe(self.address)
+        if not ray.is_initialized():  # else: this process already joined a cluster (ray.init)
+            quiet = logging.getLogger("ray")
+            level, quiet.level = quiet.level, logging.ERROR  # Ray's start-up notes are not ours to print
             try:
                 ray.init(
                     address=None if self.address == "local" else self.address,
@@ -95,6 +97,8 @@ class Distributed:
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise UserError(f"cannot join the Ray cluster at {self.address}: {first}") from None
+            finally:
+                quiet.setLevel(level)
             self._started = True
         self._ray = ray
         self._gpus = float(ray.cluster_resources().get("GPU", 0))
@@ -184,22 +188,23 @@ class Distributed:
             ) from None
 
 
-_PLANS: dict[str, MergePlan] = {}  # a worker process runs many units of one merge: planned once
+_PLANS: dict[tuple[str, str, str], MergePlan] = {}  # a worker runs many units of one merge: planned once
 
 
 def _worker_plan(recipe: Recipe, folder: Path | None, digest: str) -> MergePlan:
     from .plan import build_plan
     from .resume import layout_digest
 
-    if digest not in _PLANS:
+    key = (recipe.to_yaml(), str(folder), digest)
+    if key not in _PLANS:
         plan = build_plan(recipe, folder)
         if layout_digest(plan) != digest:
             raise UserError(
                 "the inputs this node sees differ from the driver's (other files at the same paths?)"
             )
         _PLANS.clear()
-        _PLANS[digest] = plan
-    return _PLANS[digest]
+        _PLANS[key] = plan
+    return _PLANS[key]
 
 
 def merge_units(
