@@ -23,6 +23,7 @@ from mergekit_ri import engine
 from mergekit_ri.api import MergeOptions
 from mergekit_ri.cli import _bare_ray
 from mergekit_ri.events import MergeEvents
+from mergekit_ri.resume import JOURNAL
 from mergekit_ri.synthetic import LlamaShape, make_family
 
 SHAPE = LlamaShape(vocab=2000, hidden=128, intermediate=344, layers=3, heads=4, kv_heads=2)
@@ -108,16 +109,16 @@ def test_recipe_distributed_key_and_cli(tmp_path: Path, cluster, models) -> None
     )  # `distributed` is not in the card
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_worker_killed_mid_merge_is_retried(tmp_path: Path, cluster, models) -> None:
-    path = recipe(tmp_path, models, "ties")
-    m.merge(path, tmp_path / "single", options=MergeOptions(unit_size=UNIT))
-    killed: list[int] = []
-    done = threading.Event()
+class WorkerKiller(threading.Thread):
+    """SIGKILLs the first process seen running a work unit (Ray titles it ray::ri-merge-unit)."""
 
-    def kill_one_worker() -> None:  # SIGKILL the first process seen running a unit
-        while not done.is_set() and not killed:
+    def __init__(self) -> None:
+        super().__init__()
+        self.killed: list[int] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set() and not self.killed:
             for pid in filter(str.isdigit, os.listdir("/proc")):
                 try:
                     title = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -125,19 +126,49 @@ def test_a_worker_killed_mid_merge_is_retried(tmp_path: Path, cluster, models) -
                     continue
                 if title.startswith(b"ray::ri-merge-unit"):
                     os.kill(int(pid), signal.SIGKILL)
-                    killed.append(int(pid))
+                    self.killed.append(int(pid))
                     break
             time.sleep(0.001)
 
-    watcher = threading.Thread(target=kill_one_worker)
-    watcher.start()
-    try:
+    def __enter__(self) -> WorkerKiller:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.join()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_worker_killed_mid_merge_is_retried(tmp_path: Path, cluster, models) -> None:
+    path = recipe(tmp_path, models, "ties")
+    m.merge(path, tmp_path / "single", options=MergeOptions(unit_size=UNIT))
+    with WorkerKiller() as killer:
         m.merge(path, tmp_path / "ray", options=MergeOptions(ray="local", unit_size="32KiB"))
-    finally:
-        done.set()
-        watcher.join()
-    assert killed, "no unit was running long enough to be killed"
+    assert killer.killed, "no unit was running long enough to be killed"
     assert folder_bytes(tmp_path / "ray") == folder_bytes(tmp_path / "single")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_lost_worker_past_the_retries_keeps_the_finished_units_for_resume(
+    tmp_path: Path, cluster, models
+) -> None:
+    m.merge(recipe(tmp_path, models, "dare_ties"), tmp_path / "single")  # one process
+    path = recipe(tmp_path, models, "dare_ties", distributed={"ray": "local", "retries": 0})
+    out = tmp_path / "out"
+    with WorkerKiller() as killer, pytest.raises(m.UserError) as error:
+        m.merge(path, out, options=MergeOptions(unit_size="32KiB"))
+    assert killer.killed and "rerun with --resume" in str(error.value)
+    [staging] = tmp_path.glob(".out.ri-merge-partial-*")
+    journaled = sorted(
+        {json.loads(line)["unit"] for line in (staging / JOURNAL).read_text().splitlines()[1:]}
+    )
+    result = m.merge(path, out, options=MergeOptions(unit_size="32KiB", resume=True))
+    assert list(result.units["kept"]) == journaled
+    assert set(result.units["computed"]).isdisjoint(journaled)
+    assert folder_bytes(out) == folder_bytes(tmp_path / "single")
 
 
 @pytest.mark.ray
