@@ -66,6 +66,8 @@ class MergeOptions:
         this machine, else a new one); overrides the recipe's `distributed: {ray: ...}`.
     unit_size: output bytes per work unit, or text as out_shard_size takes it (None: 1/64 of the
         output, between 16 MiB and 1 GiB).
+    devices: several local devices of one kind ("cuda:0,cuda:1" or a tuple), one worker process
+        each, without Ray.
     """
 
     device: str | None = None
@@ -83,6 +85,7 @@ class MergeOptions:
     resume: bool = False
     ray: str | None = None
     unit_size: int | str | None = None
+    devices: str | tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.prefetch <= 64:
@@ -93,6 +96,14 @@ class MergeOptions:
             raise UserError(f"unknown device '{self.device}'; use auto, cpu, cuda or cuda:N")
         if self.ray is not None and not self.ray.strip():
             raise UserError("ray: give a Ray address (host:port, ray://host:port, auto) or local")
+        if self.devices is not None:
+            from .devices import parse_devices
+
+            object.__setattr__(self, "devices", parse_devices(self.devices))
+            if self.ray is not None:
+                raise UserError(
+                    "--devices and --ray: choose one (a Ray cluster spreads units over its own GPUs)"
+                )
         if self.unit_size is not None:
             from .recipe import parse_size
 
@@ -369,6 +380,10 @@ def _resolve_interference(
 
 def _distributed(original: Recipe, adapted: Recipe, folder: Path | None, options: MergeOptions):
     """Where the work units run: the --ray address, else the recipe's `distributed`; None: here."""
+    if options.devices is not None:
+        from .devices import LocalDevices
+
+        return LocalDevices(options.devices, adapted, folder or Path.cwd())
     spec = original.distributed
     address = options.ray if options.ray is not None else (spec.ray if spec is not None else None)
     if address is None:

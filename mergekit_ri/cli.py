@@ -441,6 +441,15 @@ RayOpt = Annotated[
         "machine, else a new local one).",
     ),
 ]
+DevicesOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--devices",
+        metavar="LIST",
+        help="Spread the work units over several local devices of one kind, one worker process each "
+        "(e.g. cuda:0,cuda:1), without Ray.",
+    ),
+]
 UnitSizeOpt = Annotated[
     Optional[str],
     typer.Option(
@@ -597,6 +606,7 @@ def merge(  # noqa: PLR0913 -- one parameter per flag: mergekit-yaml's command l
     resume: ResumeOpt = False,
     ray: RayOpt = None,
     unit_size: UnitSizeOpt = None,
+    devices: DevicesOpt = None,
     cuda: CudaOpt = False,
     gpu_rich: GpuRichOpt = False,
     copy_tokenizer: CopyTokenizerOpt = None,
@@ -642,6 +652,7 @@ def merge(  # noqa: PLR0913 -- one parameter per flag: mergekit-yaml's command l
             resume=resume,
             ray=ray,
             unit_size=unit_size,
+            devices=devices,
         )
         _run_merge(recipe, folder, options, dry_run=dry_run, quiet=quiet, as_json=as_json, verbose=verbose)
 

@@ -214,8 +214,10 @@ def merge_units(
     device: str,
     prefetch: int,
     thresholds: tuple[float, ...] | None,
+    label: str = "Ray worker",
 ) -> dict[str, Any]:
-    """A Ray task: compute `units` into the staging folder's shard files; their sha256s."""
+    """A Ray task (or a `--devices` worker): compute `units` into the staging folder's shard
+    files; their sha256s. Bad input it finds is a UserError naming the worker and its machine."""
     from .engine import merge_tasks
     from .io.sources import TensorReader
     from .io.writer import ShardWriter
@@ -259,4 +261,4 @@ def merge_units(
                 )
         return {"units": finished, "warnings": list(guard.warnings), "node": node_name(), "pid": os.getpid()}
     except UserError as exc:
-        raise UserError(f"Ray worker on {node_name()}: {exc}") from None
+        raise UserError(f"{label} on {node_name()}: {exc}") from None

@@ -107,6 +107,8 @@ class UnitHashes:
         self._lock = threading.Lock()
 
     def __call__(self, task: TensorTask, position: int, data: memoryview) -> None:
+        if not data.nbytes:  # an empty tensor: nothing to hash (empty units finish in empty_units)
+            return
         unit = self._unit_of[task.name]
         with self._lock:
             if self._next.setdefault(unit.index, unit.start) != position:
