@@ -187,6 +187,8 @@ def _print_plan(plan, console: Console) -> None:
             ),
         )
     console.print(table)
+    for label, note in summary.get("inputs", {}).items():
+        console.print(f"input {label}: {note}", markup=False)
     for warning in summary["warnings"]:
         console.print(f"warning: {warning}", markup=False)
 
@@ -564,7 +566,7 @@ CacheOpt = Annotated[
     Optional[str],
     _noop("--transformers-cache", text="No effect: downloads go to the Hugging Face cache (HF_HOME)."),
 ]
-NO_LORA = "No effect: LoRA inputs are not supported."
+NO_LORA = "No effect: LoRA adapters are applied per tensor in fp32 while streaming; no merged copy is cached."
 LoraCacheOpt = Annotated[Optional[str], _noop("--lora-merge-cache", text=NO_LORA)]
 LoraDtypeOpt = Annotated[Optional[str], _noop("--lora-merge-dtype", text=NO_LORA)]
 
@@ -686,6 +688,77 @@ def validate(
     _guarded(body)
 
 
+@app.command("extract-lora")
+def extract_lora(  # noqa: PLR0913 -- mergekit-extract-lora's flags, one parameter each
+    model: Annotated[str, typer.Option("--model", help="The fine-tuned (or merged) model.")],
+    base_model: Annotated[str, typer.Option("--base-model", help="Its base model.")],
+    out_path: Annotated[Path, typer.Option("--out-path", "-o", help="The adapter folder to write.")],
+    max_rank: Annotated[int, typer.Option("--max-rank", help="Largest rank of a module.")] = 128,
+    distribute_scale: Annotated[
+        bool, typer.Option("--distribute-scale/--no-distribute-scale", help="√S into both A and B.")
+    ] = True,
+    embed_lora: Annotated[
+        bool, typer.Option("--embed-lora/--no-embed-lora", help="Decompose embeddings (else saved whole).")
+    ] = False,
+    save_module: Annotated[
+        Optional[list[str]], typer.Option("--save-module", help="Save this module whole (repeatable).")
+    ] = None,
+    exclude_regex: Annotated[
+        Optional[list[str]], typer.Option("--exclude-regex", "-e", help="Leave out matching modules.")
+    ] = None,
+    include_regex: Annotated[
+        Optional[list[str]], typer.Option("--include-regex", "-i", help="Only matching modules.")
+    ] = None,
+    sv_epsilon: Annotated[
+        float, typer.Option("--sv-epsilon", help="Drop singular values at or below this.")
+    ] = 0.0,
+    energy: Annotated[
+        Optional[float],
+        typer.Option(
+            "--energy", help="Per module, the fewest singular values keeping this share of ‖τ‖² (0-1]."
+        ),
+    ] = None,
+    skip_undecomposable: Annotated[
+        bool, typer.Option("--skip-undecomposable", help="Leave out tensors that are not 2-D weights.")
+    ] = False,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N (the SVDs).")] = "cpu",
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """A model's difference from its base as a PEFT LoRA adapter (like mergekit-extract-lora)."""
+
+    def body() -> None:
+        from .extract_lora import ExtractOptions
+        from .extract_lora import extract_lora as run
+
+        options = ExtractOptions(
+            max_rank=max_rank,
+            distribute_scale=distribute_scale,
+            embed_lora=embed_lora,
+            modules_to_save=tuple(save_module or ()),
+            exclude_regexes=tuple(exclude_regex or ()),
+            include_regexes=tuple(include_regex or ()),
+            sv_epsilon=sv_epsilon,
+            energy=energy,
+            skip_undecomposable=skip_undecomposable,
+        )
+        summary = run(model, base_model, out_path, options, device=device, force=force).summary()
+        if as_json:
+            print(json.dumps(summary, indent=2))
+        elif not quiet:
+            out.print(
+                f"{out_path}: {summary['modules']} modules at rank {summary['rank_min']}–{summary['rank_max']} "
+                f"(worst relative error {summary['worst_relative_error']:.3g}), {summary['saved_whole']} "
+                f"tensors saved whole, {_human(summary['bytes_written'])}",
+                markup=False,
+                highlight=False,
+            )
+
+    _guarded(body, verbose)
+
+
 @app.command("methods")
 def methods(as_json: JsonOpt = False) -> None:
     """List the merge methods and their parameters."""
@@ -779,7 +852,7 @@ def version() -> None:
     print(__version__)
 
 
-SUBCOMMANDS = {"merge", "validate", "methods", "demo", "version"}
+SUBCOMMANDS = {"merge", "validate", "methods", "demo", "version", "extract-lora"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -131,8 +131,14 @@ class MergePlan:
                 label: {n: list(r.shape) for n, r in refs.items()} for label, refs in self.heads.items()
             },
             "heads_default": self.heads_default,
+            "inputs": {m.label: m.note for m in self.sources if m.note},
             "warnings": self.warnings,
         }
+
+    @property
+    def sources(self) -> list[ModelSource]:
+        """The base (when there is one) and the experts."""
+        return ([self.base] if self.base else []) + self.experts
 
 
 def _label(reference: str, index: int, taken: set[str]) -> str:
@@ -242,9 +248,8 @@ def check_compatible(
             warnings.append(
                 f"model '{model.label}' has {len(extra)} tensor(s) the base lacks, ignored (e.g. '{extra[0]}')"
             )
-        mixed = sorted(
-            {m.dtype for m in model.tensors.values()} - {r.dtype for r in reference.tensors.values()}
-        )
+        stored = {m.dtype for m in model.tensors.values() if getattr(m, "lora_b", None) is None}
+        mixed = sorted(stored - {r.dtype for r in reference.tensors.values()})  # LoRA'd tensors come as fp32
         if mixed:
             warnings.append(
                 f"model '{model.label}' stores {', '.join(mixed)} tensors where the base differs; all maths is fp32"

@@ -70,10 +70,43 @@ class FilteredValue(BaseModel):
 ParamValue = Union[Scalar, list[Scalar], list[FilteredValue]]
 
 
+def _model_path(value: object, where: str) -> str:
+    """mergekit's ModelPath: a string, or {path, revision}."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and set(value) <= {"path", "revision"} and isinstance(value.get("path"), str):
+        revision = value.get("revision")
+        if revision is None:
+            return value["path"]
+        if not isinstance(revision, str):
+            raise ValueError(f"{where}.revision must be text")
+        return f"{value['path']}@{revision}"
+    raise ValueError(f"{where} must be a path, Hub id or {{path: ..., revision: ...}}")
+
+
+def model_reference(value: object) -> object:
+    """mergekit's ModelReference written as a mapping ({model: ..., lora: ...}) → its string form
+    `model+lora`, which every other part of ri-merge reads."""
+    if not isinstance(value, dict):
+        return value
+    unknown = sorted(set(value) - {"model", "lora"})
+    if unknown:
+        extra = " (override_architecture is not supported)" if "override_architecture" in unknown else ""
+        raise ValueError(f"a model given as a mapping takes model and lora, not {', '.join(unknown)}{extra}")
+    if "model" not in value:
+        raise ValueError("a model given as a mapping needs model: (and optionally lora:)")
+    model = _model_path(value["model"], "model")
+    if value.get("lora") is None:
+        return model
+    return f"{model}+{_model_path(value['lora'], 'lora')}"
+
+
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    _reference = field_validator("model", mode="before")(model_reference)
 
 
 class SliceSource(BaseModel):
@@ -83,6 +116,8 @@ class SliceSource(BaseModel):
     model: str
     layer_range: tuple[StrictInt, StrictInt]
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    _reference = field_validator("model", mode="before")(model_reference)
 
 
 class SliceEntry(BaseModel):
@@ -181,6 +216,8 @@ class Recipe(BaseModel):
     out_shard_size: Union[int, str] = Field("5GB", validate_default=True)
     on_nonfinite: Literal["error", "warn"] = "error"
     distributed: Distributed | None = None  # how to run, not what to merge: left out of to_yaml
+
+    _reference = field_validator("base_model", mode="before")(model_reference)
 
     @field_validator("dtype", "out_dtype")
     @classmethod

@@ -8,6 +8,7 @@ needing `transformers` to make them.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,3 +160,49 @@ def make_family(
             root / name, expert_weights(base, seed + 1 + i), config, dtype, shards
         )
     return folders
+
+
+def save_lora_adapter(
+    folder: Path,
+    base: dict[str, torch.Tensor],
+    targets: list[str],
+    r: int = 4,
+    alpha: float = 8.0,
+    seed: int = 0,
+    embeddings: tuple[str, ...] = (),
+    replaced: tuple[str, ...] = (),
+    **config,
+) -> dict[str, torch.Tensor]:
+    """A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors, PEFT's key
+    names) for the modules `targets` (and embedding modules `embeddings`, whole new tensors for
+    `replaced`, as modules_to_save stores them); returns the base with the adapter merged by the
+    formula, in fp32: W + scale·B·A, scale = alpha/r (alpha/√r with use_rslora), transposed for
+    fan_in_fan_out and embeddings."""
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+    merged = {k: v.float().clone() for k, v in base.items()}
+    tensors = {}
+    for module in [*targets, *embeddings]:
+        weight = base[f"{module}.weight"]
+        embedding = module in embeddings
+        transpose = embedding or config.get("fan_in_fan_out", False)
+        fan_out, fan_in = (weight.shape[1], weight.shape[0]) if transpose else weight.shape
+        lora_a = torch.randn(r, fan_in, generator=generator) * 0.1
+        lora_b = torch.randn(fan_out, r, generator=generator) * 0.1
+        delta = lora_b @ lora_a
+        merged[f"{module}.weight"] += (delta.T if transpose else delta) * scale
+        if embedding:
+            tensors[f"base_model.model.{module}.lora_embedding_A"] = lora_a
+            tensors[f"base_model.model.{module}.lora_embedding_B"] = lora_b
+        else:
+            tensors[f"base_model.model.{module}.lora_A.weight"] = lora_a
+            tensors[f"base_model.model.{module}.lora_B.weight"] = lora_b
+    for name in replaced:
+        new = torch.randn(base[name].shape, generator=generator) * 0.02
+        tensors[f"base_model.model.{name}"] = new
+        merged[name] = new.clone()
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    settings = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": targets, **config}
+    (folder / "adapter_config.json").write_text(json.dumps(settings))
+    return merged

@@ -55,6 +55,8 @@ from mergekit_venv import DEFAULT_VENV, MERGEKIT_VERSION, ensure_mergekit, find_
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = Path(__file__).resolve().parent / "parity"
 EXPERTS = ("expert1", "expert2", "expert3")
+LORA = "lora1"  # a LoRA adapter of the base: experts written `$base+$lora1`
+LORA_EXPERT = "base+lora1"  # that expert, merged by the formula (for tolerances and explanations)
 DTYPE = "bfloat16"
 TOL_STEPS = 4  # output-dtype steps allowed between the tools (see the module docstring)
 Z_MAX = 5.0  # random methods: largest |z| of a per-tensor statistic that still agrees
@@ -106,7 +108,24 @@ def ensure_models(root: Path) -> dict[str, Path]:
             shutil.rmtree(root)
         make_family(root, list(EXPERTS), model_shape(), DTYPE, shards=1, seed=0)
         mark.touch()
+    folders[LORA] = ensure_adapter(root / LORA, folders["base"])
     return folders
+
+
+def ensure_adapter(folder: Path, base: Path) -> Path:
+    """A PEFT LoRA adapter (r 8, alpha 16) on the base's attention and MLP projections."""
+    from mergekit_ri.synthetic import save_lora_adapter
+
+    if not (folder / "adapter_model.safetensors").exists():
+        weights = load_all(base)
+        layers = model_shape().layers
+        targets = [
+            f"model.layers.{i}.{m}"
+            for i in range(layers)
+            for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
+        ]
+        save_lora_adapter(folder, weights, targets, r=8, alpha=16.0, seed=11)
+    return folder
 
 
 # ---------------------------------------------------------------- recipes
@@ -163,6 +182,17 @@ def method_recipes() -> dict[str, str]:
             "task_arithmetic",
             [{"model": b}, *experts([{"weight": 1.0}] * 2, (e1, e2))],
             params={"normalize": True},
+        ),
+        # LoRA adapters as experts (mergekit merges each into a cached copy first, with PEFT)
+        "task_arithmetic-lora": r(
+            "task_arithmetic", experts([{"weight": 0.5}, {"weight": 0.7}], (e1, f"{b}+$lora1"))
+        ),
+        "ties-lora-mapping": r(
+            "ties",
+            [
+                {"model": e1, "parameters": {"weight": 1.0, "density": 0.5}},
+                {"model": {"model": b, "lora": "$lora1"}, "parameters": {"weight": 1.0, "density": 0.5}},
+            ],
         ),
         "ties-filter-star": r(
             "ties",
@@ -380,12 +410,31 @@ class Inputs:
     """The generated models in memory as float32 (a few MB each)."""
 
     def __init__(self, folders: dict[str, Path]):
-        self.files = {name: tensor_files(folder) for name, folder in folders.items()}
-        self.tensors = {name: load_all(folder) for name, folder in folders.items()}
+        models = {name: folder for name, folder in folders.items() if name != LORA}
+        self.files = {name: tensor_files(folder) for name, folder in models.items()}
+        self.tensors = {name: load_all(folder) for name, folder in models.items()}
+        if LORA in folders:
+            self.tensors[LORA_EXPERT] = lora_merged(self.tensors["base"], folders[LORA])
 
     def get(self, model: str, name: str) -> torch.Tensor | None:
         tensor = self.tensors.get(model, {}).get(name)
         return None if tensor is None else tensor.float()
+
+
+def lora_merged(base: dict[str, torch.Tensor], adapter: Path) -> dict[str, torch.Tensor]:
+    """The base with a LoRA adapter merged by the formula, W + (alpha/r)·B·A, rounded to the base's
+    dtype as mergekit's PEFT-merged copy is (transformers loads the base in its config's dtype)."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    factors = load_file(str(adapter / "adapter_model.safetensors"))
+    merged = dict(base)
+    for key, lora_a in factors.items():
+        if key.endswith(".lora_A.weight"):
+            name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight") + ".weight"
+            lora_b = factors[key.replace(".lora_A.", ".lora_B.")]
+            delta = (lora_b.float() @ lora_a.float()) * scale
+            merged[name] = (base[name].float() + delta).to(base[name].dtype)
+    return merged
 
 
 def load_all(folder: Path) -> dict[str, torch.Tensor]:
@@ -721,8 +770,9 @@ def render_table(rows: list[Row], markdown: bool) -> str:
 
 
 def input_models(text: str) -> list[str]:
-    """Which generated models a rendered-to-be recipe uses as experts (for the task-vector scale)."""
-    return [e for e in EXPERTS if f"${e}" in text]
+    """Which generated models a rendered-to-be recipe uses as experts (for the task-vector scale
+    and the cut explanations), in the recipe's order (the LoRA'd base comes last in its rows)."""
+    return [e for e in EXPERTS if f"${e}" in text] + ([LORA_EXPERT] if f"${LORA}" in text else [])
 
 
 @dataclass
@@ -765,6 +815,8 @@ def prepare(name: str, text: str, folders: dict[str, Path], mergekit: str, work:
 def mergekit_args(job: Job, work: Path) -> list[str]:
     """mergekit-yaml's (or mergekit-multi's) arguments for one job."""
     common = ["--no-copy-tokenizer", "--allow-crimes", "--random-seed", "0"]
+    if "$lora" in job.text:  # mergekit needs a folder for the LoRA'd copies it makes
+        common += ["--lora-merge-cache", str(work / "mk-lora-cache")]
     out = str(job.mk_cache / "model")
     if job.multi:
         return [

@@ -226,3 +226,27 @@ def load_family(family):
     base = {k: v.double() for k, v in read_any(family["base"]).items()}
     experts = [{k: v.double() for k, v in read_any(family[n]).items()} for n in NAMES]
     return base, experts
+
+
+def save_pickled(folder: Path, source: Path, shards: int = 1) -> Path:
+    """The safetensors checkpoint `source` re-saved as transformers' pickled `pytorch_model.bin`
+    (with `pytorch_model.bin.index.json` when shards > 1), config.json beside it."""
+    import json
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = read_any(source)
+    names = list(tensors)
+    if shards <= 1:
+        torch.save(tensors, folder / "pytorch_model.bin")
+    else:
+        per = -(-len(names) // shards)
+        weight_map = {}
+        for index in range(shards):
+            file = f"pytorch_model-{index + 1:05d}-of-{shards:05d}.bin"
+            part = {k: tensors[k] for k in names[index * per : (index + 1) * per]}
+            torch.save(part, folder / file)
+            weight_map.update({k: file for k in part})
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    shutil.copy(source / "config.json", folder / "config.json")
+    return folder

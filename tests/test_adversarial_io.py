@@ -375,7 +375,9 @@ def test_pickled_checkpoint_is_never_unpickled(tmp_path: Path, models) -> None:
         "models": [{"model": str(evil)}, {"model": str(models["b"])}],
     }
     assert_user_error(
-        run_cli("merge", write_recipe(tmp_path / "r.yaml", **fields), "-o", tmp_path / "out"), "pickled"
+        run_cli("merge", write_recipe(tmp_path / "r.yaml", **fields), "-o", tmp_path / "out"),
+        str(evil / "pytorch_model.bin"),
+        "refused",
     )
     assert not marker.exists()
 

@@ -32,7 +32,7 @@ def parity():
     return module
 
 
-FOLDERS = {name: Path(f"/models/{name}") for name in ("base", "expert1", "expert2", "expert3")}
+FOLDERS = {name: Path(f"/models/{name}") for name in ("base", "expert1", "expert2", "expert3", "lora1")}
 
 
 def test_every_recipe_renders_to_yaml_naming_generated_models(parity):
@@ -47,7 +47,15 @@ def test_every_recipe_renders_to_yaml_naming_generated_models(parity):
             models += [s["model"] for sl in doc.get("slices", []) for s in sl["sources"]]
             stages = {d.get("name") for d in docs}
             for model in models + ([doc["base_model"]] if "base_model" in doc else []):
-                assert model in stages or model in {str(p.resolve()) for p in FOLDERS.values()}, (name, model)
+                if isinstance(model, dict):  # mergekit's {model: ..., lora: ...}
+                    model = f"{model['model']}+{model['lora']}"
+                parts = model.split("+") if model not in stages else [model]
+                for part in parts:  # a LoRA'd model: the base and the adapter
+                    assert part in stages or part in {str(p.resolve()) for p in FOLDERS.values()}, (
+                        name,
+                        model,
+                    )
+    assert any("+" in parity.render(text, FOLDERS) for text in recipes.values())  # a model+lora row
 
 
 def test_one_recipe_per_method_of_both_tools(parity):

@@ -423,7 +423,9 @@ def fused(monkeypatch):
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("n", [1, 7, 1029, 2051])
+@pytest.mark.parametrize(
+    "n", [1, 7, pytest.param(1029, marks=pytest.mark.slow), pytest.param(2051, marks=pytest.mark.slow)]
+)
 def test_triton_ties_and_dare_equal_the_reference(fused, n):
     """Within 2 ulps: the kernel computes θ0 + λ·τ_m as a multiply then an add (the interpreter;
     on a GPU the compiler may fuse them), where the reference rounds once. Everything before that

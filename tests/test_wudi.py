@@ -187,6 +187,7 @@ def test_wudi_default_merge_through_cli(tmp_path, recipe_for, family):
     )
 
 
+@pytest.mark.slow
 def test_wudi_adam_all_2d_through_cli(tmp_path, recipe_for, family):
     recipe = recipe_for(
         "wudi",
@@ -205,6 +206,7 @@ def test_wudi_adam_all_2d_through_cli(tmp_path, recipe_for, family):
     )  # embeddings, lm_head, norms: mean of τ_i
 
 
+@pytest.mark.slow
 def test_wudi2_merge_through_cli_equals_optmerge_sgd_loop(tmp_path, recipe_for, family):
     # the default solver (sgd_spectral) with fewer, larger steps than OptMerge's 300 x 1e-4,
     # so that the reference loop stays fast and the merge moves visibly from the mean

@@ -137,8 +137,12 @@ def test_verbose_prints_each_projection_with_its_loss_before_and_after(tmp_path,
     "method, parameters",
     [
         ("wudi", {}),
-        ("wudi", {"solver": "adam", "iterations": 15, "lr": 1e-4, "scope": "all_2d"}),
-        ("wudi2", {"iterations": 30, "lr": 1e-2}),
+        pytest.param(
+            "wudi",
+            {"solver": "adam", "iterations": 15, "lr": 1e-4, "scope": "all_2d"},
+            marks=pytest.mark.slow,
+        ),
+        pytest.param("wudi2", {"iterations": 30, "lr": 1e-2}, marks=pytest.mark.slow),
     ],
 )
 def test_json_verbose_lists_every_solved_layer_with_the_reference_losses(

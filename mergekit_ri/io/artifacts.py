@@ -152,8 +152,12 @@ def _front_matter(plan: MergePlan, applied: RIProvenance | None) -> str:
     for model in plan.experts:
         original = applied.references.get(model.label) if applied is not None else None
         references.append(original or model.reference)
+    names: list[str] = []
+    for ref in references:  # a LoRA'd model lists its model and its adapter, as mergekit's card does
+        parts = ref.split("+") if "+" in ref and not Path(ref).exists() else [ref]
+        names += [part.partition("@")[0] for part in parts if part.partition("@")[0] not in names]
     header = {
-        "base_model": [ref.partition("@")[0] for ref in references],
+        "base_model": names,
         "library_name": "transformers",
         "tags": ["mergekit", "merge", "ri-merge"],
     }

@@ -1,9 +1,10 @@
 """Model references → tensor headers and lazy, one-tensor-at-a-time reads.
 
 A reference is a local HF folder (sharded via `model.safetensors.index.json`, or one
-`model.safetensors`), a bare `.safetensors` file, or a Hub id `org/name[@revision]`. Headers
-are parsed by hand (8-byte length + JSON), so validation reads no weight and every damaged
-file is named. Tensors are read with positioned reads into fresh buffers rather than through
+`model.safetensors`; failing those, pickled `pytorch_model*.bin` shards, see `pickled.py`), a bare
+`.safetensors` or `.bin` file, or a Hub id `org/name[@revision]`; `model+adapter` adds a LoRA
+adapter (see `lora.py`). Headers are parsed by hand (8-byte length + JSON), so validation reads no
+weight and every damaged file is named. Tensors are read with positioned reads into fresh buffers rather than through
 memory maps: mapped pages of an open file count in RSS as the merge moves on, buffers do not.
 """
 
@@ -75,6 +76,8 @@ class ModelSource:
     tensors: dict[str, TensorRef]
     fingerprint: str
     revision: str | None = None
+    note: str | None = None  # how the model is read, when it is not plain safetensors (--dry-run)
+    extra_files: tuple[Path, ...] = ()  # read besides its weights and folder (a LoRA adapter's)
 
     def config(self) -> dict | None:
         path = self.folder / "config.json" if self.folder else None
@@ -85,7 +88,7 @@ class ModelSource:
     def files(self) -> list[Path]:
         """Every file ri-merge reads of this model: its weights, and its folder's config and
         tokenizer files (what an output folder must never replace)."""
-        paths = {ref.path for ref in self.tensors.values()}
+        paths = {ref.path for ref in self.tensors.values()} | set(self.extra_files)
         if self.folder is not None:
             paths.add(self.folder)
         return sorted(paths)
@@ -225,19 +228,17 @@ def _check_layout(path: Path, refs: dict[str, TensorRef], base: int, size: int) 
         )
 
 
-def _index_shards(folder: Path, index: Path) -> list[Path]:
+def _index_shards(folder: Path, index: Path, what: str = "safetensors") -> list[Path]:
     """The shard files an index names: relative paths inside `folder` only (a hostile index, or
     Hub repo, must not pull `../x` or `/etc/passwd` into a merge), each a regular file."""
-    data = read_json_object(index, "safetensors index")
+    data = read_json_object(index, f"{what} index")
     weight_map = data.get("weight_map")
     if (
         not isinstance(weight_map, dict)
         or not weight_map
         or not all(isinstance(v, str) and v for v in weight_map.values())
     ):
-        raise UserError(
-            f"{index}: not a valid safetensors index (needs a 'weight_map' of tensor → file name)"
-        )
+        raise UserError(f"{index}: not a valid {what} index (needs a 'weight_map' of tensor → file name)")
     files = sorted(set(weight_map.values()))
     for name in files:
         relative = Path(name)
@@ -252,18 +253,31 @@ def _index_shards(folder: Path, index: Path) -> list[Path]:
 
 
 def _shard_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file() or index.is_symlink() or (index.exists() and not index.is_dir()):
-        return _index_shards(folder, index)
-    single = folder / "model.safetensors"
-    if single.exists():
-        return [single]
-    found = sorted(folder.glob("*.safetensors"))
-    if found:
-        return found
+    """A folder's weight files: safetensors when it has them (an index, one file, or any), else
+    transformers' pickled `pytorch_model.bin` (an index, or the file)."""
+    for index, single, what in (
+        ("model.safetensors.index.json", "model.safetensors", "safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin", "pytorch_model.bin"),
+    ):
+        path = folder / index
+        if path.is_file() or path.is_symlink() or (path.exists() and not path.is_dir()):
+            return _index_shards(folder, path, what)
+        if (folder / single).exists():
+            return [folder / single]
+        found = sorted(folder.glob("*.safetensors")) if what == "safetensors" else []
+        if found:
+            return found
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-        raise UserError(f"{folder}: holds only pickled weights (.bin/.pt); convert them to safetensors first")
-    raise UserError(f"{folder}: no model.safetensors, index or *.safetensors file found")
+        raise UserError(
+            f"{folder}: holds pickled weights but no pytorch_model.bin or pytorch_model.bin.index.json "
+            "(the names transformers writes); rename them, or convert them to safetensors"
+        )
+    raise UserError(f"{folder}: no model.safetensors, pytorch_model.bin, index or *.safetensors file found")
+
+
+def is_pickled(path: Path) -> bool:
+    """Weight files that are read through torch's restricted unpickler rather than as safetensors."""
+    return path.suffix in (".bin", ".pt", ".pth")
 
 
 def load_source(reference: str, label: str, relative_to: Path | None = None) -> ModelSource:
@@ -276,6 +290,10 @@ def load_source(reference: str, label: str, relative_to: Path | None = None) -> 
         and (relative_to / path).exists()
     ):
         path = relative_to / path  # mergekit resolves against the working folder; we also try the recipe's
+    if "+" in reference and not path.exists():
+        from .lora import load_lora_source  # `model+adapter`, as mergekit writes a LoRA'd model
+
+        return load_lora_source(reference, label, relative_to)
     revision = None
     if path.exists():
         folder = path if path.is_dir() else None
@@ -288,7 +306,12 @@ def load_source(reference: str, label: str, relative_to: Path | None = None) -> 
     tensors: dict[str, TensorRef] = {}
     digest = hashlib.sha256()
     for file in files:
-        refs, raw = read_header(file)
+        if is_pickled(file):
+            from .pickled import read_pickled_header
+
+            refs, raw = read_pickled_header(file)
+        else:
+            refs, raw = read_header(file)
         digest.update(raw)
         digest.update(str(file.stat().st_size).encode())
         for name, ref in refs.items():
@@ -299,7 +322,13 @@ def load_source(reference: str, label: str, relative_to: Path | None = None) -> 
             tensors[name] = ref
     if not tensors:
         raise UserError(f"model '{label}': {reference} holds no tensors")
-    return ModelSource(reference, label, folder, tensors, digest.hexdigest()[:16], revision)
+    note = None
+    if any(is_pickled(f) for f in files):
+        note = (
+            f"pickled .bin weights ({len(files)} file(s)), read through torch's weights_only unpickler; "
+            "slower to plan than safetensors (each shard's pickle is unpickled for its names and shapes)"
+        )
+    return ModelSource(reference, label, folder, tensors, digest.hexdigest()[:16], revision, note)
 
 
 HUB_PATTERNS = [
@@ -311,15 +340,21 @@ HUB_PATTERNS = [
     "vocab.txt",
     "*.jinja",
 ]
+PICKLED_PATTERNS = ["pytorch_model*.bin", "adapter_model.bin"]
 
 
 def _download(reference: str) -> tuple[Path, str | None]:
-    """Resolve a Hub id to a local snapshot (json + safetensors + tokenizer files only)."""
+    """Resolve a Hub id to a local snapshot: json, tokenizer files and safetensors (pytorch_model*.bin
+    when the repo has no safetensors)."""
     repo_id, _, revision = reference.partition("@")
     try:
         from huggingface_hub import snapshot_download
 
         folder = snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS)
+        if not any(Path(folder).glob("*.safetensors")):  # pickled weights only when there is no other
+            folder = snapshot_download(
+                repo_id, revision=revision or None, allow_patterns=[*HUB_PATTERNS, *PICKLED_PATTERNS]
+            )
     except Exception as exc:  # the hub raises many kinds; all mean "cannot get this model"
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else type(exc).__name__
@@ -361,6 +396,8 @@ class TensorReader:
         With `out` (a contiguous CPU tensor of the right size, e.g. one row of a stacked buffer)
         the bytes land there directly; `pin` reads into page-locked memory for fast, asynchronous
         copies to a GPU."""
+        if getattr(ref, "lora_b", None) is not None:
+            return self._read_lora(ref, rows, out, pin)
         if rows is not None:
             row_bytes = ref.nbytes // ref.shape[0]
             ref = TensorRef(
@@ -400,6 +437,32 @@ class TensorReader:
         if ref.nbytes == 0:
             return torch.empty(ref.shape, dtype=dtype)
         return torch.frombuffer(buffer, dtype=dtype).reshape(ref.shape)
+
+    def _read_lora(
+        self, ref: TensorRef, rows: tuple[int, int] | None, out: torch.Tensor | None, pin: bool
+    ) -> torch.Tensor:
+        """W + scale·B·A (see `lora.LoraTensorRef`) for the rows asked, in fp32: only those rows of
+        the base and of the factor along them are read, so memory is that of the rows."""
+        weight = self.read(ref.weight, rows).float()  # type: ignore[attr-defined]
+        if ref.lora_a is None:  # type: ignore[attr-defined]  # a bias: b + scale·lora_B.bias
+            delta = self.read(ref.lora_b, rows).float()  # type: ignore[attr-defined]
+        elif ref.transpose:  # type: ignore[attr-defined]
+            lora_a = self.read(ref.lora_a).float()  # type: ignore[attr-defined]
+            lora_b = self.read(ref.lora_b).float()  # type: ignore[attr-defined]
+            part = lora_a if rows is None else lora_a[:, rows[0] : rows[1]]
+            delta = (lora_b @ part).T
+        else:
+            lora_a = self.read(ref.lora_a).float()  # type: ignore[attr-defined]
+            delta = self.read(ref.lora_b, rows).float() @ lora_a  # type: ignore[attr-defined]
+        result = weight.add_(delta * ref.scale)  # type: ignore[attr-defined]
+        if out is None and pin:
+            out = torch.empty(result.shape, dtype=torch.float32, pin_memory=True)
+        if out is not None:
+            if out.dtype != torch.float32 or out.numel() != result.numel() or out.device.type != "cpu":
+                raise ValueError(f"read into a buffer of the wrong kind for {ref.name}")
+            out.view(result.shape).copy_(result)
+            return out.view(result.shape)
+        return result
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -132,6 +132,12 @@ def ri_context(recipe: Recipe, recipe_dir: Path | None) -> RIContext:
     settings = recipe.resolve_interference
     _quiet_transformers()
     base, experts = load_sources(recipe, recipe_dir)
+    for model in [base, *experts]:
+        if model.note is not None:  # RI runs the models through transformers, from safetensors
+            raise UserError(
+                f"resolve_interference: model '{model.label}' is {model.note.split(',')[0]}; RI runs "
+                "safetensors checkpoints only (merge it without resolve_interference, or convert it)"
+            )
     configs = [_require_config(m) for m in experts]
     _require_config(base)
     if len(experts) < 2:
