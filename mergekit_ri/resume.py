@@ -17,18 +17,42 @@ import os
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from .errors import ResumableError, UserError
 from .io.output import _alive, hidden_name
+from .io.sources import TensorRef
 from .io.writer import shard_headers, shard_is_whole
 from .plan import MergePlan
 from .units import OutputUnit, file_digest
 
 JOURNAL = ".ri-merge-units.jsonl"
 FORMAT = 1
+
+
+def _described(ref: TensorRef | None) -> object:
+    """A tensor reference without its path: its byte range, dtype and shape, and for a LoRA'd
+    tensor its factors and scale too."""
+    if ref is None:
+        return None
+    return tuple(
+        _described(value) if isinstance(value, TensorRef) else value
+        for item in fields(ref)
+        if item.name != "path"
+        for value in [getattr(ref, item.name)]
+    )
+
+
+def _ref_paths(ref: TensorRef) -> set[Path]:
+    """Every file a tensor is read from (a LoRA'd tensor: the base's and the adapter's)."""
+    paths = {ref.path}
+    for item in fields(ref):
+        value = getattr(ref, item.name)
+        if isinstance(value, TensorRef):
+            paths |= _ref_paths(value)
+    return paths
 
 
 def layout_digest(plan: MergePlan) -> str:
@@ -38,7 +62,7 @@ def layout_digest(plan: MergePlan) -> str:
     for model in ([plan.base] if plan.base else []) + plan.experts:
         digest.update(f"{model.label}:{model.fingerprint}\n".encode())
     for task in plan.tasks:
-        refs = [(r.dtype, r.shape, r.start, r.end) for r in (task.base, *task.experts) if r is not None]
+        refs = [_described(r) for r in (task.base, *task.experts)]
         digest.update(
             repr(
                 (
@@ -62,7 +86,8 @@ def fingerprint(plan: MergePlan, device: str) -> dict[str, Any]:
 
     inputs = {}
     for model in ([plan.base] if plan.base else []) + plan.experts:
-        for path in sorted({ref.path for ref in model.tensors.values()}):
+        files = {p for ref in model.tensors.values() for p in _ref_paths(ref)} | set(model.extra_files)
+        for path in sorted(p for p in files if not p.is_dir()):
             try:
                 info = path.stat()
                 inputs[str(path)] = f"{info.st_size}:{info.st_mtime_ns}"
