@@ -3,6 +3,8 @@
     import mergekit_ri as m
     result = m.merge("recipe.yaml", "out", options=m.MergeOptions(device="cpu"))
 
+`mergekit_ri.ri_demo()` runs `ri-merge demo --ri` (RI shown on tiny image classifiers).
+
 The API (`merge`, `plan`, `load_recipe`, `MergeOptions`, `MergeEvents`, `MergeResult`) is imported
 on first use, so `import mergekit_ri` stays cheap (no torch) for the CLI's fast paths.
 """
@@ -26,6 +28,7 @@ _API = {
     "MergeResult": "engine",
     "FileRecord": "io.manifest",
     "RIStatus": "ri.prepare",
+    "ri_demo": "demo_ri",
 }
 __all__ = ["__version__", "UserError", "plan", *_API]
 

@@ -802,34 +802,86 @@ def methods(as_json: JsonOpt = False) -> None:
 @app.command("demo")
 def demo(
     folder: Annotated[
-        Path, typer.Option("--dir", help="Where to write the demo checkpoints and the merge.")
-    ] = Path("ri-merge-demo"),
+        Optional[Path],
+        typer.Option(
+            "--dir",
+            show_default=False,
+            help="Where to write the demo checkpoints and the merge (default ri-merge-demo, with --ri "
+            "ri-merge-demo-ri).",
+        ),
+    ] = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
+    ri: Annotated[
+        bool,
+        typer.Option(
+            "--ri",
+            help="RI instead: train a tiny image-classifier base and 4 experts on procedural tasks, merge "
+            "them with task arithmetic with and without resolve_interference, print each task's accuracy "
+            "(about a minute on a CPU; default --dir ri-merge-demo-ri).",
+        ),
+    ] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="With --ri: a smaller, faster run (for tests).")
+    ] = False,
 ) -> None:
-    """Generate a tiny Llama-style base + 2 experts and merge them with configs/demo.yaml."""
+    """Generate a tiny Llama-style base + 2 experts and merge them with configs/demo.yaml
+    (--ri: show what RI does to a merge of image classifiers)."""
 
     def body() -> None:
         from .api import MergeOptions
 
-        recipe = prepare_demo_folder(folder)
+        if ri:
+            _ri_demo(folder or Path("ri-merge-demo-ri"), quick, quiet, as_json)
+            return
+        if quick:
+            raise UserError("--quick goes with --ri: ri-merge demo --ri --quick")
+        where = folder or Path("ri-merge-demo")
+        recipe = prepare_demo_folder(where)
         if not quiet and not as_json:
             out.print(
-                f"wrote a tiny base and 2 experts under {folder}/, recipe {recipe}",
+                f"wrote a tiny base and 2 experts under {where}/, recipe {recipe}",
                 markup=False,
                 highlight=False,
             )
         _run_merge(
             recipe,
-            folder / "merged",
+            where / "merged",
             MergeOptions(force=True, checksums=as_json),
             quiet=quiet or as_json,
             as_json=as_json,
         )
         if not quiet and not as_json:
-            out.print(_check_loads(folder / "merged"), markup=False, highlight=False)
+            out.print(_check_loads(where / "merged"), markup=False, highlight=False)
 
     _guarded(body)
+
+
+def _ri_demo(folder: Path, quick: bool, quiet: bool, as_json: bool) -> None:
+    """`ri-merge demo --ri`: the RI demo's table (or its JSON) on stdout, bars on stderr."""
+    from .demo_ri import render_table, ri_demo
+
+    bars = not quiet and not as_json and err.is_terminal
+    report = ri_demo(folder, quick=quick, progress=bars)
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+        return
+    if quiet:
+        return
+    out.print(render_table(report))
+    xi = report.interference
+    out.print(
+        f"interference ξ on the auxiliary images: {xi['without_ri']:.2f} without RI, "
+        f"{xi['with_ri']:.2f} with RI (lower: the merge stays closer to each expert)",
+        markup=False,
+        highlight=False,
+    )
+    out.print(
+        f"{report.seconds:.0f}s. Models, auxiliary images, merges and the recipes under {folder}/; rerun the "
+        f"RI merge with: ri-merge {report.recipe} -o my-merge -v",
+        markup=False,
+        highlight=False,
+    )
 
 
 def _check_loads(folder: Path) -> str:
