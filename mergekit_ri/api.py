@@ -330,7 +330,8 @@ def _with_overrides(recipe: Recipe, options: MergeOptions) -> Recipe:
     from pydantic import ValidationError
 
     try:  # validated as a whole: model_copy would take an unchecked seed or shard size
-        return type(recipe).model_validate({**dict(recipe), **update})
+        given = {name: getattr(recipe, name) for name in recipe.model_fields_set}  # what the recipe names
+        return type(recipe).model_validate({**given, **update})  # stays named (tokenizer_source: vocab/)
     except ValidationError as exc:
         error = exc.errors()[0]
         name = str(error["loc"][0]) if error["loc"] else "option"

@@ -157,6 +157,20 @@ def _layer_source(layer: dict[str, Any]) -> str:
     return f"{layer['layer']} ← {sources}  (slice {layer['slice']}, t {layer['t']:.2f})"
 
 
+def _vocabulary_lines(vocab: dict[str, Any]) -> str:
+    """The output vocabulary: its size and source, where its tokens' rows come from, what is re-laid."""
+    lines = []
+    if "vocab_size" in vocab:
+        lines.append(
+            f"{vocab['vocab_size']} rows ({vocab['tokens']} tokens, tokenizer {vocab['tokenizer_source']})"
+        )
+        lines += [f"  {count} tokens: {origin}" for origin, count in vocab["token_rows"].items()]
+        lines += [f"re-laid: {name} ({', '.join(models)})" for name, models in vocab["remapped"].items()]
+    if "chat_template" in vocab:
+        lines.append(f"chat template: {vocab['chat_template']}")
+    return "\n".join(lines)
+
+
 def _print_plan(plan, console: Console) -> None:
     from rich.table import Table
 
@@ -177,6 +191,8 @@ def _print_plan(plan, console: Console) -> None:
     table.add_row("peak memory (est.)", _human(summary["peak_memory_estimate"]))
     if summary.get("layers"):  # slices: each output layer and where it comes from
         table.add_row("layers", "\n".join(_layer_source(layer) for layer in summary["layers"]))
+    if summary.get("vocabulary"):
+        table.add_row("vocabulary", _vocabulary_lines(summary["vocabulary"]))
     if summary["heads"]:
         table.add_row(
             "task heads",
@@ -523,7 +539,7 @@ TruncateOpt = Annotated[
     typer.Option(
         "--unsafe-truncate-embeddings/--no-unsafe-truncate-embeddings",
         rich_help_panel=MK,
-        help="Refused: ri-merge never resizes embeddings (merge models that share a vocabulary).",
+        help="Refused: cutting rows loses tokens silently; set tokenizer_source to merge vocabularies.",
     ),
 ]
 
@@ -585,8 +601,8 @@ def _merge_device(device: str | None, cuda: bool, truncate: bool) -> str | None:
     """--device, else mergekit's --cuda/--gpu-rich; refuses flags that would change the model."""
     if truncate:
         raise UserError(
-            "--unsafe-truncate-embeddings is not supported: ri-merge never resizes "
-            "embeddings; merge models that share a vocabulary"
+            "--unsafe-truncate-embeddings is not supported: cutting embedding rows loses tokens "
+            "silently; set tokenizer_source (union, base or a model) to merge different vocabularies"
         )
     return device if device is not None else ("cuda" if cuda else None)
 

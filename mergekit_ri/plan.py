@@ -18,6 +18,7 @@ from .io.sources import FLOAT_CODES, ST_DTYPES, ModelSource, TensorRef, load_sou
 from .methods import MethodSpec, TensorParams, get_method
 from .params import layer_depths, resolve
 from .recipe import ModelEntry, Recipe
+from .vocab.plan import VocabPlan, plan_vocabulary
 
 PREFETCH_DEFAULT = 2
 
@@ -71,6 +72,7 @@ class MergePlan:
     # paths the output must stay clear of besides the inputs read (the experts as the user gave
     # them, when RI merges adapted copies from its cache)
     protected: list[Path] = field(default_factory=list)
+    vocab: VocabPlan | None = None  # the output's tokenizer and re-laid vocabulary tensors (vocab/)
 
     @property
     def config_source(self) -> ModelSource:
@@ -85,11 +87,13 @@ class MergePlan:
 
     @property
     def tokenizer_source(self) -> ModelSource | None:
-        """Whose tokenizer files are copied: `tokenizer_source` names 'base' or one of the models."""
-        choice = self.recipe.tokenizer_source
+        """Whose tokenizer files are copied: `tokenizer_source` names 'base' or one of the models
+        (for `union`, or a `tokenizer:` section, whose extras: generation_config.json, ...)."""
+        section = self.recipe.tokenizer
+        choice = section.source if section is not None else self.recipe.tokenizer_source
         if choice is None:
             return None
-        if choice == "base":
+        if choice in ("base", "union"):
             return self.reference
         for model in ([self.base] if self.base else []) + self.experts:
             if choice in (model.reference, model.label):
@@ -131,6 +135,7 @@ class MergePlan:
                 label: {n: list(r.shape) for n, r in refs.items()} for label, refs in self.heads.items()
             },
             "heads_default": self.heads_default,
+            **({"vocabulary": self.vocab.summary()} if self.vocab is not None else {}),
             "inputs": {m.label: m.note for m in self.sources if m.note},
             "warnings": self.warnings,
         }
@@ -206,8 +211,8 @@ def _vocab_hint(name: str, ref: tuple[int, ...], other: tuple[int, ...]) -> str:
     looks_like_vocab = any(k in name for k in ("embed", "lm_head", "wte", "word_embeddings", "output.weight"))
     if looks_like_vocab and len(ref) == len(other) and ref[0] != other[0] and ref[1:] == other[1:]:
         return (
-            f"; the vocabularies differ ({other[0]} vs {ref[0]} tokens): ri-merge does not resize "
-            "embeddings, so merge models that share the base's tokenizer"
+            f"; the vocabularies differ ({other[0]} vs {ref[0]} tokens): set tokenizer_source "
+            "(union, base or a model) to merge them into one vocabulary"
         )
     return ""
 
@@ -336,12 +341,13 @@ def build_plan(recipe: Recipe, recipe_dir: Path | None = None) -> MergePlan:
     recipe, notes = merge_inputs(recipe, method)
     notes = unused_parameters_warning(written, method) + notes
     base, experts = load_sources(recipe, recipe_dir)
+    vocab, base, experts = plan_vocabulary(recipe, base, experts)  # before the shape checks: re-laid refs
     reference = base or experts[0]
     is_head = head_selector(recipe.heads, experts[0].config())  # experts are the classifiers
     if recipe.heads_default is not None and is_head is None:
         raise UserError("recipe: heads_default needs heads (e.g. heads: auto)")
     heads, heads_default = find_heads(experts, is_head, recipe.heads_default) if is_head else ({}, None)
-    warnings = notes + check_compatible(reference, experts, is_head)
+    warnings = notes + (vocab.warnings if vocab else []) + check_compatible(reference, experts, is_head)
     out_code = recipe.output_dtype_code()
     backbone = {n: r for n, r in reference.tensors.items() if is_head is None or not is_head(n)}
     ordered = sorted(backbone.items(), key=lambda item: (str(item[1].path), item[1].start))
@@ -365,7 +371,9 @@ def build_plan(recipe: Recipe, recipe_dir: Path | None = None) -> MergePlan:
         for name, ref in heads[heads_default].items():
             tasks.append(TensorTask(name, ref.shape, ref.dtype, ref, None, (), False, None))
     tasks, shards = assign_shards(tasks, recipe.shard_size_bytes)
-    plan = MergePlan(written, method, base, experts, tasks, shards, warnings, heads, heads_default)
+    plan = MergePlan(
+        written, method, base, experts, tasks, shards, warnings, heads, heads_default, vocab=vocab
+    )
     plan.tokenizer_source  # noqa: B018 -- what is written beside the weights is checked with the plan,
     plan.config_source.config()  # not after hours of merging
     return plan

@@ -34,6 +34,7 @@ from pydantic import (
 from yaml.nodes import MappingNode, Node, SequenceNode
 
 from .errors import UserError, closest
+from .vocab.config import TokenizerConfig, check_chat_template
 
 Scalar = Union[bool, int, float, str]
 
@@ -206,6 +207,8 @@ class Recipe(BaseModel):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = "base"
+    tokenizer: TokenizerConfig | None = None  # mergekit's tokenizer section (vocab/config.py)
+    chat_template: str | None = None
     # task heads (classifier experts): kept per expert, never merged
     heads: str | None = None
     heads_default: str | None = None
@@ -228,17 +231,18 @@ class Recipe(BaseModel):
             )
         return value
 
-    @field_validator("tokenizer_source")
+    @field_validator("chat_template")
     @classmethod
-    def _no_union(cls, value: str | None) -> str | None:
-        """mergekit's `union` builds a merged vocabulary and resizes the embeddings to it: refused
-        when the recipe is read, not after the merge (which names are models is checked with the plan)."""
-        if value == "union":
-            raise ValueError(
-                "'union' (mergekit's merged vocabulary) is not supported: ri-merge does not "
-                "resize embeddings; use base or one of the models"
-            )
-        return value
+    def _known_template(cls, value: str | None) -> str | None:
+        return check_chat_template(value)
+
+    @model_validator(mode="after")
+    def _one_tokenizer_choice(self) -> Recipe:
+        """mergekit refuses both: the section's `source` says what tokenizer_source would."""
+        if self.tokenizer is not None and "tokenizer_source" in self.model_fields_set:
+            if self.tokenizer_source is not None:
+                raise ValueError("give tokenizer_source or a tokenizer section, not both (as in mergekit)")
+        return self
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> Recipe:
@@ -310,12 +314,6 @@ def parse_size(value: int | str) -> int:
     if size >= INT64:
         raise ValueError("out_shard_size is larger than any file can be")
     return size
-
-
-_MERGEKIT_ONLY = {
-    "tokenizer": "the 'tokenizer' section is not supported; use tokenizer_source",
-    "chat_template": "chat_template is not supported; the tokenizer files are copied as they are",
-}
 
 
 class _Refused(yaml.YAMLError):
@@ -566,8 +564,6 @@ def _check_keys(data: dict, model: type[BaseModel], source: str, prefix: str) ->
     for key in data:
         if key in known:
             continue
-        if key in _MERGEKIT_ONLY and not prefix:
-            raise UserError(f"{source}: {_MERGEKIT_ONLY[key]}")
         raise UserError(f"{source}: unknown key '{prefix}{shown(key)}'{hint(key, known)}")
 
 

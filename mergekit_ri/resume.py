@@ -17,9 +17,12 @@ import os
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
 
 from .errors import ResumableError, UserError
 from .io.output import _alive, hidden_name
@@ -32,27 +35,52 @@ JOURNAL = ".ri-merge-units.jsonl"
 FORMAT = 1
 
 
-def _described(ref: TensorRef | None) -> object:
-    """A tensor reference without its path: its byte range, dtype and shape, and for a LoRA'd
-    tensor its factors and scale too."""
-    if ref is None:
-        return None
-    return tuple(
-        _described(value) if isinstance(value, TensorRef) else value
-        for item in fields(ref)
-        if item.name != "path"
-        for value in [getattr(ref, item.name)]
-    )
+def _stable(value: object) -> object:
+    """A value as the digest sees it: the same in every process and on every node. Paths are left
+    out (a node may see the inputs elsewhere); arrays by a hash of their bytes; dataclasses by
+    their public fields; anything else by its type's name (a lock, a cache)."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, Path):
+        return "path"
+    if is_dataclass(value) and not isinstance(value, type):
+        return (
+            type(value).__name__,
+            tuple(
+                (f.name, _stable(getattr(value, f.name)))
+                for f in fields(value)
+                if not f.name.startswith("_") and f.name != "path"
+            ),
+        )
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _stable(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_stable(v) for v in value)
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().contiguous().numpy()
+    if isinstance(value, np.ndarray):
+        data = np.ascontiguousarray(value)
+        return (str(data.dtype), data.shape, hashlib.sha256(data.tobytes()).hexdigest())
+    return type(value).__name__
 
 
-def _ref_paths(ref: TensorRef) -> set[Path]:
-    """Every file a tensor is read from (a LoRA'd tensor: the base's and the adapter's)."""
-    paths = {ref.path}
-    for item in fields(ref):
-        value = getattr(ref, item.name)
-        if isinstance(value, TensorRef):
-            paths |= _ref_paths(value)
-    return paths
+def _ref_paths(value: object) -> set[Path]:
+    """Every file a tensor is read from (a LoRA'd tensor: the base's and the adapter's; a
+    re-laid vocabulary tensor: every model's)."""
+    if isinstance(value, TensorRef):
+        paths = {value.path}
+        for item in fields(value):
+            paths |= _ref_paths(getattr(value, item.name)) if item.name != "path" else set()
+        return paths
+    if is_dataclass(value) and not isinstance(value, type):
+        return set().union(
+            *(_ref_paths(getattr(value, f.name)) for f in fields(value) if not f.name.startswith("_"))
+        )
+    if isinstance(value, dict):
+        return set().union(*(_ref_paths(v) for v in value.values()))
+    if isinstance(value, (list, tuple)):
+        return set().union(*(_ref_paths(v) for v in value))
+    return set()
 
 
 def layout_digest(plan: MergePlan) -> str:
@@ -62,7 +90,7 @@ def layout_digest(plan: MergePlan) -> str:
     for model in ([plan.base] if plan.base else []) + plan.experts:
         digest.update(f"{model.label}:{model.fingerprint}\n".encode())
     for task in plan.tasks:
-        refs = [_described(r) for r in (task.base, *task.experts)]
+        refs = [_stable(r) for r in (task.base, *task.experts)]
         digest.update(
             repr(
                 (

@@ -32,6 +32,7 @@ from .io.sources import FLOAT_CODES, ModelSource, TensorRef, load_source
 from .methods import MethodSpec, TensorParams, get_method
 from .plan import MergePlan, TensorTask, _label, assign_shards, resolve_params, unused_parameters_warning
 from .recipe import FilteredValue, ModelEntry, ParamValue, Recipe, SliceEntry
+from .vocab.plan import relay_sources
 
 # the first `.<number>.` of a name is its layer: model.layers.7.mlp.up_proj.weight → layer 7
 _LAYER_NAME = re.compile(r"^(.*?\.)(\d+)\.(.+)$")
@@ -298,6 +299,7 @@ def build_sliced_plan(recipe: Recipe, recipe_dir: Path | None = None) -> SlicedP
     """One TensorTask per output tensor of a sliced recipe, every range and shape checked first."""
     method = get_method(recipe.merge_method)
     sources = _load_models(recipe, recipe_dir)
+    vocab, sources = relay_sources(recipe, sources)  # different vocabularies: re-laid refs (vocab/)
     slices = [_resolve_slice(recipe, method, i, sources) for i in range(len(recipe.slices or []))]
     out_code = recipe.output_dtype_code()
     first, last = slices[0], slices[-1]
@@ -320,6 +322,7 @@ def build_sliced_plan(recipe: Recipe, recipe_dir: Path | None = None) -> SlicedP
         shards,
         _warnings(recipe, method, slices),
         layers=[_layer_entry(layer, sources) for layer in mapping],
+        vocab=vocab,
     )
     config = plan.config_source.config() or {}
     plan.layer_count_key = next((k for k in LAYER_COUNT_KEYS if k in config), "num_hidden_layers")

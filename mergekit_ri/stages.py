@@ -192,15 +192,11 @@ def stage_recipe(plan: StagePlan, stage: Stage) -> Recipe:
         ]
     )
     tokenizer = recipe.tokenizer_source
-    tokenizer = place(tokenizer) if tokenizer not in (None, "base") else tokenizer
-    return recipe.model_copy(
-        update={
-            "models": models,
-            "slices": slices,
-            "base_model": place(recipe.base_model),
-            "tokenizer_source": tokenizer,
-        }
-    )
+    tokenizer = place(tokenizer) if tokenizer not in (None, "base", "union") else tokenizer
+    update = {"models": models, "slices": slices, "base_model": place(recipe.base_model)}
+    if "tokenizer_source" in recipe.model_fields_set:  # unnamed stays unnamed (vocab/plan.py)
+        update["tokenizer_source"] = tokenizer
+    return recipe.model_copy(update=update)
 
 
 def stamp(recipe: Recipe, fingerprints: list[str]) -> str:

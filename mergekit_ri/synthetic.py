@@ -11,6 +11,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -206,3 +207,31 @@ def save_lora_adapter(
     settings = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": targets, **config}
     (folder / "adapter_config.json").write_text(json.dumps(settings))
     return merged
+
+
+def tiny_tokenizer(letters: str, seed: int = 0, added: tuple[str, ...] = (), size: int = 200) -> Any:
+    """A `size`-token byte-level BPE tokenizer (transformers' fast tokenizer) trained offline on
+    random words over `letters`, plus `added` tokens (ids size, size + 1, ...): real tokenizer
+    files for tests and parity runs of different vocabularies. Needs transformers."""
+    import random
+
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    rng = random.Random(seed)
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 7))) for _ in range(400)]
+    text = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        text, trainers.BpeTrainer(vocab_size=size, special_tokens=["<unk>", "<s>", "</s>"])
+    )
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    if added:
+        fast.add_tokens(list(added))
+    if len(fast) != size + len(added):
+        raise RuntimeError(f"trained {len(fast) - len(added)} tokens, not {size}: give more letters")
+    return fast

@@ -128,6 +128,49 @@ def ensure_adapter(folder: Path, base: Path) -> Path:
     return folder
 
 
+VOCAB_MODELS = ("vbase", "vexpert1", "vexpert2")
+VOCAB_ADDED = ("<tool>", "<think>", "</think>")
+
+
+def ensure_vocab_models(root: Path) -> dict[str, Path]:
+    """Models with real tokenizers for the vocabulary recipes: vbase and vexpert1 share a 200-token
+    BPE tokenizer; vexpert2 has another one (trained on other text) plus 3 added tokens, 203 rows.
+    Their width (48) differs from the main family's, so no tensor is mistaken for one of its."""
+    from mergekit_ri.synthetic import (
+        LlamaShape,
+        base_weights,
+        expert_weights,
+        save_checkpoint,
+        tiny_tokenizer,
+    )
+
+    folders = {name: root / name for name in VOCAB_MODELS}
+    mark = root / ".complete"
+    if mark.exists():
+        return folders
+    if root.exists():
+        shutil.rmtree(root)
+    shape = LlamaShape(vocab=200, hidden=48, intermediate=96, layers=4, heads=4, kv_heads=2)
+    wide = LlamaShape(vocab=203, hidden=48, intermediate=96, layers=4, heads=4, kv_heads=2)
+    base = base_weights(shape, 0)
+    first = tiny_tokenizer("abcdefghijklmnop", 0)
+    second = tiny_tokenizer("efghijklmnopqrstuvwxyz", 1, VOCAB_ADDED)
+    own = base_weights(wide, 7)  # vexpert2's embedding and head: its own rows, its own vocabulary
+    second_weights = {
+        **expert_weights(base, 2),
+        **{n: own[n] for n in ("model.embed_tokens.weight", "lm_head.weight")},
+    }
+    for name, weights, tok, config in (
+        ("vbase", base, first, shape.config(DTYPE)),
+        ("vexpert1", expert_weights(base, 1), first, shape.config(DTYPE)),
+        ("vexpert2", second_weights, second, wide.config(DTYPE)),
+    ):
+        save_checkpoint(folders[name], weights, config, DTYPE)
+        tok.save_pretrained(folders[name])
+    mark.touch()
+    return folders
+
+
 # ---------------------------------------------------------------- recipes
 
 
@@ -201,6 +244,61 @@ def method_recipes() -> dict[str, str]:
         ),
     }
     return {name: yaml.safe_dump(recipe, sort_keys=False) for name, recipe in recipes.items()}
+
+
+def vocab_recipes() -> dict[str, str]:
+    """Different vocabularies (mergekit's tokenizer_source and tokenizer: section) over the models
+    of `ensure_vocab_models`; compared token by token (`vocab_order`)."""
+    b, e1, e2 = "$vbase", "$vexpert1", "$vexpert2"
+    pair = [{"model": e1, "parameters": {"weight": 0.6}}, {"model": e2, "parameters": {"weight": 0.4}}]
+    section = {
+        "source": "union",
+        "pad_to_multiple_of": 32,
+        "tokens": {
+            "<tool>": {"source": {"kind": "model_token", "model": b, "token": "<s>"}, "force": True},
+            "<new>": {"source": {"kind": "zero"}},
+        },
+    }
+    recipes = {
+        "vocab:union-linear": {
+            "merge_method": "linear",
+            "models": [
+                {"model": m, "parameters": {"weight": w}} for m, w in ((b, 0.2), (e1, 0.3), (e2, 0.5))
+            ],
+            "tokenizer_source": "union",
+        },
+        "vocab:union-task_arithmetic": {
+            "merge_method": "task_arithmetic",
+            "base_model": b,
+            "models": pair,
+            "tokenizer_source": "union",
+        },
+        "vocab:union-ties": {
+            "merge_method": "ties",
+            "base_model": b,
+            "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in (e1, e2)],
+            "tokenizer_source": "union",
+        },
+        "vocab:base": {
+            "merge_method": "task_arithmetic",
+            "base_model": b,
+            "models": pair,
+            "tokenizer_source": "base",
+        },
+        "vocab:model": {
+            "merge_method": "task_arithmetic",
+            "base_model": b,
+            "models": pair,
+            "tokenizer_source": e2,
+        },
+        "vocab:tokenizer-section": {
+            "merge_method": "task_arithmetic",
+            "base_model": b,
+            "models": pair,
+            "tokenizer": section,
+        },
+    }
+    return {name: yaml.safe_dump({**r, "dtype": DTYPE}, sort_keys=False) for name, r in recipes.items()}
 
 
 def example_recipes(folder: Path = EXAMPLES) -> dict[str, str]:
@@ -410,6 +508,7 @@ class Inputs:
     """The generated models in memory as float32 (a few MB each)."""
 
     def __init__(self, folders: dict[str, Path]):
+        self.folders = folders
         models = {name: folder for name, folder in folders.items() if name != LORA}
         self.files = {name: tensor_files(folder) for name, folder in models.items()}
         self.tensors = {name: load_all(folder) for name, folder in models.items()}
@@ -419,6 +518,38 @@ class Inputs:
     def get(self, model: str, name: str) -> torch.Tensor | None:
         tensor = self.tensors.get(model, {}).get(name)
         return None if tensor is None else tensor.float()
+
+
+class VocabInputs(Inputs):
+    """The vocabulary models seen through mergekit's output vocabulary: their embedding and head
+    rows placed at the output id of each token they have (zero where they lack it; padding rows:
+    the model's mean row), so magnitudes and task vectors line up with the merged rows; "base"
+    is vbase."""
+
+    def __init__(self, inputs: Inputs, mk: Path):
+        from tokenizers import Tokenizer
+
+        self.folders, self.tensors = inputs.folders, inputs.tensors
+        self.files = {**inputs.files, "base": inputs.files.get("vbase", {})}
+        out = Tokenizer.from_file(str(mk / "tokenizer.json")).get_vocab(True)
+        self.size = json.loads((mk / "config.json").read_text()).get("vocab_size", len(out))
+        self.tokens = len(out)
+        self.rows = {}
+        for model in VOCAB_MODELS:
+            own = Tokenizer.from_file(str(self.folders[model] / "tokenizer.json")).get_vocab(True)
+            pairs = [(i, own[t]) for t, i in out.items() if t in own]
+            self.rows[model] = (torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs]))
+
+    def get(self, model: str, name: str) -> torch.Tensor | None:
+        model = "vbase" if model == "base" else model
+        tensor = super().get(model, name)
+        if tensor is None or model not in self.rows or not ("embed_tokens" in name or "lm_head" in name):
+            return tensor
+        at, rows = self.rows[model]
+        aligned = torch.zeros((self.size, *tensor.shape[1:]))
+        aligned[at] = tensor[rows]
+        aligned[self.tokens :] = tensor[rows].mean(0)  # padding rows: the model's mean row (mergekit's)
+        return aligned
 
 
 def lora_merged(base: dict[str, torch.Tensor], adapter: Path) -> dict[str, torch.Tensor]:
@@ -549,6 +680,8 @@ def compare_deterministic(
     """
     recipe = recipe or {}
     files_ri, files_mk = load_all(ri), load_all(mk)
+    if "tokenizer_source" in recipe or "tokenizer" in recipe:
+        files_ri = in_mergekit_order(files_ri, ri, mk)
     cmp = Comparison(
         only_ri=sorted(set(files_ri) - set(files_mk)), only_mk=sorted(set(files_mk) - set(files_ri))
     )
@@ -592,6 +725,34 @@ def compare_deterministic(
             )
         )
     return cmp
+
+
+def vocab_order(ri: Path, mk: Path) -> torch.Tensor | None:
+    """ri-merge's row of each of mergekit's token ids, when both vocabularies hold the same tokens.
+
+    The tools may number a union's new tokens differently: mergekit takes them from a dict built
+    from a Rust hash map (its order changes from run to run), ri-merge in id order."""
+    from tokenizers import Tokenizer
+
+    try:
+        ours, theirs = (Tokenizer.from_file(str(f / "tokenizer.json")).get_vocab(True) for f in (ri, mk))
+    except Exception:  # a missing or unreadable tokenizer: compared as stored
+        return None
+    if set(ours) != set(theirs):
+        return None
+    return torch.tensor([ours[t] for t, _ in sorted(theirs.items(), key=lambda item: item[1])])
+
+
+def in_mergekit_order(files: dict[str, torch.Tensor], ri: Path, mk: Path) -> dict[str, torch.Tensor]:
+    """ri-merge's vocabulary tensors with their rows in mergekit's token order (padding rows stay)."""
+    order = vocab_order(ri, mk)
+    if order is None:
+        return files
+    out = dict(files)
+    for name, tensor in files.items():
+        if ("embed_tokens" in name or "lm_head" in name) and tensor.shape[0] >= order.numel():
+            out[name] = torch.cat([tensor[order], tensor[order.numel() :]])
+    return out
 
 
 def compare_random(ri: Path, mk: Path, inputs: Inputs) -> Comparison:
@@ -772,7 +933,9 @@ def render_table(rows: list[Row], markdown: bool) -> str:
 def input_models(text: str) -> list[str]:
     """Which generated models a rendered-to-be recipe uses as experts (for the task-vector scale
     and the cut explanations), in the recipe's order (the LoRA'd base comes last in its rows)."""
-    return [e for e in EXPERTS if f"${e}" in text] + ([LORA_EXPERT] if f"${LORA}" in text else [])
+    return [e for e in (*EXPERTS, *VOCAB_MODELS[1:]) if f"${e}" in text] + (
+        [LORA_EXPERT] if f"${LORA}" in text else []
+    )
 
 
 @dataclass
@@ -916,6 +1079,8 @@ def compare_job(job: Job, inputs: Inputs) -> Row:
     row = Row(job.name, recipe_method(job.text), job.ri, job.mk, random=final_method in RANDOM_METHODS)
     if job.ri.ok and job.mk.ok:
         mk_out = job.mk_cache / "model"
+        if job.name.startswith("vocab:"):
+            inputs = VocabInputs(inputs, mk_out)
         if row.random:
             row.cmp = compare_random(job.ri_out, mk_out, inputs)
         else:
@@ -978,10 +1143,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         mergekit = ensure_mergekit(args.venv, MERGEKIT_VERSION)
     work = args.workdir.resolve()
-    folders = ensure_models(work / "models")
+    folders = {**ensure_models(work / "models"), **ensure_vocab_models(work / "vocab-models")}
     inputs = Inputs(folders)
 
-    recipes = {**example_recipes(), **method_recipes()}
+    recipes = {**example_recipes(), **method_recipes(), **vocab_recipes()}
     if args.only:
         wanted = set(args.only.split(","))
         recipes = {k: v for k, v in recipes.items() if k in wanted or k.removeprefix("example:") in wanted}

@@ -228,6 +228,53 @@ def load_family(family):
     return base, experts
 
 
+# ---- different vocabularies (tests/test_vocab.py) ----
+
+ADDED_TOKENS = ("<tool>", "<think>", "</think>")
+
+
+def tiny_llama(vocab: int, seed: int, tie: bool = False):
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config)
+
+
+def make_vocab_models(root: Path, tie: bool = False, template: str | None = None) -> dict[str, Path]:
+    """base and `a` share a 200-token BPE tokenizer; `b` has another one trained on other text,
+    with 3 added tokens (203 rows). Backbones drift from the base; embeddings are each model's own.
+    `template`: a chat template for `a` and `b` (the base has none)."""
+    from mergekit_ri.synthetic import tiny_tokenizer
+
+    first = tiny_tokenizer("abcdefghijklmnop", 0)
+    second = tiny_tokenizer("efghijklmnopqrstuvwxyz", 1, ADDED_TOKENS)
+    base = tiny_llama(200, 0, tie)
+    folders = {}
+    for name, tok, seed in (("base", first, 0), ("a", first, 1), ("b", second, 2)):
+        model = base if name == "base" else tiny_llama(len(tok), seed, tie)
+        if name != "base":
+            with torch.no_grad():
+                for key, param in model.named_parameters():
+                    if "embed_tokens" not in key and "lm_head" not in key:
+                        param.copy_(base.get_parameter(key) + 0.01 * torch.randn_like(param))
+        folders[name] = root / name
+        model.save_pretrained(folders[name])
+        tok.chat_template = template if name != "base" else None
+        tok.save_pretrained(folders[name])
+    return folders
+
+
 def save_pickled(folder: Path, source: Path, shards: int = 1) -> Path:
     """The safetensors checkpoint `source` re-saved as transformers' pickled `pytorch_model.bin`
     (with `pytorch_model.bin.index.json` when shards > 1), config.json beside it."""

@@ -238,10 +238,12 @@ def test_methods_listing_recommends_the_papers_density():
 # --- tokenizer_source ----------------------------------------------------------------------------
 
 
-def test_tokenizer_source_union_is_refused_when_the_recipe_is_read(tmp_path, family):
+def test_tokenizer_source_union_without_tokenizer_files_is_refused_with_the_plan(tmp_path, family):
+    """union builds a tokenizer from every model's files (tests/test_vocab.py): a folder with none
+    is named when the recipe is checked, before any weight is read."""
     recipe = _recipe(tmp_path, family, "ties", tokenizer_source="union")
     for command in (("validate", recipe), ("merge", recipe, "-o", tmp_path / "out", "--dry-run")):
-        assert_user_error(run_cli(*command), "tokenizer_source", "union", "not supported")
+        assert_user_error(run_cli(*command), "model 'base'", str(family["base"]), "no tokenizer files")
     assert not (tmp_path / "out").exists()
 
 

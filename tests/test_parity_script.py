@@ -260,3 +260,23 @@ def test_markdown_table_has_a_row_per_recipe(parity):
     table = parity.render_table(rows, markdown=True)
     lines = table.splitlines()
     assert len(lines) == 3 and lines[0].startswith("| recipe |") and "x \\| y" in lines[2]
+
+
+def test_vocabulary_recipes_render_and_rows_are_compared_by_token(parity, tmp_path):
+    """The vocabulary rows name only the vocabulary models, and ri-merge's rows are put in
+    mergekit's token order (padding rows stay) before the entry-by-entry comparison."""
+    from tokenizers import Tokenizer, models
+
+    folders = {**FOLDERS, **{name: Path(f"/models/{name}") for name in parity.VOCAB_MODELS}}
+    for name, text in parity.vocab_recipes().items():
+        doc = parity.recipe_documents(parity.render(text, folders))[0]
+        assert "tokenizer_source" in doc or "tokenizer" in doc, name
+        assert {m["model"] for m in doc["models"]} <= {str(p.resolve()) for p in folders.values()}, name
+    ri, mk = tmp_path / "ri", tmp_path / "mk"
+    for folder, ids in ((ri, {"x": 0, "y": 1, "z": 2}), (mk, {"x": 2, "y": 0, "z": 1})):
+        folder.mkdir()
+        Tokenizer(models.WordLevel(vocab=ids, unk_token="x")).save(str(folder / "tokenizer.json"))
+    rows = torch.tensor([[0.0], [1.0], [2.0], [9.0]])  # ri-merge's rows of x, y, z and one padding row
+    out = parity.in_mergekit_order({"lm_head.weight": rows, "norm.weight": rows}, ri, mk)
+    assert out["lm_head.weight"].flatten().tolist() == [1.0, 2.0, 0.0, 9.0]  # mergekit's y, z, x, padding
+    assert out["norm.weight"] is rows

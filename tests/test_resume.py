@@ -170,3 +170,35 @@ def test_killed_merge_resumes_to_the_same_bytes(tmp_path: Path) -> None:
     )
     assert folder_bytes(out) == folder_bytes(reference)
     assert [p.name for p in tmp_path.iterdir() if "ri-merge" in p.name] == []
+
+
+def test_layout_digest_is_the_same_in_every_process_for_relaid_vocabularies(tmp_path: Path) -> None:
+    """A union vocabulary's tensors carry row maps and a lock: the digest a resume and a Ray
+    worker compare must not see memory addresses."""
+    pytest.importorskip("transformers")
+    from helpers import make_vocab_models
+
+    vocab = make_vocab_models(tmp_path / "vocab")
+    path = write_recipe(
+        tmp_path / "union.yaml",
+        merge_method="linear",
+        base_model=str(vocab["base"]),
+        models=[{"model": str(vocab[n]), "parameters": {"weight": 1.0}} for n in ("base", "a", "b")],
+        tokenizer_source="union",
+    )
+    script = (
+        "import sys; import mergekit_ri as m; from mergekit_ri.resume import layout_digest;"
+        "print(layout_digest(m.plan(sys.argv[1]).plan))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(engine.__file__).parents[1])}
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", script, str(path)], capture_output=True, text=True, env=env
+        ).stdout.strip()
+        for _ in range(2)
+    }
+    assert len(digests) == 1 and len(next(iter(digests))) == 64, digests
+    out = tmp_path / "out"
+    assert run_cli("merge", path, "-o", tmp_path / "reference", "-q").code == 0
+    assert run_cli("merge", path, "-o", out, "--resume", "-q").code == 0
+    assert folder_bytes(out) == folder_bytes(tmp_path / "reference")

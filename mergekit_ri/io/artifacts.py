@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from ..heads import HEAD_INDEX, head_entry
 from ..io.sources import TensorReader
 from ..plan import MergePlan
+from ..vocab.plan import write_tokenizer
 
 if TYPE_CHECKING:
     from ..ri.prepare import RIProvenance
@@ -31,6 +32,8 @@ TOKENIZER_FILES = (
     "generation_config.json",
     "preprocessor_config.json",
 )
+# what a built tokenizer's save replaces: none of the source's own tokenizer files may stay beside it
+BUILT_REPLACES = set(TOKENIZER_FILES) - {"generation_config.json", "preprocessor_config.json"}
 DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
@@ -46,20 +49,26 @@ def write_config(folder: Path, plan: MergePlan) -> bool:
         for key in keys:
             config[key] = dtype
     config.update(getattr(plan, "config_updates", {}))  # a sliced plan's new layer count (slices.py)
+    if plan.vocab is not None and plan.vocab.built is not None:  # mergekit's _update_config_vocab
+        config["vocab_size"] = plan.vocab.out_rows
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return True
 
 
 def copy_tokenizer(folder: Path, plan: MergePlan) -> list[str]:
+    """The tokenizer source's files; then, when the recipe built a tokenizer or sets a chat
+    template (`vocab`), what transformers saves of it over them."""
     source = plan.tokenizer_source
-    if source is None or source.folder is None:
-        return []
     copied = []
-    for name in TOKENIZER_FILES:
-        path = source.folder / name
-        if path.is_file():
-            shutil.copyfile(path, folder / name)
-            copied.append(name)
+    built = plan.vocab is not None and plan.vocab.built is not None
+    if source is not None and source.folder is not None:
+        for name in TOKENIZER_FILES:
+            path = source.folder / name
+            if path.is_file() and not (built and name in BUILT_REPLACES):
+                shutil.copyfile(path, folder / name)
+                copied.append(name)
+    if plan.vocab is not None and (built or source is not None):
+        copied = sorted(set(copied) | set(write_tokenizer(folder, plan.vocab)))
     return copied
 
 

@@ -395,7 +395,10 @@ class TensorReader:
 
         With `out` (a contiguous CPU tensor of the right size, e.g. one row of a stacked buffer)
         the bytes land there directly; `pin` reads into page-locked memory for fast, asynchronous
-        copies to a GPU."""
+        copies to a GPU. A ref that reads itself (`vocab.remap.RemappedRef`: rows laid out in
+        another vocabulary) is handed this reader."""
+        if hasattr(ref, "read_rows"):
+            return ref.read_rows(self, rows, out, pin)
         if getattr(ref, "lora_b", None) is not None:
             return self._read_lora(ref, rows, out, pin)
         if rows is not None:

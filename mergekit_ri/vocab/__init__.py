@@ -1,0 +1,1 @@
+"""Different vocabularies and chat templates: mergekit's tokenizer_source, tokenizer: and chat_template."""
