@@ -41,6 +41,10 @@ class MergeOptions:
     device: auto | cpu | cuda | cuda:N, overriding the recipe's (None: the recipe's).
     threads: CPU threads for the maths during the merge (None: torch's default, all cores).
     prefetch: tensors read ahead of the merge (memory ↔ overlap).
+    max_memory: cap on the bytes of tensors the merge holds, as bytes or text ('512MiB', '2G' =
+        2 GiB, '1.5GB' = 1.5·10⁹), overriding the recipe's max_memory (None: the recipe's, else
+        half the machine's memory). The planner fits read-ahead, writer queue and row chunks
+        under it, or refuses the merge up front naming the tensor that cannot fit (`memory.py`).
     force: replace a non-empty output folder.
     report_layers: per solved layer figures (WUDI's loss before → after) in `MergeResult.layers`
         and `MergeEvents.on_layer`; costs a loss evaluation per layer, so off by default.
@@ -73,6 +77,7 @@ class MergeOptions:
     device: str | None = None
     threads: int | None = None
     prefetch: int = 2
+    max_memory: int | str | None = None
     force: bool = False
     report_layers: bool = False
     interference: bool = False
@@ -111,6 +116,10 @@ class MergeOptions:
                 object.__setattr__(self, "unit_size", parse_size(self.unit_size))
             except ValueError as exc:
                 raise UserError(f"unit size: {str(exc).replace('out_shard_size', 'unit size')}") from None
+        if self.max_memory is not None:
+            from .memory import parse_memory
+
+            parse_memory(self.max_memory, "max memory")
 
 
 @dataclass(frozen=True)
@@ -165,7 +174,7 @@ def plan(recipe: RecipeInput, *, options: MergeOptions = MergeOptions()) -> Plan
     adapted, status = _resolve_interference(original, source.folder, MergeEvents(), dry_run=True)
     from .plan import build_plan
 
-    return PlanReport(build_plan(adapted, source.folder), original, status)
+    return PlanReport(_with_memory(build_plan(adapted, source.folder), options), original, status)
 
 
 def merge(
@@ -195,7 +204,8 @@ def _merge_one(source: _Source, out: Path, options: MergeOptions, events: MergeE
 
         protected = _ri_inputs(original, source.folder, out, options.force)
         adapted, status = _resolve_interference(original, source.folder, events, dry_run=False)
-        merge_plan = build_plan(adapted, source.folder)
+        merge_plan = _with_memory(build_plan(adapted, source.folder), options)
+        merge_plan.memory()  # a cap too small for a tensor: refused before anything is read or written
         merge_plan.protected.extend(protected)
         check_target(out, input_paths(merge_plan), options.force)  # a refused output: its one line alone
         events.on_plan(merge_plan, total_work_bytes(merge_plan))
@@ -310,7 +320,23 @@ def _plan_stages(source: _Source, options: MergeOptions) -> PlanReport:
     stage_plan = staging.plan_stages(recipes, source.name, source.folder, None, None, options.force)
     first = stage_plan.stages[0]
     recipe = staging.stage_recipe(stage_plan, first)
-    return PlanReport(build_plan(recipe, source.folder), recipe, None, stage_plan.summary())
+    plan = _with_memory(build_plan(recipe, source.folder), options)
+    return PlanReport(plan, recipe, None, stage_plan.summary())
+
+
+def _with_memory(plan: MergePlan, options: MergeOptions) -> MergePlan:
+    """The plan with the memory cap (the option's, else the recipe's) and read-ahead to plan for."""
+    from .memory import parse_memory
+
+    if options.max_memory is not None:
+        plan.max_memory, plan.max_memory_source = (
+            parse_memory(options.max_memory, "max memory"),
+            "--max-memory",
+        )
+    elif plan.recipe.max_memory is not None:
+        plan.max_memory, plan.max_memory_source = int(plan.recipe.max_memory), "the recipe's max_memory"
+    plan.prefetch = options.prefetch
+    return plan
 
 
 def _with_overrides(recipe: Recipe, options: MergeOptions) -> Recipe:

@@ -157,6 +157,28 @@ def _layer_source(layer: dict[str, Any]) -> str:
     return f"{layer['layer']} ← {sources}  (slice {layer['slice']}, t {layer['t']:.2f})"
 
 
+def _memory_text(memory: dict[str, Any]) -> str:
+    """The planned peak, what it is made of and how the engine is laid out under the cap."""
+    from .memory import human as _human  # binary units, as caps are written
+
+    cap = _human(memory["cap"]) if memory["cap"] is not None else "none"
+    streamed = f", {memory['streamed_tensors']} tensor(s) read by rows" if memory["streamed_tensors"] else ""
+    ahead = (
+        "no read-ahead"
+        if not memory["read_ahead_units"]
+        else "the next unit read ahead"
+        if memory["read_ahead_units"] == 1 or not memory["read_ahead_bytes"]
+        else f"{memory['read_ahead_units']} units / {_human(memory['read_ahead_bytes'])} read ahead"
+    )
+    return (
+        f"{_human(memory['planned_peak'] + memory['runtime'])}: {_human(memory['planned_peak'])} of tensors "
+        f"+ ~{_human(memory['runtime'])} runtime\n"
+        f"cap {cap} ({memory['cap_source']}); largest: {memory['largest']}\n"
+        f"{ahead}, writer queue {memory['writer_queue']}, row chunks of "
+        f"{memory['chunk_elements']:,} entries{streamed}"
+    )
+
+
 def _vocabulary_lines(vocab: dict[str, Any]) -> str:
     """The output vocabulary: its size and source, where its tokens' rows come from, what is re-laid."""
     lines = []
@@ -188,7 +210,7 @@ def _print_plan(plan, console: Console) -> None:
         "output shards",
         "\n".join(f"{s['file']}  {s['tensors']} tensors, {_human(s['bytes'])}" for s in summary["shards"]),
     )
-    table.add_row("peak memory (est.)", _human(summary["peak_memory_estimate"]))
+    table.add_row("peak memory (planned)", _memory_text(summary["memory"]))
     if summary.get("layers"):  # slices: each output layer and where it comes from
         table.add_row("layers", "\n".join(_layer_source(layer) for layer in summary["layers"]))
     if summary.get("vocabulary"):
@@ -434,6 +456,15 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a non-empty out
 PrefetchOpt = Annotated[
     int, typer.Option("--prefetch", min=1, max=64, help="Tensors read ahead of the merge.")
 ]
+MaxMemoryOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--max-memory",
+        metavar="SIZE",
+        help="Cap on the tensors the merge holds, e.g. 512MiB, 2G (= 2GiB), 1.5GB; the Python/torch runtime "
+        "(~0.25 GB) comes on top. Default: the recipe's max_memory, else half the machine's memory.",
+    ),
+]
 ThreadsOpt = Annotated[
     Optional[int],
     typer.Option(
@@ -620,6 +651,7 @@ def merge(  # noqa: PLR0913 -- one parameter per flag: mergekit-yaml's command l
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
     prefetch: PrefetchOpt = 2,
+    max_memory: MaxMemoryOpt = None,
     threads: ThreadsOpt = None,
     resume: ResumeOpt = False,
     ray: RayOpt = None,
@@ -658,6 +690,7 @@ def merge(  # noqa: PLR0913 -- one parameter per flag: mergekit-yaml's command l
             device=_merge_device(device, cuda or gpu_rich, unsafe_truncate_embeddings),
             threads=threads,
             prefetch=prefetch,
+            max_memory=max_memory,
             force=force,
             report_layers=verbose,
             interference=verbose,

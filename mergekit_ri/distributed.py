@@ -222,6 +222,7 @@ def merge_units(
     from .io.sources import TensorReader
     from .io.writer import ShardWriter
     from .kernels.parallel import single_threaded_ops
+    from .memory import plan_memory
     from .nonfinite import NonFiniteGuard
     from .units import UnitHashes, node_name, unit_tasks
 
@@ -246,6 +247,7 @@ def merge_units(
             ):
                 hashes.empty_units(units)
                 tasks = unit_tasks(plan, units)
+                memory = plan_memory(plan, prefetch=prefetch, device=target.type)
                 merge_tasks(
                     plan,
                     tasks,
@@ -253,7 +255,7 @@ def merge_units(
                     reads,
                     writer,
                     target,
-                    prefetch,
+                    memory,
                     lambda n: None,
                     None,
                     thresholds,

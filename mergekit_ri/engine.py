@@ -1,9 +1,10 @@
 """Executes a `MergePlan`: read → compute → write, tensor by tensor, overlapped.
 
 Reader threads (`reading`) fetch the next tensors' bytes while the current one is merged; a
-writer thread puts finished tensors at their planned offsets. At most `prefetch` tensors wait in
-memory, so the peak is a few tensors' worth whatever the model's size. The maths lives in
-`methods` and `kernels`, the files in `io`.
+writer thread puts finished tensors at their planned offsets. How much is read ahead, how many
+results wait for the writer and which tensors are read by rows is laid out by `memory` under the
+merge's memory cap, so the peak is a few tensors' worth whatever the model's size. The maths lives
+in `methods` and `kernels`, the files in `io`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .io.sources import ST_DTYPES, ModelSource, TensorReader
 from .io.writer import ShardWriter, write_index
 from .kernels import native
 from .kernels.parallel import single_threaded_ops
+from .memory import MemoryPlan, plan_memory, return_freed_memory
 from .methods import TensorContext
 from .nonfinite import NonFiniteGuard
 from .plan import PREFETCH_DEFAULT, MergePlan, TensorTask
@@ -97,7 +99,7 @@ def compute(
     source = None
     if unit.streamed:
         base = experts = None
-        source = RowSource(reader, task, device, pool, check=torch_check)
+        source = RowSource(reader, task, device, pool, check=torch_check, chunk=unit.chunk)
     else:
         base, experts = load_inputs(raws, plan.base is not None, device, fp32=not plan.method.raw_inputs)
         if torch_check is not None:
@@ -150,7 +152,7 @@ def run_prepass(
     reader: TensorReader,
     pool: ThreadPoolExecutor,
     device: torch.device,
-    prefetch: int,
+    memory: MemoryPlan,
     progress: Progress,
 ) -> tuple[float, ...] | None:
     """The method's pre-pass over the whole model, if it needs one (e.g. TIES `trim_scope: model`):
@@ -161,8 +163,9 @@ def run_prepass(
     count = len(plan.experts)
 
     def stream() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        units = work_units(plan, tasks, device=device, rows_for_all=True)
-        for unit, raws in stream_inputs(plan, reader, pool, prefetch, units, device.type == "cuda"):
+        units = work_units(plan, tasks, chunk=memory.chunk, device=device, rows_for_all=True)
+        pin = device.type == "cuda"
+        for unit, raws in stream_inputs(plan, reader, pool, memory.depth, units, pin, memory.read_ahead):
             base, experts = load_inputs(raws, True, device, fp32=False)
             yield base.reshape(-1), experts.reshape(count, -1)
             progress(unit.in_nbytes)
@@ -290,20 +293,23 @@ def merge_tasks(
     reads: ThreadPoolExecutor,
     writer: ShardWriter,
     target: torch.device,
-    prefetch: int,
+    memory: MemoryPlan,
     advance: Progress,
     report: LayerReport | None,
     thresholds: tuple[float, ...] | None,
     guard: NonFiniteGuard,
 ) -> None:
-    """Read, merge and write `tasks`, in order: the reads run ahead, a thread writes behind."""
+    """Read, merge and write `tasks`, in order: the reads run ahead, a thread writes behind, as
+    far as the memory plan allows."""
     with ThreadPoolExecutor(1, "ri-write") as writes:
         written: deque[Future] = deque()
-        units = work_units(plan, tasks, device=target)
-        for unit, raws in stream_inputs(plan, reader, reads, prefetch, units, target.type == "cuda"):
+        units = work_units(plan, tasks, chunk=memory.chunk, device=target, stream_bytes=memory.stream_bytes)
+        pin = target.type == "cuda"
+        for unit, raws in stream_inputs(plan, reader, reads, memory.depth, units, pin, memory.read_ahead):
             result = compute(plan, unit, raws, target, thresholds, report, reader, reads, guard)
             written.append(writes.submit(writer.write, unit.task, result, unit.rows))
-            while len(written) > 2:
+            del result, raws  # held by the writer's queue alone: freed once written
+            while len(written) > memory.writer_queue:
                 written.popleft().result()
             advance(unit.in_nbytes)
         for future in written:
@@ -327,6 +333,8 @@ def _merge_into(
     """Every file of the merged checkpoint, written into `staging`: (file names, the warnings about
     non-finite inputs merged under `on_nonfinite: warn`). Units the journal has as finished are
     not computed again."""
+    memory = plan_memory(plan, prefetch=prefetch, device=target.type)
+    return_freed_memory()
     units = units if units is not None else plan_units(plan)
     journal = journal or Journal.begin(staging, staging, plan, units, {}, False)
     todo = [u for u in units if u.index not in journal.done]
@@ -335,7 +343,7 @@ def _merge_into(
         guard = NonFiniteGuard(plan, reader, plan.recipe.on_nonfinite)
         blocked = plan.method.raw_inputs and target.type == "cpu"
         with single_threaded_ops() if blocked else nullcontext():
-            thresholds = run_prepass(plan, reader, reads, target, prefetch, advance)
+            thresholds = run_prepass(plan, reader, reads, target, memory, advance)
             if distributed is not None:
                 nonfinite = distributed.run(
                     plan, staging, todo, target, prefetch, thresholds, journal, advance
@@ -359,7 +367,7 @@ def _merge_into(
                         reads,
                         writer,
                         target,
-                        prefetch,
+                        memory,
                         advance,
                         report,
                         thresholds,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
 from .heads import HeadSelector, head_selector, looks_like_head
@@ -19,6 +19,9 @@ from .methods import MethodSpec, TensorParams, get_method
 from .params import layer_depths, resolve
 from .recipe import ModelEntry, Recipe
 from .vocab.plan import VocabPlan, plan_vocabulary
+
+if TYPE_CHECKING:
+    from .memory import MemoryPlan
 
 PREFETCH_DEFAULT = 2
 
@@ -72,6 +75,11 @@ class MergePlan:
     # paths the output must stay clear of besides the inputs read (the experts as the user gave
     # them, when RI merges adapted copies from its cache)
     protected: list[Path] = field(default_factory=list)
+    # the memory cap in bytes (--max-memory, MergeOptions.max_memory or the recipe's max_memory) and
+    # where it comes from; None: a share of the available memory (`memory.default_cap`)
+    max_memory: int | None = None
+    max_memory_source: str = "given"
+    prefetch: int = PREFETCH_DEFAULT  # units the engine may read ahead (MergeOptions.prefetch)
     vocab: VocabPlan | None = None  # the output's tokenizer and re-laid vocabulary tensors (vocab/)
 
     @property
@@ -111,13 +119,20 @@ class MergePlan:
     def bytes_written(self) -> int:
         return sum(t.out_nbytes for t in self.tasks)
 
-    def peak_memory_estimate(self, prefetch: int = PREFETCH_DEFAULT) -> int:
-        """Peak resident bytes of the merge on a CPU (see `reading.peak_memory_estimate`)."""
-        from .reading import peak_memory_estimate  # reading builds on plan: imported when asked
+    def memory(self, device: str = "cpu") -> MemoryPlan:
+        """How the merge is laid out under its memory cap (`memory.plan_memory`); a UserError
+        naming the tensor when the cap is too small for it."""
+        from .memory import plan_memory  # it builds on reading, which builds on plan
 
-        return peak_memory_estimate(self, prefetch)
+        return plan_memory(self, prefetch=self.prefetch, device=device)
+
+    def peak_memory_estimate(self) -> int:
+        """Planned peak resident bytes of the merge on a CPU: its tensors under the cap, plus the
+        runtime (Python, torch)."""
+        return self.memory().total
 
     def summary(self) -> dict[str, Any]:
+        memory = self.memory()
         return {
             "method": self.method.name,
             "base": self.base.reference if self.base else None,
@@ -130,7 +145,8 @@ class MergePlan:
             "shards": [
                 {"file": s.filename, "tensors": len(s.tensors), "bytes": s.data_bytes} for s in self.shards
             ],
-            "peak_memory_estimate": self.peak_memory_estimate(),
+            "peak_memory_estimate": memory.total,
+            "memory": memory.summary(),
             "heads": {
                 label: {n: list(r.shape) for n, r in refs.items()} for label, refs in self.heads.items()
             },

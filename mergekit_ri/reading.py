@@ -17,6 +17,7 @@ import torch
 
 from .io.sources import ST_DTYPES, TensorReader
 from .kernels.source import Source
+from .memory import advise_huge_pages
 from .plan import MergePlan, TensorTask
 
 RowCheck = Callable[[TensorTask, tuple[int, int], torch.Tensor, torch.Tensor], None]
@@ -35,6 +36,7 @@ class WorkUnit:
     task: TensorTask
     rows: tuple[int, int] | None = None
     streamed: bool = False  # a huge tensor the method reads itself, by row chunks (RowSource)
+    chunk: int | None = None  # entries per row chunk of a streamed unit (None: CHUNK_ELEMENTS)
 
     @property
     def held_nbytes(self) -> int:
@@ -65,12 +67,17 @@ def work_units(
     chunk: int | None = None,
     device: torch.device | None = None,
     rows_for_all: bool = False,
+    stream_bytes: int | None = None,
 ) -> list[WorkUnit]:
-    """Split big tensors of elementwise methods into row blocks so memory stays bounded (bigger
-    blocks on a GPU, where each one costs a few kernel launches and a synchronisation)."""
-    chunk = chunk or (
+    """Split big tensors of elementwise methods into row blocks of about `chunk` entries so memory
+    stays bounded (bigger blocks on a GPU, where each one costs a few kernel launches and a
+    synchronisation); tensors whose inputs exceed `stream_bytes` (default STREAM_BYTES) are read
+    by a streaming method in row chunks. `memory.plan_memory` picks both under a cap."""
+    whole = (
         CHUNK_ELEMENTS * GPU_CHUNK_FACTOR if device is not None and device.type == "cuda" else CHUNK_ELEMENTS
     )
+    chunk = chunk or whole
+    stream_bytes = STREAM_BYTES if stream_bytes is None else stream_bytes
     units = []
     for task in plan.tasks if tasks is None else tasks:
         numel = task.reference.numel
@@ -84,9 +91,9 @@ def work_units(
             and plan.method.streams
             and task.base is not None
             and task.shape
-            and (numel > chunk or task.in_nbytes > STREAM_BYTES)
+            and (numel > whole or task.in_nbytes > stream_bytes)
         ):
-            units.append(WorkUnit(task, streamed=True))
+            units.append(WorkUnit(task, streamed=True, chunk=chunk))
         else:
             units.append(WorkUnit(task))
     return units
@@ -108,6 +115,8 @@ def read_unit(reader: TensorReader, unit: WorkUnit, pin: bool) -> list[torch.Ten
     dtypes = {ref.dtype for ref in task.experts}
     dtype = ST_DTYPES[dtypes.pop()] if len(dtypes) == 1 else torch.float32
     stack = torch.empty((len(task.experts), *shape), dtype=dtype, pin_memory=pin)
+    if not pin:
+        advise_huge_pages(stack.data_ptr(), stack.numel() * stack.element_size())
     for i, ref in enumerate(task.experts):
         if ST_DTYPES[ref.dtype] == dtype:
             reader.read(ref, unit.rows, out=stack[i])
@@ -143,8 +152,10 @@ class RowSource(Source):
         device: torch.device,
         pool: ThreadPoolExecutor,
         check: RowCheck | None = None,
+        chunk: int | None = None,
     ) -> None:
         self.reader, self.task, self.device, self.pool = reader, task, device, pool
+        self.chunk = chunk or CHUNK_ELEMENTS  # entries per chunk read (two in memory at a time)
         self.check = check  # sees every chunk read, e.g. for NaN/Inf where no kernel looks
         self.shape = tuple(task.shape)
         self.numel, self.count = task.reference.numel, len(task.experts)
@@ -160,7 +171,7 @@ class RowSource(Source):
         return base.reshape(-1), experts.reshape(self.count, -1)
 
     def chunks(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        step = max(1, CHUNK_ELEMENTS // self.row_numel)
+        step = max(1, self.chunk // self.row_numel)
         spans = [(r, min(r + step, self.rows)) for r in range(0, self.rows, step)]
         future = self.pool.submit(self._read, *spans[0])  # the engine's reader threads: no new
         for i, (first, _) in enumerate(spans):  # threads (and malloc arenas) per tensor
@@ -197,40 +208,7 @@ class RowSource(Source):
         return base, experts
 
 
-PREFETCH_BYTES = 256 * 2**20
-RUNTIME_BYTES = 400 * 2**20  # Python, torch, their libraries and thread arenas (imports alone: 0.24 GB)
-
-
-def peak_memory_estimate(plan: MergePlan, prefetch: int) -> int:
-    """What a CPU merge holds at its peak, from the same work units the engine uses: the runtime;
-    the read-ahead (up to PREFETCH_BYTES, or the one next unit if bigger) and the unit being
-    merged; its result and two waiting for the writer; for a tensor read by rows, two chunks of
-    inputs and its whole result; for the methods that take fp32 copies, those and their workspace."""
-    units = work_units(plan)
-    held = max((u.held_nbytes for u in units), default=0)
-    ahead = max(min(PREFETCH_BYTES, prefetch * held), held)
-    results = 3 * max((u.out_nbytes for u in units), default=0)
-    inputs = len(plan.experts) + (plan.base is not None)
-    streamed = max(
-        (
-            2 * CHUNK_ELEMENTS * u.task.in_nbytes // max(u.task.reference.numel, 1) + u.task.out_nbytes
-            for u in units
-            if u.streamed
-        ),
-        default=0,
-    )
-    copies = (
-        0
-        if plan.method.raw_inputs
-        else max(
-            (u.task.reference.numel * 4 * (inputs + len(plan.experts) + 2) for u in units if u.task.merge),
-            default=0,
-        )
-    )
-    workspace = max(
-        (plan.method.workspace(t.shape, len(plan.experts)) for t in plan.tasks if t.merge), default=0
-    )
-    return RUNTIME_BYTES + ahead + held + results + streamed + copies + workspace
+PREFETCH_BYTES = 256 * 2**20  # read-ahead budget by default (`memory.plan_memory` may lower it)
 
 
 def stream_inputs(
@@ -240,9 +218,16 @@ def stream_inputs(
     prefetch: int,
     units: list[WorkUnit],
     pin: bool = False,
+    budget: int | None = None,
 ) -> Iterator[tuple[WorkUnit, list[torch.Tensor]]]:
     """Yields each work unit with its raw input tensors, reading ahead up to `prefetch` units and
-    PREFETCH_BYTES bytes (always at least the next unit), so huge tensors do not pile up."""
+    `budget` bytes (default PREFETCH_BYTES; always at least the next unit), so huge tensors do not
+    pile up. `prefetch` 0 reads each unit only when it is wanted: no read-ahead at all."""
+    if prefetch <= 0:
+        for unit in units:
+            yield unit, read_unit(reader, unit, pin)
+        return
+    budget = PREFETCH_BYTES if budget is None else budget
     pending: deque[tuple[WorkUnit, Future]] = deque()
     todo = deque(units)
 
@@ -251,11 +236,7 @@ def stream_inputs(
 
     def fill() -> None:
         in_flight = sum(u.held_nbytes for u, _ in pending)
-        while (
-            todo
-            and len(pending) < max(prefetch, 1)
-            and (not pending or in_flight + todo[0].held_nbytes <= PREFETCH_BYTES)
-        ):
+        while todo and len(pending) < prefetch and (not pending or in_flight + todo[0].held_nbytes <= budget):
             unit = todo.popleft()
             in_flight += unit.held_nbytes
             pending.append((unit, pool.submit(read, unit)))

@@ -219,6 +219,9 @@ class Recipe(BaseModel):
     out_shard_size: Union[int, str] = Field("5GB", validate_default=True)
     on_nonfinite: Literal["error", "warn"] = "error"
     distributed: Distributed | None = None  # how to run, not what to merge: left out of to_yaml
+    max_memory: Union[int, str, None] = (
+        None  # cap on the tensors a merge holds (memory.py); None: a share of RAM
+    )
 
     _reference = field_validator("base_model", mode="before")(model_reference)
 
@@ -259,6 +262,18 @@ class Recipe(BaseModel):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
             raise ValueError(f"unknown device '{shown(value)}'; use auto, cpu, cuda or cuda:N")
         return value
+
+    @field_validator("max_memory")
+    @classmethod
+    def _parse_memory(cls, value: int | str | None) -> int | None:
+        if value is None:
+            return None
+        from .memory import parse_memory
+
+        try:
+            return parse_memory(value, "max_memory")
+        except UserError as exc:  # pydantic reports a ValueError with the field's name
+            raise ValueError(str(exc).removeprefix("max_memory: ")) from None
 
     @field_validator("out_shard_size")
     @classmethod

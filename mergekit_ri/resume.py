@@ -108,6 +108,13 @@ def layout_digest(plan: MergePlan) -> str:
     return digest.hexdigest()
 
 
+def _recipe_fields(plan: MergePlan) -> dict[str, Any]:
+    """The recipe as far as it decides the output's bytes: not how the merge runs (where, in how
+    much memory), which a resume may change."""
+    running = {"distributed", "max_memory", "device"} & set(type(plan.recipe).model_fields)
+    return plan.recipe.model_dump(mode="json", exclude_defaults=True, exclude=running)
+
+
 def fingerprint(plan: MergePlan, device: str) -> dict[str, Any]:
     """What a merge's bytes depend on, as the journal's first line records it."""
     from . import __version__
@@ -125,7 +132,7 @@ def fingerprint(plan: MergePlan, device: str) -> dict[str, Any]:
         "format": FORMAT,
         "ri_merge": __version__,
         "device": device,
-        "recipe": hashlib.sha256(plan.recipe.to_yaml().encode()).hexdigest(),
+        "recipe": hashlib.sha256(json.dumps(_recipe_fields(plan), sort_keys=True).encode()).hexdigest(),
         "layout": layout_digest(plan),
         "inputs": inputs,
     }

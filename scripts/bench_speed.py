@@ -3,12 +3,18 @@
 
     python scripts/bench_speed.py [--params 250M] [--experts 3] [--methods ties,task_arithmetic]
                                   [--reps 3] [--workdir bench-data] [--mergekit PATH] [--markdown] [--check]
+    python scripts/bench_speed.py --memory [--params 250M,1B] [--caps default,512MiB,256MiB]
 
 Generates (once, cached in the workdir) a bf16 base and N experts of about the requested size,
 writes one recipe per method that both tools accept, warms the page cache, then runs each tool
 `--reps` times, alternating which goes first, and reports the median wall time and the peak
 RSS of the child process. The "floor" is what no merge can beat: starting Python and importing
 torch, plus reading every input byte once from the page cache.
+
+`--memory` prints the memory table instead: for each model size, method and `--max-memory` cap,
+the peak `--dry-run` plans against the peak RSS measured, the RSS of a process that has only
+imported ri-merge's engine (the baseline the cap does not count), and whether the output is
+byte-identical to the uncapped merge's.
 """
 
 from __future__ import annotations
@@ -199,9 +205,10 @@ def ri_merge_exe() -> list[str]:
     return [sys.executable, "-c", "from mergekit_ri.cli import entry; entry()"]
 
 
-def ri_command(recipe: Path, out: Path, device: str = "cpu") -> list[str]:
+def ri_command(recipe: Path, out: Path, device: str = "cpu", max_memory: str | None = None) -> list[str]:
     """Command line of one ri-merge run."""
-    return [*ri_merge_exe(), str(recipe), "-o", str(out), "--force", "--quiet", "--device", device]
+    cap = ["--max-memory", max_memory] if max_memory else []
+    return [*ri_merge_exe(), str(recipe), "-o", str(out), "--force", "--quiet", "--device", device, *cap]
 
 
 def mergekit_command(mergekit: str, recipe: Path, out: Path, cuda: bool = False) -> list[str]:
@@ -493,6 +500,124 @@ def floor_line(import_s: float, read_s: float, input_bytes: int) -> str:
     )
 
 
+# ---------------------------------------------------------------- the memory table
+
+
+MEMORY_HEADERS = [
+    "model",
+    "method",
+    "--max-memory",
+    "planned tensors MiB",
+    "planned peak MiB",
+    "peak RSS MiB",
+    "RSS − baseline MiB",
+    "RSS / planned",
+    "wall s",
+    "same bytes",
+]
+
+
+def dry_run_memory(recipe: Path, cap: str | None) -> dict:
+    """`ri-merge --dry-run --json`'s memory plan, or {"error": line} when the cap is refused."""
+    cmd = [*ri_merge_exe(), str(recipe), "--dry-run", "--json", *(["--max-memory", cap] if cap else [])]
+    done = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        return {
+            "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"rc {done.returncode}"
+        }
+    return json.loads(done.stdout)["memory"]
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 over the output's safetensors files, in name order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in sorted(folder.glob("*.safetensors")):
+        with open(file, "rb") as handle:
+            while block := handle.read(CHUNK):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def bench_memory(args: argparse.Namespace, work: Path) -> tuple[str, bool]:
+    """The memory table (and whether every run went as planned): see the module's docstring."""
+    caps = [c.strip() for c in args.caps.split(",") if c.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    baseline_run = run_child(
+        [
+            sys.executable,
+            "-c",
+            "import torch, mergekit_ri.engine, mergekit_ri.kernels.native as n; n.library()",
+        ],
+        work / "logs" / "baseline.log",
+    )
+    baseline = baseline_run.max_rss_kib / 1024
+    rows, ok = [], True
+    for size in [p.strip() for p in args.params.split(",") if p.strip()]:
+        shape = shape_for(parse_count(size))
+        key = shape_key(shape) + ("" if args.family == "noise" else f"-{args.family}")
+        folders = ensure_models(work / key, shape, args.experts, args.family)
+        model = f"{human_count(count_params(folders['base']))}, {read_all(input_files(folders)) / 1e9:.2f} GB"
+        for method in methods:
+            recipe = write_recipe(
+                work / "recipes" / f"memory-{key}-{method}.yaml", recipe_for(method, folders)
+            )
+            reference = None
+            for cap in caps:
+                given = None if cap == "default" else cap
+                plan = dry_run_memory(recipe, given)
+                if "error" in plan:
+                    rows.append([model, method, cap, "refused", "—", "—", "—", "—", "—", plan["error"][:90]])
+                    continue
+                out = work / "out" / f"memory-{method}"
+                remove(out)
+                run = run_child(
+                    ri_command(recipe, out, args.device, given), work / "logs" / f"memory-{method}-{cap}.log"
+                )
+                digest = weights_digest(out) if run.returncode == 0 else None
+                remove(out)
+                reference = reference or digest
+                planned_total = (plan["planned_peak"] + plan["runtime"]) / 2**20
+                rss = run.max_rss_kib / 1024
+                ok &= run.returncode == 0 and rss <= planned_total * 1.1
+                print(
+                    f"  {model} {method} {cap}: planned {planned_total:.0f} MiB, RSS {rss:.0f} MiB, {run.seconds:.1f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                rows.append(
+                    [
+                        model,
+                        method,
+                        cap,
+                        f"{plan['planned_peak'] / 2**20:.0f}",
+                        f"{planned_total:.0f}",
+                        f"{rss:.0f}" if run.returncode == 0 else f"failed rc={run.returncode}",
+                        f"{rss - baseline:.0f}",
+                        f"{rss / planned_total:.2f}",
+                        f"{run.seconds:.1f}",
+                        "yes" if digest is not None and digest == reference else "NO",
+                    ]
+                )
+    lines = [
+        f"base + {args.experts} experts ({args.family}), {DTYPE}, device {args.device}; baseline (a process that "
+        f"imported torch and ri-merge's engine): {baseline:.0f} MiB; planned peak = planned tensors + "
+        "the runtime allowance; 'same bytes': output identical to the first cap's",
+        "",
+    ]
+    if args.markdown:
+        lines += [
+            "| " + " | ".join(MEMORY_HEADERS) + " |",
+            "|" + "|".join(["---"] * 3 + ["---:"] * 6 + ["---"]) + "|",
+        ]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+    else:
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(MEMORY_HEADERS)]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in [MEMORY_HEADERS, *rows]]
+    return "\n".join(lines), ok
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -534,12 +659,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="finetune",
         help="experts as real bf16 fine-tunes (finetune: low-rank update + noise) or dense noise",
     )
+    parser.add_argument(
+        "--memory", action="store_true", help="print the memory table (planned vs measured peak under caps)"
+    )
+    parser.add_argument(
+        "--caps", default="default,512MiB,256MiB", help="--memory: comma-separated --max-memory values"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     work = args.workdir.resolve()
+    if args.memory:
+        report, ok = bench_memory(args, work)
+        print(report)
+        if args.out:
+            args.out.write_text(report + "\n")
+        return 0 if ok else 1
     shape = shape_for(parse_count(args.params))
     key = shape_key(shape) + ("" if args.family == "noise" else f"-{args.family}")  # "noise": the older cache
     folders = ensure_models(work / key, shape, args.experts, args.family)

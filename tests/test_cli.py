@@ -56,7 +56,7 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path, recipe_for):
     assert plan["dry_run"] and plan["tensors"] == len(TINY.tensor_shapes())
     assert plan["bytes_written"] * 4 == plan["bytes_read"]  # bf16 in, bf16 out, base + 3 experts
     assert plan["shards"][0]["file"] == "model-00001-of-00001.safetensors"
-    from mergekit_ri.reading import RUNTIME_BYTES
+    from mergekit_ri.memory import RUNTIME_BYTES
 
     # a tiny model: the runtime plus at most a few copies of its bytes, not a multiple of the model
     assert RUNTIME_BYTES < plan["peak_memory_estimate"] < RUNTIME_BYTES + 3 * plan["bytes_read"]
@@ -195,6 +195,7 @@ def test_example_recipes_in_configs_are_valid():
 def test_memory_estimate_is_bounded_by_work_units_not_by_the_model(tmp_path):
     """Two models 4x apart in size get the same estimate for task arithmetic: the engine holds
     row blocks, never whole tensors of a big model."""
+    import mergekit_ri.memory as memory
     import mergekit_ri.reading as reading
     from mergekit_ri.plan import build_plan
     from mergekit_ri.recipe import load_recipe
@@ -211,7 +212,7 @@ def test_memory_estimate_is_bounded_by_work_units_not_by_the_model(tmp_path):
         )
         estimates.append(build_plan(load_recipe(recipe)).peak_memory_estimate())
     assert estimates[0] == estimates[1]
-    assert estimates[0] < reading.RUNTIME_BYTES + reading.PREFETCH_BYTES
+    assert estimates[0] < memory.RUNTIME_BYTES + reading.PREFETCH_BYTES
 
 
 def test_a_reader_that_leaves_early_is_no_internal_error(tmp_path: Path, recipe_for) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..memory import HUGE_PAGE, advise_huge_pages
 
 ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -415,6 +416,9 @@ class TensorReader:
         dtype = ST_DTYPES[ref.dtype]
         if out is None and pin and ref.nbytes > 0:
             out = torch.empty(ref.shape, dtype=dtype, pin_memory=True)
+        elif out is None and ref.nbytes >= HUGE_PAGE:  # big reads: fresh memory in 2 MiB pages
+            out = torch.empty(ref.shape, dtype=dtype)
+            advise_huge_pages(out.data_ptr(), ref.nbytes)
         if out is not None:
             if (
                 out.dtype != dtype

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..memory import advise_huge_pages
 from . import blocked, fused, native, select
 from .source import Source, TensorSource
 
@@ -64,7 +65,9 @@ def magnitude_thresholds_source(src: Source, densities: list[float]) -> list[flo
             return native.band(base, experts, lo, hi, limit)
         return blocked.band_counts(base, experts, lo, hi, limit)
 
-    return blocked.magnitude_thresholds_source(src, densities, blocked.SelectOps(band, native.kth_largest))
+    return blocked.magnitude_thresholds_source(
+        src, densities, blocked.SelectOps(band, native.kth_largest, magnitude_histograms)
+    )
 
 
 def magnitude_histograms(
@@ -144,6 +147,8 @@ def _fused_chunks(src: Source, **kwargs) -> torch.Tensor | None:
         return None
     kernel, supports = backend
     out = torch.empty(src.numel, dtype=kwargs["out_dtype"], device=src.device)
+    if out.device.type == "cpu":
+        advise_huge_pages(out.data_ptr(), out.numel() * out.element_size())
     balance, undecided, minus = 0, [], []
     offset = kwargs.pop("offset", 0)
     for first, base, experts in src.chunks():  # (TIES ignores the offset: it draws nothing)

@@ -23,12 +23,13 @@ import torch.nn.functional as F
 
 from .parallel import run_blocks
 from .rng import keep_mask, keep_mask_at
-from .select import SMALL, kth_largest_magnitude
+from .select import BUCKETS, SMALL, bits_to_float, bucket_of_kth, kth_largest_magnitude, magnitude_histograms
 from .source import Source, TensorSource
 
 T = TypeVar("T")
 
 BLOCK = 1 << 18  # entries per block on the CPU: 3 experts × 1 MiB of fp32 fits a 2 MiB L2
+BAND_ENTRIES = 1 << 20  # |τ| values a threshold search collects at most, over all experts (4 MiB)
 
 
 def spans(numel: int, device: torch.device) -> list[tuple[int, int]]:
@@ -325,10 +326,12 @@ def magnitude_thresholds_source(
     """Each expert's exact k-th largest |τ_i| (k = ⌊density·n⌋; inf keeps nothing, 0 keeps all).
 
     A strided sample brackets the k-th value in a narrow band [lo, hi); one blocked pass counts
-    the entries >= hi and collects those inside the band, and the exact k-th value is selected
-    among those few. If the bracket misses (odd value distributions), a radix select over the
-    whole task vector gives the answer instead. Either way the result equals `kthvalue`. `ops`
-    holds the counting pass and the selection (torch's here, or the C kernels').
+    the entries >= hi and collects those inside the band (at most BAND_ENTRIES values over all
+    experts), and the exact k-th value is selected among those few. If the bracket misses (odd
+    value distributions, blocks of tied bf16 magnitudes) or the band is too wide, a radix select
+    streamed over the source's chunks (two histogram passes) gives the answer instead, in constant
+    memory. Either way the result equals `kthvalue`. `ops` holds the counting pass, the selection
+    and the histograms (torch's here, or the C kernels').
     """
     ops = ops or TORCH_SELECT
     count, numel = src.count, src.numel
@@ -355,20 +358,43 @@ def magnitude_thresholds_source(
             ops.kth_largest(sample[i], max(0, int(rank - margin)) + 1) if rank - margin >= 1 else float("inf")
         )
         lo[i] = ops.kth_largest(sample[i], min(size - 1, int(rank + margin)) + 1)
-    limit = numel // 8  # a band wider than this is not worth collecting: select over everything
+    # a band wider than this is not worth collecting (nor holding): select over everything
+    limit = max(1, min(numel // 8, BAND_ENTRIES // count))
     per_chunk = [ops.band(base, experts, lo, hi, limit) for _, base, experts in src.chunks()]
+    missed = []
     for i in todo:
         rank = keeps[i] - sum(above[i] for above, _ in per_chunk)
         parts = [bands[i] for _, bands in per_chunk]
         band_size = -1 if any(p is None for p in parts) else sum(p.numel() for p in parts)
         if 0 <= band_size <= limit and 0 < rank <= band_size:
             result[i] = ops.kth_largest(torch.cat(parts), rank)
-        else:  # the bracket missed: an exact radix select over this expert's whole |τ_i|
-            tau = torch.cat(
-                [task_vectors(b, e[i : i + 1], 0, b.shape[0])[0] for _, b, e in src.chunks()]
-            ).abs_()
-            result[i] = ops.kth_largest(tau, keeps[i])
+        else:
+            missed.append(i)
+    del per_chunk
+    if missed:  # the bracket missed: an exact radix select over these experts' whole |τ_i|
+        for i, value in streamed_kth_largest(src, {i: keeps[i] for i in missed}, ops.histograms).items():
+            result[i] = value
     return [float(r) for r in result]
+
+
+def streamed_kth_largest(src: Source, keeps: dict[int, int], histograms: Histograms) -> dict[int, float]:
+    """Expert i's exact keeps[i]-th largest |τ_i| (1 <= keeps[i] < n), by a radix select on the fp32
+    bit patterns streamed over the source: a pass of histograms of the high 16 bits, then one of
+    the low 16 bits inside the bucket that holds the k-th value. Memory: the histograms."""
+
+    def counts(buckets: list[int | None] | None) -> torch.Tensor:
+        total = torch.zeros((src.count, BUCKETS), dtype=torch.int64, device=src.device)
+        for _, base, experts in src.chunks():
+            total += histograms(base, experts, buckets)
+        return total
+
+    wanted: list[int | None] = [None] * src.count
+    high = counts(None)
+    ranks = {}
+    for i, k in keeps.items():
+        wanted[i], ranks[i] = bucket_of_kth(high[i], k)
+    low = counts(wanted)
+    return {i: bits_to_float(wanted[i], bucket_of_kth(low[i], ranks[i])[0]) for i in keeps}
 
 
 BandCounter = Callable[
@@ -376,13 +402,18 @@ BandCounter = Callable[
 ]
 
 
+Histograms = Callable[[torch.Tensor, torch.Tensor, "list[int | None] | None"], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class SelectOps:
-    """The threshold search's two primitives: the counting pass over a chunk (`band_counts`), and
-    the k-th largest (1-based) of a 1-D tensor of non-negative values."""
+    """The threshold search's primitives: the counting pass over a chunk (`band_counts`), the k-th
+    largest (1-based) of a 1-D tensor of non-negative values, and the radix select's histograms
+    of a chunk (`select.magnitude_histograms`)."""
 
     band: BandCounter
     kth_largest: Callable[[torch.Tensor, int], float]
+    histograms: Histograms = magnitude_histograms
 
 
 def band_counts(

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..memory import advise_huge_pages
 from .blocked import column, float_below, rescale_factor, safe_divisor
 from .parallel import run_blocks, workers
 from .rng import keep_threshold
@@ -311,7 +312,9 @@ def merge(
     numel = experts.shape[1]
     if mode == MODE_DARE and offset + numel > 1 << 32:
         raise ValueError("tensors of more than 2^32 entries are not supported by the DARE generator")
-    out = torch.empty(numel, dtype=out_dtype) if out is None else out
+    if out is None:
+        out = torch.empty(numel, dtype=out_dtype)
+        advise_huge_pages(out.data_ptr(), numel * out.element_size())
     divisor = float(safe_divisor(column(weights, experts).sum())) if normalize and not elect else 1.0
     params, keep_alive = _params(
         experts,
@@ -459,7 +462,8 @@ def band(
             inside.data_ptr(),
         ):
             raise MemoryError("native band kernel: out of memory")
-        return values, above, inside
+        # keep what was found, not the block-sized buffer: every block's result waits for the last
+        return values[:, : int(inside.max())].clone(), above, inside
 
     results = run_blocks(block, _spans(numel, BLOCK))
     del keep_alive
