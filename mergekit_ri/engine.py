@@ -101,7 +101,7 @@ def compute(
         base = experts = None
         source = RowSource(reader, task, device, pool, check=torch_check, chunk=unit.chunk)
     else:
-        base, experts = load_inputs(raws, plan.base is not None, device, fp32=not plan.method.raw_inputs)
+        base, experts = load_inputs(raws, task.base is not None, device, fp32=not plan.method.raw_inputs)
         if torch_check is not None:
             torch_check(task, unit.rows, base, experts)
     offset = unit.rows[0] * (task.reference.numel // task.shape[0]) if unit.rows else 0

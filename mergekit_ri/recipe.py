@@ -122,11 +122,17 @@ class SliceSource(BaseModel):
 
 
 class SliceEntry(BaseModel):
-    """mergekit's OutputSliceDefinition: sources of one length merged; slices in sequence stack."""
+    """mergekit's OutputSliceDefinition: sources of one length merged; slices in sequence stack.
+    `base_model` replaces the top-level one for this slice (it must be one of the sources);
+    `residual_weight` is accepted and, as in mergekit 0.1.5, has no effect (a plan warning)."""
 
     model_config = ConfigDict(extra="forbid")
     sources: list[SliceSource] = Field(min_length=1)
+    base_model: str | None = None
+    residual_weight: float | None = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    _reference = field_validator("base_model", mode="before")(model_reference)
 
 
 DTYPES = {
@@ -329,6 +335,14 @@ def parse_size(value: int | str) -> int:
     if size >= INT64:
         raise ValueError("out_shard_size is larger than any file can be")
     return size
+
+
+# top-level keys of mergekit's that ri-merge refuses, with the reason (instead of "unknown key")
+_MERGEKIT_ONLY = {
+    "modules": "modules: (mergekit's per-module recipes for models made of several modules, such as "
+    "vision-language models) is not supported: ri-merge has no architecture tables to tell a model's "
+    "modules apart; write models: or slices:, which merge the whole model",
+}
 
 
 class _Refused(yaml.YAMLError):
@@ -569,8 +583,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         slices.check_slices(recipe, spec, source)
     else:
         spec.check_parameters(recipe, source)
-    if spec.needs_base and recipe.base_model is None:
-        raise UserError(f"{source}: merge_method '{spec.name}' needs base_model")
+    if spec.needs_base and recipe.slices is None and recipe.base_model is None:
+        raise UserError(f"{source}: merge_method '{spec.name}' needs base_model")  # slices: per slice
     return recipe
 
 
@@ -579,6 +593,8 @@ def _check_keys(data: dict, model: type[BaseModel], source: str, prefix: str) ->
     for key in data:
         if key in known:
             continue
+        if key in _MERGEKIT_ONLY and not prefix:
+            raise UserError(f"{source}: {_MERGEKIT_ONLY[key]}")
         raise UserError(f"{source}: unknown key '{prefix}{shown(key)}'{hint(key, known)}")
 
 

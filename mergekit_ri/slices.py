@@ -13,7 +13,11 @@ mergekit 0.1.5's `MergePlanner` (mergekit/plan.py) and `ConfigReader` (mergekit/
   t = i / (n - 1), t = 1 when the slice has one layer;
 - a parameter is looked up on the source, then the slice, then the top-level `parameters`, each
   falling through when its filters match nothing (mergekit has no `models:` level with slices);
-- config.json comes from base_model, else the first source, with the new layer count.
+- a slice's `base_model` replaces the top-level one for that slice (mergekit's
+  `ConfigReader.base_model`); the embeddings take the first slice's, the final norm and lm_head
+  the last slice's; a method that needs a base needs one for every slice, and it must be one of
+  the slice's sources (mergekit's `validate_inputs`);
+- config.json comes from the top-level base_model, else the first source, with the new layer count.
 
 Everything here reads headers only: a range past a model's layers, sources of different lengths,
 a model without numbered layers stop the plan with one line before any weight is read.
@@ -82,6 +86,11 @@ def check_slices(recipe: Recipe, spec: MethodSpec, source: str) -> None:
     replace(spec, check_recipe=None).check_parameters(recipe, source)  # top-level parameters
     for i, entry in enumerate(recipe.slices or []):
         _check_ranges(entry, i, source)
+        if spec.needs_base and slice_base(recipe, spec, entry) is None:
+            raise UserError(
+                f"{source}: slices[{i}]: merge_method '{spec.name}' needs base_model "
+                f"(top-level, or slices[{i}].base_model)"
+            )
         view = slice_recipe(recipe, spec, i)
         own = view.model_copy(update={"parameters": entry.parameters})  # the slice's names, not the top's
         _renamed(i, source, replace(spec, check_recipe=None).check_parameters, own, source)
@@ -119,10 +128,12 @@ def _check_ranges(entry: SliceEntry, index: int, source: str) -> None:
 
 def _check_base_listed(recipe: Recipe, spec: MethodSpec, entry: SliceEntry, index: int, source: str) -> None:
     """mergekit merges a slice from its sources only: a base used by the method must be one."""
-    if not _uses_base(recipe, spec) or any(s.model == recipe.base_model for s in entry.sources):
+    base = slice_base(recipe, spec, entry)
+    if base is None or any(s.model == base for s in entry.sources):
         return
+    field = f"slices[{index}].base_model" if entry.base_model is not None else "base_model"
     raise UserError(
-        f"{source}: slices[{index}].sources: base_model {recipe.base_model} is not a source "
+        f"{source}: slices[{index}].sources: {field} {base} is not a source "
         f"of this slice; merge_method '{spec.name}' merges each slice into the base, "
         "so list it there"
     )
@@ -146,6 +157,14 @@ def _uses_base(recipe: Recipe, spec: MethodSpec) -> bool:
     return recipe.base_model is not None and not spec.base_as_model and spec.name not in _BASE_FREE
 
 
+def slice_base(recipe: Recipe, spec: MethodSpec, entry: SliceEntry) -> str | None:
+    """The base of one slice: its own `base_model`, else the top-level one (mergekit's
+    ConfigReader.base_model); None when there is none or the method merges no base."""
+    if spec.base_as_model or spec.name in _BASE_FREE:
+        return None
+    return entry.base_model if entry.base_model is not None else recipe.base_model
+
+
 # ---------------------------------------------------------------- parameters
 
 
@@ -160,7 +179,7 @@ def slice_recipe(recipe: Recipe, spec: MethodSpec, index: int) -> Recipe:
             "models": models,
             "slices": None,
             "parameters": layered(entry.parameters, recipe.parameters),
-            "base_model": recipe.base_model if _uses_base(recipe, spec) else None,
+            "base_model": slice_base(recipe, spec, entry),
         }
     )
 
@@ -312,7 +331,8 @@ def build_sliced_plan(recipe: Recipe, recipe_dir: Path | None = None) -> SlicedP
     tasks, shards = assign_shards(tasks, recipe.shard_size_bytes)
     base = sources[recipe.base_model] if _uses_base(recipe, method) and recipe.base_model else None
     experts = [m for m in sources.values() if m is not base]
-    _check_whole_model_scope(tasks, len(experts))
+    bases = {s.view.base_model for s in slices}
+    _check_whole_model_scope(tasks, len(experts) if len(bases) == 1 else -1)
     plan = SlicedPlan(
         recipe,
         method,
@@ -448,13 +468,14 @@ def _check_shapes(piece: _Slice, refs: list[TensorRef], names: list[str], slice_
 
 def _check_whole_model_scope(tasks: list[TensorTask], count: int) -> None:
     """TIES `trim_scope: model` ranks each model's entries over the whole output: every merged
-    tensor must then come from all of the recipe's models, which slices of other models break."""
+    tensor must then come from all of the recipe's models into one base, which slices of other
+    models or with their own bases break (`count` -1: the slices' bases differ)."""
     merged = [t for t in tasks if t.merge and t.params is not None]
     if any(t.params.globals.get("trim_scope") == "model" for t in merged) and any(
         len(t.experts) != count for t in merged
     ):
         raise UserError(
-            "trim_scope: model needs every slice to merge the same models; "
+            "trim_scope: model needs every slice to merge the same models into the same base; "
             "use trim_scope: tensor (the default) with these slices"
         )
 
@@ -481,6 +502,8 @@ def _layer_entry(layer: OutputLayer, models: dict[str, ModelSource]) -> dict[str
 def _warnings(recipe: Recipe, method: MethodSpec, slices: list[_Slice]) -> list[str]:
     warnings = unused_parameters_warning(recipe, method)
     for i, entry in enumerate(recipe.slices or []):
+        if entry.residual_weight is not None:
+            warnings.append(f"slices[{i}].residual_weight has no effect (mergekit 0.1.5 ignores it too)")
         view = recipe.model_copy(
             update={
                 "parameters": entry.parameters,

@@ -60,8 +60,9 @@ class StagePlan:
 
 
 def _references(recipe: Recipe) -> list[str]:
-    """Every model a recipe reads: `models:`, the sources of `slices:`, and `base_model`."""
+    """Every model a recipe reads: `models:`, the sources and bases of `slices:`, and `base_model`."""
     sliced = [source.model for entry in recipe.slices or [] for source in entry.sources]
+    sliced += [entry.base_model for entry in recipe.slices or [] if entry.base_model is not None]
     return (
         [m.model for m in recipe.models or []] + sliced + ([recipe.base_model] if recipe.base_model else [])
     )
@@ -186,7 +187,10 @@ def stage_recipe(plan: StagePlan, stage: Stage) -> Recipe:
         if recipe.slices is None
         else [
             entry.model_copy(
-                update={"sources": [s.model_copy(update={"model": place(s.model)}) for s in entry.sources]}
+                update={
+                    "sources": [s.model_copy(update={"model": place(s.model)}) for s in entry.sources],
+                    "base_model": place(entry.base_model),
+                }
             )
             for entry in recipe.slices
         ]

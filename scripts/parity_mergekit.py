@@ -73,6 +73,8 @@ ON_PURPOSE = {
     "bf16-rounded τ by sort order",
     "sce_cut": "entries at the variance cut of select_topk (ties broken by position in ri-merge, by "
     "sort order in mergekit)",
+    "epsilon_cut": "entries where some |τᵢ| lies within a bf16 step of epsilon: mergekit compares the "
+    "bf16-rounded τ with ε, ri-merge the exact τ (fp32)",
     "sign_zero": "sign election where Σ wᵢτᵢ is within bf16 rounding of 0 (|Σ| ≤ 2⁻⁵·max|wᵢτᵢ|): mergekit "
     "sums bf16-rounded deltas and elects + at ≥ 0, ri-merge sums in fp32 and breaks an exact 0 "
     "by the tensor's majority sign",
@@ -84,6 +86,8 @@ CUT_METHODS = {
     "breadcrumbs": "magnitude_cut",
     "breadcrumbs_ties": "magnitude_cut",
     "sce": "sce_cut",
+    "ram": "epsilon_cut",
+    "ramplus_tl": "epsilon_cut",
 }
 
 
@@ -219,6 +223,12 @@ def method_recipes() -> dict[str, str]:
         "nearswap": r("nearswap", [{"model": b}, {"model": e1}], params={"t": 0.005}),
         "arcee_fusion": r("arcee_fusion", [{"model": b}, {"model": e1}]),
         "passthrough": r("passthrough", [{"model": e1, "parameters": {"scale": 0.5}}], base=None),
+        "ram": r("ram", experts([None] * 3)),
+        "ram-epsilon": r("ram", experts([None] * 3), params={"epsilon": 0.004}),
+        "ramplus_tl": r("ramplus_tl", experts([None] * 3)),
+        "ramplus_tl-epsilon": r(
+            "ramplus_tl", experts([None] * 3), params={"epsilon": 0.004, "r": 0.5, "alpha": 5.0}
+        ),
         # mergekit idioms the issue names: each must give mergekit's model
         "ties-defaults": r("ties", experts([{"weight": 1.0}] * 3)),
         "task_arithmetic-base-listed": r(
@@ -242,6 +252,23 @@ def method_recipes() -> dict[str, str]:
             experts([{"weight": [{"filter": "*", "value": 0.7}], "density": 0.5}] * 2, (e1, e2)),
             params={"int8_mask": True},
         ),
+        # a slice's own base_model (mergekit's ConfigReader.base_model): layers 20-39 into expert1
+        "slices-base-per-slice": {
+            "merge_method": "task_arithmetic",
+            "base_model": b,
+            "slices": [
+                {"sources": [{"model": b, "layer_range": [0, 20]}, {"model": e1, "layer_range": [0, 20]}]},
+                {
+                    "sources": [
+                        {"model": e1, "layer_range": [20, 40]},
+                        {"model": e2, "layer_range": [20, 40]},
+                    ],
+                    "base_model": e1,
+                },
+            ],
+            "parameters": {"weight": 0.5},
+            "dtype": DTYPE,
+        },
     }
     return {name: yaml.safe_dump(recipe, sort_keys=False) for name, recipe in recipes.items()}
 
@@ -659,6 +686,12 @@ def explain_cut(
             lo, hi = cut_zone(tau, max(1, int(density * n)))
             mask |= (tau.abs() >= lo) & (tau.abs() <= hi)
         return mask, "magnitude_cut"
+    if rule == "epsilon_cut":
+        epsilon = float((recipe.get("parameters") or {}).get("epsilon", 1e-5))
+        step = float(ulp(torch.tensor(epsilon), torch.bfloat16))
+        for tau in taus:
+            mask |= (tau.abs() >= epsilon - step) & (tau.abs() <= epsilon + step)
+        return mask, rule
     if method == "sce":
         topk = float((recipe.get("parameters") or {}).get("select_topk", 1.0))
         if topk >= 1:

@@ -104,3 +104,14 @@ def test_pinned_reads_land_in_page_locked_memory(family):
     assert all(r.is_pinned() for r in raws)
     assert raws[-1].shape == (len(NAMES), *task.shape)
     assert all(torch.equal(a, b) for a, b in zip(raws, plain))
+
+
+@pytest.mark.parametrize("method", ["slerp", "model_stock"])
+def test_whole_tensor_methods_agree_on_cpu_and_gpu(tmp_path, family, method):
+    """The angle from `gram64` (batched fp32 blocks, float64 sums) on either device: equal to
+    fp32 rounding of the result."""
+    fields = {"parameters": {"t": 0.3}, "models": [{"model": str(family["a"])}]} if method == "slerp" else {}
+    cpu = merge(tmp_path, family, method, "cpu", "cpu", **fields)
+    gpu = merge(tmp_path, family, method, "cuda", "gpu", **fields)
+    for name in cpu:
+        torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-6, atol=1e-6, msg=name)

@@ -1,5 +1,5 @@
 """mergekit's methods (slerp, nuslerp, multislerp, karcher, model_stock, passthrough, nearswap,
-arcee_fusion, breadcrumbs(_ties), della(_linear), sce), merged through the CLI from files on disk,
+arcee_fusion, breadcrumbs(_ties), della(_linear), sce, ram, ramplus_tl), merged through the CLI from files on disk,
 against references written here from the papers' formulas or mergekit's documented rule; a few
 values checked by hand; and the recipes these methods refuse (one line, exit 2)."""
 
@@ -20,7 +20,8 @@ from conftest import (
 )
 
 from mergekit_ri.kernels.rng import hash_counter, rng_key
-from mergekit_ri.methods import TensorContext, TensorParams
+from mergekit_ri.methods import TensorContext, TensorParams, reference
+from mergekit_ri.methods.ram import ram, ramplus_tl
 from mergekit_ri.methods.slerp import slerp_tensors
 from mergekit_ri.methods.sparsify import breadcrumbs_mask, della_drop
 from mergekit_ri.methods.spherical import karcher_tensors
@@ -450,6 +451,78 @@ def test_sce_matches_formula(tmp_path, fam):
     check(merged, lambda n: ref_sce(tensors["base"][n], [tensors[m][n] for m in NAMES], 0.3), tensors)
 
 
+# ---- ram, ramplus_tl -------------------------------------------------------------------------
+
+
+def ref_ram(base, experts, epsilon, r=None, alpha=None):
+    """Entry by entry, the experts whose |τᵢ| > ε contribute: none, the base; one, its τᵢ (times
+    λᵢ for RAM+); several, their mean τ. RAM+: λᵢ = 1 + r·clamp(sᵢ / max(uᵢ, ε), 0, α) with sᵢ, uᵢ
+    the tensor's entries where expert i contributes with others (s) or alone (u)."""
+    taus = torch.stack([e - base for e in experts]).double()
+    on = taus.abs() > epsilon
+    count = on.sum(0)
+    lam = [1.0] * len(experts)
+    if r is not None:
+        for i in range(len(experts)):
+            alone, shared = int((on[i] & (count == 1)).sum()), int((on[i] & (count > 1)).sum())
+            lam[i] = 1 + r * min(max(shared / max(alone, epsilon), 0), alpha)
+    solo = sum(lam[i] * taus[i] * on[i] for i in range(len(experts)))
+    mean = (taus * on).sum(0) / count.clamp(min=1)
+    return base.double() + torch.where(count == 1, solo, mean)
+
+
+def test_ram_and_ramplus_by_hand():
+    base = torch.zeros(4)
+    # entry 0: a and b change it (c's 1e-6 is below ε); 1: nobody; 2: only a; 3: only c
+    experts = torch.tensor([[1.0, 0, 2, 0], [3, 0, 0, 0], [1e-6, 0, 0, 5]])
+    params = TensorParams({}, {"epsilon": 1e-5, "r": 0.5, "alpha": 2.0})
+    assert ram(base, experts.clone(), params, TensorContext("x")).tolist() == [2, 0, 2, 5]
+    # a: 1 shared, 1 alone, λ = 1 + 0.5·1; b: nothing alone (ρ capped, no effect); c: ρ = 0, λ = 1
+    assert ramplus_tl(base, experts.clone(), params, TensorContext("x")).tolist() == [2, 0, 3, 5]
+    assert reference.ram(base, experts).tolist() == [2, 0, 2, 5]
+    assert reference.ramplus_tl(base, experts, r=0.5, alpha=2.0).tolist() == [2, 0, 3, 5]
+    # mergekit's defaults (r 0.1, α 0.2): ρ_a = 1 is capped at 0.2, λ = 1.02
+    torch.testing.assert_close(reference.ramplus_tl(base, experts)[2], torch.tensor(2.04))
+
+
+@pytest.mark.parametrize(
+    "method,parameters",
+    [
+        ("ram", {"epsilon": 0.004}),
+        ("ram", {}),
+        ("ramplus_tl", {"epsilon": 0.004, "r": 0.5, "alpha": 5.0}),
+        ("ramplus_tl", {}),
+    ],
+)
+def test_ram_matches_formula(tmp_path, fam, method, parameters):
+    _, tensors = fam
+    merged = merge(tmp_path, fam, method, parameters=parameters)
+    base = tensors["base"]
+    epsilon = parameters.get("epsilon", 1e-5)
+    r, alpha = (
+        (parameters.get("r", 0.1), parameters.get("alpha", 0.2)) if method == "ramplus_tl" else (None, None)
+    )
+    check(merged, lambda n: ref_ram(base[n], [tensors[m][n] for m in NAMES], epsilon, r, alpha), tensors)
+    if epsilon > 1e-5:  # every regime occurs: no expert, one alone, several
+        q = "model.layers.0.mlp.up_proj.weight"
+        count = sum((tensors[m][q] - base[q]).abs() > epsilon for m in NAMES)
+        assert all(bool((count == c).any()) for c in range(4))
+
+
+def test_ram_fp32_functions_match_the_reference():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(48, 40, generator=g)
+    experts = base + torch.randn(3, 48, 40, generator=g) * (torch.rand(3, 48, 40, generator=g) < 0.4)
+    params = TensorParams({}, {"epsilon": 0.5, "r": 0.3, "alpha": 4.0})
+    torch.testing.assert_close(
+        ram(base, experts.clone(), params, TensorContext("x")), reference.ram(base, experts, 0.5)
+    )
+    torch.testing.assert_close(
+        ramplus_tl(base, experts.clone(), params, TensorContext("x")),
+        reference.ramplus_tl(base, experts, 0.3, 4.0, 0.5),
+    )
+
+
 # ---- recipes refused at the check, before any weight is read --------------------------------
 
 BAD = [
@@ -492,6 +565,10 @@ BAD = [
     ),
     ("sce", {"parameters": {"select_topk": 2}}, ["parameters.select_topk"]),
     ("karcher", {"parameters": {"max_iter": 2.5}}, ["parameters.max_iter", "whole number"]),
+    ("ram", {"base": False}, ["merge_method 'ram' needs base_model"]),
+    ("ram", {"parameters": {"epsilon": -0.1}}, ["parameters.epsilon", "-0.1"]),
+    ("ramplus_tl", {"per_model": {"a": {"r": 0.5}}}, ["models[0].parameters", "'r' is a global parameter"]),
+    ("ramplus_tl", {"parameters": {"alpha": "big"}}, ["parameters.alpha", "expected a number"]),
 ]
 
 

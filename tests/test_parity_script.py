@@ -75,11 +75,13 @@ def test_one_recipe_per_method_of_both_tools(parity):
         "nearswap",
         "nuslerp",
         "passthrough",
+        "ram",
+        "ramplus_tl",
         "sce",
         "slerp",
         "task_arithmetic",
         "ties",
-    }  # less ram, ramplus_tl
+    }
     assert mergekit_015 <= methods
 
 

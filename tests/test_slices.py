@@ -207,6 +207,103 @@ def test_gradients_run_over_each_slice(tmp_path, family):
     assert tasks["model.layers.2.mlp.up_proj.weight"].experts[0].name == "model.layers.1.mlp.up_proj.weight"
 
 
+# ---------------------------------------------------------------- a base per slice
+
+
+def _per_slice_base(tmp_path: Path, family, top_base: bool = True) -> Path:
+    """Layer 0 merged into the base, layers 1-2 into a (its own base_model): mergekit's
+    ConfigReader.base_model takes a slice's base_model before the top-level one."""
+    a, b, base = (str(family[n]) for n in ("a", "b", "base"))
+    fields: dict = {"base_model": base} if top_base else {}
+    return write_recipe(
+        tmp_path / "per-slice.yaml",
+        merge_method="task_arithmetic",
+        parameters={"weight": 0.5},
+        out_dtype="float32",
+        slices=[
+            {
+                "sources": [_source(base, 0, 1), _source(a, 0, 1)],
+                **({} if top_base else {"base_model": base}),
+            },
+            {"sources": [_source(a, 1, 3), _source(b, 1, 3)], "base_model": a},
+        ],
+        **fields,
+    )
+
+
+@pytest.mark.parametrize("top_base", [True, False])
+def test_a_slice_base_model_replaces_the_top_level_one_for_that_slice(tmp_path, family, top_base):
+    got = _merge(_per_slice_base(tmp_path, family, top_base), tmp_path / "out")
+    base, a, b = (
+        {n: t.float() for n, t in read_checkpoint_any(family[m]).items()} for m in ("base", "a", "b")
+    )
+
+    def ta(into, other, name, other_name=None):  # θ₀ + 0.5·(θ₁ − θ₀)
+        return into[name] + 0.5 * (other[other_name or name] - into[name])
+
+    expected = {"model.embed_tokens.weight": ta(base, a, "model.embed_tokens.weight")}
+    for suffix in LAYER_SUFFIXES:
+        expected[f"model.layers.0.{suffix}"] = ta(base, a, f"model.layers.0.{suffix}")
+        for layer in (1, 2):  # output layers 1, 2 = layers 1, 2 of a (the base) and b
+            expected[f"model.layers.{layer}.{suffix}"] = ta(a, b, f"model.layers.{layer}.{suffix}")
+    for name in ("model.norm.weight", "lm_head.weight"):  # the last slice's: into a
+        expected[name] = ta(a, b, name)
+    assert set(got) == set(expected)
+    for name, want in expected.items():
+        torch.testing.assert_close(got[name], want, rtol=1e-6, atol=1e-6, msg=name)
+    plan = api.plan(_per_slice_base(tmp_path, family, top_base)).plan
+    assert (plan.base is not None) == top_base  # config.json: the top-level base, else the first source
+
+
+def test_a_slice_without_any_base_is_refused_naming_it(tmp_path, family):
+    a, b, base = (str(family[n]) for n in ("a", "b", "base"))
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        merge_method="ties",
+        slices=[
+            {"sources": [_source(base, 0, 1), _source(a, 0, 1)], "base_model": base},
+            {"sources": [_source(a, 1, 3), _source(b, 1, 3)]},
+        ],
+    )
+    assert_user_error(run_cli("validate", recipe), "slices[1]", "needs base_model", "slices[1].base_model")
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_a_slice_base_model_must_be_one_of_its_sources(tmp_path, family):
+    a, b, c = (str(family[n]) for n in ("a", "b", "c"))
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        merge_method="task_arithmetic",
+        slices=[{"sources": [_source(a, 0, 1), _source(b, 0, 1)], "base_model": c}],
+    )
+    out = tmp_path / "out"
+    assert_user_error(run_cli("merge", recipe, "-o", out), "slices[0].base_model", "not a source")
+    assert_nothing_written(out)
+
+
+def test_residual_weight_is_accepted_and_said_to_do_nothing(tmp_path, family):
+    a = str(family["a"])
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        merge_method="passthrough",
+        slices=[{"sources": [_source(a, 0, 2)], "residual_weight": 0.5}],
+    )
+    result = run_cli("merge", recipe, "-o", tmp_path / "out", "--dry-run", "--json")
+    assert result.code == 0, result.stderr
+    assert any("slices[0].residual_weight has no effect" in w for w in json.loads(result.stdout)["warnings"])
+
+
+def test_modules_recipes_are_refused_in_one_line(tmp_path, family):
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        merge_method="linear",
+        modules={"text_decoder": {"models": [{"model": str(family["a"])}, {"model": str(family["b"])}]}},
+    )
+    out = tmp_path / "out"
+    assert_user_error(run_cli("merge", recipe, "-o", out), "modules:", "not supported", "models: or slices:")
+    assert_nothing_written(out)
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -231,6 +328,7 @@ def _no_layers(tmp_path: Path) -> Path:
         ("duplicate", ["slices[0].sources[1]", "already"]),
         ("unknown_key", ["slices[0].sources[0]", "layer_rnge", "layer_range"]),
         ("trim_scope", ["trim_scope: model", "same models"]),
+        ("trim_scope_bases", ["trim_scope: model", "same base"]),
     ],
 )
 def test_bad_slices_are_one_line_exit_2_nothing_written(tmp_path, family, case, needles):
@@ -266,6 +364,16 @@ def test_bad_slices_are_one_line_exit_2_nothing_written(tmp_path, family, case, 
             slices=[
                 {"sources": [_source(base, 0, 1), _source(a, 0, 1)]},
                 {"sources": [_source(base, 1, 3), _source(b, 1, 3)]},
+            ],
+        )
+    elif case == "trim_scope_bases":  # the same sources, but slice 1 merges into a
+        fields.update(
+            merge_method="ties",
+            base_model=base,
+            parameters={"trim_scope": "model"},
+            slices=[
+                {"sources": [_source(base, 0, 1), _source(a, 0, 1)]},
+                {"sources": [_source(base, 1, 3), _source(a, 1, 3)], "base_model": a},
             ],
         )
     recipe = write_recipe(tmp_path / "bad.yaml", **fields)

@@ -192,3 +192,32 @@ def test_a_sliced_stage_takes_an_earlier_stage_as_a_source(tmp_path: Path, famil
     layer = "model.layers.{}.mlp.up_proj.weight"
     assert merged[layer.format(1)].equal(soup[layer.format(1)].to(merged[layer.format(1)].dtype))
     assert merged[layer.format(3)].equal(a[layer.format(2)].to(merged[layer.format(3)].dtype))
+
+
+def test_a_slice_base_model_may_name_an_earlier_stage(tmp_path: Path, family) -> None:
+    """The stage's output replaces its name in a slice's base_model too, and is a dependency."""
+    first = three_stages(family)[0]
+    final = {
+        "merge_method": "task_arithmetic",
+        "slices": [
+            {
+                "sources": [
+                    {"model": "soup", "layer_range": [0, 3]},
+                    {"model": str(family["c"]), "layer_range": [0, 3]},
+                ],
+                "base_model": "soup",
+            }
+        ],
+        "parameters": {"weight": 0.5},
+    }
+    out = tmp_path / "out"
+    m.merge(documents(final, first), out)
+    m.merge({k: v for k, v in first.items() if k != "name"}, tmp_path / "soup")
+    by_hand = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(tmp_path / "soup"),
+        "models": [{"model": str(family["c"])}],
+        "parameters": {"weight": 0.5},
+    }
+    m.merge(by_hand, tmp_path / "by-hand")
+    same(out, tmp_path / "by-hand")

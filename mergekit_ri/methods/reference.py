@@ -1,4 +1,5 @@
-"""The plain torch version of every element-wise method: the papers' formulas, a few lines each.
+"""The plain torch version of every element-wise method, and of RAM (`ram`, `ramplus_tl`): the
+papers' formulas, a few lines each.
 
 Whole tensors, fp32, no blocks, threads or in-place tricks (in the style of peft's `merge_utils`).
 This is the one readable statement of the maths; the fast backends (`kernels.blocked`, the C
@@ -216,6 +217,44 @@ def dare_ties(
     return dare(base, experts, weights, densities, keys, lam, normalize, rescale, elect=True)
 
 
+# ---- RAM -------------------------------------------------------------------------------------------
+
+
+def ram_masks(tau: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RAM's masks (arXiv:2601.13572, as mergekit 0.1.5): which τ_i entries contribute (|τ_i| > ε),
+    where exactly one expert contributes (unique) and where several do (overlap)."""
+    nonzero = tau.abs() > epsilon
+    count = nonzero.sum(dim=0, keepdim=True)
+    return nonzero, count == 1, count > 1
+
+
+def ram(base: torch.Tensor, experts: torch.Tensor, epsilon: float = 1e-5) -> torch.Tensor:
+    """Reinforced Agent Merging: θ = θ0 + Σ_i (τ_i [unique] + τ_i [overlap] / c), τ_i zeroed
+    where |τ_i| ≤ ε and c the number of contributing experts: a change one expert made is kept
+    whole, changes several made are averaged."""
+    tau = task_vectors(base, experts)
+    nonzero, unique, overlap = ram_masks(tau, epsilon)
+    count = nonzero.sum(dim=0, keepdim=True).clamp(min=1).float()
+    tau = tau * nonzero
+    return base.float() + (tau * unique + tau * overlap / count).sum(dim=0)
+
+
+def ramplus_tl(
+    base: torch.Tensor, experts: torch.Tensor, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5
+) -> torch.Tensor:
+    """RAM+ (tensor-local): as `ram`, with expert i's unique entries times
+    λ_i = 1 + r·clamp(ρ_i, 0, α), ρ_i = #(i contributes, overlap) / max(#(i contributes, unique), ε)."""
+    tau = task_vectors(base, experts)
+    nonzero, unique, overlap = ram_masks(tau, epsilon)
+    count = nonzero.sum(dim=0, keepdim=True).clamp(min=1).float()
+    flat = nonzero.reshape(len(tau), -1)
+    shared_i = (flat & overlap.reshape(1, -1)).sum(dim=1).float()
+    unique_i = (flat & unique.reshape(1, -1)).sum(dim=1).float()
+    lam = 1 + r * (shared_i / unique_i.clamp(min=epsilon)).clamp(min=0, max=alpha)
+    tau = tau * nonzero
+    return base.float() + (tau * unique * per_expert(lam.tolist(), tau) + tau * overlap / count).sum(dim=0)
+
+
 __all__ = [
     "add_scaled",
     "dare",
@@ -228,6 +267,9 @@ __all__ = [
     "magnitude_threshold",
     "model_thresholds",
     "per_expert",
+    "ram",
+    "ram_masks",
+    "ramplus_tl",
     "rows_total",
     "safe_divisor",
     "task_arithmetic",

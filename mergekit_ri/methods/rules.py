@@ -66,13 +66,13 @@ def exactly(method: str, count: int, base: str) -> RecipeCheck:
 
 
 def at_least(method: str, count: int) -> RecipeCheck:
-    """`count` or more models besides the base (model_stock)."""
+    """`count` or more models besides the base (model_stock, ram)."""
 
     def check(recipe: Recipe, source: str) -> None:
         if len(others(recipe)) < count:
             raise UserError(
                 f"{source}: models: merge_method '{method}' needs base_model and at least "
-                f"{count} other models; {_counted(recipe)}"
+                f"{count} other model{'s' if count != 1 else ''}; {_counted(recipe)}"
             )
 
     return check

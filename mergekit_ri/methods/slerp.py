@@ -13,8 +13,9 @@ import math
 
 import torch
 
+from .. import kernels
 from . import rules
-from .geometry import dot64, norm64
+from .geometry import CHUNK, dot64, gram64, norm64
 from .registry import MethodSpec, Param, TensorContext, TensorParams, register
 
 DOT_THRESHOLD = 0.9995  # mergekit's: above it the two tensors count as colinear
@@ -31,19 +32,36 @@ def partner(base: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     return experts[0] if experts.shape[0] else base
 
 
-def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """mergekit's slerp: the angle between v0/‖v0‖ and v1/‖v1‖ (a norm ≤ eps is left unscaled),
-    the spherical weights sin((1−t)θ)/sin θ and sin(tθ)/sin θ on the unnormalised tensors."""
-    n0, n1 = norm64(v0), norm64(v1)
-    dot = dot64(v0, v1) / ((n0 if n0 > eps else 1.0) * (n1 if n1 > eps else 1.0))
+def slerp_coefficients(t: float, gram: torch.Tensor, eps: float = 1e-8) -> tuple[float, float]:
+    """mergekit's slerp weights (c₀, c₁) on the unnormalised v0, v1 from their float64 Gram
+    matrix: the angle between v0/‖v0‖ and v1/‖v1‖ (a norm ≤ eps is left unscaled), then
+    sin((1−t)θ)/sin θ and sin(tθ)/sin θ, or 1 − t and t where |cos θ| > 0.9995 (colinear)."""
+    n0, n1 = math.sqrt(float(gram[0, 0])), math.sqrt(float(gram[1, 1]))
+    dot = float(gram[0, 1]) / ((n0 if n0 > eps else 1.0) * (n1 if n1 > eps else 1.0))
     if abs(dot) > DOT_THRESHOLD:
-        return (1 - t) * v0 + t * v1
+        return 1 - t, t
     theta = math.acos(dot)
-    return (math.sin((1 - t) * theta) / math.sin(theta)) * v0 + (math.sin(t * theta) / math.sin(theta)) * v1
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+
+
+def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """mergekit's slerp of two fp32 tensors: c₀·v0 + c₁·v1 (see `slerp_coefficients`)."""
+    c0, c1 = slerp_coefficients(t, gram64([v0, v1]), eps)
+    return c0 * v0 + c1 * v1
 
 
 def slerp(base: torch.Tensor, experts: torch.Tensor, p: TensorParams, ctx: TensorContext) -> torch.Tensor:
-    return slerp_tensors(float(p["t"]), base, partner(base, experts))
+    """Takes the inputs as read (bf16...): one pass for the angle (`gram64`), one fused weighted
+    sum c₀·θ₀ + c₁·θ₁ rounded once to the output dtype; no fp32 copy of a whole tensor."""
+    other = partner(base, experts)
+    c0, c1 = slerp_coefficients(float(p["t"]), gram64([base, other]))
+    pair = torch.stack([base.reshape(-1), other.reshape(-1)])
+    return kernels.weighted_sum(pair, [c0, c1], False, ctx.out_dtype).reshape(base.shape)
+
+
+def slerp_workspace(shape: tuple[int, ...], n: int) -> int:
+    """The stacked pair (at most fp32) and `gram64`'s chunk buffer."""
+    return 2 * math.prod(shape) * 4 + 3 * CHUNK * 4
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -101,6 +119,8 @@ register(
         slerp,
         (T,),
         needs_base=True,
+        raw_inputs=True,
+        workspace=slerp_workspace,
         summary="spherical interpolation from the base (t = 0) to one other model (t = 1)",
         citation="Shoemake, Animating Rotation with Quaternion Curves, SIGGRAPH 1985; mergekit's slerp",
         check_recipe=rules.all_of(rules.pair_with_base("slerp"), rules.requires("slerp", "t")),
@@ -118,4 +138,4 @@ register(
     )
 )
 
-__all__ = ["nuslerp", "nuslerp_tensors", "partner", "slerp", "slerp_tensors"]
+__all__ = ["nuslerp", "nuslerp_tensors", "partner", "slerp", "slerp_coefficients", "slerp_tensors"]
