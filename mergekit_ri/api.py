@@ -60,6 +60,18 @@ class MergeOptions:
     out_shard_size: bytes per output shard, or mergekit's text ('5B' = 5·10⁹); --out-shard-size.
     copy_tokenizer: False writes no tokenizer files unless the recipe names a tokenizer_source.
     write_model_card: False leaves out README.md and mergekit_config.yml.
+
+    Scale-out and faults (docs/scale-out.md):
+    resume: continue the merge an earlier run of the same recipe into the same output left
+        unfinished (killed, crashed, a lost machine): its finished work units are verified by
+        hash and kept; a different recipe or changed inputs are refused.
+    ray: run the work units as tasks on a Ray cluster (needs the `ray` extra): its address
+        (host:port, ray://host:port, auto) or local (Ray's default: RAY_ADDRESS, a cluster on
+        this machine, else a new one); overrides the recipe's `distributed: {ray: ...}`.
+    unit_size: output bytes per work unit, or text as out_shard_size takes it (None: 1/64 of the
+        output, between 16 MiB and 1 GiB).
+    devices: several local devices of one kind ("cuda:0,cuda:1" or a tuple), one worker process
+        each, without Ray.
     """
 
     device: str | None = None
@@ -75,6 +87,10 @@ class MergeOptions:
     out_shard_size: int | str | None = None
     copy_tokenizer: bool | None = None
     write_model_card: bool = True
+    resume: bool = False
+    ray: str | None = None
+    unit_size: int | str | None = None
+    devices: str | tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.prefetch <= 64:
@@ -83,6 +99,23 @@ class MergeOptions:
             raise UserError(f"threads must be at least 1, not {self.threads}")
         if self.device is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise UserError(f"unknown device '{self.device}'; use auto, cpu, cuda or cuda:N")
+        if self.ray is not None and not self.ray.strip():
+            raise UserError("ray: give a Ray address (host:port, ray://host:port, auto) or local")
+        if self.devices is not None:
+            from .devices import parse_devices
+
+            object.__setattr__(self, "devices", parse_devices(self.devices))
+            if self.ray is not None:
+                raise UserError(
+                    "--devices and --ray: choose one (a Ray cluster spreads units over its own GPUs)"
+                )
+        if self.unit_size is not None:
+            from .recipe import parse_size
+
+            try:
+                object.__setattr__(self, "unit_size", parse_size(self.unit_size))
+            except ValueError as exc:
+                raise UserError(f"unit size: {str(exc).replace('out_shard_size', 'unit size')}") from None
         if self.max_memory is not None:
             from .memory import parse_memory
 
@@ -180,18 +213,26 @@ def _merge_one(source: _Source, out: Path, options: MergeOptions, events: MergeE
             events.on_warning(warning)
         announced = len(merge_plan.warnings)
         layers: dict[str, dict[str, float]] | None = {} if options.report_layers else None
-        result = run_merge(
-            merge_plan,
-            out,
-            device=original.device,
-            force=options.force,
-            prefetch=options.prefetch,
-            progress=events.on_progress,
-            report=_layer_collector(layers, events) if layers is not None else None,
-            checksums=options.checksums,
-            provenance=status.provenance if status is not None else None,
-            model_card=options.write_model_card,
-        )
+        distributed = _distributed(original, adapted, source.folder, options)
+        try:
+            result = run_merge(
+                merge_plan,
+                out,
+                device=original.device,
+                force=options.force,
+                prefetch=options.prefetch,
+                progress=events.on_progress,
+                report=_layer_collector(layers, events) if layers is not None else None,
+                checksums=options.checksums,
+                provenance=status.provenance if status is not None else None,
+                model_card=options.write_model_card,
+                resume=options.resume,
+                distributed=distributed,
+                unit_bytes=options.unit_size,
+            )
+        finally:
+            if distributed is not None:
+                distributed.close()
         for warning in result.warnings[announced:]:  # found while merging (e.g. non-finite inputs)
             events.on_warning(warning)
         xi = None
@@ -362,6 +403,28 @@ def _resolve_interference(
         return lambda step, l1, l2: events.on_ri_step(label, step, l1, l2)
 
     return resolve_interference(recipe, folder, resolve_device(recipe.device), report=start, dry_run=dry_run)
+
+
+def _distributed(original: Recipe, adapted: Recipe, folder: Path | None, options: MergeOptions):
+    """Where the work units run: the --ray address, else the recipe's `distributed`; None: here."""
+    if options.devices is not None:
+        from .devices import LocalDevices
+
+        return LocalDevices(options.devices, adapted, folder or Path.cwd())
+    spec = original.distributed
+    address = options.ray if options.ray is not None else (spec.ray if spec is not None else None)
+    if address is None:
+        return None
+    from .distributed import Distributed
+
+    knobs = {}
+    if spec is not None:
+        knobs = {
+            "cpus_per_task": spec.cpus_per_task,
+            "gpus_per_task": spec.gpus_per_task,
+            "retries": spec.retries,
+        }
+    return Distributed(address.strip(), adapted, folder or Path.cwd(), **knobs)
 
 
 def _layer_collector(layers: dict[str, dict[str, float]], events: MergeEvents):

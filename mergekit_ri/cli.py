@@ -400,6 +400,7 @@ def _json_summary(result, verbose: bool) -> dict[str, Any]:
         "seconds": round(result.seconds, 3),
         "files": top_level_names(result.files),
         "manifest": [f.to_json() for f in result.files],
+        **({"units": {k: list(v) for k, v in result.units.items()}} if result.units is not None else {}),
         **ri,
         **({"layers": {k: dict(v) for k, v in (result.layers or {}).items()}} if verbose else {}),
     }
@@ -468,6 +469,43 @@ ThreadsOpt = Annotated[
     Optional[int],
     typer.Option(
         "--threads", "--num-threads", "-j", min=1, help="CPU threads for the maths (default: all cores)."
+    ),
+]
+
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue the merge into this output that a kill, crash or lost machine left unfinished: "
+        "finished work units are verified by hash and kept (refused if the recipe or inputs changed).",
+    ),
+]
+RayOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--ray",
+        metavar="[ADDRESS]",
+        help="Run the work units as Ray tasks (pip install 'mergekit-ri[ray]'): on the cluster at ADDRESS "
+        "(host:port, ray://host:port, auto), or alone: Ray's default (RAY_ADDRESS, a cluster on this "
+        "machine, else a new local one).",
+    ),
+]
+DevicesOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--devices",
+        metavar="LIST",
+        help="Spread the work units over several local devices of one kind, one worker process each "
+        "(e.g. cuda:0,cuda:1), without Ray.",
+    ),
+]
+UnitSizeOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--unit-size",
+        metavar="SIZE",
+        help="Output bytes per work unit, the grain of --resume and --ray (default: 1/64 of the output, "
+        "16 MiB to 1 GiB).",
     ),
 ]
 
@@ -615,6 +653,10 @@ def merge(  # noqa: PLR0913 -- one parameter per flag: mergekit-yaml's command l
     prefetch: PrefetchOpt = 2,
     max_memory: MaxMemoryOpt = None,
     threads: ThreadsOpt = None,
+    resume: ResumeOpt = False,
+    ray: RayOpt = None,
+    unit_size: UnitSizeOpt = None,
+    devices: DevicesOpt = None,
     cuda: CudaOpt = False,
     gpu_rich: GpuRichOpt = False,
     copy_tokenizer: CopyTokenizerOpt = None,
@@ -658,6 +700,10 @@ def merge(  # noqa: PLR0913 -- one parameter per flag: mergekit-yaml's command l
             copy_tokenizer=copy_tokenizer,
             write_model_card=write_model_card,
             intermediate_dir=intermediate_dir,
+            resume=resume,
+            ray=ray,
+            unit_size=unit_size,
+            devices=devices,
         )
         _run_merge(recipe, folder, options, dry_run=dry_run, quiet=quiet, as_json=as_json, verbose=verbose)
 
@@ -924,13 +970,21 @@ def main(argv: list[str] | None = None) -> None:
     gc.set_threshold(50_000, 20, 20)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = _bare_ray(list(sys.argv[1:] if argv is None else argv))
     if args == ["version"]:
         print(__version__)
         sys.exit(0)  # as typer ends a command
     if args and args[0] not in SUBCOMMANDS and not args[0].startswith("-"):
         args.insert(0, "merge")
     app(args, prog_name="ri-merge")
+
+
+def _bare_ray(args: list[str]) -> list[str]:
+    """`--ray` without an address (last, or followed by another option) means `--ray local`."""
+    return [
+        "--ray=local" if a == "--ray" and (i + 1 == len(args) or args[i + 1].startswith("-")) else a
+        for i, a in enumerate(args)
+    ]
 
 
 def entry() -> None:

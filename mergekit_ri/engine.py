@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import UserError
+from .errors import ResumableError, UserError
 from .io.artifacts import copy_tokenizer, write_config, write_heads, write_model_card
 from .io.manifest import FileRecord, file_manifest
 from .io.output import OutputLock, check_space, check_target, clean_stale, make_staging, output_error, publish
@@ -32,10 +32,13 @@ from .kernels.parallel import single_threaded_ops
 from .memory import MemoryPlan, plan_memory, return_freed_memory
 from .methods import TensorContext
 from .nonfinite import NonFiniteGuard
-from .plan import PREFETCH_DEFAULT, MergePlan
+from .plan import PREFETCH_DEFAULT, MergePlan, TensorTask
 from .reading import RowSource, WorkUnit, load_inputs, stream_inputs, work_units
+from .resume import Journal, adopt_staging, fingerprint
+from .units import OutputUnit, UnitHashes, plan_units, unit_tasks
 
 if TYPE_CHECKING:
+    from .distributed import Distributed
     from .ri.prepare import RIProvenance, RIStatus
 
 Progress = Callable[[int], None]
@@ -60,6 +63,7 @@ class MergeResult:
     ri: RIStatus | None = None  # what RI did, when the recipe asks for it
     layers: Mapping[str, Mapping[str, float]] | None = None  # per solved layer, when reported
     interference: Mapping[str, float] | None = None  # ξ without/with RI, when asked
+    units: Mapping[str, tuple[int, ...]] | None = None  # work units "kept" (resumed) and "computed"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -205,20 +209,40 @@ def run_merge(
     checksums: bool = False,
     provenance: RIProvenance | None = None,
     model_card: bool = True,
+    resume: bool = False,
+    distributed: Distributed | None = None,
+    unit_bytes: int | None = None,
 ) -> MergeResult:
-    """Merge into a hidden staging folder, then rename it to `out` (under the output's lock)."""
+    """Merge into a hidden staging folder, then rename it to `out` (under the output's lock).
+
+    The staging folder journals each finished work unit (`resume`); with `resume`, the one an
+    interrupted merge left is adopted and only its unfinished units are computed. `distributed`
+    runs the units elsewhere (Ray tasks) instead of in this process."""
     started = time.perf_counter()
     target = resolve_device(device if device != "auto" else plan.recipe.device)
+    if distributed is not None:
+        target = distributed.device(device if device != "auto" else plan.recipe.device)
     out = Path(out)
     staging = None
+    units = plan_units(plan, unit_bytes)
     try:
         check_target(out, input_paths(plan), force)
         out.parent.mkdir(parents=True, exist_ok=True)
         with OutputLock(out):
-            plan.warnings.extend(clean_stale(out))
+            staging = adopt_staging(out) if resume else None
+            plan.warnings.extend(clean_stale(out, keep=staging))
             check_target(out, input_paths(plan), force)  # again, now that no other merge can race us
             check_space(out, plan.bytes_written)
-            staging = make_staging(out)
+            if staging is None:
+                if resume:
+                    plan.warnings.append(f"--resume: no interrupted merge of {out} to resume; merging it all")
+                staging = make_staging(out)
+            journal = Journal.begin(staging, out, plan, units, fingerprint(plan, target.type), resume)
+            if resume and journal.kept:
+                plan.warnings.append(
+                    f"resuming {out}: {len(journal.kept)} of {len(units)} work units finished and verified, "
+                    f"{len(units) - len(journal.kept)} to compute"
+                )
             files, nonfinite = _merge_into(
                 plan,
                 staging,
@@ -229,12 +253,18 @@ def run_merge(
                 checksums,
                 provenance,
                 model_card,
+                journal,
+                units,
+                distributed,
             )
             plan.warnings.extend(nonfinite)
             publish(staging, out, force)
             staging = None
     except OSError as exc:
         raise output_error(exc, out, staging, plan.bytes_written) from None
+    except ResumableError:
+        staging = None  # its finished units stay for --resume
+        raise
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -249,7 +279,41 @@ def run_merge(
         plan.bytes_written,
         files,
         tuple(plan.warnings),
+        units={
+            "kept": journal.kept,
+            "computed": tuple(i for i in range(len(units)) if i not in journal.kept),
+        },
     )
+
+
+def merge_tasks(
+    plan: MergePlan,
+    tasks: list[TensorTask],
+    reader: TensorReader,
+    reads: ThreadPoolExecutor,
+    writer: ShardWriter,
+    target: torch.device,
+    memory: MemoryPlan,
+    advance: Progress,
+    report: LayerReport | None,
+    thresholds: tuple[float, ...] | None,
+    guard: NonFiniteGuard,
+) -> None:
+    """Read, merge and write `tasks`, in order: the reads run ahead, a thread writes behind, as
+    far as the memory plan allows."""
+    with ThreadPoolExecutor(1, "ri-write") as writes:
+        written: deque[Future] = deque()
+        units = work_units(plan, tasks, chunk=memory.chunk, device=target, stream_bytes=memory.stream_bytes)
+        pin = target.type == "cuda"
+        for unit, raws in stream_inputs(plan, reader, reads, memory.depth, units, pin, memory.read_ahead):
+            result = compute(plan, unit, raws, target, thresholds, report, reader, reads, guard)
+            written.append(writes.submit(writer.write, unit.task, result, unit.rows))
+            del result, raws  # held by the writer's queue alone: freed once written
+            while len(written) > memory.writer_queue:
+                written.popleft().result()
+            advance(unit.in_nbytes)
+        for future in written:
+            future.result()
 
 
 def _merge_into(
@@ -262,35 +326,57 @@ def _merge_into(
     checksums: bool = False,
     provenance: RIProvenance | None = None,
     model_card: bool = True,
+    journal: Journal | None = None,
+    units: list[OutputUnit] | None = None,
+    distributed: Distributed | None = None,
 ) -> tuple[tuple[FileRecord, ...], list[str]]:
     """Every file of the merged checkpoint, written into `staging`: (file names, the warnings about
-    non-finite inputs merged under `on_nonfinite: warn`)."""
+    non-finite inputs merged under `on_nonfinite: warn`). Units the journal has as finished are
+    not computed again."""
     memory = plan_memory(plan, prefetch=prefetch, device=target.type)
     return_freed_memory()
-    with (
-        TensorReader() as reader,
-        ThreadPoolExecutor(2, "ri-read") as reads,
-        ThreadPoolExecutor(1, "ri-write") as writes,
-        ShardWriter(staging, plan) as writer,
-    ):
+    units = units if units is not None else plan_units(plan)
+    journal = journal or Journal.begin(staging, staging, plan, units, {}, False)
+    todo = [u for u in units if u.index not in journal.done]
+    advance(sum(u.in_nbytes for u in units if u.index in journal.done))
+    with TensorReader() as reader, ThreadPoolExecutor(2, "ri-read") as reads:
         guard = NonFiniteGuard(plan, reader, plan.recipe.on_nonfinite)
         blocked = plan.method.raw_inputs and target.type == "cpu"
         with single_threaded_ops() if blocked else nullcontext():
             thresholds = run_prepass(plan, reader, reads, target, memory, advance)
-            written: deque[Future] = deque()
-            units = work_units(plan, chunk=memory.chunk, device=target, stream_bytes=memory.stream_bytes)
-            pin = target.type == "cuda"
-            for unit, raws in stream_inputs(plan, reader, reads, memory.depth, units, pin, memory.read_ahead):
-                result = compute(plan, unit, raws, target, thresholds, report, reader, reads, guard)
-                written.append(writes.submit(writer.write, unit.task, result, unit.rows))
-                del result, raws  # held by the writer's queue alone: freed once written
-                while len(written) > memory.writer_queue:
-                    written.popleft().result()
-                advance(unit.in_nbytes)
-            for future in written:
-                future.result()
+            if distributed is not None:
+                nonfinite = distributed.run(
+                    plan, staging, todo, target, prefetch, thresholds, journal, advance
+                )
+            else:
+                seen = len(guard.warnings)
+
+                def finished(unit: OutputUnit, digest: str) -> None:
+                    nonlocal seen
+                    journal.record(unit, digest, plan, guard.warnings[seen:])
+                    seen = len(guard.warnings)
+
+                hashes = UnitHashes(plan, staging, todo, finished)
+                with ShardWriter(staging, plan, reuse=True, on_write=hashes) as writer:
+                    hashes.empty_units(todo)
+                    tasks = unit_tasks(plan, todo)
+                    merge_tasks(
+                        plan,
+                        tasks,
+                        reader,
+                        reads,
+                        writer,
+                        target,
+                        memory,
+                        advance,
+                        report,
+                        thresholds,
+                        guard,
+                    )
+                nonfinite = list(guard.warnings)
         write_heads(staging, plan, reader)
-        nonfinite = list(guard.warnings)
+    nonfinite = list(dict.fromkeys(journal.warnings + nonfinite))
+    journal.finish()
     write_index(staging, plan)
     write_config(staging, plan)
     copy_tokenizer(staging, plan)

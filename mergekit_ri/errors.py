@@ -21,6 +21,11 @@ class UserError(Exception):
         super().__init__(one_line(str(message)))
 
 
+class ResumableError(UserError):
+    """A merge that stopped part-way for a reason outside the inputs (e.g. Ray workers lost more
+    often than the retries allow): its staging folder and finished units are kept for --resume."""
+
+
 def one_line(text: str) -> str:
     """`text` with control characters written as escapes (\\n, \\x1b, ...)."""
     if text.isprintable():

@@ -167,6 +167,20 @@ class ResolveInterference(BaseModel):
         return value
 
 
+class Distributed(BaseModel):
+    """Where the merge's work units run (ours): `ray` is a Ray cluster's address (host:port,
+    ray://host:port, auto for the cluster this machine belongs to), or local for Ray's default
+    (the cluster RAY_ADDRESS names or one started on this machine, else a new one here)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    ray: str = Field(min_length=1)
+    cpus_per_task: float = Field(1.0, gt=0, le=1024)
+    gpus_per_task: float | None = Field(
+        None, ge=0, le=64
+    )  # None: 1 when the cluster has GPUs and device allows
+    retries: int = Field(3, ge=0, le=100)  # per unit, when its worker or node is lost
+
+
 class Recipe(BaseModel):
     """A validated recipe.
 
@@ -197,6 +211,7 @@ class Recipe(BaseModel):
     seed: int = Field(0, ge=-INT64, lt=INT64)
     out_shard_size: Union[int, str] = Field("5GB", validate_default=True)
     on_nonfinite: Literal["error", "warn"] = "error"
+    distributed: Distributed | None = None  # how to run, not what to merge: left out of to_yaml
     max_memory: Union[int, str, None] = (
         None  # cap on the tensors a merge holds (memory.py); None: a share of RAM
     )
@@ -268,7 +283,8 @@ class Recipe(BaseModel):
         return DTYPES[name] if name else None
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+        fields = self.model_dump(mode="json", exclude_defaults=True, exclude={"distributed"})
+        return yaml.safe_dump(fields, sort_keys=False)
 
 
 # mergekit's parse_kmb: a number of bytes, or one letter k, m or b (either case) for 10^3, 10^6
@@ -534,6 +550,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
             _check_keys(entry, ModelEntry, source, f"models[{i}].")
     if isinstance(data.get("resolve_interference"), dict):
         _check_keys(data["resolve_interference"], ResolveInterference, source, "resolve_interference.")
+    if isinstance(data.get("distributed"), dict):
+        _check_keys(data["distributed"], Distributed, source, "distributed.")
     _check_parameter_values(data, source)
     from . import slices  # late import: slices builds on the plan, which builds on this module
 

@@ -131,9 +131,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def clean_stale(out: Path) -> list[str]:
+def clean_stale(out: Path, keep: Path | None = None) -> list[str]:
     """Remove staging folders left beside `out` by merges whose process is gone (call it holding
-    the output's lock); returns one line per folder removed."""
+    the output's lock), but `keep` (the one a resumed merge adopted); one line per folder removed."""
     pattern = re.compile(re.escape(hidden_name(out, "")) + r"(partial|old)-(\d+)$")
     notes = []
     try:
@@ -143,6 +143,8 @@ def clean_stale(out: Path) -> list[str]:
     for entry in entries:
         match = pattern.fullmatch(entry.name)
         if match is None or _alive(int(match.group(2))) and int(match.group(2)) != os.getpid():
+            continue
+        if keep is not None and entry == keep:
             continue
         size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file() and not p.is_symlink())
         shutil.rmtree(entry, ignore_errors=True)

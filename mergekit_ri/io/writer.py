@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,22 +31,58 @@ def shard_header(tasks: list[TensorTask]) -> bytes:
     return raw + b" " * (-len(raw) % 8)
 
 
-class ShardWriter:
-    """Pre-sized shard files in `folder`; `write(task, tensor)` puts bytes at the planned offset."""
+def shard_headers(plan: MergePlan) -> list[bytes]:
+    """Each shard file's first bytes: the 8-byte header length, then the header."""
+    by_shard: list[list[TensorTask]] = [[] for _ in plan.shards]
+    for task in plan.tasks:
+        by_shard[task.shard].append(task)
+    return [struct.pack("<Q", len(h)) + h for h in map(shard_header, by_shard)]
 
-    def __init__(self, folder: Path, plan: MergePlan) -> None:
+
+def shard_is_whole(path: Path, head: bytes, data_bytes: int) -> bool:
+    """An existing shard file with the planned header and size (a resumed merge keeps it)."""
+    try:
+        with open(path, "rb") as f:
+            return os.fstat(f.fileno()).st_size == len(head) + data_bytes and f.read(len(head)) == head
+    except OSError:
+        return False
+
+
+Written = Callable[[TensorTask, int, memoryview], None]  # task, file position, the bytes written
+
+
+class ShardWriter:
+    """Pre-sized shard files in `folder`; `write(task, tensor)` puts bytes at the planned offset.
+
+    `reuse`: keep shard files that already have the planned header and size (a resumed merge);
+    `create=False`: open the files another process created (a distributed merge's worker), never
+    create or truncate one. `on_write` sees every write, e.g. to hash work units as they finish."""
+
+    def __init__(
+        self,
+        folder: Path,
+        plan: MergePlan,
+        *,
+        reuse: bool = False,
+        create: bool = True,
+        on_write: Written | None = None,
+    ) -> None:
         self._fds: list[int] = []
         self._data_start: list[int] = []
-        by_shard: list[list[TensorTask]] = [[] for _ in plan.shards]
-        for task in plan.tasks:
-            by_shard[task.shard].append(task)
-        for shard, tasks in zip(plan.shards, by_shard):
-            header = shard_header(tasks)
-            fd = os.open(folder / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._on_write = on_write
+        for shard, head in zip(plan.shards, shard_headers(plan)):
+            path = folder / shard.filename
+            self._data_start.append(len(head))
+            if not create:
+                self._fds.append(os.open(path, os.O_WRONLY))
+                continue
+            if reuse and shard_is_whole(path, head, shard.data_bytes):
+                self._fds.append(os.open(path, os.O_WRONLY))
+                continue
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds.append(fd)
-            os.write(fd, struct.pack("<Q", len(header)) + header)
-            self._data_start.append(8 + len(header))
-            os.ftruncate(fd, 8 + len(header) + shard.data_bytes)
+            os.write(fd, head)
+            os.ftruncate(fd, len(head) + shard.data_bytes)
 
     def write(self, task: TensorTask, tensor: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
         """Put the whole tensor, or rows [r0, r1) of it, at the planned offset."""
@@ -61,6 +98,8 @@ class ShardWriter:
         view, done = memoryview(data), 0
         while done < data.nbytes:
             done += os.pwrite(self._fds[task.shard], view[done:], position + done)
+        if self._on_write is not None:
+            self._on_write(task, position, view)
 
     def close(self) -> None:
         for fd in self._fds:

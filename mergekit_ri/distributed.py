@@ -1,0 +1,266 @@
+"""Distributed merges on Ray: one Ray task per output work unit.
+
+The driver plans from headers as a single-process merge does, creates the pre-sized shard files
+in the staging folder and cuts the output into work units (`units.py`). Each Ray task rebuilds the
+plan from the recipe on its own node (its inputs: a shared filesystem, or that node's Hub cache),
+checks it against the driver's (`resume.layout_digest`), computes its tensors with the same
+kernels, writes their bytes at the planned offsets of the shard files (the staging folder must
+be on a filesystem every node sees) and returns the sha256 of each unit. The driver journals
+every finished unit (so `--resume` works here too), aggregates progress, writes the index,
+config, tokenizer and card, and publishes atomically. A task whose worker or node is lost is
+retried up to `retries` times by Ray; rewriting a unit writes the same bytes to the same place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import torch
+
+from .errors import ResumableError, UserError
+
+if TYPE_CHECKING:
+    from .engine import Progress
+    from .plan import MergePlan
+    from .recipe import Recipe
+    from .resume import Journal
+    from .units import OutputUnit
+
+EXTRA = "pip install 'mergekit-ri[ray]'"
+CONNECT_TIMEOUT = 5.0  # seconds to reach a cluster's address before ray.init is tried at all
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise UserError(f"--ray needs Ray, which is not installed: {EXTRA}") from None
+    return ray
+
+
+def _probe(address: str) -> None:
+    """Refuse in seconds an address nothing listens on (ray.init would retry for minutes)."""
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host or port is None:
+        raise UserError(f"Ray address '{address}' is not host:port, ray://host:port, auto or local")
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT).close()
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise UserError(f"cannot reach the Ray cluster at {address}: {why}") from None
+
+
+@dataclass
+class Distributed:
+    """Where and how a merge's units run on Ray. `recipe` and `folder` are what the driver's plan
+    was built from: every task builds the same plan from them on its own node."""
+
+    address: str  # host:port, ray://host:port, auto, or local (Ray's default lookup)
+    recipe: Recipe
+    folder: Path | None
+    cpus_per_task: float = 1.0
+    gpus_per_task: float | None = None
+    retries: int = 3
+    _ray: Any = None
+    _started: bool = False
+    _gpus: float = field(default=0.0)
+
+    def connect(self) -> Any:
+        """Join the cluster (or reuse this process's connection); refuses an unreachable one."""
+        if self._ray is not None:
+            return self._ray
+        ray = import_ray()
+        if self.address not in ("auto", "local"):
+            _probe(self.address)
+        if not ray.is_initialized():  # else: this process already joined a cluster (ray.init)
+            quiet = logging.getLogger("ray")
+            level, quiet.level = quiet.level, logging.ERROR  # Ray's start-up notes are not ours to print
+            try:
+                ray.init(
+                    address=None if self.address == "local" else self.address,
+                    logging_level=logging.WARNING,
+                    log_to_driver=False,
+                    include_dashboard=False,
+                )
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise UserError(f"cannot join the Ray cluster at {self.address}: {first}") from None
+            finally:
+                quiet.setLevel(level)
+            self._started = True
+        self._ray = ray
+        self._gpus = float(ray.cluster_resources().get("GPU", 0))
+        return ray
+
+    def close(self) -> None:
+        """Leave the cluster if this merge joined it (a local one it started stops with it)."""
+        if self._started and self._ray is not None:
+            self._ray.shutdown()
+        self._ray, self._started = None, False
+
+    def device(self, requested: str) -> torch.device:
+        """The kind of device every task merges on: cuda (the GPU Ray gives the task) when asked
+        for, or when `auto` and the cluster has GPUs; else cpu."""
+        self.connect()
+        kind = requested.split(":")[0]
+        if kind == "cuda" and not self._gpus:
+            raise UserError(
+                f"device '{requested}' requested but the Ray cluster at {self.address} has no GPU"
+            )
+        if kind == "auto":
+            kind = "cuda" if self._gpus and self.gpus_per_task != 0 else "cpu"
+        return torch.device(kind)
+
+    def run(
+        self,
+        plan: MergePlan,
+        staging: Path,
+        todo: list[OutputUnit],
+        target: torch.device,
+        prefetch: int,
+        thresholds: tuple[float, ...] | None,
+        journal: Journal,
+        advance: Progress,
+    ) -> list[str]:
+        """Every unit of `todo` as a Ray task; returns the warnings the tasks found."""
+        from .io.writer import ShardWriter
+        from .resume import layout_digest
+
+        ray = self.connect()
+        with ShardWriter(staging, plan, reuse=True):  # the driver creates the files, the tasks fill them
+            pass
+        gpus = (self.gpus_per_task if self.gpus_per_task is not None else 1.0) if target.type == "cuda" else 0
+        remote = ray.remote(merge_units).options(
+            num_cpus=self.cpus_per_task,
+            num_gpus=gpus,
+            max_retries=self.retries,
+            retry_exceptions=False,
+            name="ri-merge-unit",
+        )
+        recipe = ray.put((self.recipe, self.folder, layout_digest(plan)))
+        pending = {
+            remote.remote(recipe, str(staging), [unit], target.type, prefetch, thresholds): unit
+            for unit in todo
+        }
+        warnings: list[str] = []
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    unit = pending.pop(ref)
+                    result = self._result(ray, ref, unit)
+                    for index, digest in result["units"]:
+                        journal.record(unit, digest, plan, result["warnings"])
+                    warnings += result["warnings"]
+                    advance(unit.in_nbytes)
+        finally:
+            for ref in pending:
+                ray.cancel(ref)
+        return list(dict.fromkeys(warnings))
+
+    def _result(self, ray: Any, ref: Any, unit: OutputUnit) -> dict[str, Any]:
+        """One task's result; its failure as one line (bad input: UserError; workers or nodes
+        lost past the retries: ResumableError, the finished units kept)."""
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, UserError):
+                raise UserError(str(cause)) from None
+            raise RuntimeError(f"work unit {unit.index} failed on a Ray worker: {cause!r}") from None
+        except ray.exceptions.RayError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ResumableError(
+                f"work unit {unit.index} failed {self.retries + 1} time(s) on the Ray cluster ({first}); "
+                "the finished units are kept: rerun with --resume"
+            ) from None
+
+
+_PLANS: dict[tuple[str, str, str], MergePlan] = {}  # a worker runs many units of one merge: planned once
+
+
+def _worker_plan(recipe: Recipe, folder: Path | None, digest: str) -> MergePlan:
+    from .plan import build_plan
+    from .resume import layout_digest
+
+    key = (recipe.to_yaml(), str(folder), digest)
+    if key not in _PLANS:
+        plan = build_plan(recipe, folder)
+        if layout_digest(plan) != digest:
+            raise UserError(
+                "the inputs this node sees differ from the driver's (other files at the same paths?)"
+            )
+        _PLANS.clear()
+        _PLANS[key] = plan
+    return _PLANS[key]
+
+
+def merge_units(
+    shared: tuple[Recipe, Path | None, str],
+    staging: str,
+    units: list[OutputUnit],
+    device: str,
+    prefetch: int,
+    thresholds: tuple[float, ...] | None,
+    label: str = "Ray worker",
+) -> dict[str, Any]:
+    """A Ray task (or a `--devices` worker): compute `units` into the staging folder's shard
+    files; their sha256s. Bad input it finds is a UserError naming the worker and its machine."""
+    from .engine import merge_tasks
+    from .io.sources import TensorReader
+    from .io.writer import ShardWriter
+    from .kernels.parallel import single_threaded_ops
+    from .memory import plan_memory
+    from .nonfinite import NonFiniteGuard
+    from .units import UnitHashes, node_name, unit_tasks
+
+    recipe, folder, digest = shared
+    try:
+        plan = _worker_plan(recipe, folder, digest)
+        folder_seen = Path(staging)
+        if not folder_seen.is_dir():
+            raise UserError(
+                f"cannot see the staging folder {folder_seen}: the output must be on a filesystem "
+                "every node shares"
+            )
+        target = torch.device(device)
+        finished: list[tuple[int, str]] = []
+        with TensorReader() as reader, ThreadPoolExecutor(2, "ri-read") as reads:
+            guard = NonFiniteGuard(plan, reader, plan.recipe.on_nonfinite)
+            hashes = UnitHashes(plan, folder_seen, units, lambda u, d: finished.append((u.index, d)))
+            blocked = plan.method.raw_inputs and target.type == "cpu"
+            with (
+                ShardWriter(folder_seen, plan, create=False, on_write=hashes) as writer,
+                single_threaded_ops() if blocked else nullcontext(),
+            ):
+                hashes.empty_units(units)
+                tasks = unit_tasks(plan, units)
+                memory = plan_memory(plan, prefetch=prefetch, device=target.type)
+                merge_tasks(
+                    plan,
+                    tasks,
+                    reader,
+                    reads,
+                    writer,
+                    target,
+                    memory,
+                    lambda n: None,
+                    None,
+                    thresholds,
+                    guard,
+                )
+        return {"units": finished, "warnings": list(guard.warnings), "node": node_name(), "pid": os.getpid()}
+    except UserError as exc:
+        raise UserError(f"{label} on {node_name()}: {exc}") from None
