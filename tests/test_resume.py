@@ -172,6 +172,7 @@ def test_killed_merge_resumes_to_the_same_bytes(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir() if "ri-merge" in p.name] == []
 
 
+@pytest.mark.slow
 def test_layout_digest_is_the_same_in_every_process_for_relaid_vocabularies(tmp_path: Path) -> None:
     """A union vocabulary's tensors carry row maps and a lock: the digest a resume and a Ray
     worker compare must not see memory addresses."""
