@@ -26,6 +26,7 @@ from .sources import (
     TensorRef,
     _download,
     load_source,
+    local_path,
     read_header,
     read_json_object,
 )
@@ -137,14 +138,7 @@ def read_lora_config(path: Path) -> LoraConfig:
 
 
 def _adapter_folder(reference: str, relative_to: Path | None) -> Path:
-    path = Path(reference).expanduser()
-    if (
-        not path.exists()
-        and not path.is_absolute()
-        and relative_to is not None
-        and (relative_to / path).exists()
-    ):
-        path = relative_to / path
+    path = local_path(reference, relative_to)
     if path.exists():
         if not path.is_dir():
             raise UserError(f"LoRA adapter {reference}: expected a PEFT adapter folder, found a file")

@@ -314,8 +314,9 @@ def is_pickled(path: Path) -> bool:
     return path.suffix in (".bin", ".pt", ".pth")
 
 
-def load_source(reference: str, label: str, relative_to: Path | None = None) -> ModelSource:
-    """Resolve a model reference and parse all its headers (no weight is read)."""
+def local_path(reference: str, relative_to: Path | None) -> Path:
+    """The reference as a local path: as given (mergekit resolves against the working folder), else
+    beside the recipe when it exists there; it may not exist at all (a Hub id)."""
     path = Path(reference).expanduser()
     if (
         not path.exists()
@@ -323,7 +324,13 @@ def load_source(reference: str, label: str, relative_to: Path | None = None) -> 
         and relative_to is not None
         and (relative_to / path).exists()
     ):
-        path = relative_to / path  # mergekit resolves against the working folder; we also try the recipe's
+        return relative_to / path
+    return path
+
+
+def load_source(reference: str, label: str, relative_to: Path | None = None) -> ModelSource:
+    """Resolve a model reference and parse all its headers (no weight is read)."""
+    path = local_path(reference, relative_to)
     if "+" in reference and not path.exists():
         from .lora import load_lora_source  # `model+adapter`, as mergekit writes a LoRA'd model
 
