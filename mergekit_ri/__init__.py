@@ -27,7 +27,7 @@ _API = {
     "MergeEvents": "events",
     "MergeResult": "engine",
     "FileRecord": "io.manifest",
-    "RIStatus": "ri.prepare",
+    "RIStatus": "ri.keys",
     "ri_demo": "demo_ri",
 }
 __all__ = ["__version__", "UserError", "plan", *_API]

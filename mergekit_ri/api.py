@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .engine import MergeResult
     from .plan import MergePlan
     from .recipe import Recipe
-    from .ri.prepare import RIStatus
+    from .ri.keys import RIStatus
 
 RecipeInput = Union[str, "os.PathLike[str]", Mapping[str, Any], "Recipe"]
 
@@ -395,6 +395,10 @@ def _resolve_interference(
     did. Recipes without `resolve_interference` pass through."""
     if recipe.resolve_interference is None:
         return recipe, None
+    if dry_run:  # header-only, no torch: which experts are cached, which would be trained
+        from .ri.keys import dry_run_status
+
+        return dry_run_status(recipe, folder)
     from .engine import resolve_device
     from .ri.prepare import resolve_interference
 
@@ -402,7 +406,7 @@ def _resolve_interference(
         events.on_ri_start(label, steps)
         return lambda step, l1, l2: events.on_ri_step(label, step, l1, l2)
 
-    return resolve_interference(recipe, folder, resolve_device(recipe.device), report=start, dry_run=dry_run)
+    return resolve_interference(recipe, folder, resolve_device(recipe.device), report=start)
 
 
 def _distributed(original: Recipe, adapted: Recipe, folder: Path | None, options: MergeOptions):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
-from rich.console import Console
+from typer.core import TyperCommand, TyperGroup
 
 from . import __version__
 from .demo import demo_recipe_path, prepare_demo_folder  # noqa: F401 (demo_recipe_path: kept importable here)
@@ -26,18 +26,74 @@ from .errors import UserError
 from .events import MergeEvents
 
 if TYPE_CHECKING:
+    from rich.console import Console
     from rich.progress import Progress
 
     from .api import MergeOptions
 
+
+class _FalseHelpFlag:
+    """The --help flag with the default a flag has, False, rather than None: typer coerces a
+    parameter's value through a pydantic TypeAdapter unless it is already a bool, so a None help
+    flag made every command import pydantic (~0.1 s) — `methods`, which has nothing else to
+    coerce, included."""
+
+    def get_help_option(self, ctx: typer.Context) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None and option.default is None:
+            option.default = False
+        return option
+
+
+class _Group(_FalseHelpFlag, TyperGroup):
+    pass
+
+
+class _Command(_FalseHelpFlag, TyperCommand):
+    pass
+
+
 app = typer.Typer(
+    cls=_Group,
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode=None,
     help="Merge fine-tuned experts of one base model into one multi-task model.",
 )
-err = Console(stderr=True)
-out = Console(soft_wrap=True)
+
+
+class _Stream:
+    """stdout or stderr of the commands. rich (~40 ms to import, a sixth of a short command) is
+    imported when something needs it — markup, a table, progress bars, highlighting — while the
+    lines that are plain text (`line`) are written as they are."""
+
+    def __init__(self, stderr: bool, soft_wrap: bool) -> None:
+        self._stderr, self._soft_wrap = stderr, soft_wrap
+        self._console: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=self._stderr, soft_wrap=self._soft_wrap)
+        return self._console
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.console.is_terminal
+
+    def print(self, *objects: Any, **options: Any) -> None:
+        self.console.print(*objects, **options)
+
+    def line(self, text: str) -> None:
+        """One line of plain text, unwrapped (rich's `markup=False, highlight=False, soft_wrap=True`)."""
+        stream = sys.stderr if self._stderr else sys.stdout  # as it is now (tests redirect it)
+        stream.write(f"{text}\n")
+
+
+err = _Stream(stderr=True, soft_wrap=False)
+out = _Stream(stderr=False, soft_wrap=True)
 
 
 def _human(n: float) -> str:
@@ -54,7 +110,7 @@ def _guarded(body: Callable[[], Any], verbose: bool = False) -> None:
     try:
         body()
     except UserError as exc:
-        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        err.line(f"error: {exc}")
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err.print("interrupted: no output was written", markup=False)
@@ -67,12 +123,7 @@ def _guarded(body: Callable[[], Any], verbose: bool = False) -> None:
     except Exception as exc:  # a bug in ri-merge: say so, keep it to one line unless -v
         if verbose:
             traceback.print_exc()
-        err.print(
-            f"internal error: {type(exc).__name__}: {exc} (rerun with -v for a traceback)",
-            markup=False,
-            highlight=False,
-            soft_wrap=True,
-        )
+        err.line(f"internal error: {type(exc).__name__}: {exc} (rerun with -v for a traceback)")
         raise typer.Exit(1) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -124,7 +175,7 @@ def _steps_progress(quiet: bool) -> "Progress | _NoBars":
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
-        console=err,
+        console=err.console,
     )
 
 
@@ -146,7 +197,7 @@ def _progress(quiet: bool) -> "Progress | _NoBars":
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
-        console=err,
+        console=err.console,
         transient=False,
     )
 
@@ -193,7 +244,7 @@ def _vocabulary_lines(vocab: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _print_plan(plan, console: Console) -> None:
+def _print_plan(plan, console: _Stream) -> None:
     from rich.table import Table
 
     summary = plan.summary()
@@ -638,7 +689,7 @@ def _merge_device(device: str | None, cuda: bool, truncate: bool) -> str | None:
     return device if device is not None else ("cuda" if cuda else None)
 
 
-@app.command("merge")
+@app.command("merge", cls=_Command)
 def merge(  # noqa: PLR0913 -- one parameter per flag: mergekit-yaml's command lines run unchanged
     recipe: Annotated[Path, typer.Argument(help="The YAML recipe.")],
     out_path: OutPathArg = None,
@@ -710,7 +761,7 @@ def merge(  # noqa: PLR0913 -- one parameter per flag: mergekit-yaml's command l
     _guarded(body, verbose)
 
 
-@app.command("validate")
+@app.command("validate", cls=_Command)
 def validate(
     recipe: Annotated[Path, typer.Argument(help="The YAML recipe.")],
     as_json: JsonOpt = False,
@@ -725,11 +776,9 @@ def validate(
         if as_json:
             print(json.dumps({"valid": True, **plan.summary()}, indent=2))
         elif not quiet:
-            out.print(
+            out.line(
                 f"{recipe}: valid — {len(plan.tasks)} tensors from {len(plan.experts)} model(s), "
-                f"method {plan.method.name}",
-                markup=False,
-                highlight=False,
+                f"method {plan.method.name}"
             )
             for warning in plan.warnings:
                 out.print(f"warning: {warning}", markup=False)
@@ -737,7 +786,7 @@ def validate(
     _guarded(body)
 
 
-@app.command("extract-lora")
+@app.command("extract-lora", cls=_Command)
 def extract_lora(  # noqa: PLR0913 -- mergekit-extract-lora's flags, one parameter each
     model: Annotated[str, typer.Option("--model", help="The fine-tuned (or merged) model.")],
     base_model: Annotated[str, typer.Option("--base-model", help="Its base model.")],
@@ -808,7 +857,7 @@ def extract_lora(  # noqa: PLR0913 -- mergekit-extract-lora's flags, one paramet
     _guarded(body, verbose)
 
 
-@app.command("methods")
+@app.command("methods", cls=_Command)
 def methods(as_json: JsonOpt = False) -> None:
     """List the merge methods and their parameters."""
     from .methods import all_methods
@@ -848,7 +897,7 @@ def methods(as_json: JsonOpt = False) -> None:
         out.print(f"    [dim]{spec.citation}[/dim]")
 
 
-@app.command("demo")
+@app.command("demo", cls=_Command)
 def demo(
     folder: Annotated[
         Optional[Path],
@@ -947,7 +996,7 @@ def _check_loads(folder: Path) -> str:
     return f"transformers loads {folder} as {type(model).__name__}; forward pass logits {tuple(logits.shape)}"
 
 
-@app.command("version")
+@app.command("version", cls=_Command)
 def version() -> None:
     """Print the version."""
     print(__version__)

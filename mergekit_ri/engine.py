@@ -39,7 +39,7 @@ from .units import OutputUnit, UnitHashes, plan_units, unit_tasks
 
 if TYPE_CHECKING:
     from .distributed import Distributed
-    from .ri.prepare import RIProvenance, RIStatus
+    from .ri.keys import RIProvenance, RIStatus
 
 Progress = Callable[[int], None]
 LayerReport = Callable[[str, dict[str, float]], None]  # per solved layer: name, e.g. its loss before/after

@@ -153,3 +153,48 @@ def test_the_lazy_module_imports_on_first_use_then_is_the_real_one():
         stray.no_such_function  # noqa: B018
     with pytest.raises(AttributeError):  # dunder probes (copy, pickle, inspect) do not import
         stray.__wrapped__  # noqa: B018
+
+
+def test_an_ri_dry_run_reads_headers_only_and_finds_the_entries_a_merge_uses(tmp_path, monkeypatch):
+    """`--dry-run` of a `resolve_interference:` recipe imports neither torch nor transformers, says
+    what it says with them loaded, and names the cache entries that RI itself then uses."""
+    pytest.importorskip("transformers")
+    from helpers import EXPERTS, make_classifiers, ri_recipe, vit
+    from safetensors.torch import save_file
+
+    from mergekit_ri.api import MergeOptions
+    from mergekit_ri.api import plan as make_plan
+    from mergekit_ri.ri import prepare
+
+    monkeypatch.setenv("RI_MERGE_CACHE", str(tmp_path / "cache"))  # the probes inherit it
+    vits = make_classifiers(tmp_path / "vit", vit, [3, 5, 2])
+    aux = tmp_path / "aux.safetensors"
+    save_file({"inputs": torch.rand(8, 1, 8, 8)}, aux)
+    images = tmp_path / "pictures"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"not decoded by a dry run")
+    recipes = {}
+    for name, source in (("file", aux), ("images", images), ("gaussian", "gaussian")):
+        (tmp_path / name).mkdir()  # ri_recipe names the file after the method
+        recipes[name] = ri_recipe(tmp_path / name, vits, source, steps=1)
+    commands = [[str(r), "--dry-run"] for r in recipes.values()]
+    commands += [[str(recipes["file"]), "--dry-run", "--json"], ["validate", str(recipes["file"])]]
+    lazy, eager = probe(commands, preload_torch=False), probe(commands, preload_torch=True)
+    for args, without, with_torch in zip(commands, lazy, eager):
+        assert without["code"] == with_torch["code"] == 0, (args, without["stderr"])
+        assert not without["torch"], f"ri-merge {' '.join(args)} imported torch"
+        assert (without["stdout"], without["stderr"]) == (with_torch["stdout"], with_torch["stderr"]), args
+    assert "RI: 0 of 3 experts already adapted" in lazy[0]["stdout"]
+    status = json.loads(lazy[3]["stdout"])["ri"]
+    assert sorted(status["adapted"]) == EXPERTS and status["cache_hits"] == status["trained"] == []
+    # the entries are the ones the merge's RI computes from the loaded data (same fingerprints)
+    for name in ("file", "gaussian"):
+        recipe = make_plan(recipes[name], options=MergeOptions()).recipe
+        context = prepare.ri_context(recipe, recipes[name].parent)
+        fingerprint = context.aux.fingerprint
+        _, folders, _ = prepare.entry_folders(
+            recipe, context.base, context.experts, context.heads, fingerprint
+        )
+        dry = make_plan(recipes[name], options=MergeOptions()).ri
+        assert dry is not None and dry.adapted == {k: str(v) for k, v in folders.items()}, name
+    assert not (tmp_path / "cache").exists()

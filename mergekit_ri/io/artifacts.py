@@ -16,7 +16,7 @@ from ..plan import MergePlan
 from ..vocab.plan import write_tokenizer
 
 if TYPE_CHECKING:
-    from ..ri.prepare import RIProvenance
+    from ..ri.keys import RIProvenance
 
 TOKENIZER_FILES = (
     "tokenizer.json",

@@ -8,6 +8,10 @@ __all__ = ["RIStatus", "resolve_interference"]
 
 
 def __getattr__(name: str):
+    if name == "RIStatus":  # torch-free (`--dry-run` reports it)
+        from .keys import RIStatus
+
+        return RIStatus
     if name in __all__:
         from . import prepare
 

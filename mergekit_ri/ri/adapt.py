@@ -13,24 +13,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from .keys import RISettings  # the settings live with the cache keys (no torch there)
 
 StepReport = Callable[[int, float, float], None]
-
-
-@dataclass(frozen=True)
-class RISettings:
-    steps: int
-    lr: float
-    weight_decay: float
-    alpha: float
-    batch_size: int
 
 
 def head_module_name(model: nn.Module, is_head: Callable[[str], bool]) -> str:

@@ -12,7 +12,6 @@ paper's weakest source, still a gain).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Iterator
@@ -23,6 +22,16 @@ import torch
 from safetensors import safe_open
 
 from ..errors import UserError
+from .keys import (
+    IMAGE_SUFFIXES,
+    aux_path,
+    expected_image_shape,
+    file_fingerprint,
+    image_files,
+    image_processor,
+    images_fingerprint,
+    text_fingerprint,
+)
 
 
 @dataclass
@@ -67,15 +76,6 @@ class AuxiliaryData:
             yield batch
 
 
-def expected_image_shape(config) -> tuple[int, ...] | None:
-    size = getattr(config, "image_size", None)
-    channels = getattr(config, "num_channels", None)
-    if size is None or channels is None:
-        return None
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return (channels, h, w)
-
-
 def _check_inputs(where: str, shape: tuple[int, ...], dtype: torch.dtype, input_name: str, config) -> None:
     if not shape or shape[0] == 0:
         raise UserError(f"auxiliary data {where} is empty")
@@ -113,9 +113,7 @@ def load_auxiliary(
                 "num_channels in config.json); give a .safetensors or text file instead"
             )
         return AuxiliaryData(input_name, "gaussian", example_shape=shape)
-    path = Path(spec).expanduser()
-    if not path.exists() and relative_to is not None and (relative_to / path).exists():
-        path = relative_to / path
+    path = aux_path(spec, relative_to)
     if path.is_dir():
         return _from_images(path, input_name, config, processor_folders)
     if not path.is_file():
@@ -147,9 +145,7 @@ def _from_safetensors(path: Path, input_name: str, config) -> AuxiliaryData:
         raise UserError(f"auxiliary data {path}: not a readable safetensors file ({exc})") from None
     _check_inputs(str(path), shape, dtype, input_name, config)
     _require_finite_file(path)
-    stat = path.stat()
-    fingerprint = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-    return AuxiliaryData(input_name, fingerprint, file=path, count=shape[0])
+    return AuxiliaryData(input_name, file_fingerprint(path), file=path, count=shape[0])
 
 
 SCAN_BYTES = 1 << 26  # rows of auxiliary data checked for NaN/Inf at a time
@@ -217,11 +213,9 @@ def _from_text(path: Path, input_name: str, tokenizer_folder: Path | None, max_l
         lines, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
     )
     tensors = {"inputs": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-    fingerprint = hashlib.sha256(path.read_bytes() + str(max_length).encode()).hexdigest()
-    return AuxiliaryData(input_name, fingerprint, tensors=tensors, count=len(lines))
+    return AuxiliaryData(input_name, text_fingerprint(path, max_length), tensors=tensors, count=len(lines))
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 PRELOAD_BYTES = 1 << 30  # decode a folder once and keep it when its float32 pixels fit in this
 
 
@@ -327,10 +321,7 @@ def _from_images(
             f"auxiliary data {folder}: the model takes {shape[0]}-channel images; "
             "give a .safetensors file of pixel_values instead"
         )
-    files = sorted(
-        (p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
-        key=lambda p: p.relative_to(folder).as_posix(),
-    )
+    files = image_files(folder)
     if not files:
         raise UserError(
             f"auxiliary data {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}, searched recursively)"
@@ -343,19 +334,11 @@ def _from_images(
                 pass
         except Exception as exc:
             raise UserError(f"auxiliary image {path} cannot be read ({type(exc).__name__})") from None
-    processor = next(
-        (f for f in processor_folders if f is not None and (f / "preprocessor_config.json").is_file()), None
-    )
+    processor = image_processor(processor_folders)
     images = ImageFolder(folder, files, shape, processor)
     first = images.decode([0])
     _check_inputs(
         f"{folder} (after preprocessing {files[0].name})", tuple(first.shape), first.dtype, input_name, config
     )
-    digest = hashlib.sha256(repr(shape).encode())
-    digest.update(
-        (processor / "preprocessor_config.json").read_bytes() if processor else b"resize, mean=std=0.5"
-    )
-    for path in files:
-        stat = path.stat()
-        digest.update(f"{path.relative_to(folder).as_posix()}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    return AuxiliaryData(input_name, digest.hexdigest(), count=len(files), images=images)
+    fingerprint = images_fingerprint(folder, files, shape, processor)
+    return AuxiliaryData(input_name, fingerprint, count=len(files), images=images)

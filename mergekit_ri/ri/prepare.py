@@ -9,104 +9,44 @@ happen under a file lock on it (`train.py`): concurrent merges train each expert
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import UserError
 from ..heads import head_selector
 from ..io.sources import ModelSource
 from ..plan import load_sources
 from ..recipe import ModelEntry, Recipe
-from .adapt import RISettings, StepReport
+from .adapt import StepReport
 from .data import AuxiliaryData, load_auxiliary
-from .train import TrainJob, is_cached, train_experts, train_parallel
-
-RI_VERSION = "1"
-AUTO_CLASSES = {
-    "ForImageClassification": "AutoModelForImageClassification",
-    "ForSequenceClassification": "AutoModelForSequenceClassification",
-    "ForTokenClassification": "AutoModelForTokenClassification",
-    "ForAudioClassification": "AutoModelForAudioClassification",
-}
+from .keys import (  # noqa: F401 (RI_VERSION, RISettings, RIProvenance, RIStatus, cache_root, content_hash: kept importable here)
+    RI_VERSION,
+    RIProvenance,
+    RISettings,
+    RIStatus,
+    auto_class_name,
+    cache_root,
+    check_sources,
+    content_hash,
+    dry_run_status,
+    entry_folders,
+    is_cached,
+    require_base,
+    require_transformers,
+    ri_heads,
+    settings_of,
+)
+from .train import TrainJob, train_experts, train_parallel
 
 ReportFactory = Callable[[str, int], StepReport]
-
-
-@dataclass(frozen=True)
-class RIProvenance:
-    """Where the merged experts came from, for the model card: the experts as the user gave them
-    and the adapted checkpoints that replaced them."""
-
-    models: list[ModelEntry]  # the recipe's models before RI pointed them at the cache
-    references: dict[str, str]  # expert label → its original reference
-    adapted: dict[str, str]  # expert label → adapted checkpoint (cache entry)
-    cache_root: str
-    aux_fingerprint: str
-
-
-@dataclass
-class RIStatus:
-    """What RI did or would do, per expert (for --dry-run, -v and the JSON summary)."""
-
-    adapted: dict[str, str]  # expert label → cached folder
-    cache_hits: list[str]
-    trained: list[str]
-    devices: list[str] = field(
-        default_factory=list
-    )  # where the experts were trained (one worker each if several)
-    provenance: RIProvenance | None = None  # None for a dry run: nothing was adapted
-
-    def summary(self) -> dict[str, object]:
-        """The JSON form (`--json`'s "ri")."""
-        return {
-            "adapted": dict(self.adapted),
-            "cache_hits": list(self.cache_hits),
-            "trained": list(self.trained),
-            "devices": list(self.devices),
-        }
-
-
-def cache_root(setting: str | None) -> Path:
-    root = setting or os.environ.get("RI_MERGE_CACHE") or Path.home() / ".cache" / "ri-merge"
-    return Path(root).expanduser() / "ri"
-
-
-def content_hash(source: ModelSource) -> str:
-    """sha256 over every byte of a model's safetensors files (RI depends on the weights, not just headers)."""
-    digest = hashlib.sha256()
-    for path in sorted({ref.path for ref in source.tensors.values()}):
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def auto_class(config: dict, label: str):
     import transformers
 
-    for arch in config.get("architectures") or []:
-        for suffix, name in AUTO_CLASSES.items():
-            if arch.endswith(suffix):
-                return getattr(transformers, name)
-    raise UserError(
-        f"RI needs classifier experts with per-task heads (*ForImageClassification, "
-        f"*ForSequenceClassification, ...); model '{label}' is {config.get('architectures')}"
-    )
-
-
-def _require_config(source: ModelSource) -> dict:
-    config = source.config()
-    if config is None:
-        raise UserError(
-            f"RI runs the models, so model '{source.label}' must be a folder with config.json ({source.reference})"
-        )
-    return config
+    return getattr(transformers, auto_class_name(config, label))
 
 
 def _quiet_transformers() -> None:
@@ -132,19 +72,8 @@ def ri_context(recipe: Recipe, recipe_dir: Path | None) -> RIContext:
     settings = recipe.resolve_interference
     _quiet_transformers()
     base, experts = load_sources(recipe, recipe_dir)
-    for model in [base, *experts]:
-        if model.note is not None:  # RI runs the models through transformers, from safetensors
-            raise UserError(
-                f"resolve_interference: model '{model.label}' is {model.note.split(',')[0]}; RI runs "
-                "safetensors checkpoints only (merge it without resolve_interference, or convert it)"
-            )
-    configs = [_require_config(m) for m in experts]
-    _require_config(base)
-    if len(experts) < 2:
-        raise UserError(
-            "resolve_interference needs at least two experts (the others' heads define interference)"
-        )
-    heads = settings.heads or recipe.heads or "auto"
+    configs = check_sources(recipe, base, experts)
+    heads = ri_heads(recipe)
     is_head = head_selector(heads, configs[0], "resolve_interference")
     model_class = auto_class(configs[0], experts[0].label)
     aux = load_auxiliary(
@@ -167,48 +96,22 @@ def resolve_interference(
     dry_run: bool = False,
 ) -> tuple[Recipe, RIStatus]:
     """The recipe with its models replaced by their RI-adapted versions (trained or cached), and
-    what RI did (`RIStatus`, with the provenance the model card reports)."""
+    what RI did (`RIStatus`, with the provenance the model card reports). A dry run trains
+    nothing and is `keys.dry_run_status`: the same cache keys, from headers and file bytes."""
     settings_in = recipe.resolve_interference
     assert settings_in is not None
-    if recipe.base_model is None:
-        raise UserError(
-            "resolve_interference needs base_model: experts are pulled toward it through the other heads"
-        )
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise UserError("resolve_interference needs transformers: pip install 'mergekit-ri[ri]'") from None
+    if dry_run:
+        return dry_run_status(recipe, recipe_dir)
+    require_base(recipe)
+    require_transformers()
     ctx = ri_context(recipe, recipe_dir)
     base, experts, heads, model_class, aux = ctx.base, ctx.experts, ctx.heads, ctx.model_class, ctx.aux
-    settings = RISettings(
-        settings_in.steps, settings_in.lr, settings_in.weight_decay, settings_in.alpha, settings_in.batch_size
-    )
-    hashes = [content_hash(m) for m in experts]
-    base_hash = content_hash(base)
-    root = cache_root(settings_in.cache_dir)
-    folders, seeds = {}, {}
-    for model, own in zip(experts, hashes):
-        key = hashlib.sha256(
-            json.dumps(
-                {
-                    "version": RI_VERSION,
-                    "expert": own,
-                    "others": sorted(h for h in hashes if h != own),
-                    "base": base_hash,
-                    "aux": aux.fingerprint,
-                    "settings": asdict(settings),
-                    "seed": recipe.seed,
-                    "heads": heads,
-                },
-                sort_keys=True,
-            ).encode()
-        ).hexdigest()[:24]
-        folders[model.label] = root / key / model.label
-        seeds[model.label] = (recipe.seed * 1_000_003 + int(own[:8], 16)) % (1 << 62)
+    settings = settings_of(recipe)
+    root, folders, seeds = entry_folders(recipe, base, experts, heads, aux.fingerprint)
     hits = [label for label, folder in folders.items() if is_cached(folder)]
     todo = [m.label for m in experts if m.label not in hits]
     trained, devices = [], []
-    if todo and not dry_run:
+    if todo:
         job = TrainJob(experts, base, model_class, heads, aux, settings, folders, seeds)
         devices = ri_devices(settings_in.devices, recipe.device, device)
         if len(devices) > 1 and len(todo) > 1:
@@ -220,8 +123,6 @@ def resolve_interference(
         trained = [label for label in todo if done[label]]
         hits += [label for label in todo if not done[label]]  # another merge cached them while we waited
     status = RIStatus({k: str(v) for k, v in folders.items()}, hits, trained, [str(d) for d in devices])
-    if dry_run:  # plan over the original experts: the adapted ones have the same names and shapes
-        return recipe.model_copy(update={"heads": heads}), status
     models = [
         ModelEntry(model=str(folders[m.label]), parameters=entry.parameters)
         for m, entry in zip(experts, recipe.models)

@@ -25,6 +25,7 @@ from ..io.sources import ModelSource, TensorReader, load_source
 from .adapt import RISettings, StepReport, adapt_expert, head_module_name
 from .cache import discard, entry_problem, warn_bad_entry, write_manifest
 from .data import AuxiliaryData
+from .keys import is_cached  # noqa: F401 (kept importable here)
 
 try:
     import fcntl
@@ -46,11 +47,6 @@ class TrainJob:
     settings: RISettings
     folders: dict[str, Path]  # expert label → its cache entry
     seeds: dict[str, int]
-
-
-def is_cached(folder: Path) -> bool:
-    """A complete entry whose files match its manifest (each file hashed: a cache hit costs a read)."""
-    return entry_problem(folder) is None
 
 
 def lock_path(folder: Path) -> Path:
