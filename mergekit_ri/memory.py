@@ -16,8 +16,6 @@ libraries, `RUNTIME_BYTES`) comes on top of it. No torch here: `--dry-run` plans
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
 import os
 import re
@@ -29,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 from .errors import UserError
 
 if TYPE_CHECKING:
+    import ctypes
+
     from .plan import MergePlan
     from .reading import WorkUnit
 
@@ -387,6 +387,8 @@ def return_freed_memory() -> None:
     freed holes stay resident: RSS then grows by a third over what the merge holds. A fixed
     threshold keeps RSS at the planned peak, for a page fault per fresh page (measured: ~0.1 s per
     GB read). A no-op where the C library is not glibc."""
+    import ctypes.util  # here: ctypes is 5 ms of the header-only commands, which never call this
+
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
@@ -411,6 +413,8 @@ def advise_huge_pages(address: int, size: int) -> None:
     end = (address + size) // HUGE_PAGE * HUGE_PAGE
     if end <= start:
         return
+    import ctypes.util
+
     try:
         if _libc is None:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

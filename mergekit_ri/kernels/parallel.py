@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from ..lazy import torch  # geometry.py imports this with the method modules
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 T = TypeVar("T")
 
@@ -45,6 +47,8 @@ def single_threaded_ops(threads: int | None = None) -> Iterator[int]:
 
 
 def _pool(count: int) -> ThreadPoolExecutor:
+    from concurrent.futures import ThreadPoolExecutor  # here: it imports logging, unused by `methods`
+
     with _pools_lock:
         if count not in _pools:
             _pools[count] = ThreadPoolExecutor(count, thread_name_prefix="ri-kernel")
