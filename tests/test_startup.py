@@ -117,6 +117,56 @@ def test_header_only_commands_import_no_torch_and_print_what_they_print_with_it(
     assert "unknown merge_method 'tie'" in lazy[-2]["stderr"] and "corrupt" in lazy[-1]["stderr"]
 
 
+# Runs one ri-merge command line (argv[2], JSON) in this fresh interpreter and prints which of
+# the modules named in argv[1] (JSON) it imported.
+LOADED = r"""
+import contextlib, io, json, sys
+from mergekit_ri.cli import main
+with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    try:
+        main(json.loads(sys.argv[2]))
+    except SystemExit:
+        pass
+print(json.dumps(sorted(m for m in json.loads(sys.argv[1]) if m in sys.modules)))
+"""
+
+HEAVY = ["torch", "numpy", "transformers", "huggingface_hub", "safetensors", "rich", "pydantic", "yaml"]
+
+
+def loaded_modules(args: list[str]) -> set[str]:
+    proc = subprocess.run(
+        [sys.executable, "-c", LOADED, json.dumps(HEAVY), json.dumps(args)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return set(json.loads(proc.stdout))
+
+
+def test_the_short_commands_import_only_what_they_use(tmp_path, family):
+    """Start-up is mostly imports: `--help` and `version` need neither rich (imported when
+    something is rendered with it) nor pydantic (typer coerces options with it), `methods` no
+    pydantic (nor a recipe's YAML), `validate` no rich; none of them torch, numpy or the Hub."""
+    recipe = write_recipe(
+        tmp_path / "ties.yaml",
+        merge_method="ties",
+        base_model=str(family["base"]),
+        models=[{"model": str(family[n]), "parameters": {"weight": 1.0, "density": 0.5}} for n in "ab"],
+    )
+    never = {"torch", "numpy", "transformers", "huggingface_hub", "safetensors"}
+    expected = [  # (command line, what it needs of HEAVY)
+        (["--help"], set()),
+        (["version"], set()),
+        (["methods"], {"rich"}),  # bold method names on a terminal
+        (["validate", str(recipe)], {"pydantic", "yaml"}),  # the recipe's schema
+        ([str(recipe), "--dry-run"], {"pydantic", "yaml", "rich"}),  # and the plan's table
+    ]
+    for args, needed in expected:
+        loaded = loaded_modules(args)
+        assert loaded == needed, (args, loaded)
+        assert not loaded & never
+
+
 def test_safetensors_dtypes_are_read_without_torch_and_map_to_torch_on_use():
     """`ST_DTYPES` acts as the dict of torch dtypes it was; header checks use `ST_ITEMSIZE`."""
     expected = {
@@ -185,6 +235,7 @@ def test_an_ri_dry_run_reads_headers_only_and_finds_the_entries_a_merge_uses(tmp
         assert not without["torch"], f"ri-merge {' '.join(args)} imported torch"
         assert (without["stdout"], without["stderr"]) == (with_torch["stdout"], with_torch["stderr"]), args
     assert "RI: 0 of 3 experts already adapted" in lazy[0]["stdout"]
+    assert not loaded_modules(commands[0]) & {"torch", "transformers", "numpy"}
     status = json.loads(lazy[3]["stdout"])["ri"]
     assert sorted(status["adapted"]) == EXPERTS and status["cache_hits"] == status["trained"] == []
     # the entries are the ones the merge's RI computes from the loaded data (same fingerprints)
