@@ -35,6 +35,7 @@ from .nonfinite import NonFiniteGuard
 from .plan import PREFETCH_DEFAULT, MergePlan, TensorTask
 from .reading import RowSource, WorkUnit, load_inputs, stream_inputs, work_units
 from .resume import Journal, adopt_staging, fingerprint
+from .staging import Download, Stager, Uploaded, stager_for
 from .units import OutputUnit, UnitHashes, plan_units, unit_tasks
 
 if TYPE_CHECKING:
@@ -81,16 +82,18 @@ def resolve_device(name: str) -> torch.device:
 def compute(
     plan: MergePlan,
     unit: WorkUnit,
-    raws: list[torch.Tensor],
+    raws: list[torch.Tensor] | Uploaded,
     device: torch.device,
     thresholds: tuple[float, ...] | None,
     report: LayerReport | None = None,
     reader: TensorReader | None = None,
     pool: ThreadPoolExecutor | None = None,
     guard: NonFiniteGuard | None = None,
-) -> torch.Tensor:
-    """One output tensor (or block of rows), on the CPU in its output dtype. With a `guard`, NaN
-    or ±Inf in its inputs are caught: by the C kernel as it merges, else by torch as they load."""
+    staging: Stager | None = None,
+) -> torch.Tensor | Download:
+    """One output tensor (or block of rows) in its output dtype: on the CPU, or with GPU `staging`
+    its copy back to a pinned buffer issued (`Download`; the writer waits for it). With a `guard`,
+    NaN or ±Inf in its inputs are caught: by the C kernel as it merges, else by torch as they load."""
     task = unit.task
     if not task.merge:
         return raws[0]
@@ -99,7 +102,7 @@ def compute(
     source = None
     if unit.streamed:
         base = experts = None
-        source = RowSource(reader, task, device, pool, check=torch_check, chunk=unit.chunk)
+        source = RowSource(reader, task, device, pool, check=torch_check, chunk=unit.chunk, staging=staging)
     else:
         base, experts = load_inputs(raws, task.base is not None, device, fp32=not plan.method.raw_inputs)
         if torch_check is not None:
@@ -118,7 +121,8 @@ def compute(
     merged = plan.method.fn(base, experts, task.params, ctx)
     if in_kernel:
         _after_kernel(guard, unit, base, experts, source)
-    return merged.to(ST_DTYPES[task.out_dtype]).cpu()
+    merged = merged.to(ST_DTYPES[task.out_dtype])
+    return staging.download(merged) if staging is not None else merged.cpu()
 
 
 def _after_kernel(
@@ -298,22 +302,38 @@ def merge_tasks(
     report: LayerReport | None,
     thresholds: tuple[float, ...] | None,
     guard: NonFiniteGuard,
-) -> None:
+) -> dict[str, dict[str, int]]:
     """Read, merge and write `tasks`, in order: the reads run ahead, a thread writes behind, as
-    far as the memory plan allows."""
+    far as the memory plan allows. On a GPU the next unit's inputs are copied to the device while
+    this one is merged, and results are copied back while the next is (`staging`); returns the
+    staging buffers' use (empty on the CPU)."""
+    units = work_units(plan, tasks, chunk=memory.chunk, device=target, stream_bytes=memory.stream_bytes)
+    stager = stager_for(target, units, memory.depth, memory.writer_queue, memory.chunk)
     with ThreadPoolExecutor(1, "ri-write") as writes:
         written: deque[Future] = deque()
-        units = work_units(plan, tasks, chunk=memory.chunk, device=target, stream_bytes=memory.stream_bytes)
-        pin = target.type == "cuda"
-        for unit, raws in stream_inputs(plan, reader, reads, memory.depth, units, pin, memory.read_ahead):
-            result = compute(plan, unit, raws, target, thresholds, report, reader, reads, guard)
-            written.append(writes.submit(writer.write, unit.task, result, unit.rows))
-            del result, raws  # held by the writer's queue alone: freed once written
+
+        def merge(unit: WorkUnit, inputs: list[torch.Tensor] | Uploaded) -> None:
+            result = compute(plan, unit, inputs, target, thresholds, report, reader, reads, guard, stager)
+            written.append(writes.submit(stager.write, writer, unit.task, result, unit.rows))
+            del result  # held by the writer's queue alone: freed once written
             while len(written) > memory.writer_queue:
                 written.popleft().result()
             advance(unit.in_nbytes)
+
+        staged: deque[tuple[WorkUnit, list[torch.Tensor] | Uploaded]] = deque()
+        pin = target.type == "cuda"
+        for unit, raws in stream_inputs(
+            plan, reader, reads, memory.depth, units, pin, memory.read_ahead, stager.inputs
+        ):
+            staged.append((unit, stager.upload(raws)))  # on a GPU: its copy issued now
+            del raws
+            if len(staged) > stager.lookahead:
+                merge(*staged.popleft())
+        while staged:
+            merge(*staged.popleft())
         for future in written:
             future.result()
+    return stager.stats()
 
 
 def _merge_into(
