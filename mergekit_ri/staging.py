@@ -152,7 +152,8 @@ class CudaOps:
         host.copy_(tensor, non_blocking=True)
 
     def keep_for(self, tensor: torch.Tensor, stream: Any) -> None:
-        tensor.record_stream(stream)
+        if tensor.is_cuda:
+            tensor.record_stream(stream)
 
 
 def device_ops(device: torch.device) -> DeviceOps | None:
@@ -315,9 +316,9 @@ class Stager:
         return Uploaded(tensors, event, self)
 
     def download(self, tensor: torch.Tensor) -> torch.Tensor | Download:
-        """The result on the host: a CPU tensor as it is, else a copy issued on the download stream
+        """The result on the host: as it is on the CPU, else a copy issued on the download stream
         (after the kernels so far on the compute stream) into a pinned buffer."""
-        if self.ops is None or tensor.device.type == "cpu":
+        if self.ops is None:
             return tensor.cpu()
         ops = self.ops
         assert self.results is not None
