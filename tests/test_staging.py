@@ -327,3 +327,29 @@ def test_the_planned_pinned_bytes_are_the_pools_the_engine_makes(tmp_path, model
         # a cap below the GPU layout's peak gets smaller (or fewer) staging buffers
         tighter = memory.plan_memory(plan, cap=gpu.peak - 1, device="cuda")
         assert tighter.pinned < gpu.pinned and tighter.peak < gpu.peak
+
+
+def test_cuda_is_not_initialised_before_a_cuda_device_is_chosen(tmp_path, models, monkeypatch):
+    """`--device cpu` (and `auto` without a GPU), `validate` and `--dry-run`: any CUDA
+    initialisation would go through torch.cuda._lazy_init, which fails here."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("CUDA initialised")
+
+    monkeypatch.setattr(torch.cuda, "_lazy_init", refuse)
+    recipe = write_recipe(
+        tmp_path / "ties.yaml",
+        merge_method="ties",
+        base_model=str(models["base"]),
+        models=[{"model": str(models[n]), "parameters": {"density": 0.4}} for n in NAMES],
+    )
+    devices = ["cpu"] if torch.cuda.is_available() else ["cpu", "auto"]
+    for device in devices:
+        result = run_cli("merge", recipe, "-o", tmp_path / device, "--quiet", "--device", device)
+        assert result.code == 0, result.stderr
+    for args in (
+        ["validate", recipe],
+        ["merge", recipe, "-o", tmp_path / "dry", "--dry-run", "--device", "auto"],
+    ):
+        result = run_cli(*args)
+        assert result.code == 0, result.stderr
