@@ -192,6 +192,7 @@ def test_example_recipes_in_configs_are_valid():
         assert recipe.models, path
 
 
+@pytest.mark.slow  # plans two 4096-vocab models
 def test_memory_estimate_is_bounded_by_work_units_not_by_the_model(tmp_path):
     """Two models 4x apart in size get the same estimate for task arithmetic: the engine holds
     row blocks, never whole tensors of a big model."""

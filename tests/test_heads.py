@@ -82,7 +82,17 @@ def merges_every_expert(method: str) -> bool:
     return True
 
 
-@pytest.mark.parametrize("method", [m for m in sorted(all_methods()) if merges_every_expert(m)])
+SLOW_ON_HEADS = {"multislerp", "iso_cts", "iso_c", "karcher", "wudi2"}  # seconds each: full suite only
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        pytest.param(m, marks=pytest.mark.slow) if m in SLOW_ON_HEADS else m
+        for m in sorted(all_methods())
+        if merges_every_expert(m)
+    ],
+)
 def test_every_method_merges_the_backbone_and_keeps_each_head(tmp_path, vits, method):
     out = merge(tmp_path, vits, method)
     merged = read_checkpoint(out)
