@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import assert_nothing_written, assert_user_error, run_cli, write_recipe
+from safetensors.torch import save_file
 
 import mergekit_ri as m
 from mergekit_ri import engine
@@ -225,3 +227,128 @@ def test_malformed_ray_address_is_refused(tmp_path: Path, models, address: str) 
     result = run_cli("merge", recipe(tmp_path, models, "ties"), "-o", out, "--ray", address)
     assert_user_error(result, f"Ray address '{address}'")
     assert_nothing_written(out)
+
+
+# ---- RI on Ray: the experts' adaptation as Ray tasks --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vits(tmp_path_factory) -> dict[str, Path]:
+    pytest.importorskip("transformers")
+    from helpers import make_classifiers, vit
+
+    root = tmp_path_factory.mktemp("ray-vit")
+    folders = make_classifiers(root / "vit", vit, [3, 5, 2], drift=0.3)
+    save_file(
+        {"inputs": torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(1))},
+        root / "aux.safetensors",
+    )
+    folders["aux"] = root / "aux.safetensors"
+    return folders
+
+
+def ri_ray_recipe(tmp_path: Path, vits: dict[str, Path], **ri) -> Path:
+    from helpers import ri_recipe
+
+    return ri_recipe(tmp_path, vits, vits["aux"], "task_arithmetic", steps=4, **ri)
+
+
+class StepLog(MergeEvents):
+    def __init__(self) -> None:
+        self.steps: dict[str, list[int]] = {}
+
+    def on_ri_start(self, expert: str, steps: int) -> None:
+        self.steps[expert] = []
+
+    def on_ri_step(self, expert: str, step: int, l1: float, l2: float) -> None:
+        self.steps[expert].append(step)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ri_on_ray_adapts_on_the_workers_with_the_local_bytes(
+    tmp_path: Path, cluster, vits, monkeypatch
+) -> None:
+    """Each expert adapted by a Ray task (one CPU, so one torch thread) is byte for byte the
+    expert adapted in process with one thread; the merged outputs are equal too."""
+    from helpers import EXPERTS
+
+    from mergekit_ri.ri import train
+
+    path = ri_ray_recipe(tmp_path, vits)
+    monkeypatch.setenv("RI_MERGE_CACHE", str(tmp_path / "cache-L"))
+    local = m.merge(path, tmp_path / "local", options=MergeOptions(threads=1))
+
+    def not_here(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an expert was adapted in the driver")
+
+    monkeypatch.setattr(train, "_load", not_here)  # the Ray workers are other processes
+    monkeypatch.setenv("RI_MERGE_CACHE", str(tmp_path / "cache-R"))
+    events = StepLog()
+    ray_run = m.merge(path, tmp_path / "ray", options=MergeOptions(ray="local"), events=events)
+
+    ip = cluster.util.get_node_ip_address()
+    assert sorted(ray_run.ri.trained) == EXPERTS and ray_run.ri.cache_hits == []
+    assert ray_run.ri.devices == [f"ray:{ip}/cpu"] * 3
+    assert events.steps == {e: [1, 2, 3, 4] for e in EXPERTS}  # every step came back, live or not
+    for e in EXPERTS:
+        shipped, trained_here = Path(ray_run.ri.adapted[e]), Path(local.ri.adapted[e])
+        assert shipped.parent.name == trained_here.parent.name  # the same cache key
+        assert folder_bytes(shipped) == folder_bytes(trained_here)  # weights, config, manifest
+    # the same output, but for where the adapted experts were cached (named by the card and heads/)
+    merged = {k: v.replace(b"cache-R", b"cache-L") for k, v in folder_bytes(tmp_path / "ray").items()}
+    assert merged == folder_bytes(tmp_path / "local")
+    assert not [p for p in (tmp_path / "cache-R").rglob("*") if ".partial-" in p.name]
+
+    again = m.merge(path, tmp_path / "again", options=MergeOptions(ray="local"))
+    assert sorted(again.ri.cache_hits) == EXPERTS and again.ri.trained == again.ri.devices == []
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ri_on_ray_a_diverging_expert_is_one_line(tmp_path: Path, cluster, vits) -> None:
+    import shutil
+
+    from safetensors.torch import load_file
+
+    copies = {k: tmp_path / "vit" / k for k in ("base", "e0", "e1", "e2")}
+    for name, folder in copies.items():
+        shutil.copytree(vits[name], folder)
+    weights = load_file(copies["e1"] / "model.safetensors")
+    weights["vit.encoder.layer.0.output.dense.weight"][0, 0] = float("nan")
+    save_file(weights, copies["e1"] / "model.safetensors", metadata={"format": "pt"})
+    path = ri_ray_recipe(tmp_path, {**copies, "aux": vits["aux"]}, cache_dir=str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    result = run_cli("merge", path, "-o", out, "--ray", "local")
+    assert_user_error(result, "Ray worker on ", "expert 'e1'", "step 1 of 4")
+    assert_nothing_written(out)
+    entries = [p.name for p in (tmp_path / "cache").rglob("*") if p.is_dir()]
+    assert "e1" not in entries and not [n for n in entries if ".partial-" in n]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ri_on_ray_a_worker_that_cannot_see_an_expert(tmp_path: Path, cluster, vits, monkeypatch) -> None:
+    """The driver hashed the experts; the workers then find one gone (as on a node that does not
+    mount its folder): one line naming the node and the path, nothing cached or written."""
+    from mergekit_ri.ri import prepare
+
+    hidden = vits["e2"].parent / "e2-elsewhere"
+    checked = prepare.is_cached
+
+    def unmount_after_hashing(folder: Path) -> bool:
+        if vits["e2"].exists():
+            os.rename(vits["e2"], hidden)
+        return checked(folder)
+
+    monkeypatch.setattr(prepare, "is_cached", unmount_after_hashing)
+    path = ri_ray_recipe(tmp_path, vits, cache_dir=str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    try:
+        with pytest.raises(m.UserError) as error:
+            m.merge(path, out, options=MergeOptions(ray="local"))
+    finally:
+        os.rename(hidden, vits["e2"])
+    assert str(error.value).startswith("Ray worker on ") and str(vits["e2"]) in str(error.value)
+    assert_nothing_written(out)
+    assert not [p for p in (tmp_path / "cache").rglob("config.json")]
