@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -87,6 +89,8 @@ class Distributed:
         if not ray.is_initialized():  # else: this process already joined a cluster (ray.init)
             quiet = logging.getLogger("ray")
             level, quiet.level = quiet.level, logging.ERROR  # Ray's start-up notes are not ours to print
+            main = threading.current_thread() is threading.main_thread()
+            sigterm = signal.getsignal(signal.SIGTERM) if main else None
             try:
                 ray.init(
                     address=None if self.address == "local" else self.address,
@@ -99,6 +103,8 @@ class Distributed:
                 raise UserError(f"cannot join the Ray cluster at {self.address}: {first}") from None
             finally:
                 quiet.setLevel(level)
+                if main and sigterm is not None:  # ray.init's own handler exits at once (sys.exit):
+                    signal.signal(signal.SIGTERM, sigterm)  # ours stops as Ctrl-C does, units kept
             self._started = True
         self._ray = ray
         self._gpus = float(ray.cluster_resources().get("GPU", 0))
@@ -165,7 +171,7 @@ class Distributed:
                         journal.record(unit, digest, plan, result["warnings"])
                     warnings += result["warnings"]
                     advance(unit.in_nbytes)
-        finally:
+        finally:  # Ctrl-C, SIGTERM or a failed unit: the running tasks are stopped, queued ones dropped
             for ref in pending:
                 ray.cancel(ref)
         return list(dict.fromkeys(warnings))

@@ -21,10 +21,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import ResumableError, UserError
+from .errors import MergeInterrupted, ResumableError, UserError
 from .io.artifacts import copy_tokenizer, write_config, write_heads, write_model_card
 from .io.manifest import FileRecord, file_manifest
-from .io.output import OutputLock, check_space, check_target, clean_stale, make_staging, output_error, publish
+from .io.output import (
+    OutputLock,
+    check_space,
+    check_target,
+    clean_stale,
+    make_staging,
+    mark_stopped,
+    output_error,
+    publish,
+)
 from .io.sources import ST_DTYPES, ModelSource, TensorReader
 from .io.writer import ShardWriter, write_index
 from .kernels import native
@@ -216,7 +225,9 @@ def run_merge(
     """Merge into a hidden staging folder, then rename it to `out` (under the output's lock).
 
     The staging folder journals each finished work unit (`resume`); with `resume`, the one an
-    interrupted merge left is adopted and only its unfinished units are computed. `distributed`
+    interrupted merge left is adopted and only its unfinished units are computed. A
+    KeyboardInterrupt (Ctrl-C; SIGTERM in the CLI) once a unit is journaled keeps the staging
+    folder and raises `MergeInterrupted`; before that, the folder is removed as on any failure. `distributed`
     runs the units elsewhere (Ray tasks) instead of in this process."""
     started = time.perf_counter()
     target = resolve_device(device if device != "auto" else plan.recipe.device)
@@ -224,6 +235,7 @@ def run_merge(
         target = distributed.device(device if device != "auto" else plan.recipe.device)
     out = Path(out)
     staging = None
+    journal: Journal | None = None
     units = plan_units(plan, unit_bytes)
     try:
         check_target(out, input_paths(plan), force)
@@ -263,8 +275,17 @@ def run_merge(
     except OSError as exc:
         raise output_error(exc, out, staging, plan.bytes_written) from None
     except ResumableError:
+        if staging is not None:
+            mark_stopped(staging)
         staging = None  # its finished units stay for --resume
         raise
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM as the CLI turns it: keep what is finished
+        if staging is None or journal is None or not journal.resumable or not staging.is_dir():
+            raise
+        journal.close()
+        mark_stopped(staging)
+        staging = None
+        raise MergeInterrupted(out, len(journal.done), len(units)) from None
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -301,7 +322,8 @@ def merge_tasks(
 ) -> None:
     """Read, merge and write `tasks`, in order: the reads run ahead, a thread writes behind, as
     far as the memory plan allows."""
-    with ThreadPoolExecutor(1, "ri-write") as writes:
+    writes = ThreadPoolExecutor(1, "ri-write")
+    try:
         written: deque[Future] = deque()
         units = work_units(plan, tasks, chunk=memory.chunk, device=target, stream_bytes=memory.stream_bytes)
         pin = target.type == "cuda"
@@ -314,6 +336,25 @@ def merge_tasks(
             advance(unit.in_nbytes)
         for future in written:
             future.result()
+    finally:
+        _join_writer(writes)
+
+
+def _join_writer(writes: ThreadPoolExecutor) -> None:
+    """Wait for the writes already queued (a few tensors: the units they finish are journaled and
+    kept). A second Ctrl-C drops the queued ones but still waits for the write in progress, whose
+    shard file is closed next: never a write into a closed (or reused) file descriptor."""
+    try:
+        writes.shutdown(wait=True)
+    except KeyboardInterrupt:
+        writes.shutdown(wait=False, cancel_futures=True)
+        while True:
+            try:
+                writes.shutdown(wait=True)
+                break
+            except KeyboardInterrupt:
+                continue
+        raise
 
 
 def _merge_into(
