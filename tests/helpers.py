@@ -14,9 +14,11 @@ from pathlib import Path
 import torch
 from conftest import read_any, write_recipe
 
+from mergekit_ri.events import MergeEvents
 from mergekit_ri.methods import reference
 from mergekit_ri.methods import wudi as W
 from mergekit_ri.methods.registry import TensorParams
+from mergekit_ri.resume import JOURNAL
 
 EXPERTS = ["e0", "e1", "e2"]
 
@@ -313,8 +315,6 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 
 def journal_units(staging: Path) -> list[int]:
     """The work units a staging folder's journal records as finished."""
-    from mergekit_ri.resume import JOURNAL
-
     lines = (staging / JOURNAL).read_text().splitlines()[1:]
     return sorted({json.loads(line)["unit"] for line in lines if line.strip()})
 
@@ -324,7 +324,6 @@ def interrupted_cli_merge(args: list[str], out: Path, sig: int, after: int = 3):
     journal records `after` finished units: (the finished process, its stderr, the staging
     folder). Fails if the merge finished before the signal."""
     import mergekit_ri
-    from mergekit_ri.resume import JOURNAL
 
     env = {**os.environ, "PYTHONPATH": str(Path(mergekit_ri.__file__).parents[1])}
     command = [sys.executable, "-m", "mergekit_ri.cli", *map(str, args)]
@@ -340,3 +339,16 @@ def interrupted_cli_merge(args: list[str], out: Path, sig: int, after: int = 3):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0 and not out.exists(), f"the merge finished before the signal: {stderr}"
     return proc, stderr, staging
+
+
+class CtrlC(MergeEvents):
+    """Presses Ctrl-C (a KeyboardInterrupt in the main thread, as Python's SIGINT handler raises
+    it) once `after` units of the staging folder beside `out` are journaled."""
+
+    def __init__(self, out: Path, after: int) -> None:
+        self.out, self.after = out, after
+
+    def on_progress(self, advance: int) -> None:
+        journals = list(self.out.parent.glob(f".{self.out.name}.ri-merge-partial-*/{JOURNAL}"))
+        if journals and len(journals[0].read_text().splitlines()) > self.after:
+            raise KeyboardInterrupt

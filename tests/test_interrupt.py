@@ -9,17 +9,17 @@ import json
 import os
 import shlex
 import signal
+import sys
 from pathlib import Path
 
 import pytest
 from conftest import run_cli, write_recipe
-from helpers import folder_bytes, interrupted_cli_merge, journal_units
+from helpers import CtrlC, folder_bytes, interrupted_cli_merge, journal_units
 
 import mergekit_ri as m
-from mergekit_ri import cli
+from mergekit_ri import cli, distributed
 from mergekit_ri.api import MergeOptions
 from mergekit_ri.errors import MergeInterrupted
-from mergekit_ri.events import MergeEvents
 from mergekit_ri.io.output import STOPPED
 from mergekit_ri.resume import JOURNAL
 from mergekit_ri.synthetic import LlamaShape, make_family
@@ -42,19 +42,6 @@ def recipe(tmp_path: Path, models: dict[str, Path], method: str = "dare_ties") -
         out_shard_size="200KB",
         seed=7,
     )
-
-
-class CtrlC(MergeEvents):
-    """Presses Ctrl-C (a KeyboardInterrupt in the main thread, as Python's SIGINT handler raises
-    it) once `after` units of the staging folder beside `out` are journaled."""
-
-    def __init__(self, out: Path, after: int) -> None:
-        self.out, self.after = out, after
-
-    def on_progress(self, advance: int) -> None:
-        journals = list(self.out.parent.glob(f".{self.out.name}.ri-merge-partial-*/{JOURNAL}"))
-        if journals and len(journals[0].read_text().splitlines()) > self.after:
-            raise KeyboardInterrupt
 
 
 def stagings(out: Path) -> list[Path]:
@@ -172,3 +159,26 @@ def test_signalled_merge_keeps_its_units_and_resumes_to_the_same_bytes(tmp_path:
     )
     assert folder_bytes(out) == folder_bytes(reference)
     assert [p.name for p in tmp_path.iterdir() if "ri-merge" in p.name] == []
+
+
+def test_joining_ray_keeps_the_clis_sigterm_handler(monkeypatch) -> None:
+    """ray.init installs its own SIGTERM handler (sys.exit: the staging folder would go, exit 15);
+    ours is put back, so SIGTERM stops a Ray merge as Ctrl-C does."""
+
+    class FakeRay:
+        def is_initialized(self) -> bool:
+            return False
+
+        def init(self, **kwargs: object) -> None:
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+
+        def cluster_resources(self) -> dict[str, float]:
+            return {}
+
+    monkeypatch.setattr(distributed, "import_ray", FakeRay)
+    previous = signal.signal(signal.SIGTERM, cli._raise_interrupt)
+    try:
+        distributed.Distributed("local", None, None).connect()
+        assert signal.getsignal(signal.SIGTERM) is cli._raise_interrupt
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -17,23 +17,19 @@ from pathlib import Path
 
 import pytest
 from conftest import assert_nothing_written, assert_user_error, run_cli, write_recipe
+from helpers import CtrlC, folder_bytes, journal_units
 
 import mergekit_ri as m
 from mergekit_ri import engine
 from mergekit_ri.api import MergeOptions
 from mergekit_ri.cli import _bare_ray
+from mergekit_ri.errors import MergeInterrupted
 from mergekit_ri.events import MergeEvents
 from mergekit_ri.resume import JOURNAL
 from mergekit_ri.synthetic import LlamaShape, make_family
 
 SHAPE = LlamaShape(vocab=2000, hidden=128, intermediate=344, layers=3, heads=4, kv_heads=2)
 UNIT = "96KiB"
-
-
-def folder_bytes(folder: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +211,29 @@ def test_malformed_ray_address_is_refused(tmp_path: Path, models, address: str) 
     result = run_cli("merge", recipe(tmp_path, models, "ties"), "-o", out, "--ray", address)
     assert_user_error(result, f"Ray address '{address}'")
     assert_nothing_written(out)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ctrl_c_cancels_the_ray_tasks_and_keeps_the_finished_units(
+    tmp_path: Path, cluster, models, monkeypatch
+) -> None:
+    path = recipe(tmp_path, models, "ties")
+    single = m.merge(path, tmp_path / "single", options=MergeOptions(unit_size="32KiB"))
+    total = len(single.units["computed"])
+    cancelled: list[object] = []
+    cancel = cluster.cancel
+    monkeypatch.setattr(cluster, "cancel", lambda ref, **kw: (cancelled.append(ref), cancel(ref, **kw)))
+    out = tmp_path / "out"
+    with pytest.raises(MergeInterrupted) as stopped:
+        m.merge(path, out, options=MergeOptions(ray="local", unit_size="32KiB"), events=CtrlC(out, 2))
+    [staging] = tmp_path.glob(".out.ri-merge-partial-*")
+    journaled = journal_units(staging)
+    assert stopped.value.kept == len(journaled) >= 2 and stopped.value.total == total
+    assert len(cancelled) == total - len(journaled) > 0  # every unit not journaled: cancelled
+    assert not out.exists()
+    monkeypatch.undo()
+    result = m.merge(path, out, options=MergeOptions(ray="local", unit_size="32KiB", resume=True))
+    assert list(result.units["kept"]) == journaled
+    assert sorted([*result.units["kept"], *result.units["computed"]]) == list(range(total))
+    assert folder_bytes(out) == folder_bytes(tmp_path / "single")
