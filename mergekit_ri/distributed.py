@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 import torch
 
+from . import unit_progress
 from .errors import ResumableError, UserError
 
 if TYPE_CHECKING:
@@ -156,24 +157,32 @@ class Distributed:
             name="ri-merge-unit",
         )
         recipe = ray.put((self.recipe, self.folder, layout_digest(plan)))
+        fine = bool(todo) and max(u.in_nbytes for u in todo) >= unit_progress.FINE_PROGRESS
+        actor = ray.remote(unit_progress.UnitProgress).options(num_cpus=0).remote() if fine else None
+        progress = unit_progress.Aggregate(ray, actor, advance, {u.index: u.in_nbytes for u in todo})
         pending = {
-            remote.remote(recipe, str(staging), [unit], target.type, prefetch, thresholds): unit
+            remote.remote(
+                recipe, str(staging), [unit], target.type, prefetch, thresholds, progress=actor
+            ): unit
             for unit in todo
         }
         warnings: list[str] = []
         try:
             while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=unit_progress.REPORT_EVERY)
+                progress.poll()
                 for ref in ready:
                     unit = pending.pop(ref)
                     result = self._result(ray, ref, unit)
                     for index, digest in result["units"]:
                         journal.record(unit, digest, plan, result["warnings"])
                     warnings += result["warnings"]
-                    advance(unit.in_nbytes)
+                    progress.finished(unit.index)
         finally:  # Ctrl-C, SIGTERM or a failed unit: the running tasks are stopped, queued ones dropped
             for ref in pending:
                 ray.cancel(ref)
+            if actor is not None:
+                ray.kill(actor)
         return list(dict.fromkeys(warnings))
 
     def _result(self, ray: Any, ref: Any, unit: OutputUnit) -> dict[str, Any]:
@@ -221,9 +230,11 @@ def merge_units(
     prefetch: int,
     thresholds: tuple[float, ...] | None,
     label: str = "Ray worker",
+    progress: Any = None,
 ) -> dict[str, Any]:
     """A Ray task (or a `--devices` worker): compute `units` into the staging folder's shard
-    files; their sha256s. Bad input it finds is a UserError naming the worker and its machine."""
+    files; their sha256s. Bad input it finds is a UserError naming the worker and its machine.
+    `progress`: the driver's `UnitProgress` actor, told the input bytes merged as they go."""
     from .engine import merge_tasks
     from .io.sources import TensorReader
     from .io.writer import ShardWriter
@@ -262,7 +273,9 @@ def merge_units(
                     writer,
                     target,
                     memory,
-                    lambda n: None,
+                    unit_progress.Reporter(progress, units[0].index)
+                    if progress is not None and units
+                    else lambda n: None,
                     None,
                     thresholds,
                     guard,
