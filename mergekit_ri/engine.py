@@ -43,7 +43,7 @@ from .methods import TensorContext
 from .nonfinite import NonFiniteGuard
 from .plan import PREFETCH_DEFAULT, MergePlan, TensorTask
 from .reading import RowSource, WorkUnit, load_inputs, stream_inputs, work_units
-from .resume import Journal, adopt_staging, fingerprint
+from .resume import Journal, adopt_staging, fingerprint, journaled
 from .units import OutputUnit, UnitHashes, plan_units, unit_tasks
 
 if TYPE_CHECKING:
@@ -280,12 +280,14 @@ def run_merge(
         staging = None  # its finished units stay for --resume
         raise
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM as the CLI turns it: keep what is finished
-        if staging is None or journal is None or not journal.resumable or not staging.is_dir():
+        kept = journaled(staging, journal) if staging is not None else 0
+        if not kept:
             raise
-        journal.close()
+        if journal is not None:
+            journal.close()
         mark_stopped(staging)
         staging = None
-        raise MergeInterrupted(out, len(journal.done), len(units)) from None
+        raise MergeInterrupted(out, kept, len(units)) from None
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)

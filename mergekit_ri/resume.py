@@ -211,11 +211,6 @@ class Journal:
             self._file.flush()  # in the kernel's page cache: a killed process loses nothing
             self.done[unit.index] = sha256  # after the line: `done` never counts one not on disk
 
-    @property
-    def resumable(self) -> bool:
-        """Whether a --resume would find finished units here (the journal is still there)."""
-        return bool(self.done) and self.path.is_file()
-
     def finish(self) -> None:
         """The merge is whole: the journal goes (it must not be published with the output)."""
         self.close()
@@ -225,6 +220,28 @@ class Journal:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def journaled(staging: Path, journal: Journal | None) -> int:
+    """How many finished units a --resume would find in `staging`: 0 once the journal is gone
+    (the merge was about to publish). Without a `journal` (stopped while a resume was still
+    verifying the last one), the units its file records."""
+    path = staging / JOURNAL
+    if not path.is_file():
+        return 0
+    if journal is not None:
+        return len(journal.done)
+    try:
+        lines = path.read_text(errors="replace").splitlines()[1:]
+    except OSError:
+        return 0
+    units = set()
+    for line in lines:
+        try:
+            units.add(json.loads(line)["unit"])
+        except (ValueError, KeyError, TypeError):  # a torn last line
+            continue
+    return len(units)
 
 
 def _verified(

@@ -17,7 +17,7 @@ from conftest import run_cli, write_recipe
 from helpers import CtrlC, folder_bytes, interrupted_cli_merge, journal_units
 
 import mergekit_ri as m
-from mergekit_ri import cli, distributed
+from mergekit_ri import cli, distributed, resume
 from mergekit_ri.api import MergeOptions
 from mergekit_ri.errors import MergeInterrupted
 from mergekit_ri.io.output import STOPPED
@@ -67,6 +67,31 @@ def test_api_interrupt_keeps_finished_units_and_resume_completes_them(tmp_path: 
     assert folder_bytes(out) == folder_bytes(tmp_path / "reference")
     assert not (out / STOPPED).exists() and not (out / JOURNAL).exists()
     assert stagings(out) == []
+
+
+def test_interrupting_a_resume_while_it_verifies_keeps_the_folder(
+    tmp_path: Path, models, monkeypatch
+) -> None:
+    """Re-hashing a big output's finished units takes a while: Ctrl-C then must not lose them."""
+    path = recipe(tmp_path, models)
+    out = tmp_path / "out"
+    with pytest.raises(MergeInterrupted):
+        m.merge(path, out, options=MergeOptions(unit_size=UNIT), events=CtrlC(out, 3))
+    [staging] = stagings(out)
+    journaled = journal_units(staging)
+
+    def ctrl_c(*args: object) -> str:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(resume, "file_digest", ctrl_c)
+        with pytest.raises(MergeInterrupted) as stopped:
+            m.merge(path, out, options=MergeOptions(unit_size=UNIT, resume=True))
+    assert stopped.value.kept == len(journaled)
+    [staging] = stagings(out)
+    assert journal_units(staging) == journaled
+    result = m.merge(path, out, options=MergeOptions(unit_size=UNIT, resume=True))
+    assert list(result.units["kept"]) == journaled
 
 
 def test_api_interrupt_before_any_unit_is_finished_cleans_up(tmp_path: Path, models) -> None:
