@@ -516,8 +516,9 @@ ResumeOpt = Annotated[
     bool,
     typer.Option(
         "--resume",
-        help="Continue the merge into this output that a kill, crash or lost machine left unfinished: "
-        "finished work units are verified by hash and kept (refused if the recipe or inputs changed).",
+        help="Continue the merge into this output that Ctrl-C, SIGTERM, a kill, crash or lost machine left "
+        "unfinished: finished work units are verified by hash and kept (refused if the recipe or inputs "
+        "changed).",
     ),
 ]
 RayOpt = Annotated[
