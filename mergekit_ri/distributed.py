@@ -179,10 +179,13 @@ class Distributed:
                     warnings += result["warnings"]
                     progress.finished(unit.index)
         finally:  # Ctrl-C, SIGTERM or a failed unit: the running tasks are stopped, queued ones dropped
-            for ref in pending:
-                ray.cancel(ref)
-            if actor is not None:
-                ray.kill(actor)
+            try:
+                for ref in pending:
+                    ray.cancel(ref)
+                if actor is not None:
+                    ray.kill(actor)
+            except Exception:  # a local cluster a terminal's Ctrl-C reached too: gone, nothing to stop
+                pass
         return list(dict.fromkeys(warnings))
 
     def _result(self, ray: Any, ref: Any, unit: OutputUnit) -> dict[str, Any]:
