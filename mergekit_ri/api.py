@@ -63,7 +63,7 @@ class MergeOptions:
 
     Scale-out and faults (docs/scale-out.md):
     resume: continue the merge an earlier run of the same recipe into the same output left
-        unfinished (killed, crashed, a lost machine): its finished work units are verified by
+        unfinished (interrupted, killed, crashed, a lost machine): its finished work units are verified by
         hash and kept; a different recipe or changed inputs are refused.
     ray: run the work units as tasks on a Ray cluster (needs the `ray` extra): its address
         (host:port, ray://host:port, auto) or local (Ray's default: RAY_ADDRESS, a cluster on
@@ -187,7 +187,9 @@ def merge(
     """Merge the recipe's models into the folder `out` and describe what was written.
 
     `out` is written atomically: a hidden staging folder beside it is renamed into place at the
-    end, so a failed merge leaves nothing that looks like a checkpoint."""
+    end, so a failed merge leaves nothing that looks like a checkpoint. A KeyboardInterrupt once
+    a work unit is finished keeps that folder and raises `MergeInterrupted` (a KeyboardInterrupt):
+    the same call with `resume=True` computes only the rest."""
     events = events or MergeEvents()
     source = _read(recipe)
     if source.stages is not None:

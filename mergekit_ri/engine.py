@@ -21,10 +21,19 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import ResumableError, UserError
+from .errors import MergeInterrupted, ResumableError, UserError
 from .io.artifacts import copy_tokenizer, write_config, write_heads, write_model_card
 from .io.manifest import FileRecord, file_manifest
-from .io.output import OutputLock, check_space, check_target, clean_stale, make_staging, output_error, publish
+from .io.output import (
+    OutputLock,
+    check_space,
+    check_target,
+    clean_stale,
+    make_staging,
+    mark_stopped,
+    output_error,
+    publish,
+)
 from .io.sources import ST_DTYPES, ModelSource, TensorReader
 from .io.writer import ShardWriter, write_index
 from .kernels import native
@@ -35,7 +44,7 @@ from .methods.registry import PassFold, PassMap, PassScan
 from .nonfinite import NonFiniteGuard
 from .plan import PREFETCH_DEFAULT, MergePlan, TensorTask
 from .reading import RowSource, WorkUnit, load_inputs, stream_inputs, work_units
-from .resume import Journal, adopt_staging, fingerprint
+from .resume import Journal, adopt_staging, fingerprint, journaled
 from .staging import Download, Stager, Uploaded, stager_for
 from .units import OutputUnit, UnitHashes, plan_units, unit_tasks
 
@@ -242,7 +251,9 @@ def run_merge(
     """Merge into a hidden staging folder, then rename it to `out` (under the output's lock).
 
     The staging folder journals each finished work unit (`resume`); with `resume`, the one an
-    interrupted merge left is adopted and only its unfinished units are computed. `distributed`
+    interrupted merge left is adopted and only its unfinished units are computed. A
+    KeyboardInterrupt (Ctrl-C; SIGTERM in the CLI) once a unit is journaled keeps the staging
+    folder and raises `MergeInterrupted`; before that, the folder is removed as on any failure. `distributed`
     runs the units elsewhere (Ray tasks) instead of in this process."""
     started = time.perf_counter()
     target = resolve_device(device if device != "auto" else plan.recipe.device)
@@ -250,6 +261,7 @@ def run_merge(
         target = distributed.device(device if device != "auto" else plan.recipe.device)
     out = Path(out)
     staging = None
+    journal: Journal | None = None
     units = plan_units(plan, unit_bytes)
     try:
         check_target(out, input_paths(plan), force)
@@ -289,8 +301,19 @@ def run_merge(
     except OSError as exc:
         raise output_error(exc, out, staging, plan.bytes_written) from None
     except ResumableError:
+        if staging is not None:
+            mark_stopped(staging)
         staging = None  # its finished units stay for --resume
         raise
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM as the CLI turns it: keep what is finished
+        kept = journaled(staging, journal) if staging is not None else 0
+        if not kept:
+            raise
+        if journal is not None:
+            journal.close()
+        mark_stopped(staging)
+        staging = None
+        raise MergeInterrupted(out, kept, len(units)) from None
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -331,7 +354,8 @@ def merge_tasks(
     staging buffers' use (empty on the CPU)."""
     units = work_units(plan, tasks, chunk=memory.chunk, device=target, stream_bytes=memory.stream_bytes)
     stager = stager_for(target, units, memory.depth, memory.writer_queue, memory.chunk)
-    with ThreadPoolExecutor(1, "ri-write") as writes:
+    writes = ThreadPoolExecutor(1, "ri-write")
+    try:
         written: deque[Future] = deque()
 
         def merge(unit: WorkUnit, inputs: list[torch.Tensor] | Uploaded) -> None:
@@ -355,7 +379,26 @@ def merge_tasks(
             merge(*staged.popleft())
         for future in written:
             future.result()
+    finally:
+        _join_writer(writes)
     return stager.stats()
+
+
+def _join_writer(writes: ThreadPoolExecutor) -> None:
+    """Wait for the writes already queued (a few tensors: the units they finish are journaled and
+    kept). A second Ctrl-C drops the queued ones but still waits for the write in progress, whose
+    shard file is closed next: never a write into a closed (or reused) file descriptor."""
+    try:
+        writes.shutdown(wait=True)
+    except KeyboardInterrupt:
+        writes.shutdown(wait=False, cancel_futures=True)
+        while True:
+            try:
+                writes.shutdown(wait=True)
+                break
+            except KeyboardInterrupt:
+                continue
+        raise
 
 
 def _merge_into(
