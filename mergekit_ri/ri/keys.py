@@ -66,9 +66,9 @@ class RIStatus:
     adapted: dict[str, str]  # expert label → cached folder
     cache_hits: list[str]
     trained: list[str]
-    devices: list[str] = field(
-        default_factory=list
-    )  # where the experts were trained (one worker each if several)
+    # where the experts were trained: one entry per local worker, or on Ray one per trained expert
+    # (in the order of `trained`) naming its node and device, e.g. "ray:10.0.0.7/cuda:3"
+    devices: list[str] = field(default_factory=list)
     provenance: RIProvenance | None = None  # None for a dry run: nothing was adapted
 
     def summary(self) -> dict[str, object]:
@@ -96,10 +96,10 @@ def content_hash(source: ModelSource) -> str:
     return digest.hexdigest()
 
 
-def settings_of(recipe: Recipe) -> RISettings:
-    section = recipe.resolve_interference
-    assert section is not None
-    return RISettings(section.steps, section.lr, section.weight_decay, section.alpha, section.batch_size)
+def ri_settings(recipe: Recipe) -> RISettings:
+    given = recipe.resolve_interference
+    assert given is not None
+    return RISettings(given.steps, given.lr, given.weight_decay, given.alpha, given.batch_size)
 
 
 def require_transformers() -> None:
@@ -255,19 +255,22 @@ def aux_fingerprint(
 # ---------------------------------------------------------------- cache entries
 
 
-def entry_folders(
-    recipe: Recipe, base: ModelSource, experts: list[ModelSource], heads: str, aux_print: str
-) -> tuple[Path, dict[str, Path], dict[str, int]]:
-    """The cache root, each expert's entry folder and its training seed."""
-    section = recipe.resolve_interference
-    assert section is not None
-    settings = settings_of(recipe)
+def entry_keys(
+    recipe: Recipe,
+    base: ModelSource,
+    experts: list[ModelSource],
+    heads: str,
+    aux_print: str,
+    settings: RISettings,
+) -> tuple[dict[str, str], dict[str, int]]:
+    """Each expert's cache key (a hash of everything its adapted weights depend on) and training
+    seed. A Ray worker computes them again from what it sees: a different key is a node that sees
+    other inputs than the driver."""
     hashes = [content_hash(m) for m in experts]
     base_hash = content_hash(base)
-    root = cache_root(section.cache_dir)
-    folders, seeds = {}, {}
+    keys, seeds = {}, {}
     for model, own in zip(experts, hashes):
-        key = hashlib.sha256(
+        keys[model.label] = hashlib.sha256(
             json.dumps(
                 {
                     "version": RI_VERSION,
@@ -282,9 +285,16 @@ def entry_folders(
                 sort_keys=True,
             ).encode()
         ).hexdigest()[:24]
-        folders[model.label] = root / key / model.label
         seeds[model.label] = (recipe.seed * 1_000_003 + int(own[:8], 16)) % (1 << 62)
-    return root, folders, seeds
+    return keys, seeds
+
+
+def entry_folders(recipe: Recipe, keys: dict[str, str]) -> tuple[Path, dict[str, Path]]:
+    """The cache root and each expert's entry folder, `<root>/<key>/<expert>`."""
+    section = recipe.resolve_interference
+    assert section is not None
+    root = cache_root(section.cache_dir)
+    return root, {label: root / key / label for label, key in keys.items()}
 
 
 def is_cached(folder: Path) -> bool:
@@ -322,7 +332,8 @@ def dry_run_status(recipe: Recipe, recipe_dir: Path | None) -> tuple[Recipe, RIS
         section.max_length,
         (experts[0].folder, base.folder),
     )
-    _, folders, _ = entry_folders(recipe, base, experts, heads, aux_print)
+    keys, _ = entry_keys(recipe, base, experts, heads, aux_print, ri_settings(recipe))
+    _, folders = entry_folders(recipe, keys)
     hits = [label for label, folder in folders.items() if is_cached(folder)]
     status = RIStatus({k: str(v) for k, v in folders.items()}, hits, [], [])
     return recipe.model_copy(update={"heads": heads}), status

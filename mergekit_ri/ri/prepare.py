@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,7 @@ from ..heads import head_selector
 from ..io.sources import ModelSource
 from ..plan import load_sources
 from ..recipe import ModelEntry, Recipe
+from . import keys as cache_keys
 from .adapt import StepReport
 from .data import AuxiliaryData, load_auxiliary
 from .keys import (  # noqa: F401 (RI_VERSION, RISettings, RIProvenance, RIStatus, cache_root, content_hash: kept importable here)
@@ -36,9 +38,12 @@ from .keys import (  # noqa: F401 (RI_VERSION, RISettings, RIProvenance, RIStatu
     require_base,
     require_transformers,
     ri_heads,
-    settings_of,
+    ri_settings,
 )
 from .train import TrainJob, train_experts, train_parallel
+
+if TYPE_CHECKING:
+    from ..distributed import Distributed
 
 ReportFactory = Callable[[str, int], StepReport]
 
@@ -88,16 +93,24 @@ def ri_context(recipe: Recipe, recipe_dir: Path | None) -> RIContext:
     return RIContext(base, experts, heads, is_head, model_class, aux)
 
 
+def entry_keys(recipe: Recipe, ctx: RIContext, settings: RISettings) -> tuple[dict[str, str], dict[str, int]]:
+    """`keys.entry_keys` for a resolved context: each expert's cache key and training seed. A Ray
+    worker computes them again from what it sees (`remote.py`)."""
+    return cache_keys.entry_keys(recipe, ctx.base, ctx.experts, ctx.heads, ctx.aux.fingerprint, settings)
+
+
 def resolve_interference(
     recipe: Recipe,
     recipe_dir: Path | None,
     device: torch.device,
     report: ReportFactory | None = None,
     dry_run: bool = False,
+    cluster: Distributed | None = None,
 ) -> tuple[Recipe, RIStatus]:
     """The recipe with its models replaced by their RI-adapted versions (trained or cached), and
-    what RI did (`RIStatus`, with the provenance the model card reports). A dry run trains
-    nothing and is `keys.dry_run_status`: the same cache keys, from headers and file bytes."""
+    what RI did (`RIStatus`, with the provenance the model card reports). With `cluster`, the
+    experts not in the cache are adapted as Ray tasks (`remote.py`) instead of here. A dry run
+    trains nothing and is `keys.dry_run_status`: the same cache keys, from headers and file bytes."""
     settings_in = recipe.resolve_interference
     assert settings_in is not None
     if dry_run:
@@ -106,20 +119,27 @@ def resolve_interference(
     require_transformers()
     ctx = ri_context(recipe, recipe_dir)
     base, experts, heads, model_class, aux = ctx.base, ctx.experts, ctx.heads, ctx.model_class, ctx.aux
-    settings = settings_of(recipe)
-    root, folders, seeds = entry_folders(recipe, base, experts, heads, aux.fingerprint)
+    settings = ri_settings(recipe)
+    keys, seeds = entry_keys(recipe, ctx, settings)
+    root, folders = entry_folders(recipe, keys)
     hits = [label for label, folder in folders.items() if is_cached(folder)]
     todo = [m.label for m in experts if m.label not in hits]
     trained, devices = [], []
     if todo:
         job = TrainJob(experts, base, model_class, heads, aux, settings, folders, seeds)
-        devices = ri_devices(settings_in.devices, recipe.device, device)
-        if len(devices) > 1 and len(todo) > 1:
-            devices = devices[: len(todo)]
-            done = train_parallel(job, todo, devices, report)
+        if cluster is not None:
+            from .remote import train_on_ray
+
+            done, places = train_on_ray(cluster, recipe, recipe_dir, job, todo, report)
+            devices = [places[label] for label in todo if done[label]]  # one per trained expert
         else:
-            done = train_experts(job, todo, devices[0], report)
-            devices = devices[:1]
+            devices = ri_devices(settings_in.devices, recipe.device, device)
+            if len(devices) > 1 and len(todo) > 1:
+                devices = devices[: len(todo)]
+                done = train_parallel(job, todo, devices, report)
+            else:
+                done = train_experts(job, todo, devices[0], report)
+                devices = devices[:1]
         trained = [label for label in todo if done[label]]
         hits += [label for label in todo if not done[label]]  # another merge cached them while we waited
     status = RIStatus({k: str(v) for k, v in folders.items()}, hits, trained, [str(d) for d in devices])
