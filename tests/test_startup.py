@@ -242,10 +242,8 @@ def test_an_ri_dry_run_reads_headers_only_and_finds_the_entries_a_merge_uses(tmp
     for name in ("file", "gaussian"):
         recipe = make_plan(recipes[name], options=MergeOptions()).recipe
         context = prepare.ri_context(recipe, recipes[name].parent)
-        fingerprint = context.aux.fingerprint
-        _, folders, _ = prepare.entry_folders(
-            recipe, context.base, context.experts, context.heads, fingerprint
-        )
+        keys, _ = prepare.entry_keys(recipe, context, prepare.ri_settings(recipe))
+        _, folders = prepare.entry_folders(recipe, keys)
         dry = make_plan(recipes[name], options=MergeOptions()).ri
         assert dry is not None and dry.adapted == {k: str(v) for k, v in folders.items()}, name
     assert not (tmp_path / "cache").exists()
