@@ -70,7 +70,7 @@ def _guarded(body: Callable[[], Any], verbose: bool = False) -> None:
         )
         raise typer.Exit(_interrupted_code()) from None
     except KeyboardInterrupt:
-        err.print("interrupted: no output was written", markup=False)
+        err.print("interrupted: no output was written", markup=False, soft_wrap=True)
         raise typer.Exit(_interrupted_code()) from None
     except typer.Exit:
         raise
@@ -262,9 +262,9 @@ def _print_plan(plan, console: Console) -> None:
         )
     console.print(table)
     for label, note in summary.get("inputs", {}).items():
-        console.print(f"input {label}: {note}", markup=False)
+        console.print(f"input {label}: {note}", markup=False, soft_wrap=True)
     for warning in summary["warnings"]:
-        console.print(f"warning: {warning}", markup=False)
+        console.print(f"warning: {warning}", markup=False, soft_wrap=True)
 
 
 def _layer_line(name: str, figures: Mapping[str, float]) -> str:
@@ -325,7 +325,9 @@ class _Rendered(MergeEvents):
             self._merge = None
         if not self.quiet:
             label = f"'{name}'" if name else "final"
-            err.print(f"stage {index + 1}/{count} {label} → {out}", markup=False, highlight=False)
+            err.print(
+                f"stage {index + 1}/{count} {label} → {out}", markup=False, highlight=False, soft_wrap=True
+            )
 
     def on_plan(self, plan, total_bytes: int) -> None:
         self._close_ri()
@@ -341,7 +343,7 @@ class _Rendered(MergeEvents):
     def on_warning(self, text: str) -> None:
         if not self.quiet and text not in self._shown:
             self._shown.add(text)
-            self._bar().console.print(f"warning: {text}", markup=False)
+            self._bar().console.print(f"warning: {text}", markup=False, soft_wrap=True)
 
     def on_progress(self, advance: int) -> None:
         self._bar().advance(self._merge_task, advance)
@@ -410,6 +412,7 @@ def _run_merge(
             f"interference ξ on the auxiliary data: {xi['without_ri']:.4f} without RI, "
             f"{xi['with_ri']:.4f} with RI (reported only; never used to tune the merge)",
             markup=False,
+            soft_wrap=True,
         )
     if as_json:
         print(json.dumps(_json_summary(result, verbose), indent=2))
@@ -775,7 +778,7 @@ def validate(
                 highlight=False,
             )
             for warning in plan.warnings:
-                out.print(f"warning: {warning}", markup=False)
+                out.print(f"warning: {warning}", markup=False, soft_wrap=True)
 
     _guarded(body)
 
