@@ -88,7 +88,8 @@ class LocalDevices:
         from .io.writer import ShardWriter
         from .resume import layout_digest
 
-        with ShardWriter(staging, plan, reuse=True):  # the driver creates the files, the workers fill them
+        # the driver creates the files, the workers fill them
+        with ShardWriter(staging, plan.shard_layouts(), reuse=True):
             pass
         context = multiprocessing.get_context("spawn")  # no fork of a process holding CUDA or threads
         threads = max(1, (os.cpu_count() or 1) // len(self.devices)) if target.type == "cpu" else 1

@@ -139,7 +139,8 @@ class Distributed:
         from .resume import layout_digest
 
         ray = self.connect()
-        with ShardWriter(staging, plan, reuse=True):  # the driver creates the files, the tasks fill them
+        # the driver creates the files, the tasks fill them
+        with ShardWriter(staging, plan.shard_layouts(), reuse=True):
             pass
         gpus = (self.gpus_per_task if self.gpus_per_task is not None else 1.0) if target.type == "cuda" else 0
         remote = ray.remote(merge_units).options(
@@ -242,7 +243,7 @@ def merge_units(
             hashes = UnitHashes(plan, folder_seen, units, lambda u, d: finished.append((u.index, d)))
             blocked = plan.method.raw_inputs and target.type == "cpu"
             with (
-                ShardWriter(folder_seen, plan, create=False, on_write=hashes) as writer,
+                ShardWriter(folder_seen, plan.shard_layouts(), create=False, on_write=hashes) as writer,
                 single_threaded_ops() if blocked else nullcontext(),
             ):
                 hashes.empty_units(units)

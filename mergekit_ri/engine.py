@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .artifacts import copy_tokenizer, write_config, write_heads, write_model_card
 from .errors import ResumableError, UserError
-from .io.artifacts import copy_tokenizer, write_config, write_heads, write_model_card
 from .io.manifest import FileRecord, file_manifest
 from .io.output import OutputLock, check_space, check_target, clean_stale, make_staging, output_error, publish
 from .io.sources import ST_DTYPES, ModelSource, TensorReader
@@ -307,7 +307,7 @@ def merge_tasks(
         pin = target.type == "cuda"
         for unit, raws in stream_inputs(plan, reader, reads, memory.depth, units, pin, memory.read_ahead):
             result = compute(plan, unit, raws, target, thresholds, report, reader, reads, guard)
-            written.append(writes.submit(writer.write, unit.task, result, unit.rows))
+            written.append(writes.submit(writer.write, unit.task.name, result, unit.rows))
             del result, raws  # held by the writer's queue alone: freed once written
             while len(written) > memory.writer_queue:
                 written.popleft().result()
@@ -357,7 +357,7 @@ def _merge_into(
                     seen = len(guard.warnings)
 
                 hashes = UnitHashes(plan, staging, todo, finished)
-                with ShardWriter(staging, plan, reuse=True, on_write=hashes) as writer:
+                with ShardWriter(staging, plan.shard_layouts(), reuse=True, on_write=hashes) as writer:
                     hashes.empty_units(todo)
                     tasks = unit_tasks(plan, todo)
                     merge_tasks(
@@ -377,7 +377,7 @@ def _merge_into(
         write_heads(staging, plan, reader)
     nonfinite = list(dict.fromkeys(journal.warnings + nonfinite))
     journal.finish()
-    write_index(staging, plan)
+    write_index(staging, plan.shard_layouts())
     write_config(staging, plan)
     copy_tokenizer(staging, plan)
     if model_card:  # README.md and mergekit_config.yml (mergekit's --no-write-model-card leaves them out)

@@ -244,7 +244,7 @@ def _verified(
             f"cannot resume {out}: {why} since the interrupted merge; rerun without --resume to start over"
         )
     by_key = {(plan.shards[u.shard].filename, u.start, u.end): u for u in units}
-    heads = shard_headers(plan)
+    heads = shard_headers(plan.shard_layouts())
     whole = {
         s.filename: shard_is_whole(staging / s.filename, head, s.data_bytes)
         for s, head in zip(plan.shards, heads)

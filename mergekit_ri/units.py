@@ -52,7 +52,7 @@ def plan_units(plan: MergePlan, size: int | None = None) -> list[OutputUnit]:
     from .io.writer import shard_headers
 
     target = unit_size(plan, size)
-    starts = [len(head) for head in shard_headers(plan)]
+    starts = [len(head) for head in shard_headers(plan.shard_layouts())]
     units: list[OutputUnit] = []
     first, held = 0, 0
     for i, task in enumerate(plan.tasks):
@@ -106,10 +106,10 @@ class UnitHashes:
         self._in_order = {u.index: True for u in units}
         self._lock = threading.Lock()
 
-    def __call__(self, task: TensorTask, position: int, data: memoryview) -> None:
+    def __call__(self, name: str, position: int, data: memoryview) -> None:
         if not data.nbytes:  # an empty tensor: nothing to hash (empty units finish in empty_units)
             return
-        unit = self._unit_of[task.name]
+        unit = self._unit_of[name]
         with self._lock:
             if self._next.setdefault(unit.index, unit.start) != position:
                 self._in_order[unit.index] = False

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..hugepages import HUGE_PAGE, advise_huge_pages
 from ..lazy import torch
-from ..memory import HUGE_PAGE, advise_huge_pages
 
 # safetensors dtype code → bytes per entry and torch dtype name: headers are checked with the
 # sizes alone, so that `validate` and `--dry-run` never import torch

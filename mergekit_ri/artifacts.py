@@ -1,4 +1,6 @@
-"""Everything beside the weights: config.json, tokenizer files, the model card."""
+"""Everything beside the weights: config.json, tokenizer files, the model card, the heads.
+
+These read the plan (what was merged, from what), so they live above io/, which only writes bytes."""
 
 from __future__ import annotations
 
@@ -10,13 +12,13 @@ from typing import TYPE_CHECKING
 import yaml
 from safetensors.torch import save_file
 
-from ..heads import HEAD_INDEX, head_entry
-from ..io.sources import TensorReader
-from ..plan import MergePlan
-from ..vocab.plan import write_tokenizer
+from .heads import HEAD_INDEX, head_entry
+from .io.sources import TensorReader
+from .plan import MergePlan
+from .vocab.plan import write_tokenizer
 
 if TYPE_CHECKING:
-    from ..ri.prepare import RIProvenance
+    from .ri.prepare import RIProvenance
 
 TOKENIZER_FILES = (
     "tokenizer.json",
