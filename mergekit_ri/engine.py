@@ -339,6 +339,7 @@ def _merge_into(
     journal = journal or Journal.begin(staging, staging, plan, units, {}, False)
     todo = [u for u in units if u.index not in journal.done]
     advance(sum(u.in_nbytes for u in units if u.index in journal.done))
+    written: dict[str, str] = {}  # shard files' sha256, hashed as they were written
     with TensorReader() as reader, ThreadPoolExecutor(2, "ri-read") as reads:
         guard = NonFiniteGuard(plan, reader, plan.recipe.on_nonfinite)
         blocked = plan.method.raw_inputs and target.type == "cpu"
@@ -357,7 +358,13 @@ def _merge_into(
                     seen = len(guard.warnings)
 
                 hashes = UnitHashes(plan, staging, todo, finished)
-                with ShardWriter(staging, plan.shard_layouts(), reuse=True, on_write=hashes) as writer:
+                layouts = plan.shard_layouts()
+                with ShardWriter(
+                    staging, layouts, reuse=True, on_write=hashes, hash_files=checksums
+                ) as writer:
+                    for unit in units:
+                        if unit.index in journal.done:
+                            writer.kept(unit.shard, unit.start, unit.end)
                     hashes.empty_units(todo)
                     tasks = unit_tasks(plan, todo)
                     merge_tasks(
@@ -374,6 +381,10 @@ def _merge_into(
                         guard,
                     )
                 nonfinite = list(guard.warnings)
+                if writer.hashes is not None:
+                    written = {
+                        p.relative_to(staging).as_posix(): d for p, d in writer.hashes.digests().items()
+                    }
         write_heads(staging, plan, reader)
     nonfinite = list(dict.fromkeys(journal.warnings + nonfinite))
     journal.finish()
@@ -382,4 +393,4 @@ def _merge_into(
     copy_tokenizer(staging, plan)
     if model_card:  # README.md and mergekit_config.yml (mergekit's --no-write-model-card leaves them out)
         write_model_card(staging, plan, provenance)
-    return file_manifest(staging, checksums), nonfinite
+    return file_manifest(staging, checksums, written), nonfinite

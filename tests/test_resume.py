@@ -4,6 +4,7 @@ the same bytes as an uninterrupted merge. A changed recipe or input is refused."
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -91,11 +92,15 @@ def test_resume_keeps_verified_units_and_recomputes_the_rest(tmp_path: Path, mod
         f.write(bytes(b ^ 0xFF for b in f.read(4)))
     result = run_cli("merge", path, "-o", out, "--unit-size", UNIT, "--resume", "--json")
     assert result.code == 0, result.stderr
-    units = json.loads(result.stdout)["units"]
+    summary = json.loads(result.stdout)
+    units = summary["units"]
     assert units["kept"] == [0, 1, 3, 4, 5]
     assert units["computed"] == [2] + list(range(6, total))
     assert "resuming" in result.stderr and "5 of" in result.stderr
     assert folder_bytes(out) == folder_bytes(reference)
+    # the manifest's sha256 (kept units read back in their turn, the rest hashed as written) is hashlib's
+    on_disk = {name: hashlib.sha256(data).hexdigest() for name, data in folder_bytes(out).items()}
+    assert {e["name"]: e["sha256"] for e in summary["manifest"]} == on_disk
     assert [p.name for p in tmp_path.iterdir() if "ri-merge" in p.name] == []
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..lazy import torch
+from .filehash import WriteHashes
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,8 @@ class ShardWriter:
 
     `reuse`: keep shard files that already have the planned header and size (a resumed merge);
     `create=False`: open the files another process created (a distributed merge's worker), never
-    create or truncate one. `on_write` sees every write, e.g. to hash work units as they finish."""
+    create or truncate one. `on_write` sees every write, e.g. to hash work units as they finish.
+    `hash_files`: `hashes` keeps each shard file's sha256 as it is written (`io.filehash`)."""
 
     def __init__(
         self,
@@ -83,14 +85,22 @@ class ShardWriter:
         reuse: bool = False,
         create: bool = True,
         on_write: Written | None = None,
+        hash_files: bool = False,
     ) -> None:
         self._fds: list[int] = []
+        heads = shard_headers(layouts)
+        self.hashes: WriteHashes | None = None
+        if hash_files and create:
+            sizes = [len(head) + s.data_bytes for s, head in zip(layouts, heads)]
+            self.hashes = WriteHashes([(folder / s.filename, n) for s, n in zip(layouts, sizes)])
         self._data_start: list[int] = []
         self._on_write = on_write
         self._slots = {t.name: (i, t) for i, s in enumerate(layouts) for t in s.tensors}
-        for shard, head in zip(layouts, shard_headers(layouts)):
+        for index, (shard, head) in enumerate(zip(layouts, heads)):
             path = folder / shard.filename
             self._data_start.append(len(head))
+            if self.hashes is not None:  # a kept file has this very header (shard_is_whole)
+                self.hashes.update(index, 0, head)
             if not create:
                 self._fds.append(os.open(path, os.O_WRONLY))
                 continue
@@ -117,8 +127,15 @@ class ShardWriter:
         view, done = memoryview(data), 0
         while done < data.nbytes:
             done += os.pwrite(self._fds[shard], view[done:], position + done)
+        if self.hashes is not None:
+            self.hashes.update(shard, position, view)
         if self._on_write is not None:
             self._on_write(name, position, view)
+
+    def kept(self, shard: int, start: int, end: int) -> None:
+        """Bytes [start, end) of a shard file are there already (a resumed merge's finished unit)."""
+        if self.hashes is not None:
+            self.hashes.on_disk(shard, start, end)
 
     def close(self) -> None:
         for fd in self._fds:
