@@ -82,6 +82,7 @@ class LocalDevices:
         thresholds: tuple[float, ...] | None,
         journal: Journal,
         advance: Progress,
+        fingerprint: bool = False,
     ) -> list[str]:
         """Every unit of `todo` on the first free device; returns the warnings the workers found."""
         from .distributed import merge_units
@@ -114,6 +115,7 @@ class LocalDevices:
                     prefetch,
                     thresholds,
                     f"worker for {name}",
+                    fingerprint,
                 )
                 running[future] = (slot, unit)
 
@@ -125,8 +127,9 @@ class LocalDevices:
             for future in finished:
                 slot, unit = running.pop(future)
                 result = self._result(future, slot, unit)
-                for _, digest in result["units"]:
-                    journal.record(unit, digest, plan, result["warnings"])
+                for index, digest in result["units"]:
+                    inputs = result.get("inputs", {}).get(index)
+                    journal.record(unit, digest, plan, result["warnings"], inputs)
                 warnings += result["warnings"]
                 advance(unit.in_nbytes)
                 submit(slot)

@@ -23,7 +23,9 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def write_pieces(path: Path, data: bytes, pieces: list[tuple[int, int]], hashes: filehash.WriteHashes) -> None:
+def write_pieces(
+    path: Path, data: bytes, pieces: list[tuple[int, int]], hashes: filehash.WriteHashes
+) -> None:
     with open(path, "r+b") as f:
         for start, end in pieces:
             f.seek(start)
