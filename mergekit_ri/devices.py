@@ -67,6 +67,12 @@ class LocalDevices:
             resolve_device(name)  # every GPU named must exist
         return torch.device(self.devices[0].split(":")[0])
 
+    def scan(
+        self, plan: MergePlan, units: list[OutputUnit], target: torch.device, prefetch: int, advance: Progress
+    ) -> None:
+        """A pre-pass runs in the driver: it reads from the same disks the workers would."""
+        return None
+
     def close(self) -> None:
         for pool in self._pools:
             pool.shutdown(wait=True, cancel_futures=True)

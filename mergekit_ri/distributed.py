@@ -29,6 +29,7 @@ from .errors import ResumableError, UserError
 
 if TYPE_CHECKING:
     from .engine import Progress
+    from .methods.registry import PassFold, PassMap, PassScan
     from .plan import MergePlan
     from .recipe import Recipe
     from .resume import Journal
@@ -175,7 +176,54 @@ class Distributed:
                 ray.cancel(ref)
         return list(dict.fromkeys(warnings))
 
-    def _result(self, ray: Any, ref: Any, unit: OutputUnit) -> dict[str, Any]:
+    def scan(
+        self,
+        plan: MergePlan,
+        units: list[OutputUnit],
+        target: torch.device,
+        prefetch: int,
+        advance: Progress,
+    ) -> PassScan:
+        """A pre-pass (`methods.registry.PassScan`) as Ray tasks, one per work unit holding merged
+        tensors: each reads its unit's inputs on its node and folds their parts; the driver folds
+        what the tasks return (small: e.g. TIES's histograms), so no tensor crosses the network."""
+        from .resume import layout_digest
+
+        ray = self.connect()
+        gpus = (self.gpus_per_task if self.gpus_per_task is not None else 1.0) if target.type == "cuda" else 0
+        remote = ray.remote(scan_units).options(
+            num_cpus=self.cpus_per_task,
+            num_gpus=gpus,
+            max_retries=self.retries,
+            retry_exceptions=False,
+            name="ri-merge-prepass",
+        )
+        shared = ray.put((self.recipe, self.folder, layout_digest(plan)))
+        merged = {u.index: sum(t.in_nbytes for t in plan.tasks[u.first : u.last] if t.merge) for u in units}
+        todo = [u for u in units if merged[u.index]]
+
+        def scan(part: PassMap, fold: PassFold) -> Any:
+            pending = {
+                remote.remote(shared, [unit], target.type, prefetch, part, fold): unit for unit in todo
+            }
+            folded = None
+            try:
+                while pending:
+                    ready, _ = ray.wait(list(pending), num_returns=1)
+                    for ref in ready:
+                        unit = pending.pop(ref)
+                        piece = self._result(ray, ref, unit)
+                        if piece is not None:
+                            folded = piece if folded is None else fold(folded, piece)
+                        advance(merged[unit.index])
+            finally:
+                for ref in pending:
+                    ray.cancel(ref)
+            return folded
+
+        return scan
+
+    def _result(self, ray: Any, ref: Any, unit: OutputUnit) -> Any:
         """One task's result; its failure as one line (bad input: UserError; workers or nodes
         lost past the retries: ResumableError, the finished units kept)."""
         try:
@@ -284,5 +332,36 @@ def merge_units(
             "node": node_name(),
             "pid": os.getpid(),
         }
+    except UserError as exc:
+        raise UserError(f"{label} on {node_name()}: {exc}") from None
+
+
+def scan_units(
+    shared: tuple[Recipe, Path | None, str],
+    units: list[OutputUnit],
+    device: str,
+    prefetch: int,
+    part: PassMap,
+    fold: PassFold,
+    label: str = "Ray worker",
+) -> Any:
+    """A Ray task of a pre-pass: `part` of every merged tensor of `units`, folded (None if none)."""
+    from .engine import scan_tasks
+    from .io.sources import TensorReader
+    from .memory import plan_memory
+    from .units import node_name, unit_tasks
+
+    recipe, folder, digest = shared
+    try:
+        plan = _worker_plan(recipe, folder, digest)
+        tasks = [t for t in unit_tasks(plan, units) if t.merge]
+        target = torch.device(device)
+        memory = plan_memory(plan, prefetch=prefetch, device=target.type)
+        with TensorReader() as reader, ThreadPoolExecutor(2, "ri-read") as reads:
+            return (
+                scan_tasks(plan, tasks, reader, reads, target, memory, part, fold, lambda n: None)
+                if tasks
+                else None
+            )
     except UserError as exc:
         raise UserError(f"{label} on {node_name()}: {exc}") from None

@@ -12,12 +12,12 @@ from __future__ import annotations
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,6 +32,7 @@ from .kernels import native
 from .kernels.parallel import single_threaded_ops
 from .memory import MemoryPlan, plan_memory, return_freed_memory
 from .methods import TensorContext
+from .methods.registry import PassFold, PassMap, PassScan
 from .nonfinite import NonFiniteGuard
 from .plan import PREFETCH_DEFAULT, MergePlan, TensorTask
 from .reading import RowSource, WorkUnit, load_inputs, stream_inputs, work_units
@@ -155,23 +156,44 @@ def run_prepass(
     device: torch.device,
     memory: MemoryPlan,
     progress: Progress,
+    remote: PassScan | None = None,
 ) -> tuple[float, ...] | None:
     """The method's pre-pass over the whole model, if it needs one (e.g. TIES `trim_scope: model`):
-    the engine streams every merged tensor to it as often as it asks, a few tensors in memory."""
+    the engine streams every merged tensor to it as often as it asks, a few tensors in memory, or
+    `remote` spreads each pass over a cluster's tasks."""
     if not prepass_reads(plan):
         return None
     tasks = [t for t in plan.tasks if t.merge]
+
+    def scan(part: PassMap, fold: PassFold) -> Any:
+        return scan_tasks(plan, tasks, reader, pool, device, memory, part, fold, progress)
+
+    return plan.method.prepass.run([t.params for t in tasks], remote or scan)
+
+
+def scan_tasks(
+    plan: MergePlan,
+    tasks: list[TensorTask],
+    reader: TensorReader,
+    pool: ThreadPoolExecutor,
+    device: torch.device,
+    memory: MemoryPlan,
+    part: PassMap,
+    fold: PassFold,
+    progress: Progress,
+) -> Any:
+    """One pre-pass read of `tasks` (merged tensors, by row blocks): `part` of each, folded."""
     count = len(plan.experts)
-
-    def stream() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        units = work_units(plan, tasks, chunk=memory.chunk, device=device, rows_for_all=True)
-        pin = device.type == "cuda"
-        for unit, raws in stream_inputs(plan, reader, pool, memory.depth, units, pin, memory.read_ahead):
-            base, experts = load_inputs(raws, True, device, fp32=False)
-            yield base.reshape(-1), experts.reshape(count, -1)
-            progress(unit.in_nbytes)
-
-    return plan.method.prepass.run([t.params for t in tasks], stream)
+    units = work_units(plan, tasks, chunk=memory.chunk, device=device, rows_for_all=True)
+    folded = None
+    for unit, raws in stream_inputs(
+        plan, reader, pool, memory.depth, units, device.type == "cuda", memory.read_ahead
+    ):
+        base, experts = load_inputs(raws, True, device, fp32=False)
+        piece = part(base.reshape(-1), experts.reshape(count, -1))
+        folded = piece if folded is None else fold(folded, piece)
+        progress(unit.in_nbytes)
+    return folded
 
 
 def total_work_bytes(plan: MergePlan) -> int:
@@ -349,7 +371,10 @@ def _merge_into(
         guard = NonFiniteGuard(plan, reader, plan.recipe.on_nonfinite)
         blocked = plan.method.raw_inputs and target.type == "cpu"
         with single_threaded_ops() if blocked else nullcontext():
-            thresholds = run_prepass(plan, reader, reads, target, memory, advance)
+            remote = None
+            if distributed is not None and prepass_reads(plan):
+                remote = distributed.scan(plan, units, target, prefetch, advance)
+            thresholds = run_prepass(plan, reader, reads, target, memory, advance, remote)
             reader.observe = content  # the main pass's reads (and the heads'), not the pre-pass's
             if distributed is not None:
                 nonfinite = distributed.run(

@@ -20,7 +20,6 @@ import ctypes
 import ctypes.util
 import math
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import UserError
 from .hugepages import HUGE_PAGE as HUGE_PAGE
 from .hugepages import advise_huge_pages as advise_huge_pages
+from .sizes import MEMORY_UNITS, read_size
 
 if TYPE_CHECKING:
     from .plan import MergePlan
@@ -52,24 +52,6 @@ SMALL = 1 << 16  # entries: below this a threshold is selected from the whole |Ï
 # ---------------------------------------------------------------- sizes
 
 
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 2**10,
-    "m": 2**20,
-    "g": 2**30,
-    "t": 2**40,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-
-
 def parse_memory(value: int | str, where: str = "max_memory") -> int:
     """Bytes from 512MiB, 2G or 2GiB (binary, as `free -g` and docker count), 1.5GB (decimal)
     or a plain number of bytes; a one-line UserError naming `where` for anything else."""
@@ -78,14 +60,13 @@ def parse_memory(value: int | str, where: str = "max_memory") -> int:
     if isinstance(value, int):
         size = value
     else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+|[0-9]+\.)\s*([a-zA-Z]*)\s*", value)
-        unit = match.group(2).lower() if match else "?"
-        if not match or unit not in _UNITS:
+        read = read_size(value, MEMORY_UNITS)
+        if read is None:
             shown = value if len(value) <= 40 else value[:37] + "..."
             raise UserError(
                 f"{where}: cannot read size '{shown}'; write e.g. 512MiB, 2G (= 2GiB) or 1.5GB (= 1.5Â·10^9 bytes)"
             )
-        size = int(float(match.group(1)) * _UNITS[unit])
+        size = read
     if size <= 0:
         raise UserError(f"{where}: must be a positive size, e.g. 512MiB")
     if size >= 2**63:

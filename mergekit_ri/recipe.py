@@ -34,6 +34,7 @@ from pydantic import (
 from yaml.nodes import MappingNode, Node, SequenceNode
 
 from .errors import UserError, hint, shown
+from .sizes import SHARD_UNITS, read_size
 from .vocab.config import TokenizerConfig, check_chat_template
 
 Scalar = Union[bool, int, float, str]
@@ -287,36 +288,17 @@ class Recipe(BaseModel):
         return yaml.safe_dump(fields, sort_keys=False)
 
 
-# mergekit's parse_kmb: a number of bytes, or one letter k, m or b (either case) for 10^3, 10^6
-# and 10^9 ('5B' and '5b' are five billion bytes, never five); byte units (KB, MiB, ...) are ours
-_SIZE_UNITS = {
-    "": 1,
-    "k": 10**3,
-    "m": 10**6,
-    "b": 10**9,
-    "g": 10**9,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-}
-
-
 def parse_size(value: int | str) -> int:
     """Bytes from 123, mergekit's '500M' or '5B' (five billion), or '2GB', '1GiB'."""
     if isinstance(value, int):
         size = value
     else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+|[0-9]+\.)\s*([a-zA-Z]*)\s*", str(value))
-        unit = match.group(2).lower() if match else "?"
-        if not match or unit not in _SIZE_UNITS or not math.isfinite(float(match.group(1))):
+        read = read_size(str(value), SHARD_UNITS)
+        if read is None:
             raise ValueError(
                 f"cannot read size '{shown(value)}'; write e.g. 5B (mergekit's 5·10^9), 500M, 2GB or 1GiB"
             )
-        size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+        size = read
     if size <= 0:
         raise ValueError("out_shard_size must be positive")
     if size >= INT64:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Does `ri-merge` give mergekit's model? Both tools on the same recipes, tensor by tensor.
 
-    python scripts/parity_mergekit.py [--markdown] [--out docs/parity.md] [--only NAME,...]
+    python scripts/parity_mergekit.py [--markdown] [--out docs/parity.md] [--only NAME,...]  # --out: rows into the page
                                       [--workdir bench-data/parity] [--venv /work/mk-venv]
 
 1. Installs mergekit 0.1.5 into its own venv when missing (scripts/mergekit_venv.py; one-time,
@@ -960,6 +960,29 @@ def render_table(rows: list[Row], markdown: bool) -> str:
     )
 
 
+def update_page(page: str, table: str) -> str:
+    """`page` (markdown) with each of `table`'s rows put in place of the row of the same recipe in
+    any of its tables; rows it has no place for go at the end of its first table. The prose, and
+    rows this run did not compare (an `--only` run), stay as they are."""
+    rows = table.splitlines()[2:]
+    by_recipe = {row.split("|")[1].strip(): row for row in rows}
+    lines = page.splitlines()
+    header = "| " + " | ".join(HEADERS) + " |"
+    first_end = None
+    for i, line in enumerate(lines):
+        if line.startswith("| ") and line.split("|")[1].strip() in by_recipe and line != header:
+            lines[i] = by_recipe.pop(line.split("|")[1].strip())
+        if first_end is None and line == header:
+            first_end = i + 2
+            while first_end < len(lines) and lines[first_end].startswith("|"):
+                first_end += 1
+    new = [row for row in rows if row.split("|")[1].strip() in by_recipe]
+    if first_end is None:
+        return page.rstrip("\n") + ("\n\n" if page.strip() else "") + table + "\n"
+    lines[first_end:first_end] = new
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -1144,7 +1167,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     parser.add_argument(
-        "--out", type=Path, help="also write the markdown table (and the method lists) to this file"
+        "--out",
+        type=Path,
+        help="also put the rows into this markdown page's tables (a recipe's row replaced, new ones "
+        "appended to the first table, the prose kept), and write parity.json into the workdir",
     )
     parser.add_argument("--only", default="", help="comma-separated recipe names (default: all)")
     parser.add_argument("--workdir", type=Path, default=REPO / "bench-data" / "parity")
@@ -1219,7 +1245,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(render_table(rows, True) + "\n")
+        page = args.out.read_text() if args.out.exists() else ""
+        args.out.write_text(update_page(page, render_table(rows, True)))
         (args.workdir / "parity.json").write_text(
             json.dumps(
                 {"rows": [dict(zip(HEADERS, row_cells(r))) for r in rows], "methods": summary}, indent=2

@@ -194,6 +194,7 @@ def test_default_cap_is_a_share_of_the_machine(tmp_path, models):
     assert plan.cap == cap and plan.peak <= cap
 
 
+@pytest.mark.slow  # plans two 4096-vocab models
 def test_planned_peak_is_flat_in_model_size_at_a_fixed_cap(tmp_path):
     peaks = []
     for layers in (2, 6):

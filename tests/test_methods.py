@@ -270,8 +270,9 @@ def test_row_chunked_merge_equals_whole_tensor_merge(tmp_path, monkeypatch, meth
 @pytest.mark.parametrize(
     "method,fields",
     [
-        ("ties", {"parameters": {"density": 0.3}}),
-        ("ties", {"parameters": {"density": 0.3, "trim_scope": "model"}}),
+        # TIES on 50-entry row chunks takes ~10 s each (a histogram pass per chunk)
+        pytest.param("ties", {"parameters": {"density": 0.3}}, marks=pytest.mark.slow),
+        pytest.param("ties", {"parameters": {"density": 0.3, "trim_scope": "model"}}, marks=pytest.mark.slow),
         ("dare_ties", {"parameters": {"density": 0.5}}),
     ],
 )

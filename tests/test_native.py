@@ -181,6 +181,7 @@ def test_library_is_built_once_into_the_cache_and_reused(tmp_path, monkeypatch):
     assert native.library() is not None and built[0].stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow  # compiles the C library
 def test_a_read_only_cache_still_builds_into_a_temporary_folder(tmp_path, monkeypatch):
     blocked_cache = tmp_path / "file-not-folder"
     blocked_cache.write_text("")  # the cache folder cannot be created under a file
@@ -195,6 +196,7 @@ def test_a_read_only_cache_still_builds_into_a_temporary_folder(tmp_path, monkey
     )
 
 
+@pytest.mark.slow  # compiles the C library
 def test_a_compiler_without_march_native_builds_portably(tmp_path, monkeypatch):
     import shutil
 
@@ -235,7 +237,16 @@ def test_environment_switch_forces_torch(monkeypatch):
 
 
 @pytest.mark.parametrize("streamed", [False, True])
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "dare_linear", "linear"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "task_arithmetic",
+        pytest.param("ties", marks=pytest.mark.slow),  # 50-entry row chunks: ~10 s
+        "dare_ties",
+        "dare_linear",
+        "linear",
+    ],
+)
 def test_cli_merges_with_and_without_the_c_kernels_are_identical(
     tmp_path, recipe_for, monkeypatch, method, streamed
 ):

@@ -264,6 +264,29 @@ def test_markdown_table_has_a_row_per_recipe(parity):
     assert len(lines) == 3 and lines[0].startswith("| recipe |") and "x \\| y" in lines[2]
 
 
+def test_out_puts_rows_into_the_page_and_keeps_its_prose(parity):
+    """`--out docs/parity.md` after an `--only` run: that recipe's row is replaced where it stands
+    (in whichever table), a new recipe's row joins the first table, everything else stays."""
+
+    def table(*recipes: str, mark: str) -> str:
+        rows = [
+            parity.Row(r, "ties", parity.Run(True), parity.Run(False, f"ValueError: {mark}")) for r in recipes
+        ]
+        return parity.render_table(rows, markdown=True)
+
+    old = table("a", "b", mark="old")
+    page = f"# Parity\n\nProse.\n\n{old}\n\n## Vocabularies\n\nMore prose.\n\n{table('v', mark='old')}\n"
+    updated = parity.update_page(page, table("b", "v", "c", mark="new"))
+    lines = updated.splitlines()
+    assert "Prose." in lines and "More prose." in lines and "## Vocabularies" in lines
+    new_rows = {row.split("|")[1].strip(): row for row in table("b", "v", "c", mark="new").splitlines()[2:]}
+    old_rows = {row.split("|")[1].strip(): row for row in old.splitlines()[2:]}
+    first = lines.index(old.splitlines()[0])
+    assert lines[first + 2 : first + 5] == [old_rows["a"], new_rows["b"], new_rows["c"]]
+    assert new_rows["v"] in lines and lines.index(new_rows["v"]) > lines.index("More prose.")
+    assert parity.update_page("", table("a", mark="new")) == table("a", mark="new") + "\n"
+
+
 def test_vocabulary_recipes_render_and_rows_are_compared_by_token(parity, tmp_path):
     """The vocabulary rows name only the vocabulary models, and ri-merge's rows are put in
     mergekit's token order (padding rows stay) before the entry-by-entry comparison."""

@@ -77,17 +77,27 @@ def test_without_ray_installed_one_line_names_the_extra(tmp_path: Path, models, 
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic", "slerp"])
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("ties", {}),
+        ("ties", {"parameters": {"trim_scope": "model"}}),  # the whole-model pre-pass on the workers too
+        ("dare_ties", {}),
+        ("task_arithmetic", {}),
+        ("slerp", {}),
+    ],
+)
 def test_ray_merge_is_byte_identical_and_runs_on_the_workers(
-    tmp_path: Path, cluster, models, method: str, monkeypatch
+    tmp_path: Path, cluster, models, method: str, extra: dict, monkeypatch
 ) -> None:
-    path = recipe(tmp_path, models, method)
+    path = recipe(tmp_path, models, method, **extra)
     single = m.merge(path, tmp_path / "single", options=MergeOptions(unit_size=UNIT, fingerprint_inputs=True))
 
     def not_here(*args: object, **kwargs: object) -> None:
-        raise AssertionError("a unit was computed in the driver")
+        raise AssertionError("a unit or a pre-pass read was computed in the driver")
 
     monkeypatch.setattr(engine, "merge_tasks", not_here)  # the workers are other processes
+    monkeypatch.setattr(engine, "scan_tasks", not_here)
     distributed = m.merge(
         path, tmp_path / "ray", options=MergeOptions(ray="local", unit_size=UNIT, fingerprint_inputs=True)
     )

@@ -106,6 +106,7 @@ def test_a_merge_waits_for_the_lock_then_uses_the_entry(setup, counted):
     assert len(counted) == 2
 
 
+@pytest.mark.slow  # trains an expert
 def test_an_incomplete_entry_is_retrained_and_replaced(setup, counted):
     recipe, root = setup
     _, status = prepare.resolve_interference(recipe, root, torch.device("cpu"), dry_run=True)

@@ -135,6 +135,7 @@ def test_wudi_refuses_optmerge_solvers_naming_the_field_and_the_choices(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # four wudi2 SGD merges through the CLI
 @pytest.mark.parametrize("solver, forbidden", [("sgd", "momentum_residual"), ("sgd_spectral", "solve_sgd")])
 def test_wudi2_sgd_routes_through_the_cli_are_separate_and_agree(
     tmp_path, recipe_for, monkeypatch, solver, forbidden

@@ -12,11 +12,12 @@ threshold is exactly the k-th largest magnitude a whole-model sort would give.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 from .. import kernels
 from ..errors import UserError
 from ..lazy import torch
-from .registry import PassStream, Prepass, TensorParams
+from .registry import PassScan, Prepass, TensorParams
 
 
 def reads(params: Sequence[TensorParams]) -> int:
@@ -24,9 +25,9 @@ def reads(params: Sequence[TensorParams]) -> int:
     return 2 if any(p.globals.get("trim_scope") == "model" for p in params) else 0
 
 
-def model_thresholds(params: Sequence[TensorParams], stream: PassStream) -> tuple[float, ...]:
+def model_thresholds(params: Sequence[TensorParams], scan: PassScan) -> tuple[float, ...]:
     """Each expert's exact k-th largest |τ_i| over all merged tensors (k = ⌊density·n⌋ with n
-    their total size; inf when k = 0, 0 when k = n), from two passes of `stream`."""
+    their total size; inf when k = 0, 0 when k = n), from two passes of `scan`."""
     from ..kernels.select import bits_to_float, bucket_of_kth
 
     densities = {tuple(p.per_model["density"]) for p in params}
@@ -37,12 +38,10 @@ def model_thresholds(params: Sequence[TensorParams], stream: PassStream) -> tupl
     density = next(iter(densities))
     count = len(density)
 
-    sizes: list[int] = []
-    high_hist = histograms(stream, count, None, sizes)
-    total = sum(sizes)
+    high_hist, total = histograms(scan, count, None)
     keep = [int(d * total) for d in density]
     highs, ranks = zip(*(bucket_of_kth(high_hist[i], max(keep[i], 1)) for i in range(count)))
-    low_hist = histograms(stream, count, [h if keep[i] > 0 else None for i, h in enumerate(highs)], [])
+    low_hist, _ = histograms(scan, count, [h if keep[i] > 0 else None for i, h in enumerate(highs)])
     thresholds = []
     for i in range(count):
         if keep[i] <= 0:
@@ -55,19 +54,26 @@ def model_thresholds(params: Sequence[TensorParams], stream: PassStream) -> tupl
     return tuple(thresholds)
 
 
-def histograms(
-    stream: PassStream, count: int, buckets: list[int | None] | None, sizes: list[int]
-) -> torch.Tensor:
+def histograms(scan: PassScan, count: int, buckets: list[int | None] | None) -> tuple[torch.Tensor, int]:
     """[N, BUCKETS] counts of |τ_i|'s high 16 bits (buckets None) or of the low 16 bits inside
-    buckets[i] over one pass of `stream`, on the inputs' device; each tensor's size into `sizes`."""
+    buckets[i] over one pass, and the entries counted per expert."""
     from ..kernels.select import BUCKETS
 
-    hist = None
-    for base, experts in stream():
-        part = kernels.magnitude_histograms(base, experts, buckets)
-        hist = part if hist is None else hist.add_(part)
-        sizes.append(base.numel())
-    return hist if hist is not None else torch.zeros((count, BUCKETS), dtype=torch.int64)
+    folded = scan(partial(tensor_histograms, buckets), add_histograms)
+    if folded is None:
+        return torch.zeros((count, BUCKETS), dtype=torch.int64), 0
+    return folded
+
+
+def tensor_histograms(
+    buckets: list[int | None] | None, base: torch.Tensor, experts: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """One tensor's part of a pass: its histograms (on the CPU, to travel) and its size."""
+    return kernels.magnitude_histograms(base, experts, buckets).cpu(), base.numel()
+
+
+def add_histograms(a: tuple[torch.Tensor, int], b: tuple[torch.Tensor, int]) -> tuple[torch.Tensor, int]:
+    return a[0] + b[0], a[1] + b[1]
 
 
 MODEL_TRIM = Prepass(reads, model_thresholds)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -194,7 +194,12 @@ class TensorContext:
 
 MergeFn = Callable[["torch.Tensor | None", "torch.Tensor", TensorParams, TensorContext], "torch.Tensor"]
 # one read of every merged tensor, each as flat base [n] and experts [N, n] in the file dtype
-PassStream = Callable[[], Iterator[tuple["torch.Tensor", "torch.Tensor"]]]
+PassMap = Callable[["torch.Tensor", "torch.Tensor"], Any]  # one tensor's (base [n], experts [N, n]) → a part
+PassFold = Callable[[Any, Any], Any]  # two parts → one (associative and commutative)
+# scan(part, fold): `part` of every merged tensor, folded; None when there is none. The tensors may
+# be visited in any order and on other machines (Ray tasks), so `part` must pickle (a module-level
+# function or a functools.partial of one) and return CPU-movable values.
+PassScan = Callable[[PassMap, PassFold], Any]
 
 
 @dataclass(frozen=True)
@@ -202,11 +207,13 @@ class Prepass:
     """A pass over the whole model that a method needs before it merges any tensor (TIES's
     `trim_scope: model` thresholds). Given the parameters of every merged tensor, `reads` says how
     many times it reads the inputs (0: not needed for these parameters; the progress bar counts
-    them) and `run(params, stream)` computes what each tensor's merge gets as `ctx.prepass`,
-    calling `stream()` once per read. The engine runs it; the method owns the maths."""
+    them) and `run(params, scan)` computes what each tensor's merge gets as `ctx.prepass`, calling
+    `scan` once per read. A pass is a map and a fold, so the engine can run it in this process or
+    spread over a Ray cluster's tasks (each folds its tensors, the driver folds their parts); the
+    method owns the maths."""
 
     reads: Callable[[Sequence[TensorParams]], int]
-    run: Callable[[Sequence[TensorParams], PassStream], tuple[float, ...]]
+    run: Callable[[Sequence[TensorParams], PassScan], tuple[float, ...]]
 
 
 @dataclass(frozen=True)
