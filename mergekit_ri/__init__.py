@@ -15,7 +15,7 @@ import sys
 from types import ModuleType
 from typing import Any
 
-from .errors import UserError
+from .errors import MergeInterrupted, UserError
 
 __version__ = "0.1.0"
 
@@ -31,7 +31,7 @@ _API = {
     "RIStatus": "ri.prepare",
     "ri_demo": "demo_ri",
 }
-__all__ = ["__version__", "UserError", "plan", *_API]
+__all__ = ["__version__", "UserError", "MergeInterrupted", "plan", *_API]
 
 
 def __getattr__(name: str) -> Any:

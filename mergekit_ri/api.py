@@ -66,7 +66,7 @@ class MergeOptions:
 
     Scale-out and faults (docs/scale-out.md):
     resume: continue the merge an earlier run of the same recipe into the same output left
-        unfinished (killed, crashed, a lost machine): its finished work units are verified by
+        unfinished (interrupted, killed, crashed, a lost machine): its finished work units are verified by
         hash and kept; a different recipe or changed inputs are refused.
     ray: run the work units as tasks on a Ray cluster (needs the `ray` extra): its address
         (host:port, ray://host:port, auto) or local (Ray's default: RAY_ADDRESS, a cluster on
@@ -191,7 +191,9 @@ def merge(
     """Merge the recipe's models into the folder `out` and describe what was written.
 
     `out` is written atomically: a hidden staging folder beside it is renamed into place at the
-    end, so a failed merge leaves nothing that looks like a checkpoint."""
+    end, so a failed merge leaves nothing that looks like a checkpoint. A KeyboardInterrupt once
+    a work unit is finished keeps that folder and raises `MergeInterrupted` (a KeyboardInterrupt):
+    the same call with `resume=True` computes only the rest."""
     events = events or MergeEvents()
     source = _read(recipe)
     if source.stages is not None:
@@ -207,18 +209,22 @@ def _merge_one(source: _Source, out: Path, options: MergeOptions, events: MergeE
         from .plan import build_plan
 
         protected = _ri_inputs(original, source.folder, out, options.force)
-        adapted, status = _resolve_interference(original, source.folder, events, dry_run=False)
-        merge_plan = _with_memory(build_plan(adapted, source.folder), options)
-        merge_plan.memory()  # a cap too small for a tensor: refused before anything is read or written
-        merge_plan.protected.extend(protected)
-        check_target(out, input_paths(merge_plan), options.force)  # a refused output: its one line alone
-        events.on_plan(merge_plan, total_work_bytes(merge_plan))
-        for warning in merge_plan.warnings:
-            events.on_warning(warning)
-        announced = len(merge_plan.warnings)
-        layers: dict[str, dict[str, float]] | None = {} if options.report_layers else None
-        distributed = _distributed(original, adapted, source.folder, options)
+        distributed = _distributed(original, source.folder, options)  # RI's experts may train on it too
         try:
+            adapted, status = _resolve_interference(
+                original, source.folder, events, dry_run=False, distributed=distributed
+            )
+            if distributed is not None:
+                distributed.recipe = adapted  # the merge's tasks plan from the adapted experts
+            merge_plan = _with_memory(build_plan(adapted, source.folder), options)
+            merge_plan.memory()  # a cap too small for a tensor: refused before anything is read or written
+            merge_plan.protected.extend(protected)
+            check_target(out, input_paths(merge_plan), options.force)  # a refused output: its one line alone
+            events.on_plan(merge_plan, total_work_bytes(merge_plan))
+            for warning in merge_plan.warnings:
+                events.on_warning(warning)
+            announced = len(merge_plan.warnings)
+            layers: dict[str, dict[str, float]] | None = {} if options.report_layers else None
             result = run_merge(
                 merge_plan,
                 out,
@@ -394,10 +400,11 @@ def _ri_inputs(recipe: Recipe, folder: Path | None, out: Path, force: bool) -> l
 
 
 def _resolve_interference(
-    recipe: Recipe, folder: Path | None, events: MergeEvents, dry_run: bool
+    recipe: Recipe, folder: Path | None, events: MergeEvents, dry_run: bool, distributed: Any = None
 ) -> tuple[Recipe, RIStatus | None]:
     """RI as a step in front of the merge: the recipe pointed at the adapted experts, and what RI
-    did. Recipes without `resolve_interference` pass through."""
+    did. Recipes without `resolve_interference` pass through. A merge on Ray (`distributed`, the
+    cluster its units run on) adapts its experts there too (`ri/remote.py`)."""
     if recipe.resolve_interference is None:
         return recipe, None
     from .engine import resolve_device
@@ -407,15 +414,26 @@ def _resolve_interference(
         events.on_ri_start(label, steps)
         return lambda step, l1, l2: events.on_ri_step(label, step, l1, l2)
 
+    if distributed is not None and not dry_run and _on_ray(distributed):
+        device = distributed.device(recipe.device)  # the workers' kind: the driver may have no GPU
+        return resolve_interference(recipe, folder, device, report=start, cluster=distributed)
     return resolve_interference(recipe, folder, resolve_device(recipe.device), report=start, dry_run=dry_run)
 
 
-def _distributed(original: Recipe, adapted: Recipe, folder: Path | None, options: MergeOptions):
-    """Where the work units run: the --ray address, else the recipe's `distributed`; None: here."""
+def _on_ray(distributed: Any) -> bool:
+    from .distributed import Distributed
+
+    return isinstance(distributed, Distributed)
+
+
+def _distributed(original: Recipe, folder: Path | None, options: MergeOptions):
+    """Where the work units run: the --ray address, else the recipe's `distributed`; None: here.
+    Made from the recipe as given (nothing connects yet); the caller points it at the adapted
+    recipe once RI has run."""
     if options.devices is not None:
         from .devices import LocalDevices
 
-        return LocalDevices(options.devices, adapted, folder or Path.cwd())
+        return LocalDevices(options.devices, original, folder or Path.cwd())
     spec = original.distributed
     address = options.ray if options.ray is not None else (spec.ray if spec is not None else None)
     if address is None:
@@ -429,7 +447,7 @@ def _distributed(original: Recipe, adapted: Recipe, folder: Path | None, options
             "gpus_per_task": spec.gpus_per_task,
             "retries": spec.retries,
         }
-    return Distributed(address.strip(), adapted, folder or Path.cwd(), **knobs)
+    return Distributed(address.strip(), original, folder or Path.cwd(), **knobs)
 
 
 def _layer_collector(layers: dict[str, dict[str, float]], events: MergeEvents):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .heads import HEAD_INDEX, head_entry
 from .io.sources import TensorReader
@@ -192,6 +192,19 @@ def _front_matter(plan: MergePlan, applied: RIProvenance | None) -> str:
     return yaml.safe_dump(header, sort_keys=False, allow_unicode=True)
 
 
+def save_in_order(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file with the metadata's keys in sorted order. safetensors keeps the
+    metadata in a Rust HashMap, which orders two keys differently from one process to the next:
+    the same merge must write the same bytes (a Ray driver, a resumed merge, a second run)."""
+    blob = save(tensors, metadata=metadata)
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + size])
+    header = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # as safetensors pads: the data stays 8-byte aligned
+    path.write_bytes(len(text).to_bytes(8, "little") + text + blob[8 + size :])
+
+
 def write_heads(folder: Path, plan: MergePlan, reader: TensorReader) -> None:
     """heads/<expert>.safetensors (each expert's head, as stored) and heads/index.json."""
     if not plan.heads:
@@ -201,10 +214,10 @@ def write_heads(folder: Path, plan: MergePlan, reader: TensorReader) -> None:
     for model in plan.experts:
         refs = plan.heads[model.label]
         file = f"{model.label}.safetensors"
-        save_file(
+        save_in_order(
             {name: reader.read(ref).clone() for name, ref in refs.items()},
             folder / "heads" / file,
-            metadata={"format": "pt", "expert": model.reference},
+            {"format": "pt", "expert": model.reference},
         )
         shapes = {name: list(ref.shape) for name, ref in refs.items()}
         entries[model.label] = head_entry(model.label, model.reference, file, shapes, model.config())

@@ -2,7 +2,9 @@
 
 `ri-merge RECIPE OUT` (mergekit-yaml's form, its flags included) and `ri-merge RECIPE -o OUT` are
 short for `ri-merge merge RECIPE -o OUT`. Exit codes: 0 success,
-2 bad input (one line on stderr, no traceback), 1 internal error, 130 interrupted.
+2 bad input (one line on stderr, no traceback), 1 internal error, 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM). An interrupted merge with finished work units keeps them for `--resume`
+and prints the command that continues it.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shlex
 import signal
 import sys
 import traceback
@@ -22,7 +25,7 @@ from rich.console import Console
 
 from . import __version__
 from .demo import demo_recipe_path, prepare_demo_folder  # noqa: F401 (demo_recipe_path: kept importable here)
-from .errors import UserError
+from .errors import MergeInterrupted, UserError
 from .events import MergeEvents
 
 if TYPE_CHECKING:
@@ -51,14 +54,24 @@ def _human(n: float) -> str:
 def _guarded(body: Callable[[], Any], verbose: bool = False) -> None:
     """Run a command body; map errors to exit codes and one-line messages."""
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    _SIGNALLED.clear()
     try:
         body()
     except UserError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    except MergeInterrupted as exc:
+        err.print(
+            f"interrupted: {exc.kept} of {exc.total} work units finished and kept; continue with: "
+            f"{exc.command or f'ri-merge RECIPE -o {shlex.quote(str(exc.out))} --resume'}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(_interrupted_code()) from None
     except KeyboardInterrupt:
         err.print("interrupted: no output was written", markup=False)
-        raise typer.Exit(130) from None
+        raise typer.Exit(_interrupted_code()) from None
     except typer.Exit:
         raise
     except BrokenPipeError:  # `ri-merge ... --json | head`: the reader left; nothing is wrong here
@@ -88,8 +101,29 @@ def _silence_stdout() -> None:
         pass
 
 
+_SIGNALLED: list[int] = []  # SIGTERM seen by the running command (SIGINT is Python's own KeyboardInterrupt)
+_INVOKED: list[str] = []  # the arguments `main` ran, for the command that resumes an interrupted merge
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM (a batch scheduler's preemption, `kill`): stop as Ctrl-C does, exit 143."""
+    _SIGNALLED.append(signum)
     raise KeyboardInterrupt
+
+
+def _interrupted_code() -> int:
+    """128 + the signal, as a shell reports a process that signal ended: 130 Ctrl-C, 143 SIGTERM."""
+    return 128 + (_SIGNALLED[0] if _SIGNALLED else signal.SIGINT)
+
+
+def _resume_command(recipe: Path, output: Path, options: "MergeOptions") -> str:
+    """The command that continues an interrupted merge: the one typed, with --resume (its options
+    decide the bytes and the work units); from elsewhere (the demo, a test), RECIPE -o OUT."""
+    typed = list(_INVOKED)
+    if typed and (typed[0] == "merge" or typed[0] not in SUBCOMMANDS and not typed[0].startswith("-")):
+        return shlex.join(["ri-merge", *typed, *([] if "--resume" in typed else ["--resume"])])
+    force = ["--force"] if options.force else []
+    return shlex.join(["ri-merge", str(recipe), "-o", str(output), *force, "--resume"])
 
 
 class _NoBars:
@@ -163,6 +197,8 @@ def _memory_text(memory: dict[str, Any]) -> str:
 
     cap = _human(memory["cap"]) if memory["cap"] is not None else "none"
     streamed = f", {memory['streamed_tensors']} tensor(s) read by rows" if memory["streamed_tensors"] else ""
+    if memory.get("pinned"):
+        streamed += f"; {_human(memory['pinned'])} of it page-locked GPU staging buffers"
     ahead = (
         "no read-ahead"
         if not memory["read_ahead_units"]
@@ -360,8 +396,14 @@ def _run_merge(
             )
         return
     show_bars = not quiet and (err.is_terminal or verbose)
-    with _Rendered(show_bars, quiet, verbose and not quiet, verbose and not quiet and not as_json) as events:
-        result = api.merge(recipe, output, options=options, events=events)
+    try:
+        with _Rendered(
+            show_bars, quiet, verbose and not quiet, verbose and not quiet and not as_json
+        ) as events:
+            result = api.merge(recipe, output, options=options, events=events)
+    except MergeInterrupted as exc:
+        exc.command = _resume_command(recipe, output, options)
+        raise
     if result.interference is not None:
         xi = result.interference
         err.print(
@@ -476,8 +518,9 @@ ResumeOpt = Annotated[
     bool,
     typer.Option(
         "--resume",
-        help="Continue the merge into this output that a kill, crash or lost machine left unfinished: "
-        "finished work units are verified by hash and kept (refused if the recipe or inputs changed).",
+        help="Continue the merge into this output that Ctrl-C, SIGTERM, a kill, crash or lost machine left "
+        "unfinished: finished work units are verified by hash and kept (refused if the recipe or inputs "
+        "changed).",
     ),
 ]
 FingerprintOpt = Annotated[
@@ -984,9 +1027,13 @@ def main(argv: list[str] | None = None) -> None:
     if args == ["version"]:
         print(__version__)
         sys.exit(0)  # as typer ends a command
+    _INVOKED[:] = args
     if args and args[0] not in SUBCOMMANDS and not args[0].startswith("-"):
         args.insert(0, "merge")
-    app(args, prog_name="ri-merge")
+    try:
+        app(args, prog_name="ri-merge")
+    finally:
+        _INVOKED.clear()
 
 
 def _bare_ray(args: list[str]) -> list[str]:

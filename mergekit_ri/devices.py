@@ -128,18 +128,30 @@ class LocalDevices:
         for slot in range(len(self.devices)):
             submit(slot)
         warnings: list[str] = []
-        while running:
-            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for future in finished:
-                slot, unit = running.pop(future)
-                result = self._result(future, slot, unit)
-                for index, digest in result["units"]:
-                    inputs = result.get("inputs", {}).get(index)
-                    journal.record(unit, digest, plan, result["warnings"], inputs)
-                warnings += result["warnings"]
-                advance(unit.in_nbytes)
-                submit(slot)
+        try:
+            while running:
+                finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for future in finished:
+                    slot, unit = running.pop(future)
+                    result = self._result(future, slot, unit)
+                    for index, digest in result["units"]:
+                        inputs = result.get("inputs", {}).get(index)
+                        journal.record(unit, digest, plan, result["warnings"], inputs)
+                    warnings += result["warnings"]
+                    advance(unit.in_nbytes)
+                    submit(slot)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the units in progress are not waited for
+            self._terminate()
+            raise
         return list(dict.fromkeys(warnings))
+
+    def _terminate(self) -> None:
+        """Stop the workers now: a unit cut short is not journaled, so --resume computes it again."""
+        for pool in self._pools:
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.join(timeout=10)
 
     def _result(self, future: Future, slot: int, unit: OutputUnit) -> dict[str, Any]:
         try:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from urllib.parse import urlsplit
 
 import torch
 
+from . import unit_progress
 from .errors import ResumableError, UserError
 
 if TYPE_CHECKING:
@@ -88,6 +91,8 @@ class Distributed:
         if not ray.is_initialized():  # else: this process already joined a cluster (ray.init)
             quiet = logging.getLogger("ray")
             level, quiet.level = quiet.level, logging.ERROR  # Ray's start-up notes are not ours to print
+            main = threading.current_thread() is threading.main_thread()
+            sigterm = signal.getsignal(signal.SIGTERM) if main else None
             try:
                 ray.init(
                     address=None if self.address == "local" else self.address,
@@ -100,6 +105,8 @@ class Distributed:
                 raise UserError(f"cannot join the Ray cluster at {self.address}: {first}") from None
             finally:
                 quiet.setLevel(level)
+                if main and sigterm is not None:  # ray.init's own handler exits at once (sys.exit):
+                    signal.signal(signal.SIGTERM, sigterm)  # ours stops as Ctrl-C does, units kept
             self._started = True
         self._ray = ray
         self._gpus = float(ray.cluster_resources().get("GPU", 0))
@@ -144,25 +151,29 @@ class Distributed:
         # the driver creates the files, the tasks fill them
         with ShardWriter(staging, plan.shard_layouts(), reuse=True):
             pass
-        gpus = (self.gpus_per_task if self.gpus_per_task is not None else 1.0) if target.type == "cuda" else 0
-        remote = ray.remote(merge_units).options(
-            num_cpus=self.cpus_per_task,
-            num_gpus=gpus,
-            max_retries=self.retries,
-            retry_exceptions=False,
-            name="ri-merge-unit",
-        )
+        remote = self._task(merge_units, "ri-merge-unit", target)
         recipe = ray.put((self.recipe, self.folder, layout_digest(plan)))
+        fine = bool(todo) and max(u.in_nbytes for u in todo) >= unit_progress.FINE_PROGRESS
+        actor = ray.remote(unit_progress.UnitProgress).options(num_cpus=0).remote() if fine else None
+        progress = unit_progress.Aggregate(ray, actor, advance, {u.index: u.in_nbytes for u in todo})
         pending = {
             remote.remote(
-                recipe, str(staging), [unit], target.type, prefetch, thresholds, fingerprint=fingerprint
+                recipe,
+                str(staging),
+                [unit],
+                target.type,
+                prefetch,
+                thresholds,
+                progress=actor,
+                fingerprint=fingerprint,
             ): unit
             for unit in todo
         }
         warnings: list[str] = []
         try:
             while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=unit_progress.REPORT_EVERY)
+                progress.poll()
                 for ref in ready:
                     unit = pending.pop(ref)
                     result = self._result(ray, ref, unit)
@@ -170,10 +181,9 @@ class Distributed:
                         inputs = result.get("inputs", {}).get(index)
                         journal.record(unit, digest, plan, result["warnings"], inputs)
                     warnings += result["warnings"]
-                    advance(unit.in_nbytes)
+                    progress.finished(unit.index)
         finally:
-            for ref in pending:
-                ray.cancel(ref)
+            _stop(ray, pending, actor)
         return list(dict.fromkeys(warnings))
 
     def scan(
@@ -190,14 +200,7 @@ class Distributed:
         from .resume import layout_digest
 
         ray = self.connect()
-        gpus = (self.gpus_per_task if self.gpus_per_task is not None else 1.0) if target.type == "cuda" else 0
-        remote = ray.remote(scan_units).options(
-            num_cpus=self.cpus_per_task,
-            num_gpus=gpus,
-            max_retries=self.retries,
-            retry_exceptions=False,
-            name="ri-merge-prepass",
-        )
+        remote = self._task(scan_units, "ri-merge-prepass", target)
         shared = ray.put((self.recipe, self.folder, layout_digest(plan)))
         merged = {u.index: sum(t.in_nbytes for t in plan.tasks[u.first : u.last] if t.merge) for u in units}
         todo = [u for u in units if merged[u.index]]
@@ -217,11 +220,22 @@ class Distributed:
                             folded = piece if folded is None else fold(folded, piece)
                         advance(merged[unit.index])
             finally:
-                for ref in pending:
-                    ray.cancel(ref)
+                _stop(ray, pending)
             return folded
 
         return scan
+
+    def _task(self, fn: Any, name: str, target: torch.device) -> Any:
+        """`fn` as a Ray task with this merge's resources and bounded retries (a lost worker or
+        node is retried; an exception raised by `fn` itself is not: it would fail again)."""
+        gpus = (self.gpus_per_task if self.gpus_per_task is not None else 1.0) if target.type == "cuda" else 0
+        return self._ray.remote(fn).options(
+            num_cpus=self.cpus_per_task,
+            num_gpus=gpus,
+            max_retries=self.retries,
+            retry_exceptions=False,
+            name=name,
+        )
 
     def _result(self, ray: Any, ref: Any, unit: OutputUnit) -> Any:
         """One task's result; its failure as one line (bad input: UserError; workers or nodes
@@ -239,6 +253,17 @@ class Distributed:
                 f"work unit {unit.index} failed {self.retries + 1} time(s) on the Ray cluster ({first}); "
                 "the finished units are kept: rerun with --resume"
             ) from None
+
+
+def _stop(ray: Any, pending: dict[Any, Any], actor: Any = None) -> None:
+    """After Ctrl-C, SIGTERM or a failed task: stop the running tasks, drop the queued ones."""
+    try:
+        for ref in pending:
+            ray.cancel(ref)
+        if actor is not None:
+            ray.kill(actor)
+    except Exception:  # a local cluster a terminal's Ctrl-C reached too: gone, nothing to stop
+        pass
 
 
 _PLANS: dict[tuple[str, str, str], MergePlan] = {}  # a worker runs many units of one merge: planned once
@@ -268,10 +293,13 @@ def merge_units(
     prefetch: int,
     thresholds: tuple[float, ...] | None,
     label: str = "Ray worker",
+    progress: Any = None,
     fingerprint: bool = False,
 ) -> dict[str, Any]:
     """A Ray task (or a `--devices` worker): compute `units` into the staging folder's shard
-    files; their sha256s (with `fingerprint`, their inputs' too). Bad input it finds is a UserError naming the worker and its machine."""
+    files; their sha256s (with `fingerprint`, their inputs' too, for the card). Bad input it finds
+    is a UserError naming the worker and its machine. `progress`: the driver's `UnitProgress`
+    actor, told the input bytes merged as they go."""
     from .engine import merge_tasks
     from .io.contenthash import ReadHashes
     from .io.sources import TensorReader
@@ -320,7 +348,9 @@ def merge_units(
                     writer,
                     target,
                     memory,
-                    lambda n: None,
+                    unit_progress.Reporter(progress, units[0].index)
+                    if progress is not None and units
+                    else lambda n: None,
                     None,
                     thresholds,
                     guard,

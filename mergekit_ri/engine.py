@@ -22,10 +22,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .artifacts import copy_tokenizer, write_config, write_heads, write_model_card
-from .errors import ResumableError, UserError
+from .errors import MergeInterrupted, ResumableError, UserError
 from .io.contenthash import ReadHashes
 from .io.manifest import FileRecord, file_manifest
-from .io.output import OutputLock, check_space, check_target, clean_stale, make_staging, output_error, publish
+from .io.output import (
+    OutputLock,
+    check_space,
+    check_target,
+    clean_stale,
+    make_staging,
+    mark_stopped,
+    output_error,
+    publish,
+)
 from .io.sources import ST_DTYPES, ModelSource, TensorReader
 from .io.writer import ShardWriter, write_index
 from .kernels import native
@@ -36,7 +45,8 @@ from .methods.registry import PassFold, PassMap, PassScan
 from .nonfinite import NonFiniteGuard
 from .plan import PREFETCH_DEFAULT, MergePlan, TensorTask
 from .reading import RowSource, WorkUnit, load_inputs, stream_inputs, work_units
-from .resume import Journal, adopt_staging, fingerprint
+from .resume import Journal, adopt_staging, fingerprint, journaled
+from .staging import Download, Stager, Uploaded, stager_for
 from .units import OutputUnit, UnitHashes, input_digests, plan_units, restore_input_digests, unit_tasks
 
 if TYPE_CHECKING:
@@ -83,16 +93,18 @@ def resolve_device(name: str) -> torch.device:
 def compute(
     plan: MergePlan,
     unit: WorkUnit,
-    raws: list[torch.Tensor],
+    raws: list[torch.Tensor] | Uploaded,
     device: torch.device,
     thresholds: tuple[float, ...] | None,
     report: LayerReport | None = None,
     reader: TensorReader | None = None,
     pool: ThreadPoolExecutor | None = None,
     guard: NonFiniteGuard | None = None,
-) -> torch.Tensor:
-    """One output tensor (or block of rows), on the CPU in its output dtype. With a `guard`, NaN
-    or ±Inf in its inputs are caught: by the C kernel as it merges, else by torch as they load."""
+    staging: Stager | None = None,
+) -> torch.Tensor | Download:
+    """One output tensor (or block of rows) in its output dtype: on the CPU, or with GPU `staging`
+    its copy back to a pinned buffer issued (`Download`; the writer waits for it). With a `guard`,
+    NaN or ±Inf in its inputs are caught: by the C kernel as it merges, else by torch as they load."""
     task = unit.task
     if not task.merge:
         return raws[0]
@@ -101,7 +113,7 @@ def compute(
     source = None
     if unit.streamed:
         base = experts = None
-        source = RowSource(reader, task, device, pool, check=torch_check, chunk=unit.chunk)
+        source = RowSource(reader, task, device, pool, check=torch_check, chunk=unit.chunk, staging=staging)
     else:
         base, experts = load_inputs(raws, task.base is not None, device, fp32=not plan.method.raw_inputs)
         if torch_check is not None:
@@ -120,7 +132,8 @@ def compute(
     merged = plan.method.fn(base, experts, task.params, ctx)
     if in_kernel:
         _after_kernel(guard, unit, base, experts, source)
-    return merged.to(ST_DTYPES[task.out_dtype]).cpu()
+    merged = merged.to(ST_DTYPES[task.out_dtype])
+    return staging.download(merged) if staging is not None else merged.cpu()
 
 
 def _after_kernel(
@@ -240,7 +253,9 @@ def run_merge(
     """Merge into a hidden staging folder, then rename it to `out` (under the output's lock).
 
     The staging folder journals each finished work unit (`resume`); with `resume`, the one an
-    interrupted merge left is adopted and only its unfinished units are computed. `distributed`
+    interrupted merge left is adopted and only its unfinished units are computed. A
+    KeyboardInterrupt (Ctrl-C; SIGTERM in the CLI) once a unit is journaled keeps the staging
+    folder and raises `MergeInterrupted`; before that, the folder is removed as on any failure. `distributed`
     runs the units elsewhere (Ray tasks) instead of in this process."""
     started = time.perf_counter()
     target = resolve_device(device if device != "auto" else plan.recipe.device)
@@ -248,6 +263,7 @@ def run_merge(
         target = distributed.device(device if device != "auto" else plan.recipe.device)
     out = Path(out)
     staging = None
+    journal: Journal | None = None
     units = plan_units(plan, unit_bytes)
     try:
         check_target(out, input_paths(plan), force)
@@ -288,8 +304,19 @@ def run_merge(
     except OSError as exc:
         raise output_error(exc, out, staging, plan.bytes_written) from None
     except ResumableError:
+        if staging is not None:
+            mark_stopped(staging)
         staging = None  # its finished units stay for --resume
         raise
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM as the CLI turns it: keep what is finished
+        kept = journaled(staging, journal) if staging is not None else 0
+        if not kept:
+            raise
+        if journal is not None:
+            journal.close()
+        mark_stopped(staging)
+        staging = None
+        raise MergeInterrupted(out, kept, len(units)) from None
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -323,22 +350,58 @@ def merge_tasks(
     report: LayerReport | None,
     thresholds: tuple[float, ...] | None,
     guard: NonFiniteGuard,
-) -> None:
+) -> dict[str, dict[str, int]]:
     """Read, merge and write `tasks`, in order: the reads run ahead, a thread writes behind, as
-    far as the memory plan allows."""
-    with ThreadPoolExecutor(1, "ri-write") as writes:
+    far as the memory plan allows. On a GPU the next unit's inputs are copied to the device while
+    this one is merged, and results are copied back while the next is (`staging`); returns the
+    staging buffers' use (empty on the CPU)."""
+    units = work_units(plan, tasks, chunk=memory.chunk, device=target, stream_bytes=memory.stream_bytes)
+    stager = stager_for(target, units, memory.depth, memory.writer_queue, memory.chunk)
+    writes = ThreadPoolExecutor(1, "ri-write")
+    try:
         written: deque[Future] = deque()
-        units = work_units(plan, tasks, chunk=memory.chunk, device=target, stream_bytes=memory.stream_bytes)
-        pin = target.type == "cuda"
-        for unit, raws in stream_inputs(plan, reader, reads, memory.depth, units, pin, memory.read_ahead):
-            result = compute(plan, unit, raws, target, thresholds, report, reader, reads, guard)
-            written.append(writes.submit(writer.write, unit.task.name, result, unit.rows))
-            del result, raws  # held by the writer's queue alone: freed once written
+
+        def merge(unit: WorkUnit, inputs: list[torch.Tensor] | Uploaded) -> None:
+            result = compute(plan, unit, inputs, target, thresholds, report, reader, reads, guard, stager)
+            written.append(writes.submit(stager.write, writer, unit.task.name, result, unit.rows))
+            del result  # held by the writer's queue alone: freed once written
             while len(written) > memory.writer_queue:
                 written.popleft().result()
             advance(unit.in_nbytes)
+
+        staged: deque[tuple[WorkUnit, list[torch.Tensor] | Uploaded]] = deque()
+        pin = target.type == "cuda"
+        for unit, raws in stream_inputs(
+            plan, reader, reads, memory.depth, units, pin, memory.read_ahead, stager.inputs
+        ):
+            staged.append((unit, stager.upload(raws)))  # on a GPU: its copy issued now
+            del raws
+            if len(staged) > stager.lookahead:
+                merge(*staged.popleft())
+        while staged:
+            merge(*staged.popleft())
         for future in written:
             future.result()
+    finally:
+        _join_writer(writes)
+    return stager.stats()
+
+
+def _join_writer(writes: ThreadPoolExecutor) -> None:
+    """Wait for the writes already queued (a few tensors: the units they finish are journaled and
+    kept). A second Ctrl-C drops the queued ones but still waits for the write in progress, whose
+    shard file is closed next: never a write into a closed (or reused) file descriptor."""
+    try:
+        writes.shutdown(wait=True)
+    except KeyboardInterrupt:
+        writes.shutdown(wait=False, cancel_futures=True)
+        while True:
+            try:
+                writes.shutdown(wait=True)
+                break
+            except KeyboardInterrupt:
+                continue
+        raise
 
 
 def _merge_into(

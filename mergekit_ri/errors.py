@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 
@@ -24,6 +25,17 @@ class UserError(Exception):
 class ResumableError(UserError):
     """A merge that stopped part-way for a reason outside the inputs (e.g. Ray workers lost more
     often than the retries allow): its staging folder and finished units are kept for --resume."""
+
+
+class MergeInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a merge after some of its work units were finished: the staging
+    folder keeps them for `--resume`. A KeyboardInterrupt still, so callers that stop on one
+    stop on this; `kept` of `total` units are journaled."""
+
+    def __init__(self, out: Path, kept: int, total: int) -> None:
+        super().__init__(f"interrupted: {kept} of {total} work units of {out} kept for --resume")
+        self.out, self.kept, self.total = out, kept, total
+        self.command: str | None = None  # the CLI's command line to continue, when it knows it
 
 
 def one_line(text: str) -> str:

@@ -10,6 +10,11 @@ layout does not fit (a method that needs whole tensors in fp32, such as slerp or
 tensor too big for the cap), the merge is refused before any weight is read, naming the tensor
 and the least it needs.
 
+On a GPU the host holds the page-locked staging buffers instead (`staging.pinned_layout`: a few
+buffers the size of the largest unit's inputs, row chunk and result, reused throughout), plus
+the tensors that are copied unmerged; the merge's tensors themselves live on the device, whose
+memory the cap does not count.
+
 The cap counts the bytes of tensors the merge holds; the process itself (Python, torch and their
 libraries, `RUNTIME_BYTES`) comes on top of it. No torch here: `--dry-run` plans without it.
 """
@@ -128,6 +133,7 @@ class MemoryPlan:
     peak: int  # planned peak bytes of tensors
     largest: str  # the unit that holds the most at the peak
     streamed: int  # tensors read by row chunks
+    pinned: int = 0  # of the peak, page-locked staging buffers (a GPU merge)
 
     @property
     def total(self) -> int:
@@ -147,6 +153,7 @@ class MemoryPlan:
             "read_ahead_units": self.depth,
             "read_ahead_bytes": self.read_ahead,
             "writer_queue": self.writer_queue,
+            "pinned": self.pinned,
         }
 
 
@@ -222,6 +229,7 @@ def _result(
         peak,
         largest,
         sum(u.streamed for u in units),
+        model.pinned(knobs),
     )
 
 
@@ -265,7 +273,10 @@ class _Model:
         if key not in self._units:
             from .reading import work_units
 
-            self._units[key] = work_units(self.plan, chunk=knobs.chunk, stream_bytes=knobs.stream_bytes)
+            device = "cuda" if self.gpu else None  # the GPU's units, as the engine makes them there
+            self._units[key] = work_units(
+                self.plan, chunk=knobs.chunk, device=device, stream_bytes=knobs.stream_bytes
+            )
         return self._units[key]
 
     def holds(self, unit: WorkUnit, chunk: int) -> int:
@@ -281,6 +292,8 @@ class _Model:
             inputs = 2 * task.in_nbytes // rows * step
             return inputs + task.out_nbytes + self._scratch(entries) + self._select(numel, entries)
         held = unit.in_nbytes + unit.out_nbytes
+        if self.gpu:  # inputs and result in the staging buffers (`pinned`), maths on the device
+            return 0
         if self.method.raw_inputs:
             select = 0 if self.method.elementwise else self._select(numel, numel)
             return held + self._scratch(numel) + select
@@ -304,23 +317,41 @@ class _Model:
         blocks = self.workers * self.count * min(chunk, NATIVE_BLOCK) * 4
         return blocks + 2 * 4 * band + 2 * self.workers * self.count * HISTOGRAM_BYTES
 
+    def pinned(self, knobs: _Knobs) -> int:
+        """Page-locked staging buffers (a GPU merge; 0 on the CPU)."""
+        if not self.gpu:
+            return 0
+        from .staging import pinned_layout
+
+        return pinned_layout(self.units(knobs), knobs.depth, knobs.writer_queue, knobs.chunk).nbytes
+
     def peak(self, knobs: _Knobs) -> tuple[int, str]:
         """The planned peak and the unit that holds it: for each unit, what it holds, the units
         read ahead of it (the reader's rule: up to `depth` units within `read_ahead` bytes, at least
-        one) and the results of the units before it that may still wait for the writer."""
+        one) and the results of the units before it that may still wait for the writer. On a GPU
+        the merged units' share of that is in the staging buffers, held throughout."""
         units = self.units(knobs)
         best, where = 0, ""
+
+        def host(u: WorkUnit, nbytes: int) -> int:  # what the host holds for it outside staging
+            return 0 if self.gpu and u.task.merge else nbytes
+
         for i, unit in enumerate(units):
             ahead = 0
             if knobs.depth > 0:
                 for j, nxt in enumerate(units[i + 1 : i + 1 + knobs.depth]):
                     if j > 0 and ahead + nxt.held_nbytes > knobs.read_ahead:
                         break
-                    ahead += nxt.held_nbytes
-            queued = sum(u.out_nbytes for u in units[max(0, i - knobs.writer_queue) : i])
+                    ahead += host(nxt, nxt.held_nbytes)
+            queued = sum(host(u, u.out_nbytes) for u in units[max(0, i - knobs.writer_queue) : i])
             total = self.holds(unit, knobs.chunk) + ahead + queued
             if total > best:
                 best, where = total, _describe(unit)
+        if self.gpu:
+            staged = [u for u in units if u.task.merge]
+            if staged:
+                where = _describe(max(staged, key=lambda u: max(u.held_nbytes, u.out_nbytes)))
+            best += self.pinned(knobs)
         if self.prepass:
             best = max(best, self._prepass_peak(knobs))
         return best, where

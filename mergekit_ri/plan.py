@@ -128,16 +128,20 @@ class MergePlan:
             slots[t.shard].append(TensorSlot(t.name, t.out_dtype, tuple(t.shape), t.offset, t.out_nbytes))
         return [ShardLayout(s.filename, s.data_bytes, tuple(group)) for s, group in zip(self.shards, slots)]
 
-    def memory(self, device: str = "cpu") -> MemoryPlan:
-        """How the merge is laid out under its memory cap (`memory.plan_memory`); a UserError
-        naming the tensor when the cap is too small for it."""
+    def memory(self, device: str | None = None) -> MemoryPlan:
+        """How the merge is laid out under its memory cap (`memory.plan_memory`) on `device`
+        (default: a GPU's layout when the recipe names `cuda`, else the CPU's: `auto` is not
+        resolved here, which would start CUDA); a UserError naming the tensor when the cap is too
+        small for it."""
         from .memory import plan_memory  # it builds on reading, which builds on plan
 
+        if device is None:
+            device = "cuda" if str(self.recipe.device).startswith("cuda") else "cpu"
         return plan_memory(self, prefetch=self.prefetch, device=device)
 
     def peak_memory_estimate(self) -> int:
-        """Planned peak resident bytes of the merge on a CPU: its tensors under the cap, plus the
-        runtime (Python, torch)."""
+        """Planned peak resident bytes of the merge (on the recipe's device, as `memory`): its
+        tensors under the cap, plus the runtime (Python, torch)."""
         return self.memory().total
 
     def summary(self) -> dict[str, Any]:

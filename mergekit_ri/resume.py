@@ -4,9 +4,10 @@ Every merge keeps, inside its staging folder, a journal (`.ri-merge-units.jsonl`
 with what the output is made from (ri-merge's version, the device kind, the recipe, every input
 file's size and modification time, the plan's layout), then one line per finished unit with the
 sha256 of its bytes. A merge killed before it publishes (SIGKILL, a crash, a lost machine)
-leaves that folder behind; `--resume` adopts it, refuses it if anything it was made from has
-changed, re-hashes every recorded unit from the shard files, and computes only the units missing
-or whose bytes do not match. The journal is removed before the output is published.
+leaves that folder behind, and so does one stopped by Ctrl-C or SIGTERM once a unit is finished;
+`--resume` adopts it, refuses it if anything it was made from has changed, re-hashes every
+recorded unit from the shard files, and computes only the units missing or whose bytes do not
+match. The journal is removed before the output is published.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from .errors import ResumableError, UserError
-from .io.output import _alive, hidden_name
+from .io.output import STOPPED, abandoned, hidden_name
 from .io.sources import TensorRef
 from .io.writer import shard_headers, shard_is_whole
 from .plan import MergePlan
@@ -219,11 +220,11 @@ class Journal:
         if inputs is not None:
             line["inputs"] = inputs
         with self._lock:
-            self.done[unit.index] = sha256
-            if inputs is not None:
-                self.inputs[unit.index] = inputs
             self._file.write(json.dumps(line) + "\n")
             self._file.flush()  # in the kernel's page cache: a killed process loses nothing
+            self.done[unit.index] = sha256  # after the line: `done` never counts one not on disk
+            if inputs is not None:
+                self.inputs[unit.index] = inputs
 
     def finish(self) -> None:
         """The merge is whole: the journal goes (it must not be published with the output)."""
@@ -234,6 +235,28 @@ class Journal:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def journaled(staging: Path, journal: Journal | None) -> int:
+    """How many finished units a --resume would find in `staging`: 0 once the journal is gone
+    (the merge was about to publish). Without a `journal` (stopped while a resume was still
+    verifying the last one), the units its file records."""
+    path = staging / JOURNAL
+    if not path.is_file():
+        return 0
+    if journal is not None:
+        return len(journal.done)
+    try:
+        lines = path.read_text(errors="replace").splitlines()[1:]
+    except OSError:
+        return 0
+    units = set()
+    for line in lines:
+        try:
+            units.add(json.loads(line)["unit"])
+        except (ValueError, KeyError, TypeError):  # a torn last line
+            continue
+    return len(units)
 
 
 def _verified(
@@ -293,7 +316,7 @@ def adopt_staging(out: Path) -> Path | None:
         return None
     for entry in entries:
         match = pattern.fullmatch(entry.name)
-        if match is None or (int(match.group(1)) != os.getpid() and _alive(int(match.group(1)))):
+        if match is None or not abandoned(entry, int(match.group(1))):
             continue
         journal = entry / JOURNAL
         if journal.is_file():
@@ -304,4 +327,5 @@ def adopt_staging(out: Path) -> Path | None:
     mine = out.parent / hidden_name(out, "partial", os.getpid())
     if chosen != mine:
         os.rename(chosen, mine)
+    (mine / STOPPED).unlink(missing_ok=True)  # this merge's now: never published with the output
     return mine

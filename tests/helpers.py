@@ -3,15 +3,22 @@ the test modules themselves so that no test module imports another."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
 from conftest import read_any, write_recipe
 
+from mergekit_ri.events import MergeEvents
 from mergekit_ri.methods import reference
 from mergekit_ri.methods import wudi as W
 from mergekit_ri.methods.registry import TensorParams
+from mergekit_ri.resume import JOURNAL
 
 EXPERTS = ["e0", "e1", "e2"]
 
@@ -297,3 +304,51 @@ def save_pickled(folder: Path, source: Path, shards: int = 1) -> Path:
         (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     shutil.copy(source / "config.json", folder / "config.json")
     return folder
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` by its relative path: outputs compared byte for byte."""
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def journal_units(staging: Path) -> list[int]:
+    """The work units a staging folder's journal records as finished."""
+    lines = (staging / JOURNAL).read_text().splitlines()[1:]
+    return sorted({json.loads(line)["unit"] for line in lines if line.strip()})
+
+
+def interrupted_cli_merge(args: list[str], out: Path, sig: int, after: int = 3):
+    """`python -m mergekit_ri.cli ARGS` in a real process, sent `sig` once its staging folder's
+    journal records `after` finished units: (the finished process, its stderr, the staging
+    folder). Fails if the merge finished before the signal."""
+    import mergekit_ri
+
+    env = {**os.environ, "PYTHONPATH": str(Path(mergekit_ri.__file__).parents[1])}
+    command = [sys.executable, "-m", "mergekit_ri.cli", *map(str, args)]
+    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    staging = out.parent / f".{out.name}.ri-merge-partial-{proc.pid}"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        journal = staging / JOURNAL
+        if journal.is_file() and len(journal.read_text().splitlines()) > after:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.002)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and not out.exists(), f"the merge finished before the signal: {stderr}"
+    return proc, stderr, staging
+
+
+class CtrlC(MergeEvents):
+    """Presses Ctrl-C (a KeyboardInterrupt in the main thread, as Python's SIGINT handler raises
+    it) once `after` units of the staging folder beside `out` are journaled."""
+
+    def __init__(self, out: Path, after: int) -> None:
+        self.out, self.after = out, after
+
+    def on_progress(self, advance: int) -> None:
+        journals = list(self.out.parent.glob(f".{self.out.name}.ri-merge-partial-*/{JOURNAL}"))
+        if journals and len(journals[0].read_text().splitlines()) > self.after:
+            raise KeyboardInterrupt

@@ -333,7 +333,7 @@ def run_subprocess(*args: str | Path, timeout: float = 120) -> subprocess.Comple
     )
 
 
-@pytest.mark.parametrize("where", ["model path", "shard in folder"])
+@pytest.mark.parametrize("where", ["model path", pytest.param("shard in folder", marks=pytest.mark.slow)])
 def test_fifo_is_refused_without_hanging(tmp_path: Path, models, where: str) -> None:
     fifo = tmp_path / "pipe.safetensors" if where == "model path" else expert_file(models)
     if fifo.exists():
@@ -447,6 +447,7 @@ def test_output_locked_by_another_merge(tmp_path: Path, models) -> None:
     assert run_cli("merge", recipe(tmp_path, models), "-o", out).code == 0
 
 
+@pytest.mark.slow  # two merges in subprocesses
 def test_two_merges_racing_for_one_output(tmp_path: Path, models) -> None:
     """Both start at once: one writes the output, the other is refused; none is renamed away."""
     path = recipe(tmp_path, models)

@@ -43,7 +43,14 @@ def inputs_of(clean) -> dict[str, str]:
 # --- non-finite auxiliary data and training ------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        float("nan"),
+        pytest.param(float("inf"), marks=pytest.mark.slow),
+        pytest.param(float("-inf"), marks=pytest.mark.slow),
+    ],
+)
 def test_non_finite_auxiliary_data_is_refused_with_the_first_bad_example(tmp_path, clean, monkeypatch, bad):
     monkeypatch.setattr(ri_data, "SCAN_BYTES", 4 * 64 * 5)  # five examples a chunk: the bad one is in the 6th
     values = torch.rand(40, 1, 8, 8)
@@ -132,10 +139,10 @@ def add_file(folder: Path) -> None:
     "damage, reason",
     [
         (flip_bytes, "sha256"),
-        (truncate, "wrong size"),
-        (drop_manifest, "no manifest"),
-        (garble_manifest, "unreadable manifest"),
-        (add_file, "differ"),
+        pytest.param(truncate, "wrong size", marks=pytest.mark.slow),  # each retrains an expert
+        pytest.param(drop_manifest, "no manifest", marks=pytest.mark.slow),
+        pytest.param(garble_manifest, "unreadable manifest", marks=pytest.mark.slow),
+        pytest.param(add_file, "differ", marks=pytest.mark.slow),
     ],
 )
 def test_a_damaged_entry_is_retrained_and_the_merge_equals_a_clean_run(tmp_path, clean, damage, reason):

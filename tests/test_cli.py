@@ -171,12 +171,13 @@ def test_killed_merge_leaves_no_complete_looking_output(tmp_path):
 
 
 @pytest.mark.slow
-def test_terminated_merge_cleans_up_and_exits_130(tmp_path):
+def test_terminated_merge_before_any_unit_is_finished_cleans_up_and_exits_143(tmp_path):
+    """SIGTERM during the whole-model pre-pass: nothing to keep for --resume, everything removed."""
     proc, out = _start_slow_merge(tmp_path)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
-    assert "interrupted" in stderr
+    assert proc.returncode == 143, stderr
+    assert "interrupted: no output was written" in stderr
     assert not out.exists() and not list(tmp_path.glob(".out.ri-merge-partial-*"))
 
 
@@ -192,6 +193,7 @@ def test_example_recipes_in_configs_are_valid():
         assert recipe.models, path
 
 
+@pytest.mark.slow  # plans two 4096-vocab models
 def test_memory_estimate_is_bounded_by_work_units_not_by_the_model(tmp_path):
     """Two models 4x apart in size get the same estimate for task arithmetic: the engine holds
     row blocks, never whole tensors of a big model."""

@@ -115,3 +115,77 @@ def test_whole_tensor_methods_agree_on_cpu_and_gpu(tmp_path, family, method):
     gpu = merge(tmp_path, family, method, "cuda", "gpu", **fields)
     for name in cpu:
         torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+def stage_spy(monkeypatch):
+    """The Stager each merge makes, and the threads that waited on one of its events."""
+    import threading
+
+    import mergekit_ri.engine as engine
+    from mergekit_ri import staging
+
+    made, waiters = [], []
+    original = engine.stager_for
+
+    def spy(*args):
+        made.append(original(*args))
+        return made[-1]
+
+    def synchronize(self, event):
+        waiters.append(threading.current_thread().name)
+        event.synchronize()
+
+    monkeypatch.setattr(engine, "stager_for", spy)
+    monkeypatch.setattr(staging.CudaOps, "synchronize", synchronize)
+    return made, waiters
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_the_gpu_pipeline_reuses_pinned_buffers_and_the_merge_loop_never_waits(
+    tmp_path, family, monkeypatch, method
+):
+    """Row blocks (task arithmetic) and row-streamed tensors (TIES) through the staging pools:
+    the CPU's bytes / kept entries, every staging buffer page-locked and reused, none made
+    outside the planned pools, and (task arithmetic) no event waited for on the merging thread."""
+    import mergekit_ri.reading as reading
+
+    monkeypatch.setattr(reading, "CHUNK_ELEMENTS", 5000)
+    monkeypatch.setattr(reading, "GPU_CHUNK_FACTOR", 1)
+    monkeypatch.setattr(reading, "STREAM_BYTES", 64 * 1024)
+    params = {"parameters": {"density": 0.3} if method == "ties" else {"lambda": 0.6}}
+    cpu = merge(tmp_path, family, method, "cpu", "cpu", **params)
+    made, waiters = stage_spy(monkeypatch)
+    gpu = merge(tmp_path, family, method, "cuda", "gpu", **params)
+    for name in cpu:
+        if method == "task_arithmetic":
+            assert torch.equal(cpu[name], gpu[name]), name
+        else:
+            torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-6, atol=1e-6, msg=name)
+    (stage,) = made
+    stats = stage.stats()
+    assert all(pool["extra"] == 0 for pool in stats.values()), stats
+    pools = [stage.results, stage.chunks if method == "ties" else stage.inputs]
+    for pool in pools:
+        assert pool.lent > pool.slots, pool.stats()
+        assert all(b is None or b.is_pinned() for b in pool._buffers)
+    if method == "task_arithmetic":
+        assert "MainThread" not in waiters
+
+
+def test_a_cpu_merge_on_a_gpu_machine_leaves_cuda_uninitialised(tmp_path, family):
+    import subprocess
+    import sys
+
+    recipe = write_recipe(
+        tmp_path / "ta.yaml",
+        merge_method="task_arithmetic",
+        base_model=str(family["base"]),
+        models=[{"model": str(family[n])} for n in NAMES],
+    )
+    code = (
+        "import sys, torch, mergekit_ri as m; "
+        f"m.merge({str(recipe)!r}, {str(tmp_path / 'out')!r}, options=m.MergeOptions(device='cpu')); "
+        "sys.exit(3 if torch.cuda.is_initialized() else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

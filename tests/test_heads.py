@@ -82,7 +82,17 @@ def merges_every_expert(method: str) -> bool:
     return True
 
 
-@pytest.mark.parametrize("method", [m for m in sorted(all_methods()) if merges_every_expert(m)])
+SLOW_ON_HEADS = {"multislerp", "iso_cts", "iso_c", "karcher", "wudi2"}  # seconds each: full suite only
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        pytest.param(m, marks=pytest.mark.slow) if m in SLOW_ON_HEADS else m
+        for m in sorted(all_methods())
+        if merges_every_expert(m)
+    ],
+)
 def test_every_method_merges_the_backbone_and_keeps_each_head(tmp_path, vits, method):
     out = merge(tmp_path, vits, method)
     merged = read_checkpoint(out)
@@ -205,3 +215,27 @@ def test_dry_run_lists_heads(tmp_path, vits):
 def test_heads_auto_on_a_model_without_heads_explains(tmp_path, recipe_for):
     result = run_cli("merge", recipe_for("ties", heads="auto"), "-o", tmp_path / "out")
     assert result.code == 2 and "LlamaForCausalLM" in result.stderr and "heads" in result.stderr
+
+
+def test_head_files_list_their_metadata_in_one_order(tmp_path):
+    """safetensors orders metadata keys by a per-process hash: heads/ must be the same bytes in
+    every process, so their header is written in sorted order (and still loads as before)."""
+    from safetensors import safe_open
+
+    from mergekit_ri.artifacts import save_in_order
+
+    tensors = {"classifier.weight": torch.arange(6.0).reshape(2, 3), "classifier.bias": torch.ones(2)}
+    expert = '/m/é "x\\y'
+    blobs = []
+    for i, metadata in enumerate([{"format": "pt", "expert": expert}, {"expert": expert, "format": "pt"}]):
+        path = tmp_path / f"{i}.safetensors"
+        save_in_order(tensors, path, metadata)
+        blobs.append(path.read_bytes())
+        with safe_open(path, "pt") as f:
+            assert f.metadata() == metadata
+        assert {k: v.tolist() for k, v in load_file(path).items()} == {
+            k: v.tolist() for k, v in tensors.items()
+        }
+    assert blobs[0] == blobs[1]
+    assert int.from_bytes(blobs[0][:8], "little") % 8 == 0
+    assert blobs[0][8:].startswith('{"__metadata__":{"expert":"/m/é \\"x\\\\y","format":"pt"}'.encode())

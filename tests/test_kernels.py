@@ -59,7 +59,7 @@ def test_dare_generator_equals_a_uint32_hash_and_does_not_depend_on_blocks():
 
 
 @pytest.mark.parametrize("kind", ["normal", "heavy", "ties", "zeros", "sparse"])
-@pytest.mark.parametrize("n", [1, 999, 70_001, 300_007])
+@pytest.mark.parametrize("n", [1, 999, 70_001, pytest.param(300_007, marks=pytest.mark.slow)])
 def test_magnitude_thresholds_equal_a_sort(kind, n):
     base, experts = awkward_inputs(kind, n)
     densities = [0.2, 0.01, 0.9]
@@ -137,7 +137,7 @@ def interpreted():
     return fused
 
 
-SHAPES = [1, 7, 1023, 1025, 4099]
+SHAPES = [1, 7, 1023, 1025, pytest.param(4099, marks=pytest.mark.slow)]  # interpreted Triton: slow
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU, interpreted here
 
 

@@ -71,7 +71,15 @@ def frugal(monkeypatch):
     monkeypatch.setattr(memory, "MIN_STREAM_BYTES", 1024)
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "linear"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "task_arithmetic",
+        "ties",
+        pytest.param("dare_ties", marks=pytest.mark.slow),
+        pytest.param("linear", marks=pytest.mark.slow),
+    ],
+)
 def test_a_cap_that_forces_row_chunks_gives_the_same_bytes(tmp_path, models, monkeypatch, method):
     path = recipe(tmp_path, models, method)
     free = m.plan(path).plan.memory()

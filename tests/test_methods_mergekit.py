@@ -238,6 +238,7 @@ def test_karcher_by_hand():
     torch.testing.assert_close(merged, torch.tensor([2 * 0.5**0.5, 2 * 0.5**0.5]))
 
 
+@pytest.mark.slow  # iterates to convergence on every tensor
 def test_karcher_matches_formula_and_includes_the_base(tmp_path, fam):
     _, tensors = fam
     merged = merge(tmp_path, fam, "karcher", parameters={"max_iter": 20})

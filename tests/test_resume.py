@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import assert_user_error, run_cli, tree_digest, write_recipe
+from helpers import folder_bytes, interrupted_cli_merge, journal_units
 
 from mergekit_ri import engine
 from mergekit_ri.resume import JOURNAL
@@ -39,17 +40,6 @@ def recipe(tmp_path: Path, models: dict[str, Path], method: str = "dare_ties", d
         out_shard_size="200KB",
         seed=7,
     )
-
-
-def folder_bytes(folder: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
-    }
-
-
-def journal_units(staging: Path) -> list[int]:
-    lines = (staging / JOURNAL).read_text().splitlines()[1:]
-    return sorted({json.loads(line)["unit"] for line in lines if line.strip()})
 
 
 class Crash(BaseException):
@@ -170,27 +160,10 @@ def test_killed_merge_resumes_to_the_same_bytes(tmp_path: Path) -> None:
     path = recipe(tmp_path, models, method="ties")
     reference, out = tmp_path / "reference", tmp_path / "out"
     assert run_cli("merge", path, "-o", reference, "--unit-size", "256KiB", "-q").code == 0
-    command = [
-        sys.executable,
-        "-m",
-        "mergekit_ri.cli",
-        str(path),
-        "-o",
-        str(out),
-        "--unit-size",
-        "256KiB",
-        "-q",
-    ]
-    proc = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(Path(engine.__file__).parents[1])})
-    journal = tmp_path / f".out.ri-merge-partial-{proc.pid}" / JOURNAL
-    while proc.poll() is None:  # killed once a few units are journaled
-        if journal.is_file() and len(journal.read_text().splitlines()) >= 4:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.002)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not out.exists(), "the merge finished before the kill"
-    finished = journal_units(journal.parent)
+    args = [path, "-o", out, "--unit-size", "256KiB", "-q"]
+    proc, _, staging = interrupted_cli_merge(args, out, signal.SIGKILL)  # killed once units are journaled
+    assert proc.returncode == -signal.SIGKILL
+    finished = journal_units(staging)
     result = run_cli("merge", path, "-o", out, "--unit-size", "256KiB", "--resume", "--json")
     assert result.code == 0, result.stderr
     units = json.loads(result.stdout)["units"]

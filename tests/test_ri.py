@@ -141,6 +141,7 @@ def test_dry_run_trains_nothing(tmp_path, vits, aux):
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # trains RI experts
 def test_gaussian_auxiliary_data(tmp_path, vits):
     result = run_cli("merge", ri_recipe(tmp_path, vits, "gaussian", steps=3), "-o", tmp_path / "out", "-q")
     assert result.code == 0, result.stderr

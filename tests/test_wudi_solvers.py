@@ -72,6 +72,7 @@ def spread_taus(n=4, out=10, inp=24, seed=2):
     )
 
 
+@pytest.mark.slow  # runs every solver
 def test_solvers_differ_except_sgd_and_its_spectral_form():
     """Every pair of solvers gives a different merge at the same parameters, except `sgd` and
     `sgd_spectral`: the same momentum-SGD iterate by two routes, equal to rounding."""

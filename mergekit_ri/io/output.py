@@ -3,8 +3,9 @@
 A merge writes into `.<name>.ri-merge-partial-<pid>` beside the target and renames it into place
 only when everything is written, so a failed or killed merge never leaves a folder that looks
 like a finished checkpoint. A lock file beside the target keeps two merges from writing the same
-output; staging folders of processes that died (SIGKILL, power loss) are removed by the next
-merge into the same output. Inputs are compared by their real paths, so a symlinked shard (the
+output; staging folders of processes that died (SIGKILL, power loss) or that were stopped with
+finished work kept for --resume (Ctrl-C, SIGTERM) are removed by the next merge into the same
+output, or adopted by the next `--resume`. Inputs are compared by their real paths, so a symlinked shard (the
 Hub cache's `snapshots/ → blobs/`) protects the file it points at.
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from ..errors import UserError
 
 SPACE_MARGIN = 16 * 2**20  # headers, index, config, card: a little on top of the weights
+STOPPED = ".ri-merge-stopped"  # in a staging folder its merge left for --resume (its process may live on)
 
 
 def hidden_name(out: Path, kind: str, pid: int | None = None) -> str:
@@ -131,6 +133,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def abandoned(staging: Path, pid: int) -> bool:
+    """A staging folder no merge is writing: its process is gone (or is this one, which holds the
+    output's lock), or its merge stopped and left it for --resume (an API caller's interrupted
+    merge, whose process lives on)."""
+    return pid == os.getpid() or not _alive(pid) or (staging / STOPPED).exists()
+
+
+def mark_stopped(staging: Path) -> None:
+    """Leave `staging` for --resume: any later merge into the output may adopt or remove it."""
+    try:
+        (staging / STOPPED).touch()
+    except OSError:  # then it is left to its process's end, as a killed merge's is
+        pass
+
+
 def clean_stale(out: Path, keep: Path | None = None) -> list[str]:
     """Remove staging folders left beside `out` by merges whose process is gone (call it holding
     the output's lock), but `keep` (the one a resumed merge adopted); one line per folder removed."""
@@ -142,15 +159,16 @@ def clean_stale(out: Path, keep: Path | None = None) -> list[str]:
         return notes
     for entry in entries:
         match = pattern.fullmatch(entry.name)
-        if match is None or _alive(int(match.group(2))) and int(match.group(2)) != os.getpid():
+        if match is None or not abandoned(entry, int(match.group(2))):
             continue
         if keep is not None and entry == keep:
             continue
         size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file() and not p.is_symlink())
+        why = "stopped, kept for --resume" if (entry / STOPPED).exists() else "is gone"
         shutil.rmtree(entry, ignore_errors=True)
         notes.append(
             f"removed {entry.name} ({size / 1e9:.2f} GB), left by an interrupted merge "
-            f"(process {match.group(2)} is gone)"
+            f"(process {match.group(2)} {why})"
         )
     return notes
 

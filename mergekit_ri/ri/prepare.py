@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +27,9 @@ from ..recipe import ModelEntry, Recipe
 from .adapt import RISettings, StepReport
 from .data import AuxiliaryData, load_auxiliary
 from .train import TrainJob, is_cached, train_experts, train_parallel
+
+if TYPE_CHECKING:
+    from ..distributed import Distributed
 
 RI_VERSION = "1"
 AUTO_CLASSES = {
@@ -57,9 +61,9 @@ class RIStatus:
     adapted: dict[str, str]  # expert label → cached folder
     cache_hits: list[str]
     trained: list[str]
-    devices: list[str] = field(
-        default_factory=list
-    )  # where the experts were trained (one worker each if several)
+    # where the experts were trained: one entry per local worker, or on Ray one per trained expert
+    # (in the order of `trained`) naming its node and device, e.g. "ray:10.0.0.7/cuda:3"
+    devices: list[str] = field(default_factory=list)
     provenance: RIProvenance | None = None  # None for a dry run: nothing was adapted
 
     def summary(self) -> dict[str, object]:
@@ -159,15 +163,50 @@ def ri_context(recipe: Recipe, recipe_dir: Path | None) -> RIContext:
     return RIContext(base, experts, heads, is_head, model_class, aux)
 
 
+def ri_settings(recipe: Recipe) -> RISettings:
+    given = recipe.resolve_interference
+    assert given is not None
+    return RISettings(given.steps, given.lr, given.weight_decay, given.alpha, given.batch_size)
+
+
+def entry_keys(recipe: Recipe, ctx: RIContext, settings: RISettings) -> tuple[dict[str, str], dict[str, int]]:
+    """Each expert's cache key (a hash of everything its adapted weights depend on) and training
+    seed. A Ray worker computes them again from what it sees: a different key is a node that sees
+    other inputs than the driver."""
+    hashes = [content_hash(m) for m in ctx.experts]
+    base_hash = content_hash(ctx.base)
+    keys, seeds = {}, {}
+    for model, own in zip(ctx.experts, hashes):
+        keys[model.label] = hashlib.sha256(
+            json.dumps(
+                {
+                    "version": RI_VERSION,
+                    "expert": own,
+                    "others": sorted(h for h in hashes if h != own),
+                    "base": base_hash,
+                    "aux": ctx.aux.fingerprint,
+                    "settings": asdict(settings),
+                    "seed": recipe.seed,
+                    "heads": ctx.heads,
+                },
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()[:24]
+        seeds[model.label] = (recipe.seed * 1_000_003 + int(own[:8], 16)) % (1 << 62)
+    return keys, seeds
+
+
 def resolve_interference(
     recipe: Recipe,
     recipe_dir: Path | None,
     device: torch.device,
     report: ReportFactory | None = None,
     dry_run: bool = False,
+    cluster: Distributed | None = None,
 ) -> tuple[Recipe, RIStatus]:
     """The recipe with its models replaced by their RI-adapted versions (trained or cached), and
-    what RI did (`RIStatus`, with the provenance the model card reports)."""
+    what RI did (`RIStatus`, with the provenance the model card reports). With `cluster`, the
+    experts not in the cache are adapted as Ray tasks (`remote.py`) instead of here."""
     settings_in = recipe.resolve_interference
     assert settings_in is not None
     if recipe.base_model is None:
@@ -180,43 +219,28 @@ def resolve_interference(
         raise UserError("resolve_interference needs transformers: pip install 'mergekit-ri[ri]'") from None
     ctx = ri_context(recipe, recipe_dir)
     base, experts, heads, model_class, aux = ctx.base, ctx.experts, ctx.heads, ctx.model_class, ctx.aux
-    settings = RISettings(
-        settings_in.steps, settings_in.lr, settings_in.weight_decay, settings_in.alpha, settings_in.batch_size
-    )
-    hashes = [content_hash(m) for m in experts]
-    base_hash = content_hash(base)
+    settings = ri_settings(recipe)
+    keys, seeds = entry_keys(recipe, ctx, settings)
     root = cache_root(settings_in.cache_dir)
-    folders, seeds = {}, {}
-    for model, own in zip(experts, hashes):
-        key = hashlib.sha256(
-            json.dumps(
-                {
-                    "version": RI_VERSION,
-                    "expert": own,
-                    "others": sorted(h for h in hashes if h != own),
-                    "base": base_hash,
-                    "aux": aux.fingerprint,
-                    "settings": asdict(settings),
-                    "seed": recipe.seed,
-                    "heads": heads,
-                },
-                sort_keys=True,
-            ).encode()
-        ).hexdigest()[:24]
-        folders[model.label] = root / key / model.label
-        seeds[model.label] = (recipe.seed * 1_000_003 + int(own[:8], 16)) % (1 << 62)
+    folders = {label: root / key / label for label, key in keys.items()}
     hits = [label for label, folder in folders.items() if is_cached(folder)]
     todo = [m.label for m in experts if m.label not in hits]
     trained, devices = [], []
     if todo and not dry_run:
         job = TrainJob(experts, base, model_class, heads, aux, settings, folders, seeds)
-        devices = ri_devices(settings_in.devices, recipe.device, device)
-        if len(devices) > 1 and len(todo) > 1:
-            devices = devices[: len(todo)]
-            done = train_parallel(job, todo, devices, report)
+        if cluster is not None:
+            from .remote import train_on_ray
+
+            done, places = train_on_ray(cluster, recipe, recipe_dir, job, todo, report)
+            devices = [places[label] for label in todo if done[label]]  # one per trained expert
         else:
-            done = train_experts(job, todo, devices[0], report)
-            devices = devices[:1]
+            devices = ri_devices(settings_in.devices, recipe.device, device)
+            if len(devices) > 1 and len(todo) > 1:
+                devices = devices[: len(todo)]
+                done = train_parallel(job, todo, devices, report)
+            else:
+                done = train_experts(job, todo, devices[0], report)
+                devices = devices[:1]
         trained = [label for label in todo if done[label]]
         hits += [label for label in todo if not done[label]]  # another merge cached them while we waited
     status = RIStatus({k: str(v) for k, v in folders.items()}, hits, trained, [str(d) for d in devices])

@@ -157,10 +157,16 @@ def save_adapted(adapted, source: ModelSource, folder: Path, is_head) -> None:
                 if (source.folder / name).is_file():
                     shutil.copyfile(source.folder / name, staging / name)
         write_manifest(staging)
-        discard(folder)  # a damaged leftover: we hold the lock
-        os.rename(staging, folder)
+        publish_entry(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish_entry(staging: Path, folder: Path) -> None:
+    """Rename a complete entry (manifest written) into place, replacing a damaged leftover; the
+    caller holds the entry's lock. Readers see the whole entry or none."""
+    discard(folder)
+    os.rename(staging, folder)
 
 
 def train_parallel(
