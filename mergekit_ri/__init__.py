@@ -27,6 +27,7 @@ _API = {
     "MergeEvents": "events",
     "MergeResult": "engine",
     "FileRecord": "io.manifest",
+    "content_fingerprint": "io.contenthash",
     "RIStatus": "ri.prepare",
     "ri_demo": "demo_ri",
 }

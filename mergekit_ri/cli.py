@@ -526,6 +526,14 @@ ResumeOpt = Annotated[
         "changed).",
     ),
 ]
+FingerprintOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fingerprint-inputs",
+        help="List each input in the model card by a sha256 of its tensor bytes, hashed as the merge reads "
+        "them (costs CPU time: about one sha256 pass over the inputs); else by its header's fingerprint.",
+    ),
+]
 RayOpt = Annotated[
     Optional[str],
     typer.Option(
@@ -700,6 +708,7 @@ def merge(  # noqa: PLR0913 -- one parameter per flag: mergekit-yaml's command l
     max_memory: MaxMemoryOpt = None,
     threads: ThreadsOpt = None,
     resume: ResumeOpt = False,
+    fingerprint_inputs: FingerprintOpt = False,
     ray: RayOpt = None,
     unit_size: UnitSizeOpt = None,
     devices: DevicesOpt = None,
@@ -747,6 +756,7 @@ def merge(  # noqa: PLR0913 -- one parameter per flag: mergekit-yaml's command l
             write_model_card=write_model_card,
             intermediate_dir=intermediate_dir,
             resume=resume,
+            fingerprint_inputs=fingerprint_inputs,
             ray=ray,
             unit_size=unit_size,
             devices=devices,
