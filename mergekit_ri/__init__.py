@@ -27,6 +27,7 @@ _API = {
     "MergeEvents": "events",
     "MergeResult": "engine",
     "FileRecord": "io.manifest",
+    "content_fingerprint": "io.contenthash",
     "RIStatus": "ri.keys",
     "ri_demo": "demo_ri",
 }

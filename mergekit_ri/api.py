@@ -50,7 +50,7 @@ class MergeOptions:
         and `MergeEvents.on_layer`; costs a loss evaluation per layer, so off by default.
     interference: for RI recipes, ξ with and without RI in `MergeResult.interference`; costs a
         second merge, into a temporary folder.
-    checksums: sha256 of every written file in `MergeResult.files` (re-reads the output once).
+    checksums: sha256 of every written file in `MergeResult.files` (shards hashed as written).
     intermediate_dir: multi-stage recipes: where the named stages are written, kept and reused by
         the next run when a stage's recipe and inputs are unchanged (None: a hidden folder beside
         the output, removed once the final stage is written).
@@ -60,6 +60,9 @@ class MergeOptions:
     out_shard_size: bytes per output shard, or mergekit's text ('5B' = 5·10⁹); --out-shard-size.
     copy_tokenizer: False writes no tokenizer files unless the recipe names a tokenizer_source.
     write_model_card: False leaves out README.md and mergekit_config.yml.
+    fingerprint_inputs: the card lists each input by a sha256 of its tensor bytes as the merge read
+        them (`content_fingerprint`), not only by its header's; costs about one sha256 pass over
+        the inputs, on the reader threads.
 
     Scale-out and faults (docs/scale-out.md):
     resume: continue the merge an earlier run of the same recipe into the same output left
@@ -87,6 +90,7 @@ class MergeOptions:
     out_shard_size: int | str | None = None
     copy_tokenizer: bool | None = None
     write_model_card: bool = True
+    fingerprint_inputs: bool = False
     resume: bool = False
     ray: str | None = None
     unit_size: int | str | None = None
@@ -232,6 +236,7 @@ def _merge_one(source: _Source, out: Path, options: MergeOptions, events: MergeE
                 checksums=options.checksums,
                 provenance=status.provenance if status is not None else None,
                 model_card=options.write_model_card,
+                fingerprint_inputs=options.fingerprint_inputs,
                 resume=options.resume,
                 distributed=distributed,
                 unit_bytes=options.unit_size,

@@ -127,7 +127,7 @@ def _guarded(body: Callable[[], Any], verbose: bool = False) -> None:
         )
         raise typer.Exit(_interrupted_code()) from None
     except KeyboardInterrupt:
-        err.print("interrupted: no output was written", markup=False)
+        err.print("interrupted: no output was written", markup=False, soft_wrap=True)
         raise typer.Exit(_interrupted_code()) from None
     except typer.Exit:
         raise
@@ -316,9 +316,9 @@ def _print_plan(plan, console: _Stream) -> None:
         )
     console.print(table)
     for label, note in summary.get("inputs", {}).items():
-        console.print(f"input {label}: {note}", markup=False)
+        console.print(f"input {label}: {note}", markup=False, soft_wrap=True)
     for warning in summary["warnings"]:
-        console.print(f"warning: {warning}", markup=False)
+        console.print(f"warning: {warning}", markup=False, soft_wrap=True)
 
 
 def _layer_line(name: str, figures: Mapping[str, float]) -> str:
@@ -379,7 +379,9 @@ class _Rendered(MergeEvents):
             self._merge = None
         if not self.quiet:
             label = f"'{name}'" if name else "final"
-            err.print(f"stage {index + 1}/{count} {label} → {out}", markup=False, highlight=False)
+            err.print(
+                f"stage {index + 1}/{count} {label} → {out}", markup=False, highlight=False, soft_wrap=True
+            )
 
     def on_plan(self, plan, total_bytes: int) -> None:
         self._close_ri()
@@ -395,7 +397,7 @@ class _Rendered(MergeEvents):
     def on_warning(self, text: str) -> None:
         if not self.quiet and text not in self._shown:
             self._shown.add(text)
-            self._bar().console.print(f"warning: {text}", markup=False)
+            self._bar().console.print(f"warning: {text}", markup=False, soft_wrap=True)
 
     def on_progress(self, advance: int) -> None:
         self._bar().advance(self._merge_task, advance)
@@ -464,6 +466,7 @@ def _run_merge(
             f"interference ξ on the auxiliary data: {xi['without_ri']:.4f} without RI, "
             f"{xi['with_ri']:.4f} with RI (reported only; never used to tune the merge)",
             markup=False,
+            soft_wrap=True,
         )
     if as_json:
         print(json.dumps(_json_summary(result, verbose), indent=2))
@@ -575,6 +578,14 @@ ResumeOpt = Annotated[
         help="Continue the merge into this output that Ctrl-C, SIGTERM, a kill, crash or lost machine left "
         "unfinished: finished work units are verified by hash and kept (refused if the recipe or inputs "
         "changed).",
+    ),
+]
+FingerprintOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fingerprint-inputs",
+        help="List each input in the model card by a sha256 of its tensor bytes, hashed as the merge reads "
+        "them (costs CPU time: about one sha256 pass over the inputs); else by its header's fingerprint.",
     ),
 ]
 RayOpt = Annotated[
@@ -751,6 +762,7 @@ def merge(  # noqa: PLR0913 -- one parameter per flag: mergekit-yaml's command l
     max_memory: MaxMemoryOpt = None,
     threads: ThreadsOpt = None,
     resume: ResumeOpt = False,
+    fingerprint_inputs: FingerprintOpt = False,
     ray: RayOpt = None,
     unit_size: UnitSizeOpt = None,
     devices: DevicesOpt = None,
@@ -798,6 +810,7 @@ def merge(  # noqa: PLR0913 -- one parameter per flag: mergekit-yaml's command l
             write_model_card=write_model_card,
             intermediate_dir=intermediate_dir,
             resume=resume,
+            fingerprint_inputs=fingerprint_inputs,
             ray=ray,
             unit_size=unit_size,
             devices=devices,
@@ -827,7 +840,7 @@ def validate(
                 f"method {plan.method.name}"
             )
             for warning in plan.warnings:
-                out.print(f"warning: {warning}", markup=False)
+                out.print(f"warning: {warning}", markup=False, soft_wrap=True)
 
     _guarded(body)
 

@@ -88,13 +88,15 @@ class LocalDevices:
         thresholds: tuple[float, ...] | None,
         journal: Journal,
         advance: Progress,
+        fingerprint: bool = False,
     ) -> list[str]:
         """Every unit of `todo` on the first free device; returns the warnings the workers found."""
         from .distributed import merge_units
         from .io.writer import ShardWriter
         from .resume import layout_digest
 
-        with ShardWriter(staging, plan, reuse=True):  # the driver creates the files, the workers fill them
+        # the driver creates the files, the workers fill them
+        with ShardWriter(staging, plan.shard_layouts(), reuse=True):
             pass
         context = multiprocessing.get_context("spawn")  # no fork of a process holding CUDA or threads
         threads = max(1, (os.cpu_count() or 1) // len(self.devices)) if target.type == "cpu" else 1
@@ -119,6 +121,7 @@ class LocalDevices:
                     prefetch,
                     thresholds,
                     f"worker for {name}",
+                    fingerprint,
                 )
                 running[future] = (slot, unit)
 
@@ -131,8 +134,9 @@ class LocalDevices:
                 for future in finished:
                     slot, unit = running.pop(future)
                     result = self._result(future, slot, unit)
-                    for _, digest in result["units"]:
-                        journal.record(unit, digest, plan, result["warnings"])
+                    for index, digest in result["units"]:
+                        inputs = result.get("inputs", {}).get(index)
+                        journal.record(unit, digest, plan, result["warnings"], inputs)
                     warnings += result["warnings"]
                     advance(unit.in_nbytes)
                     submit(slot)

@@ -141,13 +141,15 @@ class Distributed:
         thresholds: tuple[float, ...] | None,
         journal: Journal,
         advance: Progress,
+        fingerprint: bool = False,
     ) -> list[str]:
         """Every unit of `todo` as a Ray task; returns the warnings the tasks found."""
         from .io.writer import ShardWriter
         from .resume import layout_digest
 
         ray = self.connect()
-        with ShardWriter(staging, plan, reuse=True):  # the driver creates the files, the tasks fill them
+        # the driver creates the files, the tasks fill them
+        with ShardWriter(staging, plan.shard_layouts(), reuse=True):
             pass
         remote = self._task(merge_units, "ri-merge-unit", target)
         recipe = ray.put((self.recipe, self.folder, layout_digest(plan)))
@@ -156,7 +158,14 @@ class Distributed:
         progress = unit_progress.Aggregate(ray, actor, advance, {u.index: u.in_nbytes for u in todo})
         pending = {
             remote.remote(
-                recipe, str(staging), [unit], target.type, prefetch, thresholds, progress=actor
+                recipe,
+                str(staging),
+                [unit],
+                target.type,
+                prefetch,
+                thresholds,
+                progress=actor,
+                fingerprint=fingerprint,
             ): unit
             for unit in todo
         }
@@ -169,7 +178,8 @@ class Distributed:
                     unit = pending.pop(ref)
                     result = self._result(ray, ref, unit)
                     for index, digest in result["units"]:
-                        journal.record(unit, digest, plan, result["warnings"])
+                        inputs = result.get("inputs", {}).get(index)
+                        journal.record(unit, digest, plan, result["warnings"], inputs)
                     warnings += result["warnings"]
                     progress.finished(unit.index)
         finally:
@@ -284,17 +294,20 @@ def merge_units(
     thresholds: tuple[float, ...] | None,
     label: str = "Ray worker",
     progress: Any = None,
+    fingerprint: bool = False,
 ) -> dict[str, Any]:
     """A Ray task (or a `--devices` worker): compute `units` into the staging folder's shard
-    files; their sha256s. Bad input it finds is a UserError naming the worker and its machine.
-    `progress`: the driver's `UnitProgress` actor, told the input bytes merged as they go."""
+    files; their sha256s (with `fingerprint`, their inputs' too, for the card). Bad input it finds
+    is a UserError naming the worker and its machine. `progress`: the driver's `UnitProgress`
+    actor, told the input bytes merged as they go."""
     from .engine import merge_tasks
+    from .io.contenthash import ReadHashes
     from .io.sources import TensorReader
     from .io.writer import ShardWriter
     from .kernels.parallel import single_threaded_ops
     from .memory import plan_memory
     from .nonfinite import NonFiniteGuard
-    from .units import UnitHashes, node_name, unit_tasks
+    from .units import UnitHashes, input_digests, node_name, unit_tasks
 
     recipe, folder, digest = shared
     try:
@@ -307,12 +320,21 @@ def merge_units(
             )
         target = torch.device(device)
         finished: list[tuple[int, str]] = []
+        inputs: dict[int, list[str | None]] = {}  # each unit's inputs' sha256, for the card
+
+        def done(unit: OutputUnit, digest: str) -> None:
+            if content is not None:
+                inputs[unit.index] = input_digests(plan, unit, content)
+            finished.append((unit.index, digest))
+
         with TensorReader() as reader, ThreadPoolExecutor(2, "ri-read") as reads:
             guard = NonFiniteGuard(plan, reader, plan.recipe.on_nonfinite)
-            hashes = UnitHashes(plan, folder_seen, units, lambda u, d: finished.append((u.index, d)))
+            content = ReadHashes() if fingerprint else None  # the inputs' digests, for the card
+            reader.observe = content
+            hashes = UnitHashes(plan, folder_seen, units, done)
             blocked = plan.method.raw_inputs and target.type == "cpu"
             with (
-                ShardWriter(folder_seen, plan, create=False, on_write=hashes) as writer,
+                ShardWriter(folder_seen, plan.shard_layouts(), create=False, on_write=hashes) as writer,
                 single_threaded_ops() if blocked else nullcontext(),
             ):
                 hashes.empty_units(units)
@@ -333,7 +355,13 @@ def merge_units(
                     thresholds,
                     guard,
                 )
-        return {"units": finished, "warnings": list(guard.warnings), "node": node_name(), "pid": os.getpid()}
+        return {
+            "units": finished,
+            "inputs": inputs,
+            "warnings": list(guard.warnings),
+            "node": node_name(),
+            "pid": os.getpid(),
+        }
     except UserError as exc:
         raise UserError(f"{label} on {node_name()}: {exc}") from None
 

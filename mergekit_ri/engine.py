@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .artifacts import copy_tokenizer, write_config, write_heads, write_model_card
 from .errors import MergeInterrupted, ResumableError, UserError
-from .io.artifacts import copy_tokenizer, write_config, write_heads, write_model_card
+from .io.contenthash import ReadHashes
 from .io.manifest import FileRecord, file_manifest
 from .io.output import (
     OutputLock,
@@ -46,7 +47,7 @@ from .plan import PREFETCH_DEFAULT, MergePlan, TensorTask
 from .reading import RowSource, WorkUnit, load_inputs, stream_inputs, work_units
 from .resume import Journal, adopt_staging, fingerprint, journaled
 from .staging import Download, Stager, Uploaded, stager_for
-from .units import OutputUnit, UnitHashes, plan_units, unit_tasks
+from .units import OutputUnit, UnitHashes, input_digests, plan_units, restore_input_digests, unit_tasks
 
 if TYPE_CHECKING:
     from .distributed import Distributed
@@ -247,6 +248,7 @@ def run_merge(
     resume: bool = False,
     distributed: Distributed | None = None,
     unit_bytes: int | None = None,
+    fingerprint_inputs: bool = False,
 ) -> MergeResult:
     """Merge into a hidden staging folder, then rename it to `out` (under the output's lock).
 
@@ -294,6 +296,7 @@ def run_merge(
                 journal,
                 units,
                 distributed,
+                fingerprint_inputs,
             )
             plan.warnings.extend(nonfinite)
             publish(staging, out, force)
@@ -360,7 +363,7 @@ def merge_tasks(
 
         def merge(unit: WorkUnit, inputs: list[torch.Tensor] | Uploaded) -> None:
             result = compute(plan, unit, inputs, target, thresholds, report, reader, reads, guard, stager)
-            written.append(writes.submit(stager.write, writer, unit.task, result, unit.rows))
+            written.append(writes.submit(stager.write, writer, unit.task.name, result, unit.rows))
             del result  # held by the writer's queue alone: freed once written
             while len(written) > memory.writer_queue:
                 written.popleft().result()
@@ -414,6 +417,7 @@ def _merge_into(
     journal: Journal | None = None,
     units: list[OutputUnit] | None = None,
     distributed: Distributed | None = None,
+    fingerprint_inputs: bool = False,
 ) -> tuple[tuple[FileRecord, ...], list[str]]:
     """Every file of the merged checkpoint, written into `staging`: (file names, the warnings about
     non-finite inputs merged under `on_nonfinite: warn`). Units the journal has as finished are
@@ -424,6 +428,8 @@ def _merge_into(
     journal = journal or Journal.begin(staging, staging, plan, units, {}, False)
     todo = [u for u in units if u.index not in journal.done]
     advance(sum(u.in_nbytes for u in units if u.index in journal.done))
+    written: dict[str, str] = {}  # shard files' sha256, hashed as they were written
+    content = ReadHashes() if model_card and fingerprint_inputs else None  # for the card
     with TensorReader() as reader, ThreadPoolExecutor(2, "ri-read") as reads:
         guard = NonFiniteGuard(plan, reader, plan.recipe.on_nonfinite)
         blocked = plan.method.raw_inputs and target.type == "cpu"
@@ -432,20 +438,28 @@ def _merge_into(
             if distributed is not None and prepass_reads(plan):
                 remote = distributed.scan(plan, units, target, prefetch, advance)
             thresholds = run_prepass(plan, reader, reads, target, memory, advance, remote)
+            reader.observe = content  # the main pass's reads (and the heads'), not the pre-pass's
             if distributed is not None:
                 nonfinite = distributed.run(
-                    plan, staging, todo, target, prefetch, thresholds, journal, advance
+                    plan, staging, todo, target, prefetch, thresholds, journal, advance, content is not None
                 )
             else:
                 seen = len(guard.warnings)
 
                 def finished(unit: OutputUnit, digest: str) -> None:
                     nonlocal seen
-                    journal.record(unit, digest, plan, guard.warnings[seen:])
+                    inputs = input_digests(plan, unit, content) if content is not None else None
+                    journal.record(unit, digest, plan, guard.warnings[seen:], inputs)
                     seen = len(guard.warnings)
 
                 hashes = UnitHashes(plan, staging, todo, finished)
-                with ShardWriter(staging, plan, reuse=True, on_write=hashes) as writer:
+                layouts = plan.shard_layouts()
+                with ShardWriter(
+                    staging, layouts, reuse=True, on_write=hashes, hash_files=checksums
+                ) as writer:
+                    for unit in units:
+                        if unit.index in journal.done:
+                            writer.kept(unit.shard, unit.start, unit.end)
                     hashes.empty_units(todo)
                     tasks = unit_tasks(plan, todo)
                     merge_tasks(
@@ -462,12 +476,22 @@ def _merge_into(
                         guard,
                     )
                 nonfinite = list(guard.warnings)
+                if writer.hashes is not None:
+                    written = {
+                        p.relative_to(staging).as_posix(): d for p, d in writer.hashes.digests().items()
+                    }
         write_heads(staging, plan, reader)
+        reader.observe = None
+    fingerprints: dict[str, str | None] = {}
+    if content is not None:  # the units this run did not read: their inputs' digests as recorded
+        for unit in units:
+            restore_input_digests(plan, unit, journal.inputs.get(unit.index), content)
+        fingerprints = {m.label: content.model(m) for m in plan.sources}
     nonfinite = list(dict.fromkeys(journal.warnings + nonfinite))
     journal.finish()
-    write_index(staging, plan)
+    write_index(staging, plan.shard_layouts())
     write_config(staging, plan)
     copy_tokenizer(staging, plan)
     if model_card:  # README.md and mergekit_config.yml (mergekit's --no-write-model-card leaves them out)
-        write_model_card(staging, plan, provenance)
-    return file_manifest(staging, checksums), nonfinite
+        write_model_card(staging, plan, provenance, fingerprints)
+    return file_manifest(staging, checksums, written), nonfinite

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
+from .hugepages import HUGE_PAGE as HUGE_PAGE
+from .hugepages import advise_huge_pages as advise_huge_pages
 from .sizes import MEMORY_UNITS, read_size
 
 if TYPE_CHECKING:
-    import ctypes
-
     from .plan import MergePlan
     from .reading import WorkUnit
 
@@ -408,28 +408,3 @@ def return_freed_memory() -> None:
         return
     mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD)
-
-
-HUGE_PAGE = 2 * MiB
-MADV_HUGEPAGE = 14
-_libc: ctypes.CDLL | None = None
-
-
-def advise_huge_pages(address: int, size: int) -> None:
-    """Ask Linux to back the 2 MiB-aligned part of a fresh buffer with transparent huge pages
-    (where THP is set to `madvise`): with freed buffers given back to the system, every buffer
-    is fresh memory, and one fault per 2 MiB instead of per 4 KiB keeps that cheap. Advice only:
-    nothing changes where it is not supported."""
-    global _libc
-    start = -(-address // HUGE_PAGE) * HUGE_PAGE
-    end = (address + size) // HUGE_PAGE * HUGE_PAGE
-    if end <= start:
-        return
-    import ctypes.util
-
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_HUGEPAGE)
-    except (OSError, AttributeError):
-        pass

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import UserError
 from .heads import HeadSelector, head_selector, looks_like_head
 from .io.sources import FLOAT_CODES, ST_ITEMSIZE, ModelSource, TensorRef, load_source
+from .io.writer import ShardLayout, TensorSlot
 from .methods import MethodSpec, TensorParams, get_method
 from .params import layer_depths, resolve
 from .recipe import ModelEntry, Recipe
@@ -118,6 +119,14 @@ class MergePlan:
     @property
     def bytes_written(self) -> int:
         return sum(t.out_nbytes for t in self.tasks)
+
+    def shard_layouts(self) -> list[ShardLayout]:
+        """The output files as the writer sees them: per shard, its tensors' names, dtypes,
+        shapes and offsets, in plan order (which is each shard's header order)."""
+        slots: list[list[TensorSlot]] = [[] for _ in self.shards]
+        for t in self.tasks:
+            slots[t.shard].append(TensorSlot(t.name, t.out_dtype, tuple(t.shape), t.offset, t.out_nbytes))
+        return [ShardLayout(s.filename, s.data_bytes, tuple(group)) for s, group in zip(self.shards, slots)]
 
     def memory(self, device: str | None = None) -> MemoryPlan:
         """How the merge is laid out under its memory cap (`memory.plan_memory`) on `device`

@@ -167,6 +167,7 @@ class Journal:
     done: dict[int, str] = field(default_factory=dict)  # unit index → sha256, verified
     warnings: list[str] = field(default_factory=list)
     kept: tuple[int, ...] = ()  # units found finished when the merge started
+    inputs: dict[int, list[str | None]] = field(default_factory=dict)  # unit → its inputs' sha256
     _file: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -187,6 +188,7 @@ class Journal:
             records = _verified(staging, out, plan, units, stamp, journal.path)
         journal.done = {r["unit"]: r["sha256"] for r in records}
         journal.kept = tuple(sorted(journal.done))
+        journal.inputs = {r["unit"]: r["inputs"] for r in records if isinstance(r.get("inputs"), list)}
         journal.warnings = list(dict.fromkeys(w for r in records for w in r.get("warnings", ())))
         temporary = journal.path.with_name(JOURNAL + ".new")
         with open(temporary, "w") as f:
@@ -197,7 +199,16 @@ class Journal:
         journal._file = open(journal.path, "a")
         return journal
 
-    def record(self, unit: OutputUnit, sha256: str, plan: MergePlan, warnings: list[str] = ()) -> None:
+    def record(
+        self,
+        unit: OutputUnit,
+        sha256: str,
+        plan: MergePlan,
+        warnings: list[str] = (),
+        inputs: list[str | None] | None = None,
+    ) -> None:
+        """A finished unit: its bytes' sha256, the warnings found computing it, and the sha256 of
+        each input it read (`units.input_digests`), for the card's content fingerprints."""
         line = {
             "unit": unit.index,
             "shard": plan.shards[unit.shard].filename,
@@ -206,10 +217,14 @@ class Journal:
             "sha256": sha256,
             "warnings": list(warnings),
         }
+        if inputs is not None:
+            line["inputs"] = inputs
         with self._lock:
             self._file.write(json.dumps(line) + "\n")
             self._file.flush()  # in the kernel's page cache: a killed process loses nothing
             self.done[unit.index] = sha256  # after the line: `done` never counts one not on disk
+            if inputs is not None:
+                self.inputs[unit.index] = inputs
 
     def finish(self) -> None:
         """The merge is whole: the journal goes (it must not be published with the output)."""
@@ -267,7 +282,7 @@ def _verified(
             f"cannot resume {out}: {why} since the interrupted merge; rerun without --resume to start over"
         )
     by_key = {(plan.shards[u.shard].filename, u.start, u.end): u for u in units}
-    heads = shard_headers(plan)
+    heads = shard_headers(plan.shard_layouts())
     whole = {
         s.filename: shard_is_whole(staging / s.filename, head, s.data_bytes)
         for s, head in zip(plan.shards, heads)

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .io.contenthash import ReadHashes
+from .io.sources import TensorRef
 from .plan import MergePlan, TensorTask
 
 UNITS_PER_OUTPUT = 64  # enough units to balance a few dozen workers and lose little on a resume
@@ -52,7 +54,7 @@ def plan_units(plan: MergePlan, size: int | None = None) -> list[OutputUnit]:
     from .io.writer import shard_headers
 
     target = unit_size(plan, size)
-    starts = [len(head) for head in shard_headers(plan)]
+    starts = [len(head) for head in shard_headers(plan.shard_layouts())]
     units: list[OutputUnit] = []
     first, held = 0, 0
     for i, task in enumerate(plan.tasks):
@@ -69,6 +71,36 @@ def plan_units(plan: MergePlan, size: int | None = None) -> list[OutputUnit]:
 
 def unit_tasks(plan: MergePlan, units: list[OutputUnit]) -> list[TensorTask]:
     return [task for unit in units for task in plan.tasks[unit.first : unit.last]]
+
+
+def unit_inputs(plan: MergePlan, unit: OutputUnit) -> list[TensorRef]:
+    """Every input tensor a unit reads, in plan order: per task its base and experts (a copied
+    tensor: its reference)."""
+    refs: list[TensorRef] = []
+    for task in plan.tasks[unit.first : unit.last]:
+        refs += [
+            r for r in ((task.base, *task.experts) if task.merge else (task.reference,)) if r is not None
+        ]
+    return refs
+
+
+def input_digests(plan: MergePlan, unit: OutputUnit, content: ReadHashes) -> list[str | None]:
+    """The sha256 (hex) of each of a finished unit's inputs as it was read, None where the reads
+    did not cover it in order: what the journal and a worker's result carry, so that a resumed
+    or distributed merge's card has the same content fingerprints."""
+    return [d.hex() if (d := content.digest(ref)) is not None else None for ref in unit_inputs(plan, unit)]
+
+
+def restore_input_digests(
+    plan: MergePlan, unit: OutputUnit, digests: list[str | None] | None, content: ReadHashes
+) -> None:
+    """`input_digests` from elsewhere (a worker, the journal of an interrupted run) into `content`."""
+    refs = unit_inputs(plan, unit)
+    if digests is None or len(digests) != len(refs):
+        return
+    for ref, digest in zip(refs, digests):
+        if digest is not None:
+            content.add(ref, bytes.fromhex(digest))
 
 
 def file_digest(path: Path, start: int, end: int, chunk: int = 1 << 24) -> str:
@@ -106,10 +138,10 @@ class UnitHashes:
         self._in_order = {u.index: True for u in units}
         self._lock = threading.Lock()
 
-    def __call__(self, task: TensorTask, position: int, data: memoryview) -> None:
+    def __call__(self, name: str, position: int, data: memoryview) -> None:
         if not data.nbytes:  # an empty tensor: nothing to hash (empty units finish in empty_units)
             return
-        unit = self._unit_of[task.name]
+        unit = self._unit_of[name]
         with self._lock:
             if self._next.setdefault(unit.index, unit.start) != position:
                 self._in_order[unit.index] = False

@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -218,10 +219,24 @@ def ri_merge_exe() -> list[str]:
     return [sys.executable, "-c", "from mergekit_ri.cli import entry; entry()"]
 
 
-def ri_command(recipe: Path, out: Path, device: str = "cpu", max_memory: str | None = None) -> list[str]:
-    """Command line of one ri-merge run."""
+def ri_command(
+    recipe: Path, out: Path, device: str = "cpu", max_memory: str | None = None, extra: str = ""
+) -> list[str]:
+    """Command line of one ri-merge run (`extra`: more of its options, as one shell-quoted string)."""
     cap = ["--max-memory", max_memory] if max_memory else []
-    return [*ri_merge_exe(), str(recipe), "-o", str(out), "--force", "--quiet", "--device", device, *cap]
+    more = shlex.split(extra)
+    return [
+        *ri_merge_exe(),
+        str(recipe),
+        "-o",
+        str(out),
+        "--force",
+        "--quiet",
+        "--device",
+        device,
+        *cap,
+        *more,
+    ]
 
 
 def mergekit_command(mergekit: str, recipe: Path, out: Path, cuda: bool = False) -> list[str]:
@@ -822,6 +837,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--check", action="store_true", help="also compare task_arithmetic outputs of both tools"
     )
     parser.add_argument("--no-mergekit", action="store_true", help="benchmark ri-merge alone")
+    parser.add_argument(
+        "--ri-args",
+        default="",
+        help="more ri-merge options for the timed runs, e.g. '--json' (the manifest: sha256 of every file)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda: ri-merge --device, and mergekit --cuda")
     parser.add_argument("--out", type=Path, default=None, help="also write the report to this file")
     parser.add_argument(
@@ -864,7 +884,9 @@ def main(argv: list[str] | None = None) -> int:
     load = warn_if_busy()
     mergekit = None if args.no_mergekit else find_mergekit(args.mergekit)
     cuda = args.device.startswith("cuda")
-    tools: dict[str, Command] = {"ri-merge": lambda recipe, out: ri_command(recipe, out, args.device)}
+    tools: dict[str, Command] = {
+        "ri-merge": lambda recipe, out: ri_command(recipe, out, args.device, extra=args.ri_args)
+    }
     if mergekit:
         tools["mergekit"] = lambda recipe, out: mergekit_command(mergekit, recipe, out, cuda)
     else:

@@ -35,18 +35,31 @@ def path(tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 def test_two_cpu_workers_write_the_same_bytes(tmp_path: Path, path: Path, monkeypatch) -> None:
-    assert run_cli("merge", path, "-o", tmp_path / "single", "--unit-size", "16KiB", "-q").code == 0
+    single = run_cli(
+        "merge", path, "-o", tmp_path / "single", "--unit-size", "16KiB", "-q", "--fingerprint-inputs"
+    )
+    assert single.code == 0
 
     def not_here(*args: object, **kwargs: object) -> None:
         raise AssertionError("a unit was computed in the driver")
 
     monkeypatch.setattr(engine, "merge_tasks", not_here)  # the workers are other processes
     result = run_cli(
-        "merge", path, "-o", tmp_path / "two", "--unit-size", "16KiB", "--devices", "cpu,cpu", "--json"
+        "merge",
+        path,
+        "-o",
+        tmp_path / "two",
+        "--unit-size",
+        "16KiB",
+        "--devices",
+        "cpu,cpu",
+        "--json",
+        "--fingerprint-inputs",
     )
     assert result.code == 0, result.stderr
     assert len(json.loads(result.stdout)["units"]["computed"]) > 4
     assert folder_bytes(tmp_path / "two") == folder_bytes(tmp_path / "single")
+    assert "| content `" in (tmp_path / "two" / "README.md").read_text()  # digests from the workers
 
 
 @pytest.mark.parametrize(

@@ -222,7 +222,7 @@ def test_head_files_list_their_metadata_in_one_order(tmp_path):
     every process, so their header is written in sorted order (and still loads as before)."""
     from safetensors import safe_open
 
-    from mergekit_ri.io.artifacts import save_in_order
+    from mergekit_ri.artifacts import save_in_order
 
     tensors = {"classifier.weight": torch.arange(6.0).reshape(2, 3), "classifier.bias": torch.ones(2)}
     expert = '/m/é "x\\y'

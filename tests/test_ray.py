@@ -89,15 +89,18 @@ def test_ray_merge_is_byte_identical_and_runs_on_the_workers(
     tmp_path: Path, cluster, models, method: str, extra: dict, monkeypatch
 ) -> None:
     path = recipe(tmp_path, models, method, **extra)
-    single = m.merge(path, tmp_path / "single", options=MergeOptions(unit_size=UNIT))
+    single = m.merge(path, tmp_path / "single", options=MergeOptions(unit_size=UNIT, fingerprint_inputs=True))
 
     def not_here(*args: object, **kwargs: object) -> None:
         raise AssertionError("a unit or a pre-pass read was computed in the driver")
 
     monkeypatch.setattr(engine, "merge_tasks", not_here)  # the workers are other processes
     monkeypatch.setattr(engine, "scan_tasks", not_here)
-    distributed = m.merge(path, tmp_path / "ray", options=MergeOptions(ray="local", unit_size=UNIT))
+    distributed = m.merge(
+        path, tmp_path / "ray", options=MergeOptions(ray="local", unit_size=UNIT, fingerprint_inputs=True)
+    )
     assert folder_bytes(tmp_path / "ray") == folder_bytes(tmp_path / "single")
+    assert "| content `" in (tmp_path / "ray" / "README.md").read_text()  # digests from the workers
     assert len(distributed.units["computed"]) == len(single.units["computed"]) > 4
     assert distributed.files == single.files
     assert [p.name for p in tmp_path.iterdir() if "ri-merge" in p.name] == []

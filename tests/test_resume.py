@@ -4,6 +4,7 @@ the same bytes as an uninterrupted merge. A changed recipe or input is refused."
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ from mergekit_ri.synthetic import LlamaShape, make_family
 
 SHAPE = LlamaShape(vocab=512, hidden=64, intermediate=160, layers=3, heads=4, kv_heads=2)
 UNIT = "8KiB"  # many units from a small model
+FINGERPRINT = "--fingerprint-inputs"  # the card's content fingerprints, which a resume must keep
 
 
 @pytest.fixture
@@ -44,7 +46,7 @@ class Crash(BaseException):
     """Stands for the process dying between writing the weights and publishing them."""
 
 
-def crashed_merge(tmp_path: Path, path: Path, out: Path, monkeypatch) -> Path:
+def crashed_merge(tmp_path: Path, path: Path, out: Path, monkeypatch, *extra: str) -> Path:
     """A merge whose process 'dies' once every weight is written: its staging folder, renamed as
     a dead process's, with every unit journaled."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -58,7 +60,7 @@ def crashed_merge(tmp_path: Path, path: Path, out: Path, monkeypatch) -> Path:
     with monkeypatch.context() as patch:
         patch.setattr(engine, "write_heads", die)
         with pytest.raises(Crash):
-            run_cli("merge", path, "-o", out, "--unit-size", UNIT, "-q")
+            run_cli("merge", path, "-o", out, "--unit-size", UNIT, "-q", *extra)
     assert left.is_dir() and not out.exists()
     return left
 
@@ -66,9 +68,9 @@ def crashed_merge(tmp_path: Path, path: Path, out: Path, monkeypatch) -> Path:
 def test_resume_keeps_verified_units_and_recomputes_the_rest(tmp_path: Path, models, monkeypatch) -> None:
     path = recipe(tmp_path, models)
     reference = tmp_path / "reference"
-    assert run_cli("merge", path, "-o", reference, "--unit-size", UNIT, "-q").code == 0
+    assert run_cli("merge", path, "-o", reference, "--unit-size", UNIT, "-q", FINGERPRINT).code == 0
     out = tmp_path / "out"
-    left = crashed_merge(tmp_path, path, out, monkeypatch)
+    left = crashed_merge(tmp_path, path, out, monkeypatch, FINGERPRINT)
     # the process died after 6 units: the rest of the journal never reached the file
     journal = (left / JOURNAL).read_text().splitlines()
     total = len(journal) - 1
@@ -79,13 +81,41 @@ def test_resume_keeps_verified_units_and_recomputes_the_rest(tmp_path: Path, mod
     with open(left / record["shard"], "r+b") as f:
         f.seek(record["start"])
         f.write(bytes(b ^ 0xFF for b in f.read(4)))
-    result = run_cli("merge", path, "-o", out, "--unit-size", UNIT, "--resume", "--json")
+    result = run_cli("merge", path, "-o", out, "--unit-size", UNIT, "--resume", "--json", FINGERPRINT)
     assert result.code == 0, result.stderr
-    units = json.loads(result.stdout)["units"]
+    summary = json.loads(result.stdout)
+    units = summary["units"]
     assert units["kept"] == [0, 1, 3, 4, 5]
     assert units["computed"] == [2] + list(range(6, total))
     assert "resuming" in result.stderr and "5 of" in result.stderr
     assert folder_bytes(out) == folder_bytes(reference)
+    # the manifest's sha256 (kept units read back in their turn, the rest hashed as written) is hashlib's
+    on_disk = {name: hashlib.sha256(data).hexdigest() for name, data in folder_bytes(out).items()}
+    assert {e["name"]: e["sha256"] for e in summary["manifest"]} == on_disk
+    # the kept units' inputs were not read again: their digests came from the journal
+    assert (out / "README.md").read_text().count("| content `") == 4
+
+
+def test_resume_without_the_inputs_digests_claims_no_content_fingerprint(
+    tmp_path: Path, models, monkeypatch
+) -> None:
+    """A journal whose units carry no input digests: the card falls back to header fingerprints
+    (it never lists a content hash of bytes it did not see); the weights are the same."""
+    path = recipe(tmp_path, models)
+    reference = tmp_path / "reference"
+    assert run_cli("merge", path, "-o", reference, "--unit-size", UNIT, "-q", FINGERPRINT).code == 0
+    out = tmp_path / "out"
+    left = crashed_merge(tmp_path, path, out, monkeypatch, FINGERPRINT)
+    lines = (left / JOURNAL).read_text().splitlines()
+    stripped = [lines[0]] + [
+        json.dumps({k: v for k, v in json.loads(x).items() if k != "inputs"}) for x in lines[1:4]
+    ]
+    (left / JOURNAL).write_text("\n".join(stripped) + "\n")
+    assert run_cli("merge", path, "-o", out, "--unit-size", UNIT, "--resume", "-q", FINGERPRINT).code == 0
+    card = (out / "README.md").read_text()
+    assert "| content `" not in card and card.count("| header only `") == 4
+    weights = {k: v for k, v in folder_bytes(out).items() if k != "README.md"}
+    assert weights == {k: v for k, v in folder_bytes(reference).items() if k != "README.md"}
     assert [p.name for p in tmp_path.iterdir() if "ri-merge" in p.name] == []
 
 

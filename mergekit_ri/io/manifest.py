@@ -1,12 +1,14 @@
 """The list of files a merge wrote, with sizes and sha256: what a CI job checks before uploading.
 
-The hashes re-read the finished files (from the page cache, right after writing them); hashing
-while writing would save that read but needs the writer to feed the digests.
+The shard files' hashes come from the writer, which hashes their bytes as it writes them
+(`io.filehash`); the other files (config, index, card, tokenizer, heads: small) and shards no
+writer in this process saw (a distributed merge's) are read back and hashed here.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,15 +36,23 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def file_manifest(folder: Path, checksums: bool = True) -> tuple[FileRecord, ...]:
-    """Every regular file under `folder`, sorted by name; hashed on a few threads (hashlib
-    releases the GIL on big buffers, so shards hash in parallel)."""
+def file_manifest(
+    folder: Path, checksums: bool = True, known: Mapping[str, str] | None = None
+) -> tuple[FileRecord, ...]:
+    """Every regular file under `folder`, sorted by name. With `checksums`, the sha256s in `known`
+    (by '/'-separated name, hashed as written) are taken as they are; the rest are read and hashed
+    on a few threads (hashlib releases the GIL on big buffers, so files hash in parallel)."""
     paths = sorted(
         (p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.relative_to(folder).as_posix()
     )
+    known = known or {}
+
+    def digest(path: Path) -> str:
+        return known.get(path.relative_to(folder).as_posix()) or file_sha256(path)
+
     if checksums and paths:
         with ThreadPoolExecutor(min(4, len(paths)), "ri-hash") as pool:
-            digests: list[str | None] = list(pool.map(file_sha256, paths))
+            digests: list[str | None] = list(pool.map(digest, paths))
     else:
         digests = [None] * len(paths)
     return tuple(

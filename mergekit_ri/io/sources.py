@@ -17,13 +17,13 @@ import re
 import stat
 import struct
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..hugepages import HUGE_PAGE, advise_huge_pages
 from ..lazy import torch
-from ..memory import HUGE_PAGE, advise_huge_pages
 
 # safetensors dtype code → bytes per entry and torch dtype name: headers are checked with the
 # sizes alone, so that `validate` and `--dry-run` never import torch
@@ -404,12 +404,16 @@ def _download(reference: str) -> tuple[Path, str | None]:
     return folder, folder.name  # snapshot folders are named by commit hash
 
 
+ReadObserver = Callable[[TensorRef, int, memoryview], None]  # the whole tensor's ref, byte offset, bytes
+
+
 class TensorReader:
     """Positioned reads of whole tensors into fresh CPU buffers; one open fd per file."""
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
+        self.observe: ReadObserver | None = None  # sees every plain read: e.g. `contenthash.ReadHashes`
 
     def _fd(self, path: Path) -> int:
         with self._lock:  # reader threads share the descriptors
@@ -442,8 +446,10 @@ class TensorReader:
             return ref.read_rows(self, rows, out, pin)
         if getattr(ref, "lora_b", None) is not None:
             return self._read_lora(ref, rows, out, pin)
+        whole, offset = ref, 0
         if rows is not None:
             row_bytes = ref.nbytes // ref.shape[0]
+            offset = rows[0] * row_bytes
             ref = TensorRef(
                 ref.path,
                 ref.dtype,
@@ -481,6 +487,8 @@ class TensorReader:
             if got <= 0:
                 raise UserError(f"{ref.path}: truncated while reading (file changed during the merge?)")
             done += got
+        if self.observe is not None and ref.nbytes:
+            self.observe(whole, offset, view)
         if out is not None:
             return out.view(ref.shape)
         if ref.nbytes == 0:

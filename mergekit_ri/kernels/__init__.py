@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..hugepages import advise_huge_pages
 from ..lazy import torch
-from ..memory import advise_huge_pages
 from .source import Source, TensorSource
 
 FusedMerge = Callable[..., tuple["torch.Tensor", int, "torch.Tensor", "torch.Tensor"]]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..memory import advise_huge_pages
+from ..hugepages import advise_huge_pages
 from .blocked import column, float_below, rescale_factor, safe_divisor
 from .parallel import run_blocks, workers
 from .rng import keep_threshold

@@ -1,22 +1,25 @@
-"""Everything beside the weights: config.json, tokenizer files, the model card."""
+"""Everything beside the weights: config.json, tokenizer files, the model card, the heads.
+
+These read the plan (what was merged, from what), so they live above io/, which only writes bytes."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
 from safetensors.torch import save
 
-from ..heads import HEAD_INDEX, head_entry
-from ..io.sources import TensorReader
-from ..plan import MergePlan
-from ..vocab.plan import write_tokenizer
+from .heads import HEAD_INDEX, head_entry
+from .io.sources import TensorReader
+from .plan import MergePlan
+from .vocab.plan import write_tokenizer
 
 if TYPE_CHECKING:
-    from ..ri.keys import RIProvenance
+    from .ri.keys import RIProvenance
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -118,16 +121,25 @@ adapted experts. Settings: auxiliary data `{ri.auxiliary_data}` (fingerprint `{a
 """
 
 
-def write_model_card(folder: Path, plan: MergePlan, applied: RIProvenance | None = None) -> None:
+def write_model_card(
+    folder: Path,
+    plan: MergePlan,
+    applied: RIProvenance | None = None,
+    fingerprints: Mapping[str, str | None] | None = None,
+) -> None:
     """README.md: inputs, method, recipe as the user wrote it; with RI (`applied`), the original
-    experts and the adapted checkpoints that were merged."""
+    experts and the adapted checkpoints that were merged. `fingerprints`: each input's content
+    fingerprint (`io.contenthash`) by label, where the merge read all of its tensors; the others
+    are listed by their header fingerprint, labelled as such."""
     rows = []
     for model in ([plan.base] if plan.base else []) + plan.experts:
         revision = model.revision or "local"
         reference = f"`{model.reference}`"
         if applied is not None and model is not plan.base and model.label in applied.references:
             reference = f"`{applied.references[model.label]}`, adapted by RI (below)"
-        rows.append(f"| {model.label} | {reference} | {revision} | `{model.fingerprint}` |")
+        content = (fingerprints or {}).get(model.label)
+        fingerprint = f"content `{content}`" if content else f"header only `{model.fingerprint}`"
+        rows.append(f"| {model.label} | {reference} | {revision} | {fingerprint} |")
     recipe = plan.recipe if applied is None else plan.recipe.model_copy(update={"models": applied.models})
     (folder / "mergekit_config.yml").write_text(recipe.to_yaml())
     card = f"""---
@@ -141,9 +153,16 @@ Method: {plan.method.citation}
 
 ## Inputs
 
-| role | reference | revision | safetensors header sha256/16 (names, shapes, dtypes) |
+| role | reference | revision | fingerprint |
 |---|---|---|---|
 {chr(10).join(rows)}
+
+A *content* fingerprint is a sha256 over the tensors this merge read, as stored in the input's
+files (each tensor's sha256, in name order); `mergekit_ri.content_fingerprint(path)` recomputes
+it. *Header only* is the sha256/16 of the weights files' headers (names, shapes, dtypes): given
+when content fingerprints were not asked for (`--fingerprint-inputs`), or where the merge did not
+read every tensor of the input as stored (tensors it does not use, a LoRA adapter or another
+vocabulary's rows applied while reading).
 
 {_ri_section(plan, applied)}{_heads_section(plan)}## Recipe
 
