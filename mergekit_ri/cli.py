@@ -17,6 +17,7 @@ import os
 import shlex
 import signal
 import sys
+import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -136,8 +137,6 @@ def _guarded(body: Callable[[], Any], verbose: bool = False) -> None:
         raise typer.Exit(141) from None
     except Exception as exc:  # a bug in ri-merge: say so, keep it to one line unless -v
         if verbose:
-            import traceback
-
             traceback.print_exc()
         err.line(f"internal error: {type(exc).__name__}: {exc} (rerun with -v for a traceback)")
         raise typer.Exit(1) from None

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .io.sources import ST_DTYPES, ST_ITEMSIZE, TensorReader
 from .kernels.source import Source
@@ -19,6 +19,9 @@ from .lazy import torch  # --dry-run's peak estimate imports this module, and ne
 from .memory import advise_huge_pages
 from .plan import MergePlan, TensorTask
 from .staging import BufferPool, HostInputs, Stager, Uploaded, aligned
+
+if TYPE_CHECKING:  # annotations only: --dry-run imports this module for its peak estimate
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 RowCheck = Callable[[TensorTask, tuple[int, int], "torch.Tensor", "torch.Tensor"], None]
 CHUNK_ELEMENTS = 1 << 22  # rows per work unit of an elementwise method: ~4M elements per model
