@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -183,7 +184,7 @@ class Distributed:
                     warnings += result["warnings"]
                     progress.finished(unit.index)
         finally:
-            _stop(ray, pending, actor)
+            stop_tasks(ray, pending, actor)
         return list(dict.fromkeys(warnings))
 
     def scan(
@@ -220,7 +221,7 @@ class Distributed:
                             folded = piece if folded is None else fold(folded, piece)
                         advance(merged[unit.index])
             finally:
-                _stop(ray, pending)
+                stop_tasks(ray, pending)
             return folded
 
         return scan
@@ -238,24 +239,35 @@ class Distributed:
         )
 
     def _result(self, ray: Any, ref: Any, unit: OutputUnit) -> Any:
-        """One task's result; its failure as one line (bad input: UserError; workers or nodes
-        lost past the retries: ResumableError, the finished units kept)."""
-        try:
-            return ray.get(ref)
-        except ray.exceptions.RayTaskError as exc:
-            cause = getattr(exc, "cause", None)
-            if isinstance(cause, UserError):
-                raise UserError(str(cause)) from None
-            raise RuntimeError(f"work unit {unit.index} failed on a Ray worker: {cause!r}") from None
-        except ray.exceptions.RayError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ResumableError(
-                f"work unit {unit.index} failed {self.retries + 1} time(s) on the Ray cluster ({first}); "
+        """One unit's result; workers or nodes lost past the retries: ResumableError, the
+        finished units kept."""
+        return task_result(
+            ray,
+            ref,
+            f"work unit {unit.index}",
+            lambda why: ResumableError(
+                f"work unit {unit.index} failed {self.retries + 1} time(s) on the Ray cluster ({why}); "
                 "the finished units are kept: rerun with --resume"
-            ) from None
+            ),
+        )
 
 
-def _stop(ray: Any, pending: dict[Any, Any], actor: Any = None) -> None:
+def task_result(ray: Any, ref: Any, what: str, lost: Callable[[str], Exception]) -> Any:
+    """A Ray task's result, or its failure as one line: bad input it found (a UserError) as it is,
+    any other error it raised as an internal error naming `what`, and a worker or node lost past
+    the retries as `lost(Ray's first line of why)`."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, UserError):
+            raise UserError(str(cause)) from None
+        raise RuntimeError(f"{what} failed on a Ray worker: {cause!r}") from None
+    except ray.exceptions.RayError as exc:
+        raise lost(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from None
+
+
+def stop_tasks(ray: Any, pending: dict[Any, Any], actor: Any = None) -> None:
     """After Ctrl-C, SIGTERM or a failed task: stop the running tasks, drop the queued ones."""
     try:
         for ref in pending:

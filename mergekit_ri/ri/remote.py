@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..distributed import stop_tasks, task_result
 from ..errors import UserError
 
 if TYPE_CHECKING:
@@ -140,28 +141,21 @@ def _run(
                 held.pop(label).close()
                 places[label] = f"ray:{result['node']}/{result['device']}"
     finally:
-        for ref in pending:
-            ray.cancel(ref)
-        if progress is not None:
-            ray.kill(progress)
+        stop_tasks(ray, pending, progress)
     return places
 
 
 def _result(ray: Any, ref: Any, label: str, retries: int) -> dict[str, Any]:
-    """One task's result, or its failure as one line (bad input and RI's own errors: UserError)."""
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as exc:
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, UserError):
-            raise UserError(str(cause)) from None
-        raise RuntimeError(f"RI adaptation of expert '{label}' failed on a Ray worker: {cause!r}") from None
-    except ray.exceptions.RayError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"RI adaptation of expert '{label}' failed {retries + 1} time(s) on the Ray cluster ({first}); "
+    """One expert's result (bad input and RI's own errors: UserError, from the task)."""
+    return task_result(
+        ray,
+        ref,
+        f"RI adaptation of expert '{label}'",
+        lambda why: UserError(
+            f"RI adaptation of expert '{label}' failed {retries + 1} time(s) on the Ray cluster ({why}); "
             "the experts adapted so far are cached: rerun to adapt the rest"
-        ) from None
+        ),
+    )
 
 
 def publish_shipped(files: dict[str, bytes], folder: Path, label: str) -> None:
