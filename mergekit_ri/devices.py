@@ -121,7 +121,7 @@ class LocalDevices:
                     prefetch,
                     thresholds,
                     f"worker for {name}",
-                    fingerprint,
+                    fingerprint=fingerprint,
                 )
                 running[future] = (slot, unit)
 
