@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import re
+import signal
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -45,7 +46,11 @@ def parse_devices(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _pin(device: str, threads: int) -> None:
-    """Worker start-up: a share of the cores for a CPU worker, its own GPU for a CUDA one."""
+    """Worker start-up: a share of the cores for a CPU worker, its own GPU for a CUDA one. A
+    terminal's Ctrl-C reaches the whole process group: the driver alone answers it (it stops the
+    workers and keeps the finished units); a worker idle between units would otherwise die of it
+    first and be reported as lost (exit 2 instead of 130)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))

@@ -319,21 +319,25 @@ def journal_units(staging: Path) -> list[int]:
     return sorted({json.loads(line)["unit"] for line in lines if line.strip()})
 
 
-def interrupted_cli_merge(args: list[str], out: Path, sig: int, after: int = 3):
+def interrupted_cli_merge(args: list[str], out: Path, sig: int, after: int = 3, group: bool = False):
     """`python -m mergekit_ri.cli ARGS` in a real process, sent `sig` once its staging folder's
-    journal records `after` finished units: (the finished process, its stderr, the staging
-    folder). Fails if the merge finished before the signal."""
+    journal records `after` finished units (with `group`, to its whole process group, as a
+    terminal's Ctrl-C is): (the finished process, its stderr, the staging folder). Fails if the
+    merge finished before the signal."""
     import mergekit_ri
 
     env = {**os.environ, "PYTHONPATH": str(Path(mergekit_ri.__file__).parents[1])}
     command = [sys.executable, "-m", "mergekit_ri.cli", *map(str, args)]
-    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, start_new_session=group)
     staging = out.parent / f".{out.name}.ri-merge-partial-{proc.pid}"
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
         journal = staging / JOURNAL
         if journal.is_file() and len(journal.read_text().splitlines()) > after:
-            proc.send_signal(sig)
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
             break
         time.sleep(0.002)
     _, stderr = proc.communicate(timeout=120)

@@ -186,6 +186,26 @@ def test_signalled_merge_keeps_its_units_and_resumes_to_the_same_bytes(tmp_path:
     assert [p.name for p in tmp_path.iterdir() if "ri-merge" in p.name] == []
 
 
+@pytest.mark.slow
+def test_ctrl_c_at_a_terminal_stops_a_devices_merge_with_130(tmp_path: Path) -> None:
+    """Ctrl-C at a terminal signals the workers of `--devices cpu,cpu` too: they leave it to the
+    driver, which stops them, keeps the finished units and exits 130; the resume gives the bytes."""
+    shape = LlamaShape(vocab=4000, hidden=256, intermediate=688, layers=4, heads=4, kv_heads=4)
+    models = make_family(tmp_path / "models", ["a", "b", "c"], shape=shape, dtype="bfloat16", shards=2)
+    path = recipe(tmp_path, models, method="ties")
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    assert run_cli("merge", path, "-o", reference, "--unit-size", "256KiB", "-q").code == 0
+    args = [path, "-o", out, "--unit-size", "256KiB", "-q", "--devices", "cpu,cpu"]
+    proc, stderr, staging = interrupted_cli_merge(args, out, signal.SIGINT, group=True)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: ") and "--resume" in stderr
+    finished = journal_units(staging)
+    result = run_cli("merge", path, "-o", out, "--unit-size", "256KiB", "--resume", "--json")
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["units"]["kept"] == finished
+    assert folder_bytes(out) == folder_bytes(reference)
+
+
 def test_joining_ray_keeps_the_clis_sigterm_handler(monkeypatch) -> None:
     """ray.init installs its own SIGTERM handler (sys.exit: the staging folder would go, exit 15);
     ours is put back, so SIGTERM stops a Ray merge as Ctrl-C does."""
