@@ -97,12 +97,8 @@ class LocalDevices:
     ) -> list[str]:
         """Every unit of `todo` on the first free device; returns the warnings the workers found."""
         from .distributed import merge_units
-        from .io.writer import ShardWriter
         from .resume import layout_digest
 
-        # the driver creates the files, the workers fill them
-        with ShardWriter(staging, plan.shard_layouts(), reuse=True):
-            pass
         context = multiprocessing.get_context("spawn")  # no fork of a process holding CUDA or threads
         threads = max(1, (os.cpu_count() or 1) // len(self.devices)) if target.type == "cpu" else 1
         self._pools = [

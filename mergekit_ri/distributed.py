@@ -145,13 +145,9 @@ class Distributed:
         fingerprint: bool = False,
     ) -> list[str]:
         """Every unit of `todo` as a Ray task; returns the warnings the tasks found."""
-        from .io.writer import ShardWriter
         from .resume import layout_digest
 
         ray = self.connect()
-        # the driver creates the files, the tasks fill them
-        with ShardWriter(staging, plan.shard_layouts(), reuse=True):
-            pass
         remote = self._task(merge_units, "ri-merge-unit", target)
         recipe = ray.put((self.recipe, self.folder, layout_digest(plan)))
         fine = bool(todo) and max(u.in_nbytes for u in todo) >= unit_progress.FINE_PROGRESS
@@ -312,14 +308,13 @@ def merge_units(
     files; their sha256s (with `fingerprint`, their inputs' too, for the card). Bad input it finds
     is a UserError naming the worker and its machine. `progress`: the driver's `UnitProgress`
     actor, told the input bytes merged as they go."""
-    from .engine import merge_tasks
+    from .engine import write_units
     from .io.contenthash import ReadHashes
     from .io.sources import TensorReader
-    from .io.writer import ShardWriter
     from .kernels.parallel import single_threaded_ops
     from .memory import plan_memory
     from .nonfinite import NonFiniteGuard
-    from .units import UnitHashes, input_digests, node_name, unit_tasks
+    from .units import input_digests, node_name
 
     recipe, folder, digest = shared
     try:
@@ -343,29 +338,24 @@ def merge_units(
             guard = NonFiniteGuard(plan, reader, plan.recipe.on_nonfinite)
             content = ReadHashes() if fingerprint else None  # the inputs' digests, for the card
             reader.observe = content
-            hashes = UnitHashes(plan, folder_seen, units, done)
             blocked = plan.method.raw_inputs and target.type == "cpu"
-            with (
-                ShardWriter(folder_seen, plan.shard_layouts(), create=False, on_write=hashes) as writer,
-                single_threaded_ops() if blocked else nullcontext(),
-            ):
-                hashes.empty_units(units)
-                tasks = unit_tasks(plan, units)
-                memory = plan_memory(plan, prefetch=prefetch, device=target.type)
-                merge_tasks(
+            with single_threaded_ops() if blocked else nullcontext():
+                write_units(
                     plan,
-                    tasks,
+                    folder_seen,
+                    units,
                     reader,
                     reads,
-                    writer,
                     target,
-                    memory,
+                    plan_memory(plan, prefetch=prefetch, device=target.type),
                     unit_progress.Reporter(progress, units[0].index)
                     if progress is not None and units
                     else lambda n: None,
                     None,
                     thresholds,
                     guard,
+                    done,
+                    create=False,
                 )
         return {
             "units": finished,

@@ -387,6 +387,47 @@ def merge_tasks(
     return stager.stats()
 
 
+def write_units(
+    plan: MergePlan,
+    folder: Path,
+    units: list[OutputUnit],
+    reader: TensorReader,
+    reads: ThreadPoolExecutor,
+    target: torch.device,
+    memory: MemoryPlan,
+    advance: Progress,
+    report: LayerReport | None,
+    thresholds: tuple[float, ...] | None,
+    guard: NonFiniteGuard,
+    finished: Callable[[OutputUnit, str], None],
+    kept: list[OutputUnit] | None = None,
+    **writer_options: bool,
+) -> ShardWriter:
+    """Compute `units` into their byte ranges of `folder`'s shard files, each unit's sha256 handed
+    to `finished` once its last byte is written (the driver's merge and a worker's alike); the
+    ranges of `kept` units are already there (a resume). Returns the closed writer, whose file
+    hashes (`hash_files`) cover the kept ranges too."""
+    hashes = UnitHashes(plan, folder, units, finished)
+    with ShardWriter(folder, plan.shard_layouts(), on_write=hashes, **writer_options) as writer:
+        for unit in kept or []:
+            writer.kept(unit.shard, unit.start, unit.end)
+        hashes.empty_units(units)
+        merge_tasks(
+            plan,
+            unit_tasks(plan, units),
+            reader,
+            reads,
+            writer,
+            target,
+            memory,
+            advance,
+            report,
+            thresholds,
+            guard,
+        )
+    return writer
+
+
 def _join_writer(writes: ThreadPoolExecutor) -> None:
     """Wait for the writes already queued (a few tensors: the units they finish are journaled and
     kept). A second Ctrl-C drops the queued ones but still waits for the write in progress, whose
@@ -440,6 +481,8 @@ def _merge_into(
             thresholds = run_prepass(plan, reader, reads, target, memory, advance, remote)
             reader.observe = content  # the main pass's reads (and the heads'), not the pre-pass's
             if distributed is not None:
+                with ShardWriter(staging, plan.shard_layouts(), reuse=True):
+                    pass  # the shard files, created here: the workers fill their ranges
                 nonfinite = distributed.run(
                     plan, staging, todo, target, prefetch, thresholds, journal, advance, content is not None
                 )
@@ -452,29 +495,23 @@ def _merge_into(
                     journal.record(unit, digest, plan, guard.warnings[seen:], inputs)
                     seen = len(guard.warnings)
 
-                hashes = UnitHashes(plan, staging, todo, finished)
-                layouts = plan.shard_layouts()
-                with ShardWriter(
-                    staging, layouts, reuse=True, on_write=hashes, hash_files=checksums
-                ) as writer:
-                    for unit in units:
-                        if unit.index in journal.done:
-                            writer.kept(unit.shard, unit.start, unit.end)
-                    hashes.empty_units(todo)
-                    tasks = unit_tasks(plan, todo)
-                    merge_tasks(
-                        plan,
-                        tasks,
-                        reader,
-                        reads,
-                        writer,
-                        target,
-                        memory,
-                        advance,
-                        report,
-                        thresholds,
-                        guard,
-                    )
+                writer = write_units(
+                    plan,
+                    staging,
+                    todo,
+                    reader,
+                    reads,
+                    target,
+                    memory,
+                    advance,
+                    report,
+                    thresholds,
+                    guard,
+                    finished,
+                    kept=[u for u in units if u.index in journal.done],
+                    reuse=True,
+                    hash_files=checksums,
+                )
                 nonfinite = list(guard.warnings)
                 if writer.hashes is not None:
                     written = {
