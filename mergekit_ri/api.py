@@ -364,7 +364,7 @@ def _with_overrides(recipe: Recipe, options: MergeOptions) -> Recipe:
         update["tokenizer_source"] = None  # as in mergekit: a tokenizer_source the recipe names is kept
     if not update:
         return recipe
-    from pydantic import ValidationError
+    from .schema import ValidationError
 
     try:  # validated as a whole: model_copy would take an unchecked seed or shard size
         given = {name: getattr(recipe, name) for name in recipe.model_fields_set}  # what the recipe names

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
-from typer.core import TyperCommand, TyperGroup
 
 from . import __version__
+from .cli_typer import Command, Group
 from .demo import demo_recipe_path, prepare_demo_folder  # noqa: F401 (demo_recipe_path: kept importable here)
 from .errors import MergeInterrupted, UserError
 from .events import MergeEvents
@@ -37,29 +37,8 @@ if TYPE_CHECKING:
     from .api import MergeOptions
 
 
-class _FalseHelpFlag:
-    """The --help flag with the default a flag has, False, rather than None: typer coerces a
-    parameter's value through a pydantic TypeAdapter unless it is already a bool, so a None help
-    flag made every command import pydantic (~0.1 s) — `methods`, which has nothing else to
-    coerce, included."""
-
-    def get_help_option(self, ctx: typer.Context) -> Any:
-        option = super().get_help_option(ctx)  # type: ignore[misc]
-        if option is not None and option.default is None:
-            option.default = False
-        return option
-
-
-class _Group(_FalseHelpFlag, TyperGroup):
-    pass
-
-
-class _Command(_FalseHelpFlag, TyperCommand):
-    pass
-
-
 app = typer.Typer(
-    cls=_Group,
+    cls=Group,
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode=None,
@@ -87,6 +66,24 @@ class _Stream:
     @property
     def is_terminal(self) -> bool:
         return self.console.is_terminal
+
+    @property
+    def surely_plain(self) -> bool:
+        """Whether rich would print styled text as plain text here — a file or pipe, with no
+        FORCE_COLOR / TTY_COMPATIBLE asking otherwise — known without importing rich."""
+        if self._console is not None:
+            return not self._console.is_terminal
+        if (
+            os.environ.get("FORCE_COLOR")
+            or os.environ.get("TTY_COMPATIBLE")
+            or os.environ.get("TTY_INTERACTIVE")
+        ):
+            return False
+        stream = sys.stderr if self._stderr else sys.stdout
+        try:
+            return not stream.isatty()
+        except (AttributeError, ValueError):
+            return False
 
     def print(self, *objects: Any, **options: Any) -> None:
         self.console.print(*objects, **options)
@@ -283,41 +280,42 @@ def _vocabulary_lines(vocab: dict[str, Any]) -> str:
 
 
 def _print_plan(plan, console: _Stream) -> None:
-    from rich.table import Table
+    from .text_table import terminal_width, two_column_table
 
     summary = plan.summary()
-    table = Table(title=f"Merge plan: {summary['method']}", show_header=False)
-    table.add_row("base", str(summary["base"]))
-    table.add_row("models", "\n".join(summary["models"]))
-    table.add_row(
-        "tensors",
-        f"{summary['tensors']} ({summary['tensors_merged']} merged, {summary['tensors_copied']} copied)",
-    )
-    table.add_row("read", _human(summary["bytes_read"]))
-    table.add_row("write", _human(summary["bytes_written"]))
-    table.add_row(
-        "output shards",
-        "\n".join(f"{s['file']}  {s['tensors']} tensors, {_human(s['bytes'])}" for s in summary["shards"]),
-    )
-    table.add_row("peak memory (planned)", _memory_text(summary["memory"]))
-    if summary.get("layers"):  # slices: each output layer and where it comes from
-        table.add_row("layers", "\n".join(_layer_source(layer) for layer in summary["layers"]))
-    if summary.get("vocabulary"):
-        table.add_row("vocabulary", _vocabulary_lines(summary["vocabulary"]))
-    if summary["heads"]:
-        table.add_row(
-            "task heads",
+    rows = [
+        ("base", str(summary["base"])),
+        ("models", "\n".join(summary["models"])),
+        (
+            "tensors",
+            f"{summary['tensors']} ({summary['tensors_merged']} merged, {summary['tensors_copied']} copied)",
+        ),
+        ("read", _human(summary["bytes_read"])),
+        ("write", _human(summary["bytes_written"])),
+        (
+            "output shards",
             "\n".join(
-                f"{label}{' (default)' if label == summary['heads_default'] else ''}: "
-                + ", ".join(f"{n} {shape}" for n, shape in tensors.items())
-                for label, tensors in summary["heads"].items()
+                f"{s['file']}  {s['tensors']} tensors, {_human(s['bytes'])}" for s in summary["shards"]
             ),
+        ),
+        ("peak memory (planned)", _memory_text(summary["memory"])),
+    ]
+    if summary.get("layers"):  # slices: each output layer and where it comes from
+        rows.append(("layers", "\n".join(_layer_source(layer) for layer in summary["layers"])))
+    if summary.get("vocabulary"):
+        rows.append(("vocabulary", _vocabulary_lines(summary["vocabulary"])))
+    if summary["heads"]:
+        heads = (
+            f"{label}{' (default)' if label == summary['heads_default'] else ''}: "
+            + ", ".join(f"{n} {shape}" for n, shape in tensors.items())
+            for label, tensors in summary["heads"].items()
         )
-    console.print(table)
+        rows.append(("task heads", "\n".join(heads)))
+    console.line(two_column_table(f"Merge plan: {summary['method']}", rows, terminal_width()))
     for label, note in summary.get("inputs", {}).items():
-        console.print(f"input {label}: {note}", markup=False, soft_wrap=True)
+        console.line(f"input {label}: {note}")
     for warning in summary["warnings"]:
-        console.print(f"warning: {warning}", markup=False, soft_wrap=True)
+        console.line(f"warning: {warning}")
 
 
 def _layer_line(name: str, figures: Mapping[str, float]) -> str:
@@ -745,7 +743,7 @@ def _merge_device(device: str | None, cuda: bool, truncate: bool) -> str | None:
     return device if device is not None else ("cuda" if cuda else None)
 
 
-@app.command("merge", cls=_Command)
+@app.command("merge", cls=Command)
 def merge(  # noqa: PLR0913 -- one parameter per flag: mergekit-yaml's command lines run unchanged
     recipe: Annotated[Path, typer.Argument(help="The YAML recipe.")],
     out_path: OutPathArg = None,
@@ -819,7 +817,7 @@ def merge(  # noqa: PLR0913 -- one parameter per flag: mergekit-yaml's command l
     _guarded(body, verbose)
 
 
-@app.command("validate", cls=_Command)
+@app.command("validate", cls=Command)
 def validate(
     recipe: Annotated[Path, typer.Argument(help="The YAML recipe.")],
     as_json: JsonOpt = False,
@@ -844,7 +842,7 @@ def validate(
     _guarded(body)
 
 
-@app.command("extract-lora", cls=_Command)
+@app.command("extract-lora", cls=Command)
 def extract_lora(  # noqa: PLR0913 -- mergekit-extract-lora's flags, one parameter each
     model: Annotated[str, typer.Option("--model", help="The fine-tuned (or merged) model.")],
     base_model: Annotated[str, typer.Option("--base-model", help="Its base model.")],
@@ -915,7 +913,7 @@ def extract_lora(  # noqa: PLR0913 -- mergekit-extract-lora's flags, one paramet
     _guarded(body, verbose)
 
 
-@app.command("methods", cls=_Command)
+@app.command("methods", cls=Command)
 def methods(as_json: JsonOpt = False) -> None:
     """List the merge methods and their parameters."""
     from .methods import all_methods
@@ -946,16 +944,23 @@ def methods(as_json: JsonOpt = False) -> None:
             )
         )
         return
+    plain = out.surely_plain  # no styles to show: the lines as they are, without loading rich
     for name, spec in specs.items():
         no_base = "" if spec.needs_base else " (no base needed)"
-        out.print(f"[bold]{name}[/bold] — {spec.summary}{no_base}")
+        if plain:
+            out.line(f"{name} — {spec.summary}{no_base}")
+        else:
+            out.print(f"[bold]{name}[/bold] — {spec.summary}{no_base}")
         for p in spec.params:
             scope = "per model" if p.per_model else "global"
-            out.print(f"    {p.name} = {p.default!r} ({scope}): {p.doc}", markup=False, highlight=False)
-        out.print(f"    [dim]{spec.citation}[/dim]")
+            out.line(f"    {p.name} = {p.default!r} ({scope}): {p.doc}")
+        if plain:
+            out.line(f"    {spec.citation}")
+        else:
+            out.print(f"    [dim]{spec.citation}[/dim]")
 
 
-@app.command("demo", cls=_Command)
+@app.command("demo", cls=Command)
 def demo(
     folder: Annotated[
         Optional[Path],
@@ -1054,7 +1059,7 @@ def _check_loads(folder: Path) -> str:
     return f"transformers loads {folder} as {type(model).__name__}; forward pass logits {tuple(logits.shape)}"
 
 
-@app.command("version", cls=_Command)
+@app.command("version", cls=Command)
 def version() -> None:
     """Print the version."""
     print(__version__)

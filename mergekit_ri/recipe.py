@@ -22,18 +22,10 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictInt,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
 from yaml.nodes import MappingNode, Node, SequenceNode
 
 from .errors import UserError, hint, shown
+from .schema import ConfigDict, Field, Record, StrictInt, ValidationError, field_validator, model_validator
 from .sizes import SHARD_UNITS, read_size
 from .vocab.config import TokenizerConfig, check_chat_template
 
@@ -47,7 +39,7 @@ MAX_DEPTH = 32  # nesting of mappings and lists (a real recipe nests 5 deep)
 INT64 = 2**63  # integers are kept below it: they end up in JSON, hashes and file offsets
 
 
-class FilteredValue(BaseModel):
+class FilteredValue(Record):
     """One entry of a filtered parameter: `value` applies to tensors whose name contains `filter`
     (every tensor when `filter` is left out or is "*", as in mergekit)."""
 
@@ -90,7 +82,7 @@ def model_reference(value: object) -> object:
     return f"{model}+{_model_path(value['lora'], 'lora')}"
 
 
-class ModelEntry(BaseModel):
+class ModelEntry(Record):
     model_config = ConfigDict(extra="forbid")
     model: str
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
@@ -98,7 +90,7 @@ class ModelEntry(BaseModel):
     _reference = field_validator("model", mode="before")(model_reference)
 
 
-class SliceSource(BaseModel):
+class SliceSource(Record):
     """mergekit's InputSliceDefinition: layers [start, end) of one model (see `slices.py`)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -109,7 +101,7 @@ class SliceSource(BaseModel):
     _reference = field_validator("model", mode="before")(model_reference)
 
 
-class SliceEntry(BaseModel):
+class SliceEntry(Record):
     """mergekit's OutputSliceDefinition: sources of one length merged; slices in sequence stack.
     `base_model` replaces the top-level one for this slice (it must be one of the sources);
     `residual_weight` is accepted and, as in mergekit 0.1.5, has no effect (a plan warning)."""
@@ -135,7 +127,7 @@ DTYPES = {
 }
 
 
-class ResolveInterference(BaseModel):
+class ResolveInterference(Record):
     """RI (Resolving Interference): adapt each expert on unlabeled auxiliary data before merging.
 
     Defaults are the paper's (CLIP ViT scale); tiny models want a larger lr (see README).
@@ -168,7 +160,7 @@ class ResolveInterference(BaseModel):
         return value
 
 
-class Distributed(BaseModel):
+class Distributed(Record):
     """Where the merge's work units run (ours): `ray` is a Ray cluster's address (host:port,
     ray://host:port, auto for the cluster this machine belongs to), or local for Ray's default
     (the cluster RAY_ADDRESS names or one started on this machine, else a new one here)."""
@@ -182,7 +174,7 @@ class Distributed(BaseModel):
     retries: int = Field(3, ge=0, le=100)  # per unit, when its worker or node is lost
 
 
-class Recipe(BaseModel):
+class Recipe(Record):
     """A validated recipe.
 
     `on_nonfinite` (ours) says what the engine does when an expert tensor holds NaN or Inf:
@@ -557,7 +549,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     return recipe
 
 
-def _check_keys(data: dict, model: type[BaseModel], source: str, prefix: str) -> None:
+def _check_keys(data: dict, model: type[Record], source: str, prefix: str) -> None:
     known = set(model.model_fields)
     for key in data:
         if key in known:

@@ -21,8 +21,9 @@
 # (default /tmp/gpu-check).
 #
 # Needs what the device image has (torch, triton, pytest, typer, rich, pyyaml, safetensors,
-# numpy, huggingface_hub) plus pydantic, which it lacks: carry its wheels in .whl/ (ignored by
-# git), fetched on the development machine with
+# numpy, huggingface_hub). ri-merge itself imports no pydantic; a typer of 0.2x does (to coerce
+# option values), and the tests' schema reference does: where the image lacks it, carry its
+# wheels in .whl/ (ignored by git), fetched on the development machine with
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #       pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2
@@ -63,7 +64,7 @@ stamp() { echo "[$(( $(date +%s) - started ))s] $*" | tee -a "$OUT/steps.txt"; }
 limit() { local left=$(( BUDGET - ($(date +%s) - started) )); (( left < $1 )) && echo "$left" || echo "$1"; }
 can_run() { (( BUDGET - ($(date +%s) - started) > 10 )) || { stamp "$1 skipped: out of time"; return 1; }; }
 
-python3 -c "import pydantic" 2>/dev/null || stamp "WARNING: pydantic is missing (see .whl above); merges will fail"
+python3 -c "import typer.main" 2>/dev/null || stamp "WARNING: typer cannot be imported (pydantic missing? see .whl above); the CLI will fail"
 
 if want env; then
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || echo "no nvidia-smi"

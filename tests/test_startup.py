@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +37,7 @@ for args in json.loads(sys.argv[2]):
         except SystemExit as exc:
             code = exc.code
     results.append({"args": args, "code": code, "stdout": out.getvalue(), "stderr": err.getvalue(),
-                    "torch": "torch" in sys.modules})
+                    "torch": "torch" in sys.modules, "pydantic": "pydantic" in sys.modules})
 print(json.dumps(results))
 """
 
@@ -108,6 +110,7 @@ def test_header_only_commands_import_no_torch_and_print_what_they_print_with_it(
     lazy, eager = probe(commands, preload_torch=False), probe(commands, preload_torch=True)
     for (args, code), without, with_torch in zip(cases, lazy, eager):
         assert not without["torch"], f"ri-merge {' '.join(args)} imported torch"
+        assert not without["pydantic"], f"ri-merge {' '.join(args)} imported pydantic"
         assert with_torch["torch"]  # the probe sees torch when it is there
         assert without["code"] == with_torch["code"] == code, (args, without["stderr"])
         assert without["stdout"] == with_torch["stdout"], args
@@ -144,27 +147,43 @@ def loaded_modules(args: list[str]) -> set[str]:
 
 
 def test_the_short_commands_import_only_what_they_use(tmp_path, family):
-    """Start-up is mostly imports: `--help` and `version` need neither rich (imported when
-    something is rendered with it) nor pydantic (typer coerces options with it), `methods` no
-    pydantic (nor a recipe's YAML), `validate` no rich; none of them torch, numpy or the Hub."""
+    """Start-up is mostly imports: none of these commands needs rich when its output is not a
+    terminal (it is imported when something is styled), `methods` no recipe's YAML; none pydantic
+    (typer's coercion of plain values and the recipe's schema do without it), torch, numpy or
+    the Hub."""
     recipe = write_recipe(
         tmp_path / "ties.yaml",
         merge_method="ties",
         base_model=str(family["base"]),
         models=[{"model": str(family[n]), "parameters": {"weight": 1.0, "density": 0.5}} for n in "ab"],
     )
-    never = {"torch", "numpy", "transformers", "huggingface_hub", "safetensors"}
+    never = {"torch", "numpy", "transformers", "huggingface_hub", "safetensors", "pydantic"}
     expected = [  # (command line, what it needs of HEAVY)
         (["--help"], set()),
         (["version"], set()),
-        (["methods"], {"rich"}),  # bold method names on a terminal
-        (["validate", str(recipe)], {"pydantic", "yaml"}),  # the recipe's schema
-        ([str(recipe), "--dry-run"], {"pydantic", "yaml", "rich"}),  # and the plan's table
+        (["methods"], set()),  # bold method names on a terminal only (see below)
+        (["validate", str(recipe)], {"yaml"}),  # the recipe
+        ([str(recipe), "--dry-run"], {"yaml"}),  # and the plan (its table drawn without rich)
     ]
     for args, needed in expected:
         loaded = loaded_modules(args)
         assert loaded == needed, (args, loaded)
         assert not loaded & never
+
+
+def test_methods_are_styled_on_a_terminal_and_plain_otherwise():
+    """The same text either way; bold names and dim citations where styles can show."""
+    run = [sys.executable, "-m", "mergekit_ri.cli", "methods"]
+    plain = subprocess.run(run, capture_output=True, text=True, check=True).stdout
+    styled = subprocess.run(
+        run,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "FORCE_COLOR": "1", "COLUMNS": "1000"},
+    ).stdout
+    assert "\x1b[1m" not in plain and "\x1b[1mties\x1b[0m" in styled
+    assert re.sub(r"\x1b\[[0-9;]*m", "", styled) == plain
 
 
 def test_safetensors_dtypes_are_read_without_torch_and_map_to_torch_on_use():
@@ -233,6 +252,7 @@ def test_an_ri_dry_run_reads_headers_only_and_finds_the_entries_a_merge_uses(tmp
     for args, without, with_torch in zip(commands, lazy, eager):
         assert without["code"] == with_torch["code"] == 0, (args, without["stderr"])
         assert not without["torch"], f"ri-merge {' '.join(args)} imported torch"
+        assert not without["pydantic"], f"ri-merge {' '.join(args)} imported pydantic"
         assert (without["stdout"], without["stderr"]) == (with_torch["stdout"], with_torch["stderr"]), args
     assert "RI: 0 of 3 experts already adapted" in lazy[0]["stdout"]
     assert not loaded_modules(commands[0]) & {"torch", "transformers", "numpy"}
@@ -247,3 +267,32 @@ def test_an_ri_dry_run_reads_headers_only_and_finds_the_entries_a_merge_uses(tmp
         dry = make_plan(recipes[name], options=MergeOptions()).ri
         assert dry is not None and dry.adapted == {k: str(v) for k, v in folders.items()}, name
     assert not (tmp_path / "cache").exists()
+
+
+def test_plain_option_values_are_what_typers_own_coercion_makes_of_them(tmp_path):
+    """Every parameter of every command: where `cli_typer` answers a value itself (without
+    pydantic), typer's own coercion accepts it and gives the same value of the same type."""
+    import typer.main
+
+    from mergekit_ri.cli import app
+    from mergekit_ri.cli_typer import _UNCHANGED, plain_value
+
+    readable = tmp_path / "recipe.yaml"
+    readable.write_text("x")
+    samples = ["4", "-1", "0", "64", "65", "1.5", "x", "cuda:0", str(readable), str(tmp_path / "nope")]
+    group = typer.main.get_command(app)
+    answered = 0
+    for command in group.commands.values():
+        ctx = command.make_context(command.name, ["--help"], resilient_parsing=True)
+        for param in command.params:
+            runtime = param.get_runtime_param()
+            if not hasattr(runtime, "_typer_runtime"):
+                pytest.skip("this typer coerces with click's types (no pydantic adapters)")
+            for value in [param.default, *samples]:
+                plain = plain_value(runtime._annotation, runtime._info, value)
+                if plain is _UNCHANGED:
+                    continue
+                theirs = runtime._typer_runtime().coerce(value, param=param, ctx=ctx)
+                assert plain == theirs and type(plain) is type(theirs), (command.name, param.name, value)
+                answered += 1
+    assert answered > 100, answered  # most of what a command line holds is answered without pydantic

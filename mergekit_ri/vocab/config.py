@@ -9,12 +9,12 @@ from __future__ import annotations
 from importlib import resources
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from ..schema import ConfigDict, Field, Record, StrictInt, model_validator
 
 MAX_PAD_MULTIPLE = 1 << 20
 
 
-class ModelTokenEmbedding(BaseModel):
+class ModelTokenEmbedding(Record):
     """A token's row taken from one model's row for `token` (or `token_id`) in its own vocabulary."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -30,14 +30,14 @@ class ModelTokenEmbedding(BaseModel):
         return self
 
 
-class ZeroEmbedding(BaseModel):
+class ZeroEmbedding(Record):
     """A token's row of zeros."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: Literal["zero"]
 
 
-class TokenEmbeddingConfig(BaseModel):
+class TokenEmbeddingConfig(Record):
     """Where one output token's embedding comes from; `force` uses `source` even for the models
     that have the token themselves."""
 
@@ -46,7 +46,7 @@ class TokenEmbeddingConfig(BaseModel):
     force: bool = False
 
 
-class TokenizerConfig(BaseModel):
+class TokenizerConfig(Record):
     """mergekit's `tokenizer:` section. Its `source` defaults to `union`, as in mergekit."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
