@@ -249,6 +249,10 @@ def _memory_text(memory: dict[str, Any]) -> str:
     streamed = f", {memory['streamed_tensors']} tensor(s) read by rows" if memory["streamed_tensors"] else ""
     if memory.get("pinned"):
         streamed += f"; {_human(memory['pinned'])} of it page-locked GPU staging buffers"
+    hashing = memory.get("hash_buffers")
+    hashing = (
+        f"\nhashers hold up to {_human(hashing)} of early reads and writes, within the cap" if hashing else ""
+    )
     ahead = (
         "no read-ahead"
         if not memory["read_ahead_units"]
@@ -261,7 +265,7 @@ def _memory_text(memory: dict[str, Any]) -> str:
         f"+ ~{_human(memory['runtime'])} runtime\n"
         f"cap {cap} ({memory['cap_source']}); largest: {memory['largest']}\n"
         f"{ahead}, writer queue {memory['writer_queue']}, row chunks of "
-        f"{memory['chunk_elements']:,} entries{streamed}"
+        f"{memory['chunk_elements']:,} entries{streamed}{hashing}"
     )
 
 

@@ -336,7 +336,8 @@ def merge_units(
 
         with TensorReader() as reader, ThreadPoolExecutor(2, "ri-read") as reads:
             guard = NonFiniteGuard(plan, reader, plan.recipe.on_nonfinite)
-            content = ReadHashes() if fingerprint else None  # the inputs' digests, for the card
+            memory = plan_memory(plan, prefetch=prefetch, device=target.type)
+            content = ReadHashes(memory.content_hash_bytes) if fingerprint else None  # for the card
             reader.observe = content
             blocked = plan.method.raw_inputs and target.type == "cpu"
             with single_threaded_ops() if blocked else nullcontext():
@@ -347,7 +348,7 @@ def merge_units(
                     reader,
                     reads,
                     target,
-                    plan_memory(plan, prefetch=prefetch, device=target.type),
+                    memory,
                     unit_progress.Reporter(progress, units[0].index)
                     if progress is not None and units
                     else lambda n: None,

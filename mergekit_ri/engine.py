@@ -401,14 +401,16 @@ def write_units(
     guard: NonFiniteGuard,
     finished: Callable[[OutputUnit, str], None],
     kept: list[OutputUnit] | None = None,
-    **writer_options: bool,
+    **writer_options: Any,
 ) -> ShardWriter:
     """Compute `units` into their byte ranges of `folder`'s shard files, each unit's sha256 handed
     to `finished` once its last byte is written (the driver's merge and a worker's alike); the
     ranges of `kept` units are already there (a resume). Returns the closed writer, whose file
     hashes (`hash_files`) cover the kept ranges too."""
     hashes = UnitHashes(plan, folder, units, finished)
-    with ShardWriter(folder, plan.shard_layouts(), on_write=hashes, **writer_options) as writer:
+    with ShardWriter(
+        folder, plan.shard_layouts(), on_write=hashes, hash_limit=memory.file_hash_bytes, **writer_options
+    ) as writer:
         for unit in kept or []:
             writer.kept(unit.shard, unit.start, unit.end)
         hashes.empty_units(units)
@@ -470,7 +472,9 @@ def _merge_into(
     todo = [u for u in units if u.index not in journal.done]
     advance(sum(u.in_nbytes for u in units if u.index in journal.done))
     written: dict[str, str] = {}  # shard files' sha256, hashed as they were written
-    content = ReadHashes() if model_card and fingerprint_inputs else None  # for the card
+    content = (
+        ReadHashes(memory.content_hash_bytes) if model_card and fingerprint_inputs else None
+    )  # for the card
     with TensorReader() as reader, ThreadPoolExecutor(2, "ri-read") as reads:
         guard = NonFiniteGuard(plan, reader, plan.recipe.on_nonfinite)
         blocked = plan.method.raw_inputs and target.type == "cpu"

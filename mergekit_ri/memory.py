@@ -132,6 +132,9 @@ class MemoryPlan:
     largest: str  # the unit that holds the most at the peak
     streamed: int  # tensors read by row chunks
     pinned: int = 0  # of the peak, page-locked staging buffers (a GPU merge)
+    # what the hashers may hold of out-of-order bytes: the room the cap leaves above the peak
+    content_hash_bytes: int = 0  # --fingerprint-inputs: reads ahead of their turn (io.contenthash)
+    file_hash_bytes: int = 0  # checksums: writes ahead of their turn (io.filehash)
 
     @property
     def total(self) -> int:
@@ -152,6 +155,7 @@ class MemoryPlan:
             "read_ahead_bytes": self.read_ahead,
             "writer_queue": self.writer_queue,
             "pinned": self.pinned,
+            "hash_buffers": self.content_hash_bytes + self.file_hash_bytes,
         }
 
 
@@ -216,6 +220,7 @@ def _result(
     model: _Model, knobs: _Knobs, peak: int, largest: str, cap: int | None, source: str
 ) -> MemoryPlan:
     units = model.units(knobs)
+    content, files = hash_allowances(None if cap is None else cap - peak)
     return MemoryPlan(
         cap,
         source,
@@ -228,7 +233,24 @@ def _result(
         largest,
         sum(u.streamed for u in units),
         model.pinned(knobs),
+        content,
+        files,
     )
+
+
+def hash_allowances(room: int | None) -> tuple[int, int]:
+    """(content hash, file hash) bytes out-of-order data may take while waiting to be hashed:
+    their usual limits, within the `room` the cap leaves above the planned peak (None: no cap).
+
+    Not part of the planned peak — in a plain merge reads and writes come in order and nothing
+    waits — but kept under the cap for when they do not (a resumed or distributed merge). The
+    content hash comes first: what it cannot hold is missing from the fingerprint, while a file
+    hash reads what it could not hold back from the file at the end."""
+    from .io import contenthash, filehash
+
+    room = contenthash.PENDING_LIMIT + filehash.PENDING_LIMIT if room is None else max(room, 0)
+    content = min(contenthash.PENDING_LIMIT, room)
+    return content, min(filehash.PENDING_LIMIT, room - content)
 
 
 def _layouts(chunk: int, stream_bytes: int, read_ahead: int, prefetch: int) -> Iterator[_Knobs]:

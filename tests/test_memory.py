@@ -216,3 +216,28 @@ def test_planned_peak_is_flat_in_model_size_at_a_fixed_cap(tmp_path):
         )
         peaks.append(m.plan(path, options=m.MergeOptions(max_memory="64MiB")).plan.memory().peak)
     assert peaks[0] == peaks[1] <= 64 * MiB
+
+
+def test_the_hashers_wait_within_the_room_the_cap_leaves(tmp_path, models):
+    """Early reads (--fingerprint-inputs) and early writes (checksums) wait, copied, in at most
+    what the cap leaves above the planned peak: the content hash first, whose gaps would cost
+    the fingerprint, then the file hash, which reads what it could not hold back at the end."""
+    from mergekit_ri.io import contenthash, filehash
+
+    path = recipe(tmp_path, models, "task_arithmetic")
+    free = m.plan(path).plan.memory()
+    assert (free.content_hash_bytes, free.file_hash_bytes) == (
+        contenthash.PENDING_LIMIT,
+        filehash.PENDING_LIMIT,
+    )
+    for room, expected in [
+        (0, (0, 0)),
+        (5 * memory.MiB, (5 * memory.MiB, 0)),
+        (40 * memory.MiB, (32 * memory.MiB, 8 * memory.MiB)),
+        (500 * memory.MiB, (32 * memory.MiB, 64 * memory.MiB)),
+    ]:
+        capped = m.plan(path, options=m.MergeOptions(max_memory=free.peak + room)).plan.memory()
+        assert capped.peak == free.peak
+        assert (capped.content_hash_bytes, capped.file_hash_bytes) == expected
+        assert capped.peak + capped.content_hash_bytes + capped.file_hash_bytes <= free.peak + room
+        assert capped.summary()["hash_buffers"] == sum(expected)

@@ -75,7 +75,8 @@ class ShardWriter:
     `reuse`: keep shard files that already have the planned header and size (a resumed merge);
     `create=False`: open the files another process created (a distributed merge's worker), never
     create or truncate one. `on_write` sees every write, e.g. to hash work units as they finish.
-    `hash_files`: `hashes` keeps each shard file's sha256 as it is written (`io.filehash`)."""
+    `hash_files`: `hashes` keeps each shard file's sha256 as it is written (`io.filehash`), holding
+    at most `hash_limit` bytes of early writes (default `filehash.PENDING_LIMIT`)."""
 
     def __init__(
         self,
@@ -86,13 +87,14 @@ class ShardWriter:
         create: bool = True,
         on_write: Written | None = None,
         hash_files: bool = False,
+        hash_limit: int | None = None,
     ) -> None:
         self._fds: list[int] = []
         heads = shard_headers(layouts)
         self.hashes: WriteHashes | None = None
         if hash_files and create:
             sizes = [len(head) + s.data_bytes for s, head in zip(layouts, heads)]
-            self.hashes = WriteHashes([(folder / s.filename, n) for s, n in zip(layouts, sizes)])
+            self.hashes = WriteHashes([(folder / s.filename, n) for s, n in zip(layouts, sizes)], hash_limit)
         self._data_start: list[int] = []
         self._on_write = on_write
         self._slots = {t.name: (i, t) for i, s in enumerate(layouts) for t in s.tensors}
