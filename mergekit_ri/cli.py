@@ -247,6 +247,8 @@ def _memory_text(memory: dict[str, Any]) -> str:
 
     cap = _human(memory["cap"]) if memory["cap"] is not None else "none"
     streamed = f", {memory['streamed_tensors']} tensor(s) read by rows" if memory["streamed_tensors"] else ""
+    if memory.get("blocked_tensors"):
+        streamed += f", {memory['blocked_tensors']} merged by row blocks after a pass for their figures"
     if memory.get("pinned"):
         streamed += f"; {_human(memory['pinned'])} of it page-locked GPU staging buffers"
     hashing = memory.get("hash_buffers")

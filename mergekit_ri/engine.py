@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,10 +101,13 @@ def compute(
     pool: ThreadPoolExecutor | None = None,
     guard: NonFiniteGuard | None = None,
     staging: Stager | None = None,
+    block_stats: dict[str, Any] | None = None,
 ) -> torch.Tensor | Download:
     """One output tensor (or block of rows) in its output dtype: on the CPU, or with GPU `staging`
     its copy back to a pinned buffer issued (`Download`; the writer waits for it). With a `guard`,
-    NaN or ±Inf in its inputs are caught: by the C kernel as it merges, else by torch as they load."""
+    NaN or ±Inf in its inputs are caught: by the C kernel as it merges, else by torch as they load.
+    A block of a tensor whose method needs whole-tensor figures (`unit.stats`) gets them from
+    `block_stats` (tensor name → figures), found by reading the tensor by rows at its first block."""
     task = unit.task
     if not task.merge:
         return raws[0]
@@ -128,12 +131,43 @@ def compute(
         out_dtype=ST_DTYPES[task.out_dtype],
         source=source,
     )
+    if unit.stats:
+        ctx = replace(
+            ctx, block_stats=_block_stats(plan, unit, ctx, reader, pool, device, staging, block_stats)
+        )
     native.WATCH.start()
     merged = plan.method.fn(base, experts, task.params, ctx)
     if in_kernel:
         _after_kernel(guard, unit, base, experts, source)
     merged = merged.to(ST_DTYPES[task.out_dtype])
     return staging.download(merged) if staging is not None else merged.cpu()
+
+
+def _block_stats(
+    plan: MergePlan,
+    unit: WorkUnit,
+    ctx: TensorContext,
+    reader: TensorReader | None,
+    pool: ThreadPoolExecutor | None,
+    device: torch.device,
+    staging: Stager | None,
+    known: dict[str, Any] | None,
+) -> Any:
+    """The whole-tensor figures a block of `unit.task` is merged with (`MethodSpec.block_stats`),
+    found from the tensor read by row chunks — once per tensor when `known` keeps them (a merge's
+    units come in order, so only the current tensor's are kept). Its inputs are checked for NaN
+    and Inf block by block, as they are merged."""
+    task = unit.task
+    if known is not None and task.name in known:
+        return known[task.name]
+    assert reader is not None and pool is not None and plan.method.block_stats is not None
+    source = RowSource(reader, task, device, pool, chunk=unit.chunk, staging=staging)
+    whole = replace(ctx, offset=0, source=source)
+    figures = plan.method.block_stats(source, task.params, whole)
+    if known is not None:
+        known.clear()
+        known[task.name] = figures
+    return figures
 
 
 def _after_kernel(
@@ -355,14 +389,24 @@ def merge_tasks(
     far as the memory plan allows. On a GPU the next unit's inputs are copied to the device while
     this one is merged, and results are copied back while the next is (`staging`); returns the
     staging buffers' use (empty on the CPU)."""
-    units = work_units(plan, tasks, chunk=memory.chunk, device=target, stream_bytes=memory.stream_bytes)
+    units = work_units(
+        plan,
+        tasks,
+        chunk=memory.chunk,
+        device=target,
+        stream_bytes=memory.stream_bytes,
+        block_bytes=memory.block_bytes,
+    )
     stager = stager_for(target, units, memory.depth, memory.writer_queue, memory.chunk)
     writes = ThreadPoolExecutor(1, "ri-write")
+    block_stats: dict[str, Any] = {}  # the current tensor's figures, when it is merged by blocks
     try:
         written: deque[Future] = deque()
 
         def merge(unit: WorkUnit, inputs: list[torch.Tensor] | Uploaded) -> None:
-            result = compute(plan, unit, inputs, target, thresholds, report, reader, reads, guard, stager)
+            result = compute(
+                plan, unit, inputs, target, thresholds, report, reader, reads, guard, stager, block_stats
+            )
             written.append(writes.submit(stager.write, writer, unit.task.name, result, unit.rows))
             del result  # held by the writer's queue alone: freed once written
             while len(written) > memory.writer_queue:

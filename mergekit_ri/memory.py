@@ -135,6 +135,10 @@ class MemoryPlan:
     # what the hashers may hold of out-of-order bytes: the room the cap leaves above the peak
     content_hash_bytes: int = 0  # --fingerprint-inputs: reads ahead of their turn (io.contenthash)
     file_hash_bytes: int = 0  # checksums: writes ahead of their turn (io.filehash)
+    # a streaming method's tensors whose result exceeds this are merged by row blocks after a
+    # pass for their whole-tensor figures (`MethodSpec.block_stats`); None: none are
+    block_bytes: int | None = None
+    blocked: int = 0  # tensors merged that way
 
     @property
     def total(self) -> int:
@@ -156,6 +160,7 @@ class MemoryPlan:
             "writer_queue": self.writer_queue,
             "pinned": self.pinned,
             "hash_buffers": self.content_hash_bytes + self.file_hash_bytes,
+            "blocked_tensors": self.blocked,
         }
 
 
@@ -166,6 +171,7 @@ class _Knobs:
     depth: int
     read_ahead: int
     writer_queue: int
+    block_bytes: int | None = None
 
 
 def plan_memory(
@@ -213,7 +219,8 @@ def _search(
     gpu = device.startswith("cuda")
     model = _Model(plan, max(1, threads or os.cpu_count() or 1), gpu)
     chunk = reading.CHUNK_ELEMENTS * (reading.GPU_CHUNK_FACTOR if gpu else 1)
-    return model, _layouts(chunk, reading.STREAM_BYTES, reading.PREFETCH_BYTES, prefetch)
+    blocks = plan.method.block_stats is not None
+    return model, _layouts(chunk, reading.STREAM_BYTES, reading.PREFETCH_BYTES, prefetch, blocks)
 
 
 def _result(
@@ -235,6 +242,8 @@ def _result(
         model.pinned(knobs),
         content,
         files,
+        block_bytes=knobs.block_bytes,
+        blocked=len({u.task.name for u in units if u.stats}),
     )
 
 
@@ -253,11 +262,13 @@ def hash_allowances(room: int | None) -> tuple[int, int]:
     return content, min(filehash.PENDING_LIMIT, room - content)
 
 
-def _layouts(chunk: int, stream_bytes: int, read_ahead: int, prefetch: int) -> Iterator[_Knobs]:
+def _layouts(chunk: int, stream_bytes: int, read_ahead: int, prefetch: int, blocks: bool) -> Iterator[_Knobs]:
     """Layouts from the default down to the most frugal: first less read-ahead and writer queue
     (costs a little overlap), then smaller row blocks and chunks (costs calls), then streaming
-    smaller tensors by rows (costs re-reads from the page cache), finally no read-ahead and a
-    synchronous writer."""
+    smaller tensors by rows (costs re-reads from the page cache), then no read-ahead and a
+    synchronous writer; finally, for a method with `block_stats` (TIES, DARE-TIES), merging the
+    tensors with the biggest results by row blocks after a pass for their figures (costs one
+    more read of those tensors, and holds no result whole), the same way down."""
     io = [(prefetch, read_ahead, WRITER_QUEUE)]
     budget = read_ahead // 2
     while budget >= 16 * MiB:
@@ -270,12 +281,21 @@ def _layouts(chunk: int, stream_bytes: int, read_ahead: int, prefetch: int) -> I
     chunks = [chunk]
     while chunks[-1] > MIN_CHUNK:
         chunks.append(max(MIN_CHUNK, chunks[-1] // 2))
+    frugal = ((1, 0), (0, 1), (0, 0))
     for s in streams:
         for c in chunks:
             for depth, budget, queue in io:
                 yield _Knobs(c, s, depth, budget, queue)
-    for depth, queue in ((1, 0), (0, 1), (0, 0)):
+    for depth, queue in frugal:
         yield _Knobs(chunks[-1], streams[-1], depth, 0, queue)
+    if not blocks:
+        return
+    for b in [*streams, 0]:  # results above b merged by blocks
+        for c in chunks:
+            for depth, budget, queue in io:
+                yield _Knobs(c, streams[-1], depth, budget, queue, b)
+    for depth, queue in frugal:
+        yield _Knobs(chunks[-1], streams[-1], depth, 0, queue, 0)
 
 
 class _Model:
@@ -286,16 +306,20 @@ class _Model:
         self.count = len(plan.experts)
         self.inputs = self.count + (plan.base is not None)
         self.method = plan.method
-        self._units: dict[tuple[int, int], list[WorkUnit]] = {}
+        self._units: dict[tuple[int, int, int | None], list[WorkUnit]] = {}
 
     def units(self, knobs: _Knobs) -> list[WorkUnit]:
-        key = (knobs.chunk, knobs.stream_bytes)
+        key = (knobs.chunk, knobs.stream_bytes, knobs.block_bytes)
         if key not in self._units:
             from .reading import work_units
 
             device = "cuda" if self.gpu else None  # the GPU's units, as the engine makes them there
             self._units[key] = work_units(
-                self.plan, chunk=knobs.chunk, device=device, stream_bytes=knobs.stream_bytes
+                self.plan,
+                chunk=knobs.chunk,
+                device=device,
+                stream_bytes=knobs.stream_bytes,
+                block_bytes=knobs.block_bytes,
             )
         return self._units[key]
 
@@ -314,6 +338,8 @@ class _Model:
         held = unit.in_nbytes + unit.out_nbytes
         if self.gpu:  # inputs and result in the staging buffers (`pinned`), maths on the device
             return 0
+        if unit.stats:  # a block, and (before the first) its tensor's figures found from row chunks
+            return held + self._scratch(numel) + self._figures(unit, chunk)
         if self.method.raw_inputs:
             select = 0 if self.method.elementwise else self._select(numel, numel)
             return held + self._scratch(numel) + select
@@ -321,6 +347,16 @@ class _Model:
             return held
         copies = numel * 4 * (self.inputs + self.count + 2)  # fp32 inputs and the method's own
         return held + copies + self.method.workspace(task.shape, self.count)
+
+    def _figures(self, unit: WorkUnit, chunk: int) -> int:
+        """The pass that finds a blocked tensor's figures (TIES: thresholds, then the balance):
+        two row chunks of inputs, one chunk of merge thrown away, the threshold search."""
+        task = unit.task
+        rows, numel = task.shape[0], task.reference.numel
+        step = min(rows, max(1, (unit.chunk or chunk) // max(1, numel // rows)))
+        entries = numel // rows * step
+        inputs = 2 * task.in_nbytes // rows * step
+        return inputs + task.out_nbytes // rows * step + self._scratch(entries) + self._select(numel, entries)
 
     def _scratch(self, entries: int) -> int:
         """The kernels' fp32 blocks (task vectors and temporaries) on each worker thread."""
@@ -395,8 +431,10 @@ class _Model:
         """Why the least a tensor needs cannot be lowered, for the refusal."""
         if self.method.elementwise:
             return ""
-        if self.method.streams:
+        if self.method.streams and self.method.block_stats is None:
             return f" ({self.method.name} holds each tensor's merged result whole)"
+        if self.method.streams:
+            return f" ({self.method.name} holds a row chunk of every input and its threshold search)"
         return f" ({self.method.name} merges whole tensors, in fp32)"
 
 

@@ -39,7 +39,10 @@ class WorkUnit:
     task: TensorTask
     rows: tuple[int, int] | None = None
     streamed: bool = False  # a huge tensor the method reads itself, by row chunks (RowSource)
-    chunk: int | None = None  # entries per row chunk of a streamed unit (None: CHUNK_ELEMENTS)
+    chunk: int | None = None  # entries per row chunk of a streamed unit or stats pass (None: CHUNK_ELEMENTS)
+    # a block of rows of a tensor whose method needs whole-tensor figures first (`block_stats`:
+    # TIES's thresholds and balance), found by reading the tensor by row chunks before its first block
+    stats: bool = False
 
     @property
     def held_nbytes(self) -> int:
@@ -81,22 +84,37 @@ def work_units(
     device: torch.device | str | None = None,
     rows_for_all: bool = False,
     stream_bytes: int | None = None,
+    block_bytes: int | None = None,
 ) -> list[WorkUnit]:
     """Split big tensors of elementwise methods into row blocks of about `chunk` entries so memory
     stays bounded (bigger blocks on a GPU, where each one costs a few kernel launches and a
     synchronisation); tensors whose inputs exceed `stream_bytes` (default STREAM_BYTES) are read
-    by a streaming method in row chunks. `memory.plan_memory` picks both under a cap."""
+    by a streaming method in row chunks; with `block_bytes`, a streaming method's tensors whose
+    result exceeds it are merged by row blocks too, after a pass that finds its whole-tensor
+    figures (`MethodSpec.block_stats`), so no result is held whole. `memory.plan_memory` picks
+    all three under a cap."""
     gpu = getattr(device, "type", device) == "cuda"
     whole = CHUNK_ELEMENTS * GPU_CHUNK_FACTOR if gpu else CHUNK_ELEMENTS
     chunk = chunk or whole
     stream_bytes = STREAM_BYTES if stream_bytes is None else stream_bytes
     units = []
+    blocks = block_bytes is not None and plan.method.block_stats is not None
     for task in plan.tasks if tasks is None else tasks:
         numel = task.reference.numel
-        if task.merge and (plan.method.elementwise or rows_for_all) and task.shape and numel > chunk:
+        by_stats = (
+            blocks and task.merge and task.base is not None and task.out_nbytes > block_bytes  # type: ignore[operator]
+        )
+        if (
+            task.merge
+            and (plan.method.elementwise or rows_for_all or by_stats)
+            and task.shape
+            and numel > chunk
+        ):
             step = max(1, chunk // max(1, numel // task.shape[0]))
+            stats = by_stats and not (plan.method.elementwise or rows_for_all)
             units += [
-                WorkUnit(task, (r, min(r + step, task.shape[0]))) for r in range(0, task.shape[0], step)
+                WorkUnit(task, (r, min(r + step, task.shape[0])), chunk=chunk if stats else None, stats=stats)
+                for r in range(0, task.shape[0], step)
             ]
         elif (
             task.merge

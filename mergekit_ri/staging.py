@@ -74,13 +74,16 @@ class PinnedLayout:
 
 def pinned_layout(units: Sequence[WorkUnit], depth: int, writer_queue: int, chunk: int) -> PinnedLayout:
     """Buffers sized for the largest merged unit of each kind: inputs of units read whole or by
-    row blocks, row chunks of streamed tensors (`chunk` entries), results of every merged unit."""
+    row blocks, row chunks of streamed tensors and figures passes (`chunk` entries), results of
+    every merged unit."""
     from .reading import chunk_rows
 
     merged = [u for u in units if u.task.merge]
     whole = [u.staged_nbytes for u in merged if not u.streamed]
-    chunks = [
-        type(u)(u.task, (0, chunk_rows(u.task, u.chunk or chunk))).staged_nbytes for u in merged if u.streamed
+    chunks = [  # streamed tensors, and the figures pass of tensors merged by blocks (`stats`)
+        type(u)(u.task, (0, chunk_rows(u.task, u.chunk or chunk))).staged_nbytes
+        for u in merged
+        if u.streamed or u.stats
     ]
     results = [aligned(u.out_nbytes) for u in merged]
     return PinnedLayout(

@@ -140,7 +140,7 @@ def test_no_read_ahead_reads_each_unit_when_wanted(tmp_path, models):
     "method,why",
     [
         ("slerp", "slerp merges whole tensors, in fp32"),
-        ("ties", "ties holds each tensor's merged result whole"),
+        ("ties", "ties holds a row chunk of every input and its threshold search"),
     ],
 )
 def test_a_cap_too_small_is_refused_before_any_weight_is_read(tmp_path, models, monkeypatch, method, why):
@@ -241,3 +241,52 @@ def test_the_hashers_wait_within_the_room_the_cap_leaves(tmp_path, models):
         assert (capped.content_hash_bytes, capped.file_hash_bytes) == expected
         assert capped.peak + capped.content_hash_bytes + capped.file_hash_bytes <= free.peak + room
         assert capped.summary()["hash_buffers"] == sum(expected)
+
+
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("ties", {}),
+        pytest.param("ties", {"trim_scope": "model"}, marks=pytest.mark.slow),
+        ("dare_ties", {}),
+    ],
+    ids=["ties", "ties-model-trim", "dare_ties"],
+)
+def test_the_least_cap_merges_ties_by_row_blocks_to_the_same_bytes(
+    tmp_path, models, monkeypatch, method, params
+):
+    """At its least cap TIES (and DARE-TIES) holds no merged tensor whole: each big tensor's
+    thresholds and election balance are found from row chunks first, then its rows are merged
+    block by block like an elementwise method's — and the checkpoint is the uncapped one's."""
+    path = recipe(tmp_path, models, method, **({"parameters": params} if params else {}))
+    m.merge(path, tmp_path / "free", options=m.MergeOptions(device="cpu"))
+    frugal(monkeypatch)
+    plan = m.plan(path).plan
+    layouts = memory._layouts  # the least of the layouts that hold every result whole:
+    monkeypatch.setattr(memory, "_layouts", lambda *a: (k for k in layouts(*a) if k.block_bytes is None))
+    whole = memory.least_memory(plan)
+    monkeypatch.setattr(memory, "_layouts", lambda *a: (k for k in layouts(*a) if k.block_bytes is not None))
+    least = memory.least_memory(plan)  # (with trim_scope: model the pre-pass needs more than either)
+    assert least < whole or params
+    capped = m.plan(path, options=m.MergeOptions(max_memory=least)).plan.memory()
+    assert capped.blocked > 0
+    seen = []
+    compute = engine.compute
+    monkeypatch.setattr(
+        engine, "compute", lambda plan, unit, *a, **k: seen.append(unit) or compute(plan, unit, *a, **k)
+    )
+    rows_read = []  # each tensor read by row chunks (the figures pass, or a streamed tensor)
+    row_source = engine.RowSource
+    monkeypatch.setattr(
+        engine,
+        "RowSource",
+        lambda reader, task, *a, **k: rows_read.append(task.name) or row_source(reader, task, *a, **k),
+    )
+    m.merge(path, tmp_path / "capped", options=m.MergeOptions(max_memory=least, device="cpu"))
+    assert sum(u.stats for u in seen) > 2 * capped.blocked  # several blocks per blocked tensor
+    assert len(rows_read) == len(set(rows_read)) == capped.blocked + capped.streamed  # one pass each
+    digests = [
+        {k.split("/")[-1]: v for k, v in tree_digest(tmp_path / out).items() if k.endswith(".safetensors")}
+        for out in ("free", "capped")
+    ]
+    assert digests[0] and digests[0] == digests[1]

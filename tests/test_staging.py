@@ -249,24 +249,35 @@ def merge(tmp_path, models, method, name, **fields):
 
 
 @pytest.mark.parametrize(
-    "method,fields",
+    "method,fields,blocks",
     [
-        ("task_arithmetic", {"parameters": {"lambda": 0.7}}),
-        ("ties", {"parameters": {"density": 0.3}}),
-        ("dare_ties", {"parameters": {"density": 0.5}}),
+        ("task_arithmetic", {"parameters": {"lambda": 0.7}}, False),
+        ("ties", {"parameters": {"density": 0.3}}, False),
+        ("dare_ties", {"parameters": {"density": 0.5}}, False),
+        ("ties", {"parameters": {"density": 0.3}}, True),
     ],
+    ids=["task_arithmetic", "ties", "dare_ties", "ties-by-blocks"],
 )
-def test_a_merge_through_the_staging_writes_the_cpu_bytes(tmp_path, models, monkeypatch, method, fields):
+def test_a_merge_through_the_staging_writes_the_cpu_bytes(
+    tmp_path, models, monkeypatch, method, fields, blocks
+):
     """The GPU pipeline's path (pinned pools, uploads one unit ahead, downloads the writer waits
     for) with fake streams: the same bytes as the plain CPU path, no buffer beyond the planned
-    pools, and the merging thread never waits for an event."""
+    pools, and the merging thread never waits for an event. `blocks`: TIES merged by row blocks
+    after each big tensor's figures pass (the layout of the tightest caps)."""
     monkeypatch.setattr(reading, "CHUNK_ELEMENTS", 60)  # row blocks, and TIES tensors read by rows
     monkeypatch.setattr(reading, "STREAM_BYTES", 2000)
     plain = merge(tmp_path, models, method, "plain", **fields)
+    if blocks:
+        layouts = memory._layouts
+        monkeypatch.setattr(memory, "_layouts", lambda *a: (k for k in layouts(*a) if k.block_bytes == 0))
     ops = FakeOps()
     stagers: list[Stager] = []
 
+    stage_units: list = []
+
     def fake(device, units, depth, queue, chunk):
+        stage_units.extend(units)
         stagers.append(Stager(device, ops, staging.pinned_layout(units, depth, queue, chunk)))
         return stagers[-1]
 
@@ -276,6 +287,8 @@ def test_a_merge_through_the_staging_writes_the_cpu_bytes(tmp_path, models, monk
     for name in plain:
         assert torch.equal(plain[name], staged[name]), name
     (stage,) = stagers
+    if blocks:
+        assert any(u.stats for u in stage_units)
     stats = stage.stats()
     assert all(pool["extra"] == 0 for pool in stats.values()), stats
     assert stats["results"]["lent"] > stats["results"]["slots"]  # reused

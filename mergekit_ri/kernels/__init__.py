@@ -98,12 +98,43 @@ def ties(
     lam: float,
     normalize: bool,
     out_dtype: torch.dtype,
+    majority: int | None = None,
 ) -> torch.Tensor:
-    """TIES with known thresholds: a fused kernel chunk by chunk where one runs, else torch."""
-    from . import blocked, fused
+    """TIES with known thresholds: a fused kernel chunk by chunk where one runs, else torch.
+    `majority`: the whole tensor's election balance when `src` is a block of its rows."""
+    from . import blocked
 
-    out = _fused_chunks(
-        src,
+    kwargs = _ties_kwargs(thresholds, weights, lam, normalize, out_dtype)
+    out = _fused_chunks(src, majority=majority, **kwargs)
+    if out is not None:
+        return out
+    return blocked.ties_source(src, thresholds, weights, lam, normalize, out_dtype, majority)
+
+
+def ties_balance(
+    src: Source,
+    thresholds: list[float],
+    weights: list[float],
+    lam: float,
+    normalize: bool,
+    out_dtype: torch.dtype,
+) -> int:
+    """TIES's election balance over a whole tensor (`blocked.election_balance`), merging nothing
+    it keeps: then its rows can be merged block by block with `ties(..., majority=balance)`."""
+    from . import blocked
+
+    balance = _fused_balance(src, **_ties_kwargs(thresholds, weights, lam, normalize, out_dtype))
+    if balance is not None:
+        return balance
+    return blocked.election_balance(src, blocked.ties_weighting(thresholds, weights, src.device))
+
+
+def _ties_kwargs(
+    thresholds: list[float], weights: list[float], lam: float, normalize: bool, out_dtype: torch.dtype
+) -> dict:
+    from . import fused
+
+    return dict(
         mode=fused.MODE_TIES,
         elect=True,
         weights=weights,
@@ -111,9 +142,6 @@ def ties(
         normalize=normalize,
         out_dtype=out_dtype,
         thresholds=thresholds,
-    )
-    return (
-        out if out is not None else blocked.ties_source(src, thresholds, weights, lam, normalize, out_dtype)
     )
 
 
@@ -128,12 +156,57 @@ def dare(
     rescale: bool,
     elect: bool,
     out_dtype: torch.dtype,
+    majority: int | None = None,
 ) -> torch.Tensor:
-    """DARE (then sum or TIES election): a fused kernel where one runs, else torch."""
-    from . import blocked, fused
+    """DARE (then sum or TIES election): a fused kernel where one runs, else torch. `majority`:
+    the whole tensor's election balance when `src` is a block of its rows."""
+    from . import blocked
 
-    out = _fused_chunks(
-        src,
+    kwargs = _dare_kwargs(offset, densities, keys, weights, lam, normalize, rescale, elect, out_dtype)
+    out = _fused_chunks(src, majority=majority, **kwargs)
+    if out is not None:
+        return out
+    return blocked.dare_source(
+        src, offset, densities, keys, weights, lam, normalize, rescale, elect, out_dtype, majority
+    )
+
+
+def dare_balance(
+    src: Source,
+    offset: int,
+    densities: list[float],
+    keys: list[tuple[int, int]],
+    weights: list[float],
+    lam: float,
+    normalize: bool,
+    rescale: bool,
+    out_dtype: torch.dtype,
+) -> int:
+    """DARE-TIES's election balance over a whole tensor, as `ties_balance`."""
+    from . import blocked
+
+    kwargs = _dare_kwargs(offset, densities, keys, weights, lam, normalize, rescale, True, out_dtype)
+    balance = _fused_balance(src, **kwargs)
+    if balance is not None:
+        return balance
+    weighted_tau = blocked.dare_weighting(offset, densities, keys, weights, rescale, src.device)
+    return blocked.election_balance(src, weighted_tau)
+
+
+def _dare_kwargs(
+    offset: int,
+    densities: list[float],
+    keys: list[tuple[int, int]],
+    weights: list[float],
+    lam: float,
+    normalize: bool,
+    rescale: bool,
+    elect: bool,
+    out_dtype: torch.dtype,
+) -> dict:
+    from . import fused
+
+    return dict(
         mode=fused.MODE_DARE,
         elect=elect,
         weights=weights,
@@ -145,19 +218,15 @@ def dare(
         rescale=rescale,
         offset=offset,
     )
-    if out is not None:
-        return out
-    return blocked.dare_source(
-        src, offset, densities, keys, weights, lam, normalize, rescale, elect, out_dtype
-    )
 
 
-def _fused_chunks(src: Source, **kwargs) -> torch.Tensor | None:
+def _fused_chunks(src: Source, majority: int | None = None, **kwargs) -> torch.Tensor | None:
     """The fused kernel over each chunk, or None where there is none for these inputs.
 
     TIES's zero-sum rule needs the tensor's majority sign, known once every chunk is merged: the
     kernels list the entries they merged with +1, with their merge with −1 beside, which goes in
-    their place if the majority turns out negative (`Election`'s rule, without a re-read)."""
+    their place if the majority turns out negative (`Election`'s rule, without a re-read); a
+    block of rows is given the whole tensor's balance as `majority`."""
     backend = _backend(src, kwargs["out_dtype"])
     if backend is None:
         return None
@@ -176,9 +245,32 @@ def _fused_chunks(src: Source, **kwargs) -> torch.Tensor | None:
         balance += chunk_balance
         undecided.append(where + first)
         minus.append(chunk_minus)
-    if kwargs["elect"] and balance < 0 and undecided:
+    decided = balance if majority is None else majority
+    if kwargs["elect"] and decided < 0 and undecided:
         out[torch.cat(undecided)] = torch.cat(minus).to(out.dtype)
     return out
+
+
+def _fused_balance(src: Source, **kwargs) -> int | None:
+    """The fused kernel's election balance over each chunk, its merge written into one scratch
+    chunk and dropped; None where there is no fused kernel for these inputs."""
+    backend = _backend(src, kwargs["out_dtype"])
+    if backend is None:
+        return None
+    kernel, supports = backend
+    scratch: torch.Tensor | None = None
+    balance = 0
+    offset = kwargs.pop("offset", 0)
+    for first, base, experts in src.chunks():
+        if not supports(base, experts):
+            return None
+        if scratch is None or scratch.numel() < base.shape[0]:
+            scratch = torch.empty(base.shape[0], dtype=kwargs["out_dtype"], device=src.device)
+        _, chunk_balance, _, _ = kernel(
+            base, experts, **kwargs, offset=offset + first, out=scratch[: base.shape[0]]
+        )
+        balance += chunk_balance
+    return balance
 
 
 __all__ = [
@@ -189,5 +281,7 @@ __all__ = [
     "magnitude_thresholds_source",
     "task_arithmetic",
     "ties",
+    "ties_balance",
+    "dare_balance",
     "weighted_sum",
 ]

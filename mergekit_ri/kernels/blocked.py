@@ -198,9 +198,11 @@ class Election:
         gamma = torch.full((weighted.shape[1],), -1.0, device=weighted.device)
         return disjoint_merge(weighted, gamma, self.weights, self.normalize, self.unit)
 
-    def finish(self, out: torch.Tensor) -> torch.Tensor:
-        """Write the undecided entries' merge with γ = −1 if the tensor's majority is negative."""
-        if self.balance < 0 and self.undecided:
+    def finish(self, out: torch.Tensor, majority: int | None = None) -> torch.Tensor:
+        """Write the undecided entries' merge with γ = −1 if the tensor's majority is negative:
+        the balance of what was merged here, or `majority`, the whole tensor's balance when
+        this is one block of it (`election_balance`)."""
+        if (self.balance if majority is None else majority) < 0 and self.undecided:
             out[torch.cat([where for where, _ in self.undecided])] = torch.cat(
                 [values for _, values in self.undecided]
             ).to(out.dtype)
@@ -267,11 +269,11 @@ def ties_source(
     lam: float,
     normalize: bool,
     out_dtype: torch.dtype = torch.float32,
+    majority: int | None = None,
 ) -> torch.Tensor:
-    """`ties_apply` over a `Source`, chunk by chunk, block by block."""
-    return merge_blocks(
-        src, ties_weighting(thresholds, weights, src.device), weights, lam, normalize, True, out_dtype
-    )
+    """`ties_apply` over a `Source`, chunk by chunk, block by block (`majority`: see `Election`)."""
+    weighted_tau = ties_weighting(thresholds, weights, src.device)
+    return merge_blocks(src, weighted_tau, weights, lam, normalize, True, out_dtype, majority)
 
 
 def merge_blocks(
@@ -282,11 +284,13 @@ def merge_blocks(
     normalize: bool,
     elect: bool,
     out_dtype: torch.dtype,
+    majority: int | None = None,
 ) -> torch.Tensor:
     """θ0 + λ · merge of w_i τ_i over a source, block by block: a TIES election (elect) or a sum.
 
     `weighted_tau(tau, at)` trims or drops and weighs fp32 task vectors [N, m] in place; `at` is
-    the flat index of their first entry (a block) or the indices of each entry (undecided ones)."""
+    the flat index of their first entry (a block) or the indices of each entry (undecided ones).
+    `majority`: the whole tensor's sign balance when the source is a block of its rows."""
     out = torch.empty(src.numel, dtype=out_dtype, device=src.device)
     w = column(weights, torch.empty(0, device=src.device))
     election = Election(w, normalize)
@@ -309,7 +313,25 @@ def merge_blocks(
             return theta0.add_(election.minus(tau), alpha=lam)
 
         for_blocks(base.shape[0], src.device, block)
-    return election.finish(out) if elect else out
+    return election.finish(out, majority) if elect else out
+
+
+def election_balance(src: Source, weighted_tau: WeightedTau) -> int:
+    """The TIES election's balance over a whole source — Σ sign(Σ_i w_i τ_i), zero sums counted
+    as 0 — without merging anything: what `Election` sums up, for merging the tensor's rows block
+    by block afterwards with the whole tensor's majority (`merge_blocks(majority=...)`)."""
+    parts: list[int] = []
+    lock = threading.Lock()
+    for first, base, experts in src.chunks():
+
+        def block(start: int, stop: int) -> None:
+            total = rows_sum(weighted_tau(task_vectors(base, experts, start, stop), first + start))
+            balance = int((total > 0).sum()) - int((total < 0).sum())  # a NaN (`warn`) counts neither
+            with lock:
+                parts.append(balance)
+
+        for_blocks(base.shape[0], src.device, block)
+    return sum(parts)
 
 
 SAMPLE = 1 << 15  # entries per expert sampled to bracket the threshold
@@ -514,10 +536,11 @@ def dare_source(
     rescale: bool,
     elect: bool,
     out_dtype: torch.dtype = torch.float32,
+    majority: int | None = None,
 ) -> torch.Tensor:
     """`dare` over a `Source`; `offset` is the flat index of the source's first entry."""
     weighted_tau = dare_weighting(offset, densities, keys, weights, rescale, src.device)
-    return merge_blocks(src, weighted_tau, weights, lam, normalize, elect, out_dtype)
+    return merge_blocks(src, weighted_tau, weights, lam, normalize, elect, out_dtype, majority)
 
 
 __all__ = [
@@ -530,6 +553,7 @@ __all__ = [
     "dare_drop",
     "dare_source",
     "disjoint_merge",
+    "election_balance",
     "magnitude_thresholds",
     "magnitude_thresholds_source",
     "merge_blocks",

@@ -75,13 +75,30 @@ def ties(
     """TIES-Merging (Yadav et al.): trim to the top-k magnitudes (ties at the threshold kept),
     elect signs by total mass, disjoint mean; θ0 + λ τ_m."""
     src = _source(base, experts, ctx)
-    if p["trim_scope"] == "model" and ctx.prepass is not None:  # found by MODEL_TRIM over the whole model
-        thresholds = ctx.prepass
+    if ctx.block_stats is not None:  # a block of rows: the whole tensor's thresholds and balance
+        thresholds, balance = ctx.block_stats
     else:
-        thresholds = kernels.magnitude_thresholds_source(src, p.per_model["density"])
+        thresholds, balance = _ties_thresholds(src, p, ctx), None
     return kernels.ties(
-        src, list(thresholds), p.per_model["weight"], p["lambda"], p["normalize"], ctx.out_dtype
+        src, list(thresholds), p.per_model["weight"], p["lambda"], p["normalize"], ctx.out_dtype, balance
     ).reshape(src.shape)
+
+
+def _ties_thresholds(src: kernels.Source, p: TensorParams, ctx: TensorContext) -> tuple[float, ...]:
+    if p["trim_scope"] == "model" and ctx.prepass is not None:  # found by MODEL_TRIM over the whole model
+        return tuple(ctx.prepass)
+    return tuple(kernels.magnitude_thresholds_source(src, p.per_model["density"]))
+
+
+def ties_block_stats(
+    src: kernels.Source, p: TensorParams, ctx: TensorContext
+) -> tuple[tuple[float, ...], int]:
+    """A whole tensor's thresholds and election balance, for merging it block by block."""
+    thresholds = _ties_thresholds(src, p, ctx)
+    balance = kernels.ties_balance(
+        src, list(thresholds), p.per_model["weight"], p["lambda"], p["normalize"], ctx.out_dtype
+    )
+    return thresholds, balance
 
 
 def _dare(
@@ -102,7 +119,24 @@ def _dare(
         p["rescale"],
         elect,
         ctx.out_dtype,
+        ctx.block_stats,  # a block of rows: the whole tensor's election balance
     ).reshape(src.shape)
+
+
+def dare_ties_block_stats(src: kernels.Source, p: TensorParams, ctx: TensorContext) -> int:
+    """A whole tensor's DARE-TIES election balance, for merging it block by block."""
+    keys = [rng_key(ctx.seed, ctx.name, i) for i in range(src.count)]
+    return kernels.dare_balance(
+        src,
+        0,
+        p.per_model["density"],
+        keys,
+        p.per_model["weight"],
+        p["lambda"],
+        p["normalize"],
+        p["rescale"],
+        ctx.out_dtype,
+    )
 
 
 def dare_linear(
@@ -159,6 +193,7 @@ register(
         summary="trim to the top-density magnitudes, elect signs, disjoint mean",
         raw_inputs=True,
         streams=True,
+        block_stats=ties_block_stats,
         prepass=MODEL_TRIM,
         citation="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023 (arXiv:2306.01708)",
     )
@@ -184,6 +219,7 @@ register(
         summary="random drop + rescale (DARE), then TIES sign election and disjoint mean",
         raw_inputs=True,
         streams=True,
+        block_stats=dare_ties_block_stats,
         citation="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv:2311.03099); "
         "Yadav et al., TIES-Merging, NeurIPS 2023",
     )

@@ -187,6 +187,9 @@ class TensorContext:
     out_dtype: torch.dtype = field(default_factory=lambda: torch.float32)
     # the inputs read on demand, for methods that stream (see MethodSpec.streams); None: in memory
     source: Any = None
+    # what the method's `block_stats` found over the whole tensor when the engine passes a block
+    # of its rows (TIES: thresholds and election balance), or None when it passes the whole tensor
+    block_stats: Any = None
     # optional per-layer report (tensor name, figures such as the solver's loss before/after),
     # called by methods that solve a problem per layer; None: nothing is computed for it
     report: Callable[[str, dict[str, float]], None] | None = None
@@ -236,6 +239,12 @@ class MethodSpec:
     # True when, for tensors too big to hold N+1 times, the function can take its inputs from
     # ctx.source (a `kernels.Source` reading rows on demand) with base and experts None
     streams: bool = False
+    # for a method that streams: what it needs of a whole tensor to merge it block by block like an
+    # elementwise method, computed from a `kernels.Source` of the whole tensor (rows read on
+    # demand) before its first block and handed to each block as ctx.block_stats (TIES: each
+    # expert's threshold and the election's balance, which decides the zero-sum entries); None:
+    # the method merges each tensor whole (streamed when it is big)
+    block_stats: Callable[[Any, TensorParams, TensorContext], Any] | None = None
     # recipe-level rules of this method beyond single values (how many models, base or not, pairs
     # of parameters): a one-line UserError naming the field, run by `check_parameters`
     check_recipe: Callable[[Recipe, str], None] | None = None
