@@ -312,7 +312,7 @@ def merge_units(
     from .io.contenthash import ReadHashes
     from .io.sources import TensorReader
     from .kernels.parallel import single_threaded_ops
-    from .memory import plan_memory
+    from .memory import plan_memory, return_freed_memory
     from .nonfinite import NonFiniteGuard
     from .units import input_digests, node_name
 
@@ -337,6 +337,7 @@ def merge_units(
         with TensorReader() as reader, ThreadPoolExecutor(2, "ri-read") as reads:
             guard = NonFiniteGuard(plan, reader, plan.recipe.on_nonfinite)
             memory = plan_memory(plan, prefetch=prefetch, device=target.type)
+            return_freed_memory(memory.mmap_threshold)  # as the driver's own merge does
             content = ReadHashes(memory.content_hash_bytes) if fingerprint else None  # for the card
             reader.observe = content
             blocked = plan.method.raw_inputs and target.type == "cpu"

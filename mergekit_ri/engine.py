@@ -510,7 +510,7 @@ def _merge_into(
     non-finite inputs merged under `on_nonfinite: warn`). Units the journal has as finished are
     not computed again."""
     memory = plan_memory(plan, prefetch=prefetch, device=target.type)
-    return_freed_memory()
+    return_freed_memory(memory.mmap_threshold)
     units = units if units is not None else plan_units(plan)
     journal = journal or Journal.begin(staging, staging, plan, units, {}, False)
     todo = [u for u in units if u.index not in journal.done]

@@ -141,6 +141,12 @@ class MemoryPlan:
     blocked: int = 0  # tensors merged that way
 
     @property
+    def mmap_threshold(self) -> int:
+        """Freed buffers from this size up go back to the system (`return_freed_memory`): 1 MiB,
+        or less when the row chunks are small enough to pile up in malloc's arenas instead."""
+        return MMAP_THRESHOLD if self.chunk >= 1 << 20 else SMALL_CHUNK_MMAP_THRESHOLD
+
+    @property
     def total(self) -> int:
         """The planned peak RSS: tensors plus the runtime."""
         return self.peak + RUNTIME_BYTES
@@ -449,10 +455,15 @@ def _describe(unit: WorkUnit) -> str:
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 1 * MiB
+# with row chunks under 1M entries (tight caps) their buffers are smaller than that: passed back
+# to malloc's arenas by the thread that frees them, they pile up there (TIES at a 32 MiB cap on a
+# 271M model: RSS 190 MiB over its plan); given back to the system instead, for more page faults
+SMALL_CHUNK_MMAP_THRESHOLD = 128 * 1024
 
 
-def return_freed_memory() -> None:
-    """Ask glibc's malloc to give every buffer of 1 MiB or more back to the system when freed.
+def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> None:
+    """Ask glibc's malloc to give every buffer of `threshold` bytes or more (1 MiB; see
+    `MemoryPlan.mmap_threshold`) back to the system when freed.
 
     By default glibc raises its mmap threshold to the size of the largest buffer freed so far (up
     to 32 MiB), after which row chunks come from the heaps of the reader threads' arenas, whose
@@ -466,5 +477,5 @@ def return_freed_memory() -> None:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return
-    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD)
+    mallopt(M_MMAP_THRESHOLD, threshold)
+    mallopt(M_TRIM_THRESHOLD, 2 * threshold)

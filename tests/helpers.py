@@ -15,6 +15,7 @@ import torch
 from conftest import read_any, write_recipe
 
 from mergekit_ri.events import MergeEvents
+from mergekit_ri.kernels.source import TensorSource
 from mergekit_ri.methods import reference
 from mergekit_ri.methods import wudi as W
 from mergekit_ri.methods.registry import TensorParams
@@ -128,6 +129,19 @@ def awkward_inputs(kind: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     else:  # sparse: mostly exact zeros
         tau = 0.01 * torch.randn(3, n, generator=g) * (torch.rand(3, n, generator=g) < 0.05)
     return base.bfloat16(), (base + tau).bfloat16()
+
+
+class Chunked(TensorSource):
+    """Tensors in memory handed out in chunks of `step` entries, as the engine's row reader does:
+    what needs the whole tensor (a majority sign, a threshold) must still be the whole tensor's."""
+
+    def __init__(self, base: torch.Tensor, experts: torch.Tensor, step: int) -> None:
+        super().__init__(base, experts)
+        self.step = step
+
+    def chunks(self):
+        for start in range(0, self.numel, self.step):
+            yield start, self.base[start : start + self.step], self.experts[:, start : start + self.step]
 
 
 def cancelling_inputs(n: int = 5000) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,7 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
 import itertools
 
 import pytest
+from helpers import Chunked
 
 from mergekit_ri import kernels
 from mergekit_ri.kernels import blocked, native
@@ -88,19 +89,6 @@ def assert_near(got: torch.Tensor, expected: torch.Tensor, base: torch.Tensor, w
     room = 2 * (ulps(expected) + ulps(base.float()))
     worst = float(((got - expected).abs() - room).max()) if got.numel() else 0.0
     assert worst <= 0, f"{what}: off the reference by more than 2 ulps"
-
-
-class Chunked(TensorSource):
-    """Tensors in memory handed out in chunks of `step` entries, as the engine's row reader does:
-    the majority sign must still be the whole tensor's."""
-
-    def __init__(self, base: torch.Tensor, experts: torch.Tensor, step: int) -> None:
-        super().__init__(base, experts)
-        self.step = step
-
-    def chunks(self):
-        for start in range(0, self.numel, self.step):
-            yield start, self.base[start : start + self.step], self.experts[:, start : start + self.step]
 
 
 # ---- the reference against the papers' formulas, on numbers worked out by hand ---------------------

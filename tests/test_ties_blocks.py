@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import awkward_inputs, cancelling_inputs
+from helpers import Chunked, awkward_inputs, cancelling_inputs
 
 from mergekit_ri import kernels
 from mergekit_ri.kernels import blocked, native
@@ -90,3 +90,32 @@ def test_the_balance_is_the_same_on_both_backends(monkeypatch):
     native = kernels.ties_balance(kernels.TensorSource(base, experts), *args)
     monkeypatch.setenv("RI_MERGE_KERNELS", "torch")
     assert kernels.ties_balance(kernels.TensorSource(base, experts), *args) == native
+
+
+def test_a_band_too_wide_over_many_small_chunks_is_dropped_as_it_grows(monkeypatch):
+    """Under a tight cap a tensor comes in many small row chunks: the threshold search's band of
+    candidate magnitudes (tied bf16 values fill it) is bounded over all chunks, not per chunk —
+    an expert whose band outgrows the limit stops collecting at once and is selected exactly by
+    the streamed radix select instead."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(200_000, generator=g)
+    experts = base + 0.01 * torch.randn(3, 200_000, generator=g)  # fp32: every magnitude distinct
+    monkeypatch.setattr(blocked, "BAND_ENTRIES", 3 * 500)  # 500 values an expert: ~15 chunks' worth
+    collected: list[list[int]] = []
+
+    def band(b, e, lo, hi, limit):
+        above, bands = blocked.band_counts(b, e, lo, hi, limit)
+        collected.append([0 if x is None else x.numel() for x in bands])
+        return above, bands
+
+    densities = [0.2, 0.5, 0.9]
+    ops = blocked.SelectOps(band, blocked.kth_largest)
+    got = blocked.magnitude_thresholds_source(Chunked(base, experts, 1000), densities, ops)
+    tau = (experts.float() - base.float()).abs()
+    assert got == [
+        float(tau[i].kthvalue(200_000 - int(d * 200_000) + 1).values) for i, d in enumerate(densities)
+    ]
+    for i in range(3):
+        sizes = [chunk[i] for chunk in collected]
+        over = next(n for n in range(len(sizes)) if sum(sizes[: n + 1]) > 500)
+        assert over < len(sizes) - 10 and not any(sizes[over + 1 :])  # nothing collected after it overflowed

@@ -382,17 +382,30 @@ def magnitude_thresholds_source(
         lo[i] = ops.kth_largest(sample[i], min(size - 1, int(rank + margin)) + 1)
     # a band wider than this is not worth collecting (nor holding): select over everything
     limit = max(1, min(numel // 8, BAND_ENTRIES // count))
-    per_chunk = [ops.band(base, experts, lo, hi, limit) for _, base, experts in src.chunks()]
+    above_all = [0] * count
+    parts: list[list[torch.Tensor] | None] = [[] if i in todo else None for i in range(count)]
+    for _, base, experts in src.chunks():
+        above, bands = ops.band(base, experts, lo, hi, limit)
+        for i in todo:
+            kept = parts[i]
+            if kept is None:
+                continue
+            above_all[i] += above[i]
+            if bands[i] is None or sum(p.numel() for p in kept) + bands[i].numel() > limit:
+                # wider than `limit` over the chunks so far: dropped now, not held to the end (small
+                # chunks under a tight cap would otherwise pile up the whole |τ| of a tied band)
+                parts[i], lo[i], hi[i] = None, float("inf"), float("inf")
+            else:
+                kept.append(bands[i])
     missed = []
     for i in todo:
-        rank = keeps[i] - sum(above[i] for above, _ in per_chunk)
-        parts = [bands[i] for _, bands in per_chunk]
-        band_size = -1 if any(p is None for p in parts) else sum(p.numel() for p in parts)
-        if 0 <= band_size <= limit and 0 < rank <= band_size:
-            result[i] = ops.kth_largest(torch.cat(parts), rank)
+        kept = parts[i]
+        rank = keeps[i] - above_all[i]
+        if kept is not None and 0 < rank <= sum(p.numel() for p in kept):
+            result[i] = ops.kth_largest(torch.cat(kept), rank)
         else:
             missed.append(i)
-    del per_chunk
+    del parts
     if missed:  # the bracket missed: an exact radix select over these experts' whole |τ_i|
         for i, value in streamed_kth_largest(src, {i: keeps[i] for i in missed}, ops.histograms).items():
             result[i] = value
