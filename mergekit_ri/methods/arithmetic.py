@@ -107,36 +107,25 @@ def _dare(
     """DARE (Yu et al.): drop each τ entry with probability 1 − density (a counter-based draw keyed
     by seed, tensor, expert and entry index), rescale by 1/density, then sum or TIES-elect."""
     src = _source(base, experts, ctx)
-    keys = [rng_key(ctx.seed, ctx.name, i) for i in range(src.count)]
     return kernels.dare(
         src,
         ctx.offset,
-        p.per_model["density"],
-        keys,
-        p.per_model["weight"],
-        p["lambda"],
-        p["normalize"],
-        p["rescale"],
+        *_dare_terms(src, p, ctx),
         elect,
         ctx.out_dtype,
         ctx.block_stats,  # a block of rows: the whole tensor's election balance
     ).reshape(src.shape)
 
 
+def _dare_terms(src: kernels.Source, p: TensorParams, ctx: TensorContext) -> tuple:
+    """densities, keys, weights, λ, normalize, rescale: DARE's arguments after the offset."""
+    keys = [rng_key(ctx.seed, ctx.name, i) for i in range(src.count)]
+    return p.per_model["density"], keys, p.per_model["weight"], p["lambda"], p["normalize"], p["rescale"]
+
+
 def dare_ties_block_stats(src: kernels.Source, p: TensorParams, ctx: TensorContext) -> int:
     """A whole tensor's DARE-TIES election balance, for merging it block by block."""
-    keys = [rng_key(ctx.seed, ctx.name, i) for i in range(src.count)]
-    return kernels.dare_balance(
-        src,
-        0,
-        p.per_model["density"],
-        keys,
-        p.per_model["weight"],
-        p["lambda"],
-        p["normalize"],
-        p["rescale"],
-        ctx.out_dtype,
-    )
+    return kernels.dare_balance(src, 0, *_dare_terms(src, p, ctx), ctx.out_dtype)
 
 
 def dare_linear(
