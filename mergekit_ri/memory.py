@@ -44,6 +44,7 @@ RUNTIME_BYTES = 240 * MiB
 DEFAULT_SHARE = 0.5  # of the machine's memory (or its cgroup's limit), when no cap is given
 WRITER_QUEUE = 2  # merged results that may wait for the writer thread
 MIN_CHUNK = 1 << 16  # entries: the smallest row chunk the planner goes down to
+BIG_CHUNK = 1 << 20  # entries: below this, per-chunk costs outweigh one more read (see _layouts)
 MIN_STREAM_BYTES = 4 * MiB  # the smallest inputs a streaming method is made to read by rows
 NATIVE_BLOCK = 1 << 19  # entries per C-kernel call (kernels/native.py BLOCK)
 TORCH_BLOCK = 1 << 18  # entries per torch-kernel block (kernels/blocked.py BLOCK)
@@ -272,9 +273,10 @@ def _layouts(chunk: int, stream_bytes: int, read_ahead: int, prefetch: int, bloc
     """Layouts from the default down to the most frugal: first less read-ahead and writer queue
     (costs a little overlap), then smaller row blocks and chunks (costs calls), then streaming
     smaller tensors by rows (costs re-reads from the page cache), then no read-ahead and a
-    synchronous writer; finally, for a method with `block_stats` (TIES, DARE-TIES), merging the
-    tensors with the biggest results by row blocks after a pass for their figures (costs one
-    more read of those tensors, and holds no result whole), the same way down."""
+    synchronous writer. For a method with `block_stats` (TIES, DARE-TIES) the tensors with the
+    biggest results are then merged by row blocks after a pass for their figures (costs one more
+    read of those tensors, holds no result whole) — before chunks go under BIG_CHUNK entries,
+    whose per-chunk costs outweigh that read."""
     io = [(prefetch, read_ahead, WRITER_QUEUE)]
     budget = read_ahead // 2
     while budget >= 16 * MiB:
@@ -287,20 +289,29 @@ def _layouts(chunk: int, stream_bytes: int, read_ahead: int, prefetch: int, bloc
     chunks = [chunk]
     while chunks[-1] > MIN_CHUNK:
         chunks.append(max(MIN_CHUNK, chunks[-1] // 2))
-    frugal = ((1, 0), (0, 1), (0, 0))
-    for s in streams:
-        for c in chunks:
-            for depth, budget, queue in io:
-                yield _Knobs(c, s, depth, budget, queue)
-    for depth, queue in frugal:
+    big = [c for c in chunks if c >= BIG_CHUNK] or chunks[:1]
+    small = chunks[len(big) :]
+
+    def whole(sizes: list[int], chunks_first: bool) -> Iterator[_Knobs]:
+        for outer in sizes if chunks_first else streams:
+            for inner in streams if chunks_first else sizes:
+                c, s = (outer, inner) if chunks_first else (inner, outer)
+                for depth, budget, queue in io:
+                    yield _Knobs(c, s, depth, budget, queue)
+
+    def blocked(sizes: list[int]) -> Iterator[_Knobs]:
+        for c in sizes if blocks else []:
+            for b in [*streams, 0]:  # results above b merged by blocks
+                for depth, budget, queue in io:
+                    yield _Knobs(c, streams[-1], depth, budget, queue, b)
+
+    yield from whole(big, chunks_first=False)
+    yield from blocked(big)
+    yield from whole(small, chunks_first=True)  # small chunks: keep them as big as possible
+    yield from blocked(small)
+    for depth, queue in ((1, 0), (0, 1), (0, 0)):
         yield _Knobs(chunks[-1], streams[-1], depth, 0, queue)
-    if not blocks:
-        return
-    for b in [*streams, 0]:  # results above b merged by blocks
-        for c in chunks:
-            for depth, budget, queue in io:
-                yield _Knobs(c, streams[-1], depth, budget, queue, b)
-    for depth, queue in frugal:
+    for depth, queue in ((1, 0), (0, 1), (0, 0)) if blocks else ():
         yield _Knobs(chunks[-1], streams[-1], depth, 0, queue, 0)
 
 
