@@ -293,11 +293,13 @@ def _layouts(chunk: int, stream_bytes: int, read_ahead: int, prefetch: int, bloc
     small = chunks[len(big) :]
 
     def whole(sizes: list[int], chunks_first: bool) -> Iterator[_Knobs]:
-        for outer in sizes if chunks_first else streams:
-            for inner in streams if chunks_first else sizes:
-                c, s = (outer, inner) if chunks_first else (inner, outer)
-                for depth, budget, queue in io:
-                    yield _Knobs(c, s, depth, budget, queue)
+        if chunks_first:
+            pairs = [(c, s) for c in sizes for s in streams]
+        else:
+            pairs = [(c, s) for s in streams for c in sizes]
+        for c, s in pairs:
+            for depth, budget, queue in io:
+                yield _Knobs(c, s, depth, budget, queue)
 
     def blocked(sizes: list[int]) -> Iterator[_Knobs]:
         for c in sizes if blocks else []:

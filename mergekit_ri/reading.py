@@ -101,17 +101,15 @@ def work_units(
     blocks = block_bytes is not None and plan.method.block_stats is not None
     for task in plan.tasks if tasks is None else tasks:
         numel = task.reference.numel
-        by_stats = (
-            blocks and task.merge and task.base is not None and task.out_nbytes > block_bytes  # type: ignore[operator]
+        stats = (  # (a method with block_stats is not elementwise)
+            blocks
+            and not rows_for_all
+            and task.merge
+            and task.base is not None
+            and task.out_nbytes > block_bytes  # type: ignore[operator]
         )
-        if (
-            task.merge
-            and (plan.method.elementwise or rows_for_all or by_stats)
-            and task.shape
-            and numel > chunk
-        ):
+        if task.merge and (plan.method.elementwise or rows_for_all or stats) and task.shape and numel > chunk:
             step = max(1, chunk // max(1, numel // task.shape[0]))
-            stats = by_stats and not (plan.method.elementwise or rows_for_all)
             units += [
                 WorkUnit(task, (r, min(r + step, task.shape[0])), chunk=chunk if stats else None, stats=stats)
                 for r in range(0, task.shape[0], step)

@@ -197,7 +197,7 @@ class Record:
 
     @classmethod
     def _field_types(cls) -> dict[str, Any]:
-        if cls.__dict__.get("_types") is None:
+        if cls._types is None:  # each subclass starts with its own None (__init_subclass__)
             hints = typing.get_type_hints(cls, include_extras=True)
             cls._types = {name: hints[name] for name in cls.model_fields}
         return cls._types  # type: ignore[return-value]
@@ -207,16 +207,13 @@ class Record:
     @property
     def model_fields_set(self) -> frozenset[str]:
         """The fields the input named (a default taken is not among them)."""
-        return self._fields_set_value()
-
-    def _fields_set_value(self) -> frozenset[str]:
-        return object.__getattribute__(self, "_fields_set")
+        return self._fields_set
 
     def model_copy(self, update: dict[str, Any] | None = None) -> Any:
         """A shallow copy with `update` applied as given (not validated, as in pydantic)."""
         copy = object.__new__(type(self))
         object.__setattr__(copy, "__dict__", {**self.__dict__, **(update or {})})
-        object.__setattr__(copy, "_fields_set", self._fields_set_value() | set(update or {}))
+        object.__setattr__(copy, "_fields_set", self._fields_set | set(update or {}))
         return copy
 
     def model_dump(
@@ -239,7 +236,7 @@ class Record:
         if name not in self.model_fields:
             raise AttributeError(f"{type(self).__name__} has no field {name!r}")
         self.__dict__[name] = value
-        object.__setattr__(self, "_fields_set", self._fields_set_value() | {name})
+        object.__setattr__(self, "_fields_set", self._fields_set | {name})
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and other.__dict__ == self.__dict__
@@ -254,7 +251,7 @@ class Record:
         return f"{type(self).__name__}({fields})"
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"fields": self.__dict__, "set": self._fields_set_value()}
+        return {"fields": self.__dict__, "set": self._fields_set}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         object.__setattr__(self, "__dict__", state["fields"])

@@ -48,6 +48,15 @@ def stagings(out: Path) -> list[Path]:
     return list(out.parent.glob(f".{out.name}.ri-merge-partial-*"))
 
 
+def interrupted(path: Path, out: Path, after: int) -> tuple[MergeInterrupted, Path, list[int]]:
+    """An API merge stopped by Ctrl-C after `after` units: the exception, the staging folder it
+    left and the units its journal holds."""
+    with pytest.raises(MergeInterrupted) as stopped:
+        m.merge(path, out, options=MergeOptions(unit_size=UNIT), events=CtrlC(out, after))
+    [staging] = stagings(out)
+    return stopped.value, staging, journal_units(staging)
+
+
 def test_api_interrupt_keeps_finished_units_and_resume_completes_them(tmp_path: Path, models) -> None:
     path = recipe(tmp_path, models)
     reference = m.merge(path, tmp_path / "reference", options=MergeOptions(unit_size=UNIT))
@@ -75,10 +84,7 @@ def test_interrupting_a_resume_while_it_verifies_keeps_the_folder(
     """Re-hashing a big output's finished units takes a while: Ctrl-C then must not lose them."""
     path = recipe(tmp_path, models)
     out = tmp_path / "out"
-    with pytest.raises(MergeInterrupted):
-        m.merge(path, out, options=MergeOptions(unit_size=UNIT), events=CtrlC(out, 3))
-    [staging] = stagings(out)
-    journaled = journal_units(staging)
+    _, _, journaled = interrupted(path, out, 3)
 
     def ctrl_c(*args: object) -> str:
         raise KeyboardInterrupt
@@ -108,10 +114,7 @@ def test_a_stopped_staging_folder_of_a_live_process_is_adopted_or_cleaned(tmp_pa
     the marker lets a `--resume` from another process adopt it, and a plain merge remove it."""
     path = recipe(tmp_path, models)
     out = tmp_path / "out"
-    with pytest.raises(MergeInterrupted):
-        m.merge(path, out, options=MergeOptions(unit_size=UNIT), events=CtrlC(out, 2))
-    [staging] = stagings(out)
-    journaled = journal_units(staging)
+    _, staging, journaled = interrupted(path, out, 2)
     alive = staging.with_name(f".out.ri-merge-partial-{os.getppid()}")  # another process, running
     staging.rename(alive)
     result = run_cli("merge", path, "-o", out, "--unit-size", UNIT, "--resume", "--json")

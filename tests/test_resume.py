@@ -65,12 +65,18 @@ def crashed_merge(tmp_path: Path, path: Path, out: Path, monkeypatch, *extra: st
     return left
 
 
-def test_resume_keeps_verified_units_and_recomputes_the_rest(tmp_path: Path, models, monkeypatch) -> None:
+def fingerprinted_crash(tmp_path: Path, models, monkeypatch) -> tuple[Path, Path, Path, Path]:
+    """(recipe, the finished reference output, the output to resume, the crashed merge's staging
+    folder), both merges with --fingerprint-inputs."""
     path = recipe(tmp_path, models)
     reference = tmp_path / "reference"
     assert run_cli("merge", path, "-o", reference, "--unit-size", UNIT, "-q", FINGERPRINT).code == 0
     out = tmp_path / "out"
-    left = crashed_merge(tmp_path, path, out, monkeypatch, FINGERPRINT)
+    return path, reference, out, crashed_merge(tmp_path, path, out, monkeypatch, FINGERPRINT)
+
+
+def test_resume_keeps_verified_units_and_recomputes_the_rest(tmp_path: Path, models, monkeypatch) -> None:
+    path, reference, out, left = fingerprinted_crash(tmp_path, models, monkeypatch)
     # the process died after 6 units: the rest of the journal never reached the file
     journal = (left / JOURNAL).read_text().splitlines()
     total = len(journal) - 1
@@ -101,11 +107,7 @@ def test_resume_without_the_inputs_digests_claims_no_content_fingerprint(
 ) -> None:
     """A journal whose units carry no input digests: the card falls back to header fingerprints
     (it never lists a content hash of bytes it did not see); the weights are the same."""
-    path = recipe(tmp_path, models)
-    reference = tmp_path / "reference"
-    assert run_cli("merge", path, "-o", reference, "--unit-size", UNIT, "-q", FINGERPRINT).code == 0
-    out = tmp_path / "out"
-    left = crashed_merge(tmp_path, path, out, monkeypatch, FINGERPRINT)
+    path, reference, out, left = fingerprinted_crash(tmp_path, models, monkeypatch)
     lines = (left / JOURNAL).read_text().splitlines()
     stripped = [lines[0]] + [
         json.dumps({k: v for k, v in json.loads(x).items() if k != "inputs"}) for x in lines[1:4]
